@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="zllm",
+    version="0.1.0",
+    description="A from-scratch LLM serving runtime: paged KV cache, continuous batching, "
+                "tensor parallelism on Ray",
+    packages=find_packages(include=["zllm", "zllm.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # torch is installed first, by hand (see README): a CPU wheel here, CUDA on GPU machines.
+        "torch>=2.4,<3",
+        "transformers>=4.45",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        "fairscale>=0.4.13",
+        "ray>=2.30",
+        "pyzmq>=25",
+        "msgpack>=1.0",
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "jinja2>=3",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "gpu": ["flashinfer-python>=0.6"],
+    },
+    entry_points={"console_scripts": ["zllm=zllm.cli:main"]},
+)

@@ -1,0 +1,9 @@
+"""zllm: a from-scratch LLM serving runtime."""
+
+from zllm.config import EngineConfig
+from zllm.llm import LLM
+from zllm.outputs import CompletionOutput, RequestOutput
+from zllm.sampling_params import SamplingParams
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput"]

@@ -1,0 +1,5 @@
+import sys
+
+from zllm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,321 @@
+"""One tree of dataclasses for every zllm setting.
+
+Sections: model, cache, scheduler, parallel, device. A YAML file may use the sections or flat
+keys (every key name is unique across sections); keyword arguments and CLI flags are flat. Every
+value is checked in `EngineConfig.validate`, with errors that name the key, the value and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "safetensors", "meta", "dummy")
+
+
+@dataclass
+class ModelConfig:
+    """What to run: a Hugging Face or Meta Llama directory, or the built-in demo model."""
+
+    model: str = "demo"  # a directory, or "demo" for the built-in tiny random Llama
+    tokenizer: Optional[str] = None  # defaults to the model directory
+    dtype: str = "auto"  # auto: the checkpoint's dtype on GPU, float32 on CPU
+    max_model_len: Optional[int] = None  # defaults to the model's max_position_embeddings
+    load_format: str = "auto"  # auto: safetensors if present, else Meta's consolidated.*.pth
+    seed: int = 0  # seeds dummy weights and requests without their own seed
+
+
+@dataclass
+class CacheConfig:
+    """The paged KV cache."""
+
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9  # fraction of GPU memory zllm may use in all
+    cpu_kv_cache_gib: float = 1.0  # KV cache size on CPU
+    num_kv_blocks: Optional[int] = None  # fixed block count; overrides the two above
+    watermark: float = 0.01  # fraction of blocks kept free when admitting new requests
+
+
+@dataclass
+class SchedulerConfig:
+    """How many requests and tokens one step may carry."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_chunked_prefill: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    """Tensor parallelism and where the workers run."""
+
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: Optional[str] = None  # "uni" | "ray"; default: ray when TP > 1
+    ray_address: Optional[str] = None  # "auto" or host:port of a running cluster
+
+
+@dataclass
+class DeviceConfig:
+    """Which device and attention kernels the workers use."""
+
+    device: str = "auto"  # auto | cpu | cuda
+    attention_backend: str = "auto"  # auto | torch | flashinfer
+    enforce_eager: bool = False
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+    "parallel": ParallelConfig,
+    "device": DeviceConfig,
+}
+
+
+@dataclass
+class EngineConfig:
+    """The whole configuration: one field per section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], **overrides: Any) -> "EngineConfig":
+        """Build from a YAML-shaped dict (sections or flat keys), then apply flat overrides."""
+        config = cls()
+        for key, value in values.items():
+            # "model" and "device" are both a section and a key in it; a mapping means the section.
+            if key in SECTIONS and isinstance(value, dict):
+                for sub_key, sub_value in value.items():
+                    config.set(sub_key, sub_value, section=key)
+            else:
+                config.set(key, value)
+        for key, value in overrides.items():
+            config.set(key, value)
+        config.validate()
+        return config
+
+    @classmethod
+    def from_yaml(cls, path: str, **overrides: Any) -> "EngineConfig":
+        import yaml
+
+        if not os.path.isfile(path):
+            raise ValueError(f"config file {path!r} does not exist")
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path!r} must hold a mapping, got {type(values).__name__}")
+        return cls.from_dict(values, **overrides)
+
+    def set(self, key: str, value: Any, section: Optional[str] = None) -> None:
+        """Set one flat key, checking that it exists (in `section`, when given)."""
+        owner = section or section_of(key)
+        if owner is None or key not in field_types(SECTIONS[owner]):
+            allowed = sorted(field_types(SECTIONS[section])) if section else all_keys()
+            where = f"in section '{section}'" if section else ""
+            raise ValueError(f"unknown config key '{key}' {where}(allowed: {', '.join(allowed)})")
+        setattr(getattr(self, owner), key, coerce(key, value, field_types(SECTIONS[owner])[key]))
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        m, c, s, p, d = self.model, self.cache, self.scheduler, self.parallel, self.device
+        check("dtype", m.dtype, m.dtype in DTYPES, f"one of {DTYPES}")
+        check("load_format", m.load_format, m.load_format in LOAD_FORMATS, f"one of {LOAD_FORMATS}")
+        if m.max_model_len is not None:
+            check("max_model_len", m.max_model_len, m.max_model_len >= 1, ">= 1")
+        check("block_size", c.block_size, c.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256),
+              "a power of two from 1 to 256")
+        check("gpu_memory_utilization", c.gpu_memory_utilization,
+              0 < c.gpu_memory_utilization <= 1, "in (0, 1]")
+        check("cpu_kv_cache_gib", c.cpu_kv_cache_gib, c.cpu_kv_cache_gib > 0, "> 0")
+        if c.num_kv_blocks is not None:
+            check("num_kv_blocks", c.num_kv_blocks, c.num_kv_blocks >= 1, ">= 1")
+        check("watermark", c.watermark, 0 <= c.watermark < 1, "in [0, 1)")
+        check("max_num_seqs", s.max_num_seqs, s.max_num_seqs >= 1, ">= 1")
+        check("max_num_batched_tokens", s.max_num_batched_tokens, s.max_num_batched_tokens >= 1, ">= 1")
+        check("tensor_parallel_size", p.tensor_parallel_size, p.tensor_parallel_size >= 1, ">= 1")
+        check("distributed_executor_backend", p.distributed_executor_backend,
+              p.distributed_executor_backend in (None, "uni", "ray"), "uni or ray")
+        if p.distributed_executor_backend == "uni":
+            check("tensor_parallel_size", p.tensor_parallel_size, p.tensor_parallel_size == 1,
+                  "1 with distributed_executor_backend 'uni' (use 'ray' for TP > 1)")
+        check("device", d.device, d.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda")
+        check("attention_backend", d.attention_backend,
+              d.attention_backend in ("auto", "torch", "flashinfer"), "auto, torch or flashinfer")
+
+    @property
+    def executor_backend(self) -> str:
+        p = self.parallel
+        if p.distributed_executor_backend:
+            return p.distributed_executor_backend
+        return "ray" if p.tensor_parallel_size > 1 else "uni"
+
+
+def check(key: str, value: Any, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"config key '{key}' = {value!r} is not allowed: must be {allowed}")
+
+
+def field_types(section: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(section)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+
+
+def section_of(key: str) -> Optional[str]:
+    for name, section in SECTIONS.items():
+        if key in field_types(section):
+            return name
+    return None
+
+
+def all_keys() -> list[str]:
+    return sorted(k for section in SECTIONS.values() for k in field_types(section))
+
+
+def coerce(key: str, value: Any, hint: Any) -> Any:
+    """Turn a YAML or CLI value into the field's type, or raise naming the key."""
+    optional = type(None) in typing.get_args(hint)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ValueError(f"config key '{key}' must not be null")
+    try:
+        if base is bool:
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if base is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise TypeError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise ValueError(f"config key '{key}' = {value!r} must be of type {base.__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's architecture, read from its directory. Shared by the engine (context length,
+# vocabulary, KV sizing) and the workers (building the network).
+
+
+@dataclass
+class LlamaArchitecture:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: Optional[dict[str, Any]]
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    torch_dtype: Optional[str]
+    eos_token_ids: list[int]
+
+    @classmethod
+    def from_model_dir(cls, path: str) -> "LlamaArchitecture":
+        hf_config = os.path.join(path, "config.json")
+        meta_params = os.path.join(path, "params.json")
+        if os.path.isfile(hf_config):
+            arch = cls.from_hf_config(_read_json(hf_config))
+        elif os.path.isfile(meta_params):
+            arch = cls.from_meta_params(_read_json(meta_params))
+        else:
+            raise ValueError(f"model directory {path!r} has neither config.json nor params.json")
+        generation_config = os.path.join(path, "generation_config.json")
+        if os.path.isfile(generation_config):
+            eos = _read_json(generation_config).get("eos_token_id")
+            if eos is not None:
+                arch.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
+        return arch
+
+    @classmethod
+    def from_hf_config(cls, c: dict[str, Any]) -> "LlamaArchitecture":
+        if c.get("model_type") not in ("llama", None):
+            raise ValueError(f"model_type {c.get('model_type')!r} is not supported (only 'llama')")
+        # transformers 5 folds rope_theta and rope_scaling into rope_parameters.
+        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        heads = c["num_attention_heads"]
+        eos = c.get("eos_token_id")
+        return cls(
+            hidden_size=c["hidden_size"],
+            num_layers=c["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            intermediate_size=c["intermediate_size"],
+            vocab_size=c["vocab_size"],
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope if rope_type not in ("default", None) else None,
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            max_position_embeddings=c.get("max_position_embeddings", 2048),
+            torch_dtype=c.get("torch_dtype") or c.get("dtype"),
+            eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+        )
+
+    @classmethod
+    def from_meta_params(cls, p: dict[str, Any]) -> "LlamaArchitecture":
+        dim = p["dim"]
+        # Meta's FeedForward sizing (llama/model.py): 2/3 of 4*dim, scaled, rounded up.
+        hidden = int(2 * 4 * dim / 3)
+        if p.get("ffn_dim_multiplier") is not None:
+            hidden = int(p["ffn_dim_multiplier"] * hidden)
+        multiple_of = p.get("multiple_of", 256)
+        hidden = multiple_of * math.ceil(hidden / multiple_of)
+        scaling = None
+        if p.get("use_scaled_rope"):
+            # The constants Meta's reference code applies when use_scaled_rope is set.
+            scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        return cls(
+            hidden_size=dim,
+            num_layers=p["n_layers"],
+            num_heads=p["n_heads"],
+            num_kv_heads=p.get("n_kv_heads") or p["n_heads"],
+            head_dim=dim // p["n_heads"],
+            intermediate_size=hidden,
+            vocab_size=p["vocab_size"],
+            rms_norm_eps=p.get("norm_eps", 1e-5),
+            rope_theta=float(p.get("rope_theta", 10000.0)),
+            rope_scaling=scaling,
+            tie_word_embeddings=False,
+            max_position_embeddings=p.get("max_seq_len", 131072 if scaling else 8192),
+            torch_dtype="bfloat16",
+            eos_token_ids=[],
+        )
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,201 @@
+"""The engine on the driver: accepts requests, runs the step loop, returns outputs.
+
+One step: scheduler.schedule() -> executor.execute_model() -> output_processor.process() ->
+free what finished. The engine never touches torch models; the workers behind the executor do.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import random
+import time
+from typing import Optional, Union
+
+from zllm.config import EngineConfig, LlamaArchitecture
+from zllm.engine.block_manager import BlockManager
+from zllm.engine.output_processor import OutputProcessor
+from zllm.engine.request import Request, RequestStatus
+from zllm.engine.scheduler import Scheduler
+from zllm.executor import Executor, make_executor
+from zllm.model_files import detect_load_format, resolve_model_dir
+from zllm.outputs import CompletionOutput, RequestOutput
+from zllm.sampling_params import SamplingParams
+from zllm.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+Prompt = Union[str, list[int]]
+
+
+@dataclasses.dataclass
+class _Group:
+    """The n samples of one prompt."""
+
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    requests: list[Request]
+    stream: bool
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        config = copy.deepcopy(config)
+        config.model.model = resolve_model_dir(config.model.model)
+        config.model.load_format = detect_load_format(config.model.model, config.model.load_format)
+        self.arch = LlamaArchitecture.from_model_dir(config.model.model)
+        self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
+        self.config = config
+
+        t0 = time.perf_counter()
+        self.executor: Executor = make_executor(config)
+        num_blocks = self.executor.determine_num_available_blocks()
+        self.executor.init_kv_cache(num_blocks)
+        block_size = config.cache.block_size
+        self.max_model_len = self._resolve_max_model_len(num_blocks * block_size)
+        logger.info("engine ready in %.1f s: %d KV blocks of %d tokens (%d tokens), "
+                    "max_model_len %d", time.perf_counter() - t0, num_blocks, block_size,
+                    num_blocks * block_size, self.max_model_len)
+
+        self.block_manager = BlockManager(num_blocks, block_size, config.cache.watermark)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
+        self.requests: dict[str, Request] = {}
+        self.groups: dict[str, _Group] = {}
+        self._seed_rng = random.Random(config.model.seed)
+        eos = self.arch.eos_token_ids or [self.tokenizer.eos_token_id]
+        self.eos_token_ids = [t for t in eos if t is not None]
+
+    def _resolve_max_model_len(self, kv_capacity: int) -> int:
+        requested = self.config.model.max_model_len
+        limit = self.arch.max_position_embeddings
+        if requested is not None:
+            if requested > limit:
+                raise ValueError(f"config key 'max_model_len' = {requested} is larger than the "
+                                 f"model's max_position_embeddings ({limit})")
+            if requested > kv_capacity:
+                raise ValueError(f"config key 'max_model_len' = {requested} does not fit in the KV "
+                                 f"cache ({kv_capacity} tokens); lower it or give the cache more memory")
+            return requested
+        if limit > kv_capacity:
+            logger.warning("max_model_len capped at the KV cache capacity, %d tokens (the model "
+                           "allows %d)", kv_capacity, limit)
+        return min(limit, kv_capacity)
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None,
+                    stream: bool = False) -> None:
+        """Validate and queue a prompt (text or token ids); raises ValueError on bad input."""
+        params = params or SamplingParams()
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, prompt_ids = self.check_request(prompt, params)
+
+        stop_ids = list(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids += [t for t in self.eos_token_ids if t not in stop_ids]
+        now = time.monotonic()
+        reqs = []
+        for i in range(params.n):
+            # Every sample gets a seed, so that all TP ranks draw the same tokens and a seeded
+            # request is reproducible; sample i of a seeded request uses seed + i.
+            seed = params.seed + i if params.seed is not None else self._seed_rng.getrandbits(63)
+            child = dataclasses.replace(params, seed=seed, n=1)
+            req_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            reqs.append(Request(req_id, prompt_ids, child, stop_ids, now, group_id=request_id))
+        self.groups[request_id] = _Group(text, prompt_ids, reqs, stream)
+        for req in reqs:
+            self.requests[req.req_id] = req
+            self.output_processor.add_request(req, stream)
+            self.scheduler.add_request(req)
+
+    def check_request(self, prompt: Prompt, params: SamplingParams) -> tuple[Optional[str], list[int]]:
+        """Tokenize and validate; returns (text or None, token ids) or raises ValueError."""
+        if isinstance(prompt, str):
+            text: Optional[str] = prompt
+            prompt_ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            text, prompt_ids = None, list(prompt)
+        else:
+            raise ValueError(f"a prompt must be a string or a list of token ids, got "
+                             f"{type(prompt).__name__}")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        if not prompt_ids:
+            raise ValueError("prompt is empty: give at least one token")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens; max_model_len is "
+                             f"{self.max_model_len}, so a prompt may have at most "
+                             f"{self.max_model_len - 1} (one is kept for output)")
+        vocab = self.arch.vocab_size
+        for pos, t in enumerate(prompt_ids):
+            if not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"prompt token id {t!r} at position {pos} is outside the "
+                                 f"vocabulary [0, {vocab})")
+        for t in params.stop_token_ids:
+            if not 0 <= t < vocab:
+                raise ValueError(f"stop token id {t} is outside the vocabulary [0, {vocab})")
+        return text, prompt_ids
+
+    def abort_request(self, request_id: str) -> None:
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return
+        self.scheduler.finish_requests(group.requests, RequestStatus.FINISHED_ABORTED)
+        self._forget(group)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step loop ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; returns outputs of finished and streaming requests."""
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.total_num_scheduled_tokens == 0:
+            if self.scheduler.running or self.scheduler.waiting:
+                # Nothing fits (cannot happen with a valid config); fail loudly over spinning.
+                raise RuntimeError(f"scheduler made no progress: {len(self.scheduler.running)} "
+                                   f"running, {len(self.scheduler.waiting)} waiting")
+            return []
+        runner_output = self.executor.execute_model(scheduler_output)
+        finished = self.output_processor.process(self.requests, runner_output)
+        for req, status in finished:
+            self.scheduler.finish_requests([req], status)
+        touched = {req.group_id for req, _ in finished}
+        for req_id in runner_output.req_ids:
+            req = self.requests.get(req_id)
+            if req is not None and self.groups[req.group_id].stream:
+                touched.add(req.group_id)
+        outputs = []
+        for group_id in touched:
+            group = self.groups[group_id]
+            outputs.append(self._make_output(group_id, group))
+            if all(r.status.finished for r in group.requests):
+                del self.groups[group_id]
+                self._forget(group)
+        return outputs
+
+    def _make_output(self, group_id: str, group: _Group) -> RequestOutput:
+        completions = []
+        for i, req in enumerate(group.requests):
+            status = req.status
+            completions.append(CompletionOutput(
+                index=i,
+                text=self.output_processor.text(req),
+                token_ids=list(req.output_token_ids),
+                finish_reason=status.value if status.finished else None,
+                stop_reason=req.stop_reason,
+                logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
+            ))
+        return RequestOutput(group_id, group.prompt, group.prompt_token_ids, completions)
+
+    def _forget(self, group: _Group) -> None:
+        for req in group.requests:
+            self.requests.pop(req.req_id, None)
+            self.output_processor.remove(req.req_id)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

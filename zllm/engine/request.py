@@ -1,0 +1,59 @@
+"""A request as the engine tracks it: tokens, progress, blocks and how it ended."""
+
+from __future__ import annotations
+
+import enum
+from typing import Optional
+
+from zllm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"  # EOS, a stop token id or a stop string
+    FINISHED_LENGTH = "length"  # max_tokens or max_model_len
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                        RequestStatus.FINISHED_ABORTED)
+
+
+class Request:
+    """One sequence being generated. With n > 1 each sample is its own Request.
+
+    `num_computed_tokens` counts tokens whose K/V sit in the cache. A request needs more compute
+    while `num_computed_tokens < num_tokens`; when a step brings it to `num_tokens`, the worker
+    samples its next token.
+    """
+
+    def __init__(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 stop_token_ids: list[int], arrival: float, group_id: Optional[str] = None,
+                 priority: int = 0) -> None:
+        self.req_id = req_id
+        self.group_id = group_id or req_id  # the user's request id; differs when n > 1
+        self.prompt_token_ids = prompt_token_ids
+        self.output_token_ids: list[int] = []
+        self.params = params
+        self.stop_token_ids = stop_token_ids  # EOS (unless ignore_eos) and params.stop_token_ids
+        self.arrival = arrival
+        self.priority = priority
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_preemptions = 0
+        self.stop_reason: Optional[str | int] = None  # the stop string or token that ended it
+        self.logprobs: list[dict[int, float]] = []
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def __repr__(self) -> str:
+        return (f"Request({self.req_id}, {self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens})")

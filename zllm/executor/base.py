@@ -1,0 +1,39 @@
+"""The executor interface: start workers, move scheduler outputs to them, bring results back.
+
+It knows nothing about scheduling; the engine knows nothing about where workers run.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from zllm.config import EngineConfig
+from zllm.protocol import ModelRunnerOutput, SchedulerOutput
+
+
+class Executor(ABC):
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        """Run a worker method on every rank once; returns the results in rank order."""
+
+    @abstractmethod
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step on all ranks; returns rank 0's sampled tokens."""
+
+    def determine_num_available_blocks(self) -> int:
+        # Every rank holds the same blocks for its shard, so the smallest count wins.
+        return min(self.collective_rpc("determine_num_available_blocks"))
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self.collective_rpc("init_kv_cache", num_blocks)
+
+    def check_health(self) -> None:
+        """Raise if a worker is gone."""
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Stop the workers and release what they hold. Safe to call twice."""

@@ -1,0 +1,93 @@
+"""The offline API: `LLM(model=...).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Optional, Sequence, Union
+
+from zllm.config import EngineConfig
+from zllm.engine.llm_engine import LLMEngine, Prompt
+from zllm.outputs import RequestOutput
+from zllm.sampling_params import SamplingParams
+from zllm.tokenizer import apply_chat_template
+
+
+class LLM:
+    """A zllm engine for batch generation in this process.
+
+    `LLM(model="path/to/llama", dtype="bfloat16", tensor_parallel_size=2, ...)` takes any config
+    key as a keyword argument; `LLM.from_config("configs/demo.yaml", **overrides)` reads a YAML
+    file. With no model, it runs the built-in demo model (random text).
+    """
+
+    def __init__(self, model: Optional[str] = None, **config: Any) -> None:
+        if model is not None:
+            config["model"] = model
+        self._init(EngineConfig.from_dict({}, **config))
+
+    @classmethod
+    def from_config(cls, path: str, **overrides: Any) -> "LLM":
+        llm = cls.__new__(cls)
+        llm._init(EngineConfig.from_yaml(path, **overrides))
+        return llm
+
+    def _init(self, config: EngineConfig) -> None:
+        self.engine = LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
+                 sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for each prompt (a string or a list of token ids); outputs keep prompt order.
+
+        Every prompt is validated before any is queued, so a bad one raises ValueError and
+        leaves nothing half-submitted.
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts")
+        for prompt, params in zip(prompts, sampling_params):
+            self.engine.check_request(prompt, params)
+        ids = [f"gen-{next(self._ids)}" for _ in prompts]
+        for req_id, prompt, params in zip(ids, prompts, sampling_params):
+            self.engine.add_request(req_id, prompt, params)
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: Union[list[dict[str, str]], list[list[dict[str, str]]]],
+             sampling_params: Optional[SamplingParams] = None, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate the assistant's reply to one conversation or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [apply_chat_template(self.tokenizer, conv) for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        from tqdm import tqdm
+
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generate", disable=not use_tqdm or len(ids) < 2, unit="req")
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            for req_id in ids:
+                self.engine.abort_request(req_id)
+            raise
+        finally:
+            bar.close()
+        return [results[i] for i in ids]
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

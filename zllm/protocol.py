@@ -1,0 +1,141 @@
+"""What the engine and the workers say to each other, and its msgpack encoding.
+
+The engine and the workers share only these dataclasses (and `zllm.config`). A scheduler output
+is incremental: a request's prompt, sampling settings and block table travel once, in
+`NewRequestData`; afterwards it appears only as a name, its newly scheduled token count and any
+new blocks. Workers keep the rest. The encoding is an explicit schema (no pickle, no arbitrary
+classes); token and block id lists travel as raw little-endian int32 bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import msgpack
+import numpy as np
+
+from zllm.sampling_params import SamplingParams
+
+# Fields of SamplingParams that a worker needs to sample; stop strings and the like stay on the
+# driver.
+WORKER_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty",
+                          "presence_penalty", "frequency_penalty", "min_tokens", "logprobs")
+
+
+@dataclass
+class NewRequestData:
+    """A request the workers have not seen (or must rebuild after preemption)."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # non-empty when a preempted request is resumed
+    sampling_params: SamplingParams  # seed always set: the engine picks one when the user did not
+    stop_token_ids: list[int]  # masked until min_tokens are generated (EOS included)
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class CachedRequestData:
+    """Requests the workers already hold: only the blocks added this step."""
+
+    req_ids: list[str] = field(default_factory=list)
+    new_block_ids: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class SchedulerOutput:
+    """One step: which requests run and how many of their tokens are computed."""
+
+    new_requests: list[NewRequestData]
+    cached_requests: CachedRequestData
+    num_scheduled_tokens: dict[str, int]  # in batch order
+    total_num_scheduled_tokens: int
+    finished_req_ids: list[str]  # finished, aborted or preempted: workers drop their state
+
+    @classmethod
+    def empty(cls) -> "SchedulerOutput":
+        return cls([], CachedRequestData(), {}, 0, [])
+
+
+@dataclass
+class Logprobs:
+    """Per sampled token: its own log-probability and the top-N (ids, log-probabilities)."""
+
+    sampled: list[float]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+@dataclass
+class ModelRunnerOutput:
+    """The tokens sampled this step, for requests whose scheduled tokens reached their end."""
+
+    req_ids: list[str]
+    sampled_token_ids: list[int]
+    logprobs: Optional[Logprobs] = None  # rows follow req_ids; present if any request asked
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding. Each message is [kind, fields...] with a fixed field order.
+
+_IDS = 1  # msgpack ext type: int32 array
+
+
+def _ids(values: list[int]) -> msgpack.ExtType:
+    return msgpack.ExtType(_IDS, np.asarray(values, dtype="<i4").tobytes())
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code != _IDS:
+        raise ValueError(f"unknown msgpack ext type {code}")
+    return np.frombuffer(data, dtype="<i4").tolist()
+
+
+def encode_scheduler_output(out: SchedulerOutput) -> bytes:
+    new = [
+        [r.req_id, _ids(r.prompt_token_ids), _ids(r.output_token_ids),
+         [getattr(r.sampling_params, f) for f in WORKER_SAMPLING_FIELDS],
+         _ids(r.stop_token_ids), _ids(r.block_ids), r.num_computed_tokens]
+        for r in out.new_requests
+    ]
+    cached = [out.cached_requests.req_ids, [_ids(b) for b in out.cached_requests.new_block_ids]]
+    scheduled = [list(out.num_scheduled_tokens), _ids(list(out.num_scheduled_tokens.values()))]
+    return msgpack.packb(["sched", new, cached, scheduled, out.total_num_scheduled_tokens,
+                          out.finished_req_ids])
+
+
+def decode_scheduler_output(data: bytes) -> SchedulerOutput:
+    kind, new, cached, scheduled, total, finished = _unpack(data, "sched", 6)
+    new_requests = []
+    for req_id, prompt, output, sampling, stop_ids, blocks, computed in new:
+        params = SamplingParams(**dict(zip(WORKER_SAMPLING_FIELDS, sampling)))
+        new_requests.append(NewRequestData(req_id, prompt, output, params, stop_ids, blocks, computed))
+    names, counts = scheduled
+    if len(names) != len(counts) or len(cached[0]) != len(cached[1]):
+        raise ValueError("scheduler output has mismatched list lengths")
+    return SchedulerOutput(new_requests, CachedRequestData(cached[0], cached[1]),
+                           dict(zip(names, counts)), total, finished)
+
+
+def encode_model_runner_output(out: ModelRunnerOutput) -> bytes:
+    lp = None if out.logprobs is None else dataclasses.astuple(out.logprobs)
+    return msgpack.packb(["output", out.req_ids, _ids(out.sampled_token_ids), lp])
+
+
+def decode_model_runner_output(data: bytes) -> ModelRunnerOutput:
+    _, req_ids, sampled, lp = _unpack(data, "output", 4)
+    return ModelRunnerOutput(req_ids, sampled, None if lp is None else Logprobs(*lp))
+
+
+def _unpack(data: bytes, kind: str, length: int) -> list[Any]:
+    """Unpack one message and check its kind and shape; anything else raises ValueError."""
+    try:
+        msg = msgpack.unpackb(data, ext_hook=_ext_hook, strict_map_key=False)
+    except Exception as e:  # msgpack raises several types for truncated or bad data
+        raise ValueError(f"malformed {kind} message: {e}") from e
+    if not isinstance(msg, list) or len(msg) != length or msg[0] != kind:
+        raise ValueError(f"malformed {kind} message: expected a list of {length} starting with {kind!r}")
+    return msg

@@ -1,0 +1,67 @@
+"""The attention backend interface: plan once per step, then run once per layer.
+
+A backend receives the step's layout (`AttentionBatch`) in `plan`, prepares whatever its kernels
+need, and in `forward` writes the new K/V into one layer's paged cache and attends over it. The
+KV cache of a layer is one tensor [num_blocks, 2, block_size, num_kv_heads, head_dim] (K at index
+0, V at 1): flashinfer's NHD paged layout, which the torch backend shares.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionBatch:
+    """Where each request's tokens are, in the flattened step (all tensors on the device).
+
+    Request i owns query tokens query_start_loc[i]:query_start_loc[i+1]; after this step its
+    cache holds seq_lens[i] tokens, in blocks block_table[i, :]. Token t is written to cache slot
+    slot_mapping[t] (block id * block_size + offset).
+    """
+
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32
+    seq_lens: torch.Tensor  # [num_reqs] int32
+    block_table: torch.Tensor  # [num_reqs, max_blocks] int32
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    # Host copies, for planning without device syncs.
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+    num_blocks_cpu: list[int]
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(q == 1 for q in self.query_lens_cpu)
+
+
+class AttentionBackend(ABC):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> None:
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.block_size = block_size
+        self.scale = head_dim ** -0.5
+
+    @abstractmethod
+    def plan(self, batch: AttentionBatch) -> None:
+        """Prepare the step; called once before the first layer."""
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor) -> torch.Tensor:
+        """q [T, H, D], k and v [T, KVH, D]; store k/v in kv_cache, return [T, H, D]."""
+
+
+def make_attention_backend(name: str, device: torch.device, **dims: int) -> AttentionBackend:
+    if name == "auto":
+        name = "flashinfer" if device.type == "cuda" else "torch"
+    if name == "flashinfer":
+        from zllm.worker.attention.flashinfer_backend import FlashInferBackend
+
+        return FlashInferBackend(device=device, **dims)
+    from zllm.worker.attention.torch_backend import TorchPagedBackend
+
+    return TorchPagedBackend(**dims)
