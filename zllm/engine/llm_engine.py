@@ -48,12 +48,21 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
         self.config = config
 
+        requested = config.model.max_model_len
+        if requested is not None and requested > self.arch.max_position_embeddings:
+            raise ValueError(f"config key 'max_model_len' = {requested} is larger than the "
+                             f"model's max_position_embeddings ({self.arch.max_position_embeddings})")
+
         t0 = time.perf_counter()
         self.executor: Executor = make_executor(config)
-        num_blocks = self.executor.determine_num_available_blocks()
-        self.executor.init_kv_cache(num_blocks)
-        block_size = config.cache.block_size
-        self.max_model_len = self._resolve_max_model_len(num_blocks * block_size)
+        try:
+            num_blocks = self.executor.determine_num_available_blocks()
+            self.executor.init_kv_cache(num_blocks)
+            block_size = config.cache.block_size
+            self.max_model_len = self._resolve_max_model_len(num_blocks * block_size)
+        except BaseException:
+            self.executor.shutdown()
+            raise
         logger.info("engine ready in %.1f s: %d KV blocks of %d tokens (%d tokens), "
                     "max_model_len %d", time.perf_counter() - t0, num_blocks, block_size,
                     num_blocks * block_size, self.max_model_len)
@@ -71,9 +80,6 @@ class LLMEngine:
         requested = self.config.model.max_model_len
         limit = self.arch.max_position_embeddings
         if requested is not None:
-            if requested > limit:
-                raise ValueError(f"config key 'max_model_len' = {requested} is larger than the "
-                                 f"model's max_position_embeddings ({limit})")
             if requested > kv_capacity:
                 raise ValueError(f"config key 'max_model_len' = {requested} does not fit in the KV "
                                  f"cache ({kv_capacity} tokens); lower it or give the cache more memory")

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random Llama checkpoints and Hugging Face reference outputs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from zllm.demo import build_tiny_llama
+
+# Prompts of different lengths (in tokens of the demo tokenizer), some sharing prefixes.
+PROMPTS = [
+    "Hello",
+    "The quick brown fox jumps over the lazy dog.",
+    "A paged KV cache stores keys and values in fixed-size blocks, and the scheduler",
+    "Once upon a time",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000.",
+    "Tensor parallelism splits every layer",
+    "Café, naïve, über, 東京",
+    "How are you today? The scheduler picks running and waiting requests under a token budget.",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    os.environ.setdefault("ZLLM_CACHE_DIR", str(tmp_path_factory.mktemp("zllm-cache")))
+
+
+def _build(tmp_path_factory, name: str, **kwargs) -> str:
+    path = str(tmp_path_factory.mktemp(name))
+    build_tiny_llama(path, **kwargs)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gqa_model(tmp_path_factory) -> str:
+    """4 query heads sharing 2 KV heads, untied embeddings."""
+    return _build(tmp_path_factory, "gqa", num_heads=4, num_kv_heads=2, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tied_model(tmp_path_factory) -> str:
+    """Tied embeddings, no GQA, a different seed."""
+    return _build(tmp_path_factory, "tied", num_heads=4, num_kv_heads=4, tie_word_embeddings=True,
+                  seed=1)
+
+
+class HFReference:
+    """Greedy generations of Hugging Face transformers, cached per (model, prompt, length)."""
+
+    def __init__(self) -> None:
+        self.models = {}
+        self.cache = {}
+
+    def greedy(self, model_dir: str, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        from transformers import AutoModelForCausalLM
+
+        key = (model_dir, tuple(prompt_ids), max_new_tokens)
+        if key not in self.cache:
+            if model_dir not in self.models:
+                self.models[model_dir] = AutoModelForCausalLM.from_pretrained(
+                    model_dir, dtype=torch.float32).eval()
+            ids = torch.tensor([prompt_ids])
+            with torch.no_grad():
+                out = self.models[model_dir].generate(ids, attention_mask=torch.ones_like(ids),
+                                                      do_sample=False, max_new_tokens=max_new_tokens)
+            self.cache[key] = out[0, len(prompt_ids):].tolist()
+        return self.cache[key]
+
+
+@pytest.fixture(scope="session")
+def hf() -> HFReference:
+    return HFReference()

@@ -1,0 +1,72 @@
+"""Scheduler and block manager bookkeeping, without a model."""
+
+from __future__ import annotations
+
+from zllm.config import SchedulerConfig
+from zllm.engine.block_manager import BlockManager
+from zllm.engine.request import Request, RequestStatus
+from zllm.engine.scheduler import Scheduler
+from zllm.sampling_params import SamplingParams
+
+
+def _request(i: int, prompt_len: int) -> Request:
+    return Request(f"r{i}", list(range(1, prompt_len + 1)), SamplingParams(max_tokens=100), [], 0.0)
+
+
+def _decode(reqs, sched_out):
+    """Pretend a step ran: requests that reached their end get a token."""
+    for req in reqs:
+        if req.req_id in sched_out.num_scheduled_tokens and req.num_computed_tokens == req.num_tokens:
+            req.output_token_ids.append(7)
+
+
+def test_block_manager_allocates_frees_and_keeps_a_watermark():
+    bm = BlockManager(num_blocks=10, block_size=4, watermark=0.2)
+    req = _request(0, 9)
+    assert bm.num_blocks_needed(req, 9) == 3
+    assert bm.can_allocate(req, 9)
+    assert bm.allocate_slots(req, 9) == [0, 1, 2]
+    req.num_computed_tokens = 9
+    assert bm.allocate_slots(req, 3) == []  # fits in block 2
+    assert bm.allocate_slots(req, 4) == [3]
+    big = _request(1, 20)
+    assert not bm.can_allocate(big, 20)  # 5 blocks would leave 1 < watermark 2
+    assert bm.allocate_slots(big, 40) is None
+    bm.free(req)
+    assert bm.num_free_blocks == 10 and all(c == 0 for c in bm.ref_counts)
+
+
+def test_budget_splits_prompts_and_decodes_share_steps():
+    bm = BlockManager(num_blocks=100, block_size=4, watermark=0.0)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=10), bm)
+    reqs = [_request(0, 6), _request(1, 12)]
+    for r in reqs:
+        sched.add_request(r)
+    out = sched.schedule()
+    assert out.num_scheduled_tokens == {"r0": 6, "r1": 4}  # r1's prompt is chunked
+    _decode(reqs, out)
+    out = sched.schedule()
+    assert out.num_scheduled_tokens == {"r0": 1, "r1": 8}  # r0 decodes beside r1's next chunk
+    assert [r.req_id for r in out.new_requests] == [] and out.cached_requests.req_ids == ["r0", "r1"]
+    assert out.total_num_scheduled_tokens == 9
+
+
+def test_preemption_takes_the_newest_and_requeues_it_first():
+    bm = BlockManager(num_blocks=4, block_size=4, watermark=0.0)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=100), bm)
+    reqs = [_request(0, 8), _request(1, 8)]
+    for r in reqs:
+        sched.add_request(r)
+    out = sched.schedule()
+    assert bm.num_free_blocks == 0
+    _decode(reqs, out)
+    out = sched.schedule()  # r0 needs a third block: r1 (newest) is preempted
+    assert list(out.num_scheduled_tokens) == ["r0"]
+    assert out.finished_req_ids == ["r1"]  # workers drop its state in the same step
+    assert sched.waiting[0] is reqs[1] and sched.num_preemptions == 1
+    assert reqs[1].status == RequestStatus.WAITING and reqs[1].num_computed_tokens == 0
+    sched.finish_requests([reqs[0]], RequestStatus.FINISHED_STOPPED)
+    assert bm.num_free_blocks == 4
+    out3 = sched.schedule()
+    assert [r.req_id for r in out3.new_requests] == ["r1"]
+    assert out3.new_requests[0].output_token_ids == [7]  # resumes with its generated token

@@ -1,0 +1,40 @@
+"""The user-facing entry points: chat, YAML, the demo model and the command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from zllm import LLM, SamplingParams
+
+
+def test_chat_uses_the_chat_template(gqa_model):
+    messages = [{"role": "user", "content": "Hello there"}]
+    with LLM(gqa_model, device="cpu") as llm:
+        chat = llm.chat(messages, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0]
+        ids = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        plain = llm.generate([ids], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0]
+    assert chat.outputs[0].token_ids == plain.outputs[0].token_ids
+
+
+def test_from_config_reads_yaml_with_overrides(gqa_model, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model:\n  model: {gqa_model}\ncache:\n  block_size: 8\ndevice:\n  device: cpu\n")
+    with LLM.from_config(str(path), max_num_seqs=3) as llm:
+        assert llm.engine.config.cache.block_size == 8
+        assert llm.engine.config.scheduler.max_num_seqs == 3
+        assert llm.generate("Hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_demo_model_runs_from_the_command_line():
+    result = subprocess.run([sys.executable, "-m", "zllm", "generate", "Hello", "--max-tokens", "5",
+                             "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "5 tokens, finish_reason=length" in result.stdout
+
+
+def test_command_line_reports_bad_config_values():
+    result = subprocess.run([sys.executable, "-m", "zllm", "generate", "Hi", "--block-size", "3"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "'block_size' = 3 is not allowed" in result.stderr

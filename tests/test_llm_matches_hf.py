@@ -1,0 +1,94 @@
+"""zllm's greedy tokens equal Hugging Face transformers' generate, token for token (float32)."""
+
+from __future__ import annotations
+
+import pytest
+
+from zllm import LLM, SamplingParams
+from zllm.worker.models.weights import write_meta_checkpoint
+from tests.conftest import PROMPTS
+
+MAX_TOKENS = 24
+
+
+def _check_against_hf(llm: LLM, model_dir: str, hf, max_tokens: int = MAX_TOKENS) -> list:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert len(outputs) == len(PROMPTS)
+    for out in outputs:
+        expected = hf.greedy(model_dir, out.prompt_token_ids, max_tokens)
+        assert out.outputs[0].token_ids == expected, out.prompt
+        reason = "stop" if expected[-1] == 1 and len(expected) < max_tokens else "length"
+        assert out.outputs[0].finish_reason == reason
+    return outputs
+
+
+def test_greedy_matches_hf_with_plenty_of_blocks(gqa_model, hf):
+    with LLM(gqa_model, device="cpu") as llm:
+        _check_against_hf(llm, gqa_model, hf)
+        assert llm.engine.scheduler.num_preemptions == 0
+
+
+def test_preemption_keeps_greedy_output(gqa_model, hf):
+    # 8 requests of up to ~40 tokens each need far more than 24 blocks of 4 tokens.
+    with LLM(gqa_model, device="cpu", block_size=4, num_kv_blocks=24, max_model_len=96,
+             watermark=0.0) as llm:
+        _check_against_hf(llm, gqa_model, hf)
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.engine.block_manager.num_free_blocks == 24  # everything given back
+
+
+def test_split_token_budget_keeps_greedy_output(gqa_model, hf):
+    # A 7-token budget splits prompts across steps (chunked prefill) and mixes them with decodes.
+    with LLM(gqa_model, device="cpu", max_num_batched_tokens=7, max_num_seqs=3) as llm:
+        _check_against_hf(llm, gqa_model, hf)
+
+
+def test_tied_embeddings_without_gqa_match_hf(tied_model, hf):
+    with LLM(tied_model, device="cpu") as llm:
+        _check_against_hf(llm, tied_model, hf)
+
+
+def test_meta_original_format_gives_the_same_tokens(tmp_path_factory, hf):
+    """The same weights in Meta's consolidated.NN.pth layout (split in two model-parallel parts,
+    interleaved rotary rows) give Hugging Face's tokens."""
+    from safetensors.torch import load_file
+
+    from zllm.demo import build_tiny_llama
+
+    # Meta's use_scaled_rope means these llama3 constants.
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    hf_dir = str(tmp_path_factory.mktemp("meta-src"))
+    build_tiny_llama(hf_dir, rope_scaling=scaling, max_position_embeddings=4096, seed=3)
+    # Meta's FFN sizing: int(0.75 * int(8 * 64 / 3)) = 127, rounded up to a multiple of 32: 128.
+    params = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 384,
+              "multiple_of": 32, "ffn_dim_multiplier": 0.75, "norm_eps": 1e-5,
+              "rope_theta": 500000.0, "use_scaled_rope": True, "max_seq_len": 4096}
+    meta_dir = str(tmp_path_factory.mktemp("meta"))
+    write_meta_checkpoint(load_file(f"{hf_dir}/model.safetensors"), params, meta_dir, num_parts=2)
+    with LLM(meta_dir, tokenizer=hf_dir, device="cpu") as llm:
+        assert llm.engine.config.model.load_format == "meta"
+        _check_against_hf(llm, hf_dir, hf)
+
+
+def test_sharded_safetensors_index_loads(gqa_model, tmp_path, hf):
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(gqa_model).save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (sharded / name).write_bytes(open(f"{gqa_model}/{name}", "rb").read())
+    with LLM(str(sharded), device="cpu") as llm:
+        _check_against_hf(llm, gqa_model, hf)
+
+
+@pytest.mark.parametrize("prompt_as_ids", [False, True])
+def test_token_id_prompts_equal_text_prompts(gqa_model, prompt_as_ids):
+    with LLM(gqa_model, device="cpu") as llm:
+        text_out = llm.generate(PROMPTS[:3], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+        ids = [o.prompt_token_ids for o in text_out]
+        id_out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in text_out] == [o.outputs[0].token_ids for o in id_out]
+    assert [o.outputs[0].text for o in text_out] == [o.outputs[0].text for o in id_out]

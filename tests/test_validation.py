@@ -1,0 +1,110 @@
+"""Bad input raises ValueError naming the value and the limit; other requests are unharmed."""
+
+from __future__ import annotations
+
+import pytest
+
+from zllm import LLM, EngineConfig, SamplingParams
+from tests.conftest import PROMPTS
+
+
+@pytest.fixture(scope="module")
+def llm(gqa_model):
+    with LLM(gqa_model, device="cpu", max_model_len=64) as llm:
+        yield llm
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("", "prompt is empty"),
+    ([], "prompt is empty"),
+    (list(range(70)), "prompt has 70 tokens; max_model_len is 64"),
+    ([5, 384, 7], "prompt token id 384 at position 1 is outside the vocabulary [0, 384)"),
+    ([-1], "prompt token id -1 at position 0 is outside the vocabulary"),
+])
+def test_bad_prompts_are_rejected_and_others_finish(llm, prompt, message):
+    engine = llm.engine
+    engine.add_request("good", PROMPTS[1], SamplingParams(temperature=0, max_tokens=6))
+    with pytest.raises(ValueError) as err:
+        engine.add_request("bad", prompt, SamplingParams())
+    assert message in str(err.value)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert [o.request_id for o in outputs] == ["good"]
+    expected = llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
+    assert outputs[0].outputs[0].token_ids == expected[0].outputs[0].token_ids
+
+
+def test_generate_validates_every_prompt_before_queueing_any(llm):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate([PROMPTS[0], ""], SamplingParams(max_tokens=4), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-0.5), "temperature = -0.5 is out of range: must be >= 0"),
+    (dict(top_p=0.0), "top_p = 0.0 is out of range: must be in (0, 1]"),
+    (dict(top_p=1.5), "top_p = 1.5"),
+    (dict(top_k=-2), "top_k = -2"),
+    (dict(n=0), "n = 0 is out of range: must be >= 1"),
+    (dict(max_tokens=0), "max_tokens = 0 is out of range: must be >= 1"),
+    (dict(logprobs=21), "logprobs = 21 is out of range: must be in [0, 20]"),
+    (dict(min_tokens=20, max_tokens=10), "min_tokens = 20"),
+])
+def test_bad_sampling_params_name_value_and_limit(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        SamplingParams(**kwargs)
+    assert message in str(err.value)
+
+
+def test_unknown_yaml_key_is_rejected(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  model: demo\ncache:\n  blok_size: 16\n")
+    with pytest.raises(ValueError, match="unknown config key 'blok_size' in section 'cache'"):
+        EngineConfig.from_yaml(str(path))
+    path.write_text("max_num_seq: 4\n")
+    with pytest.raises(ValueError, match="unknown config key 'max_num_seq'"):
+        EngineConfig.from_yaml(str(path))
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"block_size": 3}, "'block_size' = 3 is not allowed: must be a power of two"),
+    ({"dtype": "float64"}, "'dtype' = 'float64' is not allowed"),
+    ({"max_num_seqs": "many"}, "'max_num_seqs' = 'many' must be of type int"),
+    ({"gpu_memory_utilization": 1.5}, "'gpu_memory_utilization' = 1.5"),
+])
+def test_bad_config_values_name_key_value_and_limit(values, message):
+    with pytest.raises(ValueError) as err:
+        EngineConfig.from_dict(values)
+    assert message in str(err.value)
+
+
+def test_yaml_sections_flat_keys_and_overrides(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("model:\n  model: demo\n  dtype: float32\nblock_size: 8\n"
+                    "scheduler:\n  max_num_seqs: 4\n")
+    config = EngineConfig.from_yaml(str(path), max_num_seqs="6")
+    assert (config.model.dtype, config.cache.block_size, config.scheduler.max_num_seqs) == ("float32", 8, 6)
+
+
+def test_every_shipped_config_loads():
+    import glob
+
+    paths = glob.glob("configs/*.yaml")
+    assert paths
+    for path in paths:
+        EngineConfig.from_yaml(path)
+
+
+def test_missing_model_directory_or_weights(tmp_path):
+    with pytest.raises(ValueError, match="model directory '/nonexistent/llama' does not exist"):
+        LLM("/nonexistent/llama", device="cpu")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="has no weights"):
+        LLM(str(tmp_path), device="cpu")
+
+
+def test_max_model_len_beyond_the_model_is_rejected(gqa_model):
+    with pytest.raises(ValueError, match="'max_model_len' = 5000 is larger than the model's "
+                                         "max_position_embeddings \\(2048\\)"):
+        LLM(gqa_model, device="cpu", max_model_len=5000)
