@@ -41,6 +41,7 @@ class CacheConfig:
     cpu_kv_cache_gib: float = 1.0  # KV cache size on CPU
     num_kv_blocks: Optional[int] = None  # fixed block count; overrides the two above
     watermark: float = 0.01  # fraction of blocks kept free when admitting new requests
+    enable_prefix_caching: bool = True  # reuse the KV of full blocks with a known prefix
 
 
 @dataclass
@@ -49,7 +50,10 @@ class SchedulerConfig:
 
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
-    enable_chunked_prefill: bool = True
+    enable_chunked_prefill: bool = True  # off: a prompt must fit in one step's budget
+    long_prefill_token_threshold: int = 0  # > 0: at most this many prompt tokens per request per step
+    policy: str = "fcfs"  # fcfs | priority (lower `priority` first)
+    starvation_timeout_s: float = 60.0  # waiting longer than this: served as top priority
 
 
 @dataclass
@@ -145,6 +149,10 @@ class EngineConfig:
         check("watermark", c.watermark, 0 <= c.watermark < 1, "in [0, 1)")
         check("max_num_seqs", s.max_num_seqs, s.max_num_seqs >= 1, ">= 1")
         check("max_num_batched_tokens", s.max_num_batched_tokens, s.max_num_batched_tokens >= 1, ">= 1")
+        check("long_prefill_token_threshold", s.long_prefill_token_threshold,
+              s.long_prefill_token_threshold >= 0, ">= 0 (0: no cap)")
+        check("policy", s.policy, s.policy in ("fcfs", "priority"), "fcfs or priority")
+        check("starvation_timeout_s", s.starvation_timeout_s, s.starvation_timeout_s > 0, "> 0")
         check("tensor_parallel_size", p.tensor_parallel_size, p.tensor_parallel_size >= 1, ">= 1")
         check("distributed_executor_backend", p.distributed_executor_backend,
               p.distributed_executor_backend in (None, "uni", "ray"), "uni or ray")

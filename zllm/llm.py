@@ -83,6 +83,10 @@ class LLM:
             bar.close()
         return [results[i] for i in ids]
 
+    def stats(self) -> str:
+        """A one-line summary of what the engine has computed so far."""
+        return self.engine.stats.summary()
+
     def shutdown(self) -> None:
         self.engine.shutdown()
 

@@ -24,13 +24,13 @@ def test_block_manager_allocates_frees_and_keeps_a_watermark():
     bm = BlockManager(num_blocks=10, block_size=4, watermark=0.2)
     req = _request(0, 9)
     assert bm.num_blocks_needed(req, 9) == 3
-    assert bm.can_allocate(req, 9)
+    assert bm.can_admit(req, [], 9)
     assert bm.allocate_slots(req, 9) == [0, 1, 2]
     req.num_computed_tokens = 9
     assert bm.allocate_slots(req, 3) == []  # fits in block 2
     assert bm.allocate_slots(req, 4) == [3]
     big = _request(1, 20)
-    assert not bm.can_allocate(big, 20)  # 5 blocks would leave 1 < watermark 2
+    assert not bm.can_admit(big, [], 20)  # 5 blocks would leave 1 < watermark 2
     assert bm.allocate_slots(big, 40) is None
     bm.free(req)
     assert bm.num_free_blocks == 10 and all(c == 0 for c in bm.ref_counts)

@@ -17,7 +17,7 @@ from zllm.config import EngineConfig, LlamaArchitecture
 from zllm.engine.block_manager import BlockManager
 from zllm.engine.output_processor import OutputProcessor
 from zllm.engine.request import Request, RequestStatus
-from zllm.engine.scheduler import Scheduler
+from zllm.engine.scheduler import Scheduler, StepStats
 from zllm.executor import Executor, make_executor
 from zllm.model_files import detect_load_format, resolve_model_dir
 from zllm.outputs import CompletionOutput, RequestOutput
@@ -27,6 +27,29 @@ from zllm.tokenizer import load_tokenizer
 logger = logging.getLogger(__name__)
 
 Prompt = Union[str, list[int]]
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Totals over the engine's life, from the scheduler's per-step StepStats."""
+
+    num_steps: int = 0
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    num_preemptions: int = 0
+    num_cache_hit_tokens: int = 0
+
+    def record(self, step: StepStats) -> None:
+        self.num_steps += 1
+        self.num_prefill_tokens += step.num_prefill_tokens
+        self.num_decode_tokens += step.num_decode_tokens
+        self.num_preemptions += step.num_preemptions
+        self.num_cache_hit_tokens += step.num_cache_hit_tokens
+
+    def summary(self) -> str:
+        return (f"{self.num_steps} steps: {self.num_prefill_tokens} prefill tokens computed, "
+                f"{self.num_cache_hit_tokens} prompt tokens from the prefix cache, "
+                f"{self.num_decode_tokens} decode tokens, {self.num_preemptions} preemptions")
 
 
 @dataclasses.dataclass
@@ -67,12 +90,14 @@ class LLMEngine:
                     "max_model_len %d", time.perf_counter() - t0, num_blocks, block_size,
                     num_blocks * block_size, self.max_model_len)
 
-        self.block_manager = BlockManager(num_blocks, block_size, config.cache.watermark)
+        self.block_manager = BlockManager(num_blocks, block_size, config.cache.watermark,
+                                          config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self.groups: dict[str, _Group] = {}
         self._seed_rng = random.Random(config.model.seed)
+        self.stats = EngineStats()
         eos = self.arch.eos_token_ids or [self.tokenizer.eos_token_id]
         self.eos_token_ids = [t for t in eos if t is not None]
 
@@ -92,8 +117,10 @@ class LLMEngine:
     # -- requests --------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None,
-                    stream: bool = False) -> None:
-        """Validate and queue a prompt (text or token ids); raises ValueError on bad input."""
+                    stream: bool = False, priority: int = 0) -> None:
+        """Validate and queue a prompt (text or token ids); raises ValueError on bad input.
+
+        `priority` matters under the "priority" policy: lower values run first."""
         params = params or SamplingParams()
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -110,7 +137,8 @@ class LLMEngine:
             seed = params.seed + i if params.seed is not None else self._seed_rng.getrandbits(63)
             child = dataclasses.replace(params, seed=seed, n=1)
             req_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            reqs.append(Request(req_id, prompt_ids, child, stop_ids, now, group_id=request_id))
+            reqs.append(Request(req_id, prompt_ids, child, stop_ids, now, group_id=request_id,
+                                priority=priority))
         self.groups[request_id] = _Group(text, prompt_ids, reqs, stream)
         for req in reqs:
             self.requests[req.req_id] = req
@@ -166,6 +194,7 @@ class LLMEngine:
                 raise RuntimeError(f"scheduler made no progress: {len(self.scheduler.running)} "
                                    f"running, {len(self.scheduler.waiting)} waiting")
             return []
+        self.stats.record(self.scheduler.last_stats)
         runner_output = self.executor.execute_model(scheduler_output)
         finished = self.output_processor.process(self.requests, runner_output)
         for req, status in finished:

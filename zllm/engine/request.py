@@ -42,6 +42,8 @@ class Request:
         self.priority = priority
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
+        self.block_hashes: list[int] = []  # chained hashes of full blocks, filled as needed
+        self.num_cached_blocks = 0  # leading blocks of its table registered in the prefix cache
         self.num_preemptions = 0
         self.stop_reason: Optional[str | int] = None  # the stop string or token that ended it
         self.logprobs: list[dict[int, float]] = []

@@ -2,16 +2,27 @@
 
 There is no separate prefill or decode phase: a request simply has `num_tokens -
 num_computed_tokens` tokens left to compute (a whole prompt, a chunk of one, or the one token
-sampled last step). Running requests are served first, oldest first; when the KV cache is full
-the newest running request is preempted by recompute (its blocks freed, its tokens kept, and it
-goes back to the front of the waiting queue). Waiting requests are admitted in arrival order while
-budget, `max_num_seqs` and blocks allow.
+sampled last step). So chunked prefill is the natural case: a long prompt takes what budget is
+left, over as many steps as it needs.
+
+1. Running requests are served first, in order (arrival, or priority then arrival), so the
+   decodes of requests admitted earlier are never delayed by a newcomer's long prompt. When the
+   KV cache is full, the running request that comes last in that order is preempted by
+   recompute: its blocks are freed (they stay in the prefix cache), its tokens are kept, and it
+   goes back to the waiting queue at the place its order gives it.
+2. Waiting requests are admitted in order while budget, `max_num_seqs` and blocks allow, each
+   starting from the longest prefix of its prompt found in the prefix cache.
+
+Policies: "fcfs" orders by arrival; "priority" by (priority, arrival), lower priority value
+first. A request waiting longer than `starvation_timeout_s` is served as if it had the best
+priority, so low priorities are delayed, never starved.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
+import time
+from dataclasses import dataclass
 from typing import Iterable
 
 from zllm.config import SchedulerConfig
@@ -22,42 +33,78 @@ from zllm.protocol import CachedRequestData, NewRequestData, SchedulerOutput
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class StepStats:
+    """What one scheduled step contained."""
+
+    num_prefill_tokens: int = 0  # prompt (or recomputed) tokens
+    num_decode_tokens: int = 0  # one per request generating its next token
+    num_preemptions: int = 0
+    num_cache_hit_tokens: int = 0  # prompt tokens found in the prefix cache at admission
+    num_running: int = 0
+    num_waiting: int = 0
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
         self.config = config
         self.block_manager = block_manager
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.waiting: list[Request] = []  # kept in service order
+        self.running: list[Request] = []  # kept in service order
         # Requests the workers must forget at the next step: finished, aborted or preempted.
         self._dropped_req_ids: list[str] = []
         self.num_preemptions = 0
+        self.last_stats = StepStats()
+
+    def _order(self, req: Request, now: float) -> tuple:
+        if self.config.policy == "fcfs":
+            return (0, req.arrival)
+        starving = now - req.arrival > self.config.starvation_timeout_s
+        return (float("-inf") if starving else req.priority, req.arrival)
+
+    def _insert_waiting(self, req: Request, now: float) -> None:
+        key = self._order(req, now)
+        i = len(self.waiting)
+        while i > 0 and self._order(self.waiting[i - 1], now) > key:
+            i -= 1
+        self.waiting.insert(i, req)
 
     def add_request(self, req: Request) -> None:
-        self.waiting.append(req)
+        self._insert_waiting(req, time.monotonic())
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def _chunk(self, remaining: int, budget: int) -> int:
+        """Tokens to compute this step out of `remaining`: capped by the budget and, for long
+        prefills, by long_prefill_token_threshold."""
+        threshold = self.config.long_prefill_token_threshold
+        return min(remaining, budget, threshold) if threshold > 0 else min(remaining, budget)
+
     def schedule(self) -> SchedulerOutput:
+        now = time.monotonic()
+        if self.config.policy == "priority":
+            self.running.sort(key=lambda r: self._order(r, now))
+            self.waiting.sort(key=lambda r: self._order(r, now))
         budget = self.config.max_num_batched_tokens
         num_scheduled: dict[str, int] = {}
         new_requests: list[NewRequestData] = []
         cached = CachedRequestData()
-        preempted = False
+        stats = StepStats()
 
-        # 1. Running requests, oldest first. Victims are taken from the back of the list, so they
-        #    have not been scheduled yet in this step (unless the victim is the request itself).
+        # 1. Running requests. Victims come from the back of the list, so they have not been
+        #    scheduled in this step (unless the victim is the request itself).
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
             if num_new == 0:
                 i += 1
                 continue
             while (new_blocks := self.block_manager.allocate_slots(req, num_new)) is None:
                 victim = self.running.pop()
-                self._preempt(victim)
-                preempted = True
+                self._preempt(victim, now)
+                stats.num_preemptions += 1
                 if victim is req:
                     break
             if new_blocks is None:
@@ -69,18 +116,21 @@ class Scheduler:
             i += 1
 
         # 2. Waiting requests, in order, unless this step had to preempt (no room to grow).
-        while self.waiting and budget > 0 and not preempted:
+        while self.waiting and budget > 0 and not stats.num_preemptions:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             req = self.waiting[0]
-            remaining = req.num_tokens - req.num_computed_tokens
-            num_new = min(remaining, budget)
+            prefix = self.block_manager.find_cached_prefix(req)
+            remaining = req.num_tokens - len(prefix) * self.block_manager.block_size
+            num_new = self._chunk(remaining, budget)
             if num_new < remaining and not self.config.enable_chunked_prefill:
                 break
-            if not self.block_manager.can_allocate(req, num_new):
+            if not self.block_manager.can_admit(req, prefix, num_new):
                 break
-            self.waiting.popleft()
+            self.waiting.pop(0)
+            self.block_manager.admit(req, prefix)
             self.block_manager.allocate_slots(req, num_new)
+            stats.num_cache_hit_tokens += req.num_computed_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             new_requests.append(NewRequestData(
@@ -96,20 +146,31 @@ class Scheduler:
             budget -= num_new
 
         # Progress is counted at scheduling time; a request whose computed tokens reach its
-        # length this step gets a sampled token back.
+        # length this step gets a sampled token back. Blocks it filled join the prefix cache.
         for req in self.running:
-            req.num_computed_tokens += num_scheduled.get(req.req_id, 0)
+            num_new = num_scheduled.get(req.req_id, 0)
+            if num_new == 0:
+                continue
+            is_decode = num_new == 1 and req.num_computed_tokens >= len(req.prompt_token_ids)
+            if is_decode:
+                stats.num_decode_tokens += 1
+            else:
+                stats.num_prefill_tokens += num_new
+            req.num_computed_tokens += num_new
+            self.block_manager.cache_full_blocks(req)
+        stats.num_running, stats.num_waiting = len(self.running), len(self.waiting)
+        self.last_stats = stats
         dropped, self._dropped_req_ids = self._dropped_req_ids, []
         return SchedulerOutput(new_requests, cached, num_scheduled,
                                self.config.max_num_batched_tokens - budget, dropped)
 
-    def _preempt(self, req: Request) -> None:
+    def _preempt(self, req: Request, now: float) -> None:
         self.block_manager.free(req)
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        self._insert_waiting(req, now)
         self._dropped_req_ids.append(req.req_id)
         logger.debug("preempted %s (%d tokens); %d blocks free", req.req_id, req.num_tokens,
                      self.block_manager.num_free_blocks)
