@@ -42,6 +42,8 @@ class CacheConfig:
     num_kv_blocks: Optional[int] = None  # fixed block count; overrides the two above
     watermark: float = 0.01  # fraction of blocks kept free when admitting new requests
     enable_prefix_caching: bool = True  # reuse the KV of full blocks with a known prefix
+    preemption_mode: str = "recompute"  # recompute | swap (copy a victim's blocks to CPU memory)
+    swap_space_gib: float = 4.0  # CPU memory per rank for swapped-out blocks
 
 
 @dataclass
@@ -147,6 +149,9 @@ class EngineConfig:
         if c.num_kv_blocks is not None:
             check("num_kv_blocks", c.num_kv_blocks, c.num_kv_blocks >= 1, ">= 1")
         check("watermark", c.watermark, 0 <= c.watermark < 1, "in [0, 1)")
+        check("preemption_mode", c.preemption_mode, c.preemption_mode in ("recompute", "swap"),
+              "recompute or swap")
+        check("swap_space_gib", c.swap_space_gib, c.swap_space_gib >= 0, ">= 0")
         check("max_num_seqs", s.max_num_seqs, s.max_num_seqs >= 1, ">= 1")
         check("max_num_batched_tokens", s.max_num_batched_tokens, s.max_num_batched_tokens >= 1, ">= 1")
         check("long_prefill_token_threshold", s.long_prefill_token_threshold,

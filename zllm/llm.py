@@ -50,11 +50,10 @@ class LLM:
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts")
-        for prompt, params in zip(prompts, sampling_params):
-            self.engine.check_request(prompt, params)
+        checked = [self.engine.check_request(p, sp) for p, sp in zip(prompts, sampling_params)]
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
-        for req_id, prompt, params in zip(ids, prompts, sampling_params):
-            self.engine.add_request(req_id, prompt, params)
+        for req_id, (text, prompt_ids), params in zip(ids, checked, sampling_params):
+            self.engine.add_request(req_id, prompt_ids, params, prompt_text=text)
         return self._run(ids, use_tqdm)
 
     def chat(self, messages: Union[list[dict[str, str]], list[list[dict[str, str]]]],

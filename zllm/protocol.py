@@ -54,6 +54,9 @@ class SchedulerOutput:
     num_scheduled_tokens: dict[str, int]  # in batch order
     total_num_scheduled_tokens: int
     finished_req_ids: list[str]  # finished, aborted or preempted: workers drop their state
+    # Block copies done before the step's forward: (device block, CPU block) and back.
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @classmethod
     def empty(cls) -> "SchedulerOutput":
@@ -103,12 +106,14 @@ def encode_scheduler_output(out: SchedulerOutput) -> bytes:
     ]
     cached = [out.cached_requests.req_ids, [_ids(b) for b in out.cached_requests.new_block_ids]]
     scheduled = [list(out.num_scheduled_tokens), _ids(list(out.num_scheduled_tokens.values()))]
+    swaps = [_ids([b for pair in out.blocks_to_swap_out for b in pair]),
+             _ids([b for pair in out.blocks_to_swap_in for b in pair])]
     return msgpack.packb(["sched", new, cached, scheduled, out.total_num_scheduled_tokens,
-                          out.finished_req_ids])
+                          out.finished_req_ids, swaps])
 
 
 def decode_scheduler_output(data: bytes) -> SchedulerOutput:
-    kind, new, cached, scheduled, total, finished = _unpack(data, "sched", 6)
+    kind, new, cached, scheduled, total, finished, swaps = _unpack(data, "sched", 7)
     new_requests = []
     for req_id, prompt, output, sampling, stop_ids, blocks, computed in new:
         params = SamplingParams(**dict(zip(WORKER_SAMPLING_FIELDS, sampling)))
@@ -116,8 +121,9 @@ def decode_scheduler_output(data: bytes) -> SchedulerOutput:
     names, counts = scheduled
     if len(names) != len(counts) or len(cached[0]) != len(cached[1]):
         raise ValueError("scheduler output has mismatched list lengths")
+    swap_out, swap_in = (list(zip(flat[0::2], flat[1::2])) for flat in swaps)
     return SchedulerOutput(new_requests, CachedRequestData(cached[0], cached[1]),
-                           dict(zip(names, counts)), total, finished)
+                           dict(zip(names, counts)), total, finished, swap_out, swap_in)
 
 
 def encode_model_runner_output(out: ModelRunnerOutput) -> bytes:

@@ -30,7 +30,9 @@ def _greedy_tokens(llm: LLM, prompts) -> list[list[int]]:
     dict(enable_prefix_caching=True, long_prefill_token_threshold=5),
     dict(enable_prefix_caching=True, block_size=4, num_kv_blocks=24, watermark=0.0, max_model_len=96),
     dict(enable_prefix_caching=False, block_size=4, num_kv_blocks=24, watermark=0.0, max_model_len=96),
-], ids=["plain", "prefix-cache", "chunked", "threshold", "cache+preempt", "preempt"])
+    dict(enable_prefix_caching=True, block_size=4, num_kv_blocks=24, watermark=0.0, max_model_len=96,
+         preemption_mode="swap", swap_space_gib=0.001),
+], ids=["plain", "prefix-cache", "chunked", "threshold", "cache+preempt", "preempt", "swap"])
 def test_scheduling_features_keep_greedy_output(gqa_model, hf, settings):
     # A tiny cache cannot hold the long shared prefix; there, short prompts force preemption.
     prompts = PROMPTS if "num_kv_blocks" in settings else SHARED_PROMPTS
@@ -41,13 +43,16 @@ def test_scheduling_features_keep_greedy_output(gqa_model, hf, settings):
             for out in outputs:
                 assert out.outputs[0].token_ids == hf.greedy(gqa_model, out.prompt_token_ids, 16)
         stats = llm.engine.stats
-        if settings["enable_prefix_caching"]:
-            assert stats.num_cache_hit_tokens > 0
-        else:
+        swapping = settings.get("preemption_mode") == "swap"
+        assert (llm.engine.scheduler.num_swaps > 0) == swapping
+        if not settings["enable_prefix_caching"]:
             assert stats.num_cache_hit_tokens == 0
+        elif not swapping:  # (a tiny cache that swaps keeps nothing for the second pass)
+            assert stats.num_cache_hit_tokens > 0
         if "num_kv_blocks" in settings:
             assert stats.num_preemptions > 0
-        assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+        bm = llm.engine.block_manager
+        assert bm.num_free_blocks == bm.num_blocks and not bm.cpu_block_tables
 
 
 def test_prefix_cache_skips_shared_prefill(gqa_model):

@@ -19,7 +19,7 @@ from zllm.engine.request import Request
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, watermark: float = 0.01,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool = True, num_cpu_blocks: int = 0) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -33,6 +33,9 @@ class BlockManager:
         self.block_hash: list[Optional[int]] = [None] * num_blocks
         self.cached: dict[int, int] = {}  # block hash -> block id
         self.block_tables: dict[str, list[int]] = {}
+        # CPU blocks for swapped-out requests: a plain free list, no sharing.
+        self.free_cpu_blocks: list[int] = list(range(num_cpu_blocks))
+        self.cpu_block_tables: dict[str, list[int]] = {}
         self.num_query_tokens = 0  # prompt tokens looked up in the cache
         self.num_hit_tokens = 0  # of which found
 
@@ -144,6 +147,38 @@ class BlockManager:
             self.ref_counts[block_id] -= 1
             if self.ref_counts[block_id] == 0:
                 self.free_blocks[block_id] = None
+
+    # -- swapping ----------------------------------------------------------------------------------
+
+    def can_swap_out(self, req: Request) -> bool:
+        return len(self.block_tables.get(req.req_id, ())) <= len(self.free_cpu_blocks)
+
+    def swap_out(self, req: Request) -> list[tuple[int, int]]:
+        """Move req's blocks to CPU blocks; returns the (device, CPU) copies for the workers.
+        The device blocks are freed now: the workers copy before the step's forward writes."""
+        table = self.block_tables[req.req_id]
+        cpu = [self.free_cpu_blocks.pop() for _ in table]
+        self.cpu_block_tables[req.req_id] = cpu
+        pairs = list(zip(table, cpu))
+        self.free(req)
+        return pairs
+
+    def can_swap_in(self, req: Request, num_new_tokens: int) -> bool:
+        """Room for req's swapped blocks plus `num_new_tokens` more, keeping the watermark."""
+        needed = self.num_blocks_needed(req, num_new_tokens)  # it holds no device blocks now
+        return self.num_free_blocks - needed >= self.watermark_blocks
+
+    def swap_in(self, req: Request) -> list[tuple[int, int]]:
+        """Give req fresh device blocks for its CPU blocks; returns the (CPU, device) copies."""
+        cpu = self.cpu_block_tables.pop(req.req_id)
+        device = [self._take_free_block() for _ in cpu]
+        self.block_tables[req.req_id] = device
+        req.num_cached_blocks = 0  # the new blocks join the prefix cache at the next step
+        self.free_cpu_blocks.extend(cpu)
+        return list(zip(cpu, device))
+
+    def free_swapped(self, req: Request) -> None:
+        self.free_cpu_blocks.extend(self.cpu_block_tables.pop(req.req_id, []))
 
     def block_table(self, req_id: str) -> list[int]:
         return self.block_tables.get(req_id, [])

@@ -80,7 +80,8 @@ class LLMEngine:
         self.executor: Executor = make_executor(config)
         try:
             num_blocks = self.executor.determine_num_available_blocks()
-            self.executor.init_kv_cache(num_blocks)
+            num_swap_blocks = self.executor.determine_num_swap_blocks()
+            self.executor.init_kv_cache(num_blocks, num_swap_blocks)
             block_size = config.cache.block_size
             self.max_model_len = self._resolve_max_model_len(num_blocks * block_size)
         except BaseException:
@@ -91,8 +92,8 @@ class LLMEngine:
                     num_blocks * block_size, self.max_model_len)
 
         self.block_manager = BlockManager(num_blocks, block_size, config.cache.watermark,
-                                          config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+                                          config.cache.enable_prefix_caching, num_swap_blocks)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, config.cache.preemption_mode)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self.groups: dict[str, _Group] = {}
@@ -117,14 +118,16 @@ class LLMEngine:
     # -- requests --------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None,
-                    stream: bool = False, priority: int = 0) -> None:
+                    stream: bool = False, priority: int = 0, prompt_text: Optional[str] = None) -> None:
         """Validate and queue a prompt (text or token ids); raises ValueError on bad input.
 
-        `priority` matters under the "priority" policy: lower values run first."""
+        `priority` matters under the "priority" policy: lower values run first. `prompt_text`
+        labels a prompt given as token ids (when the caller tokenized it already)."""
         params = params or SamplingParams()
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, prompt_ids = self.check_request(prompt, params)
+        text = text if text is not None else prompt_text
 
         stop_ids = list(params.stop_token_ids)
         if not params.ignore_eos:
@@ -188,11 +191,13 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; returns outputs of finished and streaming requests."""
         scheduler_output = self.scheduler.schedule()
-        if scheduler_output.total_num_scheduled_tokens == 0:
-            if self.scheduler.running or self.scheduler.waiting:
+        if scheduler_output.total_num_scheduled_tokens == 0 and not (
+                scheduler_output.blocks_to_swap_out or scheduler_output.finished_req_ids):
+            if self.scheduler.has_unfinished():
                 # Nothing fits (cannot happen with a valid config); fail loudly over spinning.
                 raise RuntimeError(f"scheduler made no progress: {len(self.scheduler.running)} "
-                                   f"running, {len(self.scheduler.waiting)} waiting")
+                                   f"running, {len(self.scheduler.waiting)} waiting, "
+                                   f"{len(self.scheduler.swapped)} swapped")
             return []
         self.stats.record(self.scheduler.last_stats)
         runner_output = self.executor.execute_model(scheduler_output)

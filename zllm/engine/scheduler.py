@@ -7,11 +7,14 @@ left, over as many steps as it needs.
 
 1. Running requests are served first, in order (arrival, or priority then arrival), so the
    decodes of requests admitted earlier are never delayed by a newcomer's long prompt. When the
-   KV cache is full, the running request that comes last in that order is preempted by
-   recompute: its blocks are freed (they stay in the prefix cache), its tokens are kept, and it
-   goes back to the waiting queue at the place its order gives it.
-2. Waiting requests are admitted in order while budget, `max_num_seqs` and blocks allow, each
-   starting from the longest prefix of its prompt found in the prefix cache.
+   KV cache is full, the running request that comes last in that order is preempted. By
+   recompute (default): its blocks are freed (they stay in the prefix cache), its tokens are
+   kept, and it goes back to the waiting queue at the place its order gives it. By swap
+   (`preemption_mode: swap`, when CPU blocks are free): its blocks are copied to CPU memory and
+   it waits in the swapped queue, to be copied back later with its progress intact.
+2. Swapped requests come back first, then waiting requests are admitted, in order, while
+   budget, `max_num_seqs` and blocks allow, each starting from the longest prefix of its prompt
+   found in the prefix cache. Nothing is admitted in a step that had to preempt.
 
 Policies: "fcfs" orders by arrival; "priority" by (priority, arrival), lower priority value
 first. A request waiting longer than `starvation_timeout_s` is served as if it had the best
@@ -46,11 +49,16 @@ class StepStats:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 preemption_mode: str = "recompute") -> None:
         self.config = config
         self.block_manager = block_manager
+        self.preemption_mode = preemption_mode
         self.waiting: list[Request] = []  # kept in service order
         self.running: list[Request] = []  # kept in service order
+        self.swapped: list[Request] = []  # kept in service order
+        self._swap_out: list[tuple[int, int]] = []
+        self.num_swaps = 0
         # Requests the workers must forget at the next step: finished, aborted or preempted.
         self._dropped_req_ids: list[str] = []
         self.num_preemptions = 0
@@ -62,18 +70,18 @@ class Scheduler:
         starving = now - req.arrival > self.config.starvation_timeout_s
         return (float("-inf") if starving else req.priority, req.arrival)
 
-    def _insert_waiting(self, req: Request, now: float) -> None:
+    def _insert(self, queue: list[Request], req: Request, now: float) -> None:
         key = self._order(req, now)
-        i = len(self.waiting)
-        while i > 0 and self._order(self.waiting[i - 1], now) > key:
+        i = len(queue)
+        while i > 0 and self._order(queue[i - 1], now) > key:
             i -= 1
-        self.waiting.insert(i, req)
+        queue.insert(i, req)
 
     def add_request(self, req: Request) -> None:
-        self._insert_waiting(req, time.monotonic())
+        self._insert(self.waiting, req, time.monotonic())
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def _chunk(self, remaining: int, budget: int) -> int:
         """Tokens to compute this step out of `remaining`: capped by the budget and, for long
@@ -84,8 +92,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         now = time.monotonic()
         if self.config.policy == "priority":
-            self.running.sort(key=lambda r: self._order(r, now))
-            self.waiting.sort(key=lambda r: self._order(r, now))
+            for queue in (self.running, self.swapped, self.waiting):
+                queue.sort(key=lambda r: self._order(r, now))
         budget = self.config.max_num_batched_tokens
         num_scheduled: dict[str, int] = {}
         new_requests: list[NewRequestData] = []
@@ -115,8 +123,19 @@ class Scheduler:
             budget -= num_new
             i += 1
 
-        # 2. Waiting requests, in order, unless this step had to preempt (no room to grow).
-        while self.waiting and budget > 0 and not stats.num_preemptions:
+        # 2. Swapped, then waiting requests, in order, unless this step had to preempt.
+        swap_in: list[tuple[int, int]] = []
+        while self.swapped and budget > 0 and not stats.num_preemptions:
+            req = self.swapped[0]
+            num_new = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
+            if (len(self.running) >= self.config.max_num_seqs
+                    or not self.block_manager.can_swap_in(req, num_new)):
+                break
+            self.swapped.pop(0)
+            swap_in += self.block_manager.swap_in(req)
+            self._start(req, num_new, new_requests, num_scheduled)
+            budget -= num_new
+        while self.waiting and budget > 0 and not stats.num_preemptions and not self.swapped:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             req = self.waiting[0]
@@ -129,20 +148,8 @@ class Scheduler:
                 break
             self.waiting.pop(0)
             self.block_manager.admit(req, prefix)
-            self.block_manager.allocate_slots(req, num_new)
             stats.num_cache_hit_tokens += req.num_computed_tokens
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            new_requests.append(NewRequestData(
-                req_id=req.req_id,
-                prompt_token_ids=req.prompt_token_ids,
-                output_token_ids=req.output_token_ids,
-                sampling_params=req.params,
-                stop_token_ids=req.stop_token_ids,
-                block_ids=list(self.block_manager.block_table(req.req_id)),
-                num_computed_tokens=req.num_computed_tokens,
-            ))
-            num_scheduled[req.req_id] = num_new
+            self._start(req, num_new, new_requests, num_scheduled)
             budget -= num_new
 
         # Progress is counted at scheduling time; a request whose computed tokens reach its
@@ -161,17 +168,42 @@ class Scheduler:
         stats.num_running, stats.num_waiting = len(self.running), len(self.waiting)
         self.last_stats = stats
         dropped, self._dropped_req_ids = self._dropped_req_ids, []
+        swap_out, self._swap_out = self._swap_out, []
         return SchedulerOutput(new_requests, cached, num_scheduled,
-                               self.config.max_num_batched_tokens - budget, dropped)
+                               self.config.max_num_batched_tokens - budget, dropped,
+                               swap_out, swap_in)
+
+    def _start(self, req: Request, num_new: int, new_requests: list[NewRequestData],
+               num_scheduled: dict[str, int]) -> None:
+        """Make req running with num_new tokens this step; the workers get it in full."""
+        self.block_manager.allocate_slots(req, num_new)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        new_requests.append(NewRequestData(
+            req_id=req.req_id,
+            prompt_token_ids=req.prompt_token_ids,
+            output_token_ids=req.output_token_ids,
+            sampling_params=req.params,
+            stop_token_ids=req.stop_token_ids,
+            block_ids=list(self.block_manager.block_table(req.req_id)),
+            num_computed_tokens=req.num_computed_tokens,
+        ))
+        num_scheduled[req.req_id] = num_new
 
     def _preempt(self, req: Request, now: float) -> None:
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self._dropped_req_ids.append(req.req_id)  # swapped or not, workers rebuild it later
+        if self.preemption_mode == "swap" and self.block_manager.can_swap_out(req):
+            self._swap_out += self.block_manager.swap_out(req)
+            req.status = RequestStatus.SWAPPED
+            self.num_swaps += 1
+            self._insert(self.swapped, req, now)
+            return
         self.block_manager.free(req)
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
-        req.num_preemptions += 1
-        self.num_preemptions += 1
-        self._insert_waiting(req, now)
-        self._dropped_req_ids.append(req.req_id)
+        self._insert(self.waiting, req, now)
         logger.debug("preempted %s (%d tokens); %d blocks free", req.req_id, req.num_tokens,
                      self.block_manager.num_free_blocks)
 
@@ -183,6 +215,9 @@ class Scheduler:
             if req.status == RequestStatus.RUNNING:
                 self.running.remove(req)
                 self._dropped_req_ids.append(req.req_id)
+            elif req.status == RequestStatus.SWAPPED:
+                self.swapped.remove(req)
+                self.block_manager.free_swapped(req)
             else:  # waiting requests hold no blocks and no worker state
                 self.waiting.remove(req)
             req.status = status

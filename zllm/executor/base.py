@@ -28,8 +28,11 @@ class Executor(ABC):
         # Every rank holds the same blocks for its shard, so the smallest count wins.
         return min(self.collective_rpc("determine_num_available_blocks"))
 
-    def init_kv_cache(self, num_blocks: int) -> None:
-        self.collective_rpc("init_kv_cache", num_blocks)
+    def determine_num_swap_blocks(self) -> int:
+        return min(self.collective_rpc("determine_num_swap_blocks"))
+
+    def init_kv_cache(self, num_blocks: int, num_swap_blocks: int = 0) -> None:
+        self.collective_rpc("init_kv_cache", num_blocks, num_swap_blocks)
 
     def check_health(self) -> None:
         """Raise if a worker is gone."""

@@ -55,6 +55,7 @@ class ModelRunner:
             config.device.attention_backend, device, num_heads=dims.num_heads,
             num_kv_heads=dims.num_kv_heads, head_dim=dims.head_dim, block_size=self.block_size)
         self.kv_caches: list[torch.Tensor] = []
+        self.swap_caches: list[torch.Tensor] = []
         self.requests: dict[str, RequestState] = {}
 
     def load_weights(self) -> None:
@@ -68,11 +69,26 @@ class ModelRunner:
         return (2 * self.arch.num_layers * self.block_size * d.num_kv_heads * d.head_dim
                 * self.dtype.itemsize)
 
-    def init_kv_cache(self, num_blocks: int) -> None:
+    def init_kv_cache(self, num_blocks: int, num_swap_blocks: int = 0) -> None:
         d = self.model.dims
         shape = (num_blocks, 2, self.block_size, d.num_kv_heads, d.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(self.arch.num_layers)]
+        # Host copies of swapped-out blocks; pinned so device copies can run asynchronously.
+        pin = self.device.type == "cuda"
+        self.swap_caches = [torch.zeros((num_swap_blocks, *shape[1:]), dtype=self.dtype, pin_memory=pin)
+                            for _ in range(self.arch.num_layers)] if num_swap_blocks else []
+
+    def _swap(self, pairs: list[tuple[int, int]], out: bool) -> None:
+        """Copy blocks device -> host (out) or host -> device, in every layer."""
+        if not pairs:
+            return
+        src_ids, dst_ids = (torch.tensor(ids, dtype=torch.long) for ids in zip(*pairs))
+        for kv, host in zip(self.kv_caches, self.swap_caches):
+            if out:
+                host[dst_ids] = kv[src_ids.to(self.device)].to("cpu")
+            else:
+                kv[dst_ids.to(self.device)] = host[src_ids].to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int) -> None:
@@ -108,6 +124,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        # Swaps first: blocks swapped out this step may be handed to other requests below.
+        self._swap(sched.blocks_to_swap_out, out=True)
+        self._swap(sched.blocks_to_swap_in, out=False)
         self._update_states(sched)
         if sched.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput([], [])

@@ -111,8 +111,15 @@ class Worker:
                                f"after weights and activations; raise gpu_memory_utilization")
         return num_blocks
 
-    def init_kv_cache(self, num_blocks: int) -> None:
-        self.model_runner.init_kv_cache(num_blocks)
+    def determine_num_swap_blocks(self) -> int:
+        """CPU blocks for swapped-out requests (none unless preemption_mode is swap)."""
+        cache = self.config.cache
+        if cache.preemption_mode != "swap":
+            return 0
+        return int(cache.swap_space_gib * 2**30) // self.model_runner.kv_block_bytes()
+
+    def init_kv_cache(self, num_blocks: int, num_swap_blocks: int = 0) -> None:
+        self.model_runner.init_kv_cache(num_blocks, num_swap_blocks)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)

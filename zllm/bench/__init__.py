@@ -1,0 +1,1 @@
+"""Benchmarks: programs that print a table, write JSON and append to docs/benchmarks.md."""

@@ -1,0 +1,73 @@
+"""Where benchmark results go: a JSON file and a dated table in docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from typing import Any, Optional
+
+
+def environment() -> dict[str, str]:
+    """Date, device and the versions that move the numbers."""
+    import torch
+    import transformers
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda or ""
+    else:
+        env["device"] = f"CPU: {_cpu_name()}, {os.cpu_count()} cores"
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_results(title: str, config: dict[str, Any], rows: list[dict[str, Any]],
+                  out: Optional[str], markdown: Optional[str] = "docs/benchmarks.md",
+                  notes: str = "") -> None:
+    """Print a table; write {environment, config, rows} as JSON to `out`; append to `markdown`."""
+    env = environment()
+    table = _table(rows)
+    print(table)
+    if out:
+        with open(out, "w") as f:
+            json.dump({"title": title, "environment": env, "config": config, "rows": rows}, f, indent=2)
+    if markdown:
+        os.makedirs(os.path.dirname(markdown) or ".", exist_ok=True)
+        new = not os.path.exists(markdown)
+        with open(markdown, "a") as f:
+            if new:
+                f.write("# zllm benchmarks\n\nEach section is one run of `zllm bench`; newest last.\n")
+            f.write(f"\n## {title}\n\n")
+            f.write("; ".join(f"{k}: {v}" for k, v in env.items()) + "\n\n")
+            f.write("config: " + ", ".join(f"{k}={v}" for k, v in config.items()) + "\n\n")
+            f.write(table + "\n")
+            if notes:
+                f.write("\n" + notes + "\n")
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no rows)"
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
