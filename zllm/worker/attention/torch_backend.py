@@ -1,11 +1,15 @@
 """Paged attention in plain PyTorch: the reference, and the CPU path.
 
-Each step, `plan` builds padded index tensors once: for every request, the cache slots of its
-whole sequence, and a mask that is causal over the new tokens. `forward` then gathers K/V from the
-paged cache and runs scaled_dot_product_attention on the padded batch.
+Each step, `plan` builds padded index tensors once, in two groups: decodes (one new token each)
+and prefills (several). Padding within a group stays small: a step that mixes a long prompt
+chunk with many decodes does not pad every decode to the chunk's length. For each request the
+plan holds the cache slots of its whole sequence and a mask that is causal over its new tokens;
+`forward` gathers K/V from the paged cache and runs scaled_dot_product_attention per group.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,42 +17,60 @@ import torch.nn.functional as F
 from zllm.worker.attention.base import AttentionBackend, AttentionBatch
 
 
+@dataclass
+class _PaddedGroup:
+    token_index: torch.Tensor  # [tokens in the group]: rows of the flat step
+    q_valid: torch.Tensor  # [R, max_q] bool: real (not padding) query slots
+    kv_block: torch.Tensor  # [R, max_s]: cache block of each sequence position
+    kv_offset: torch.Tensor  # [R, max_s]: offset in that block
+    mask: torch.Tensor  # [R, 1, max_q, max_s] bool
+
+
 class TorchPagedBackend(AttentionBackend):
     def plan(self, batch: AttentionBatch) -> None:
-        device = batch.slot_mapping.device
-        num_reqs = len(batch.seq_lens_cpu)
-        max_q, max_s = max(batch.query_lens_cpu), max(batch.seq_lens_cpu)
-        q_lens, seq_lens = batch.seq_lens.new_tensor(batch.query_lens_cpu), batch.seq_lens
+        decodes = [i for i, q in enumerate(batch.query_lens_cpu) if q == 1]
+        prefills = [i for i, q in enumerate(batch.query_lens_cpu) if q > 1]
+        self.groups = [self._plan_group(batch, rows) for rows in (decodes, prefills) if rows]
+        self.slot_block = batch.slot_mapping // self.block_size
+        self.slot_offset = batch.slot_mapping % self.block_size
 
-        # Padded query rows; the flat tokens are request-major, so a boolean mask over the padded
-        # [R, max_q] grid scatters and gathers them in order.
+    def _plan_group(self, batch: AttentionBatch, rows: list[int]) -> _PaddedGroup:
+        device = batch.slot_mapping.device
+        q_lens_cpu = [batch.query_lens_cpu[i] for i in rows]
+        max_q, max_s = max(q_lens_cpu), max(batch.seq_lens_cpu[i] for i in rows)
+        index = torch.tensor(rows, device=device)
+        q_lens = torch.tensor(q_lens_cpu, device=device)
+        seq_lens = batch.seq_lens[index]
+
+        # Request i's j-th new token is flat token query_start_loc[i] + j.
         j = torch.arange(max_q, device=device)
-        self.q_valid = j[None, :] < q_lens[:, None]  # [R, max_q]
+        q_valid = j[None, :] < q_lens[:, None]  # [R, max_q]
+        token_index = (batch.query_start_loc[index][:, None] + j[None, :])[q_valid]
 
         # Cache slots of each request's sequence, position by position.
         pos = torch.arange(max_s, device=device)
-        block = batch.block_table[:, (pos // self.block_size).clamp(max=batch.block_table.shape[1] - 1)]
-        self.kv_block = block.long()  # [R, max_s]
-        self.kv_offset = (pos % self.block_size).expand(num_reqs, -1)
+        table = batch.block_table[index]
+        kv_block = table[:, (pos // self.block_size).clamp(max=table.shape[1] - 1)].long()
+        kv_offset = (pos % self.block_size).expand(len(rows), -1)
 
         # Query j of request i sits at position seq_len - q_len + j and sees positions up to it.
         q_pos = (seq_lens - q_lens)[:, None] + j[None, :]  # [R, max_q]
         mask = pos[None, None, :] <= q_pos[:, :, None]  # [R, max_q, max_s]
         mask[:, :, 0] = True  # padded query rows see one key instead of none (no NaN)
-        self.mask = mask[:, None]  # broadcast over heads
-        self.num_reqs, self.max_q = num_reqs, max_q
-        self.slot_block = batch.slot_mapping // self.block_size
-        self.slot_offset = batch.slot_mapping % self.block_size
+        return _PaddedGroup(token_index, q_valid, kv_block, kv_offset, mask[:, None])
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor) -> torch.Tensor:
         kv_cache[self.slot_block, 0, self.slot_offset] = k
         kv_cache[self.slot_block, 1, self.slot_offset] = v
-        keys = kv_cache[self.kv_block, 0, self.kv_offset]  # [R, max_s, KVH, D]
-        values = kv_cache[self.kv_block, 1, self.kv_offset]
-        queries = q.new_zeros(self.num_reqs, self.max_q, self.num_heads, self.head_dim)
-        queries[self.q_valid] = q
-        out = F.scaled_dot_product_attention(
-            queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=self.mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
-        return out.transpose(1, 2)[self.q_valid]  # [T, H, D]
+        out = torch.empty_like(q)
+        for g in self.groups:
+            keys = kv_cache[g.kv_block, 0, g.kv_offset]  # [R, max_s, KVH, D]
+            values = kv_cache[g.kv_block, 1, g.kv_offset]
+            queries = q.new_zeros(*g.q_valid.shape, self.num_heads, self.head_dim)
+            queries[g.q_valid] = q[g.token_index]
+            attn = F.scaled_dot_product_attention(
+                queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                attn_mask=g.mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
+            out[g.token_index] = attn.transpose(1, 2)[g.q_valid]
+        return out
