@@ -114,6 +114,7 @@ def server(gqa_model, tmp_path_factory) -> Server:
     log = open(log_path).read()
     assert re.search(r"serving 'tiny' on http://127.0.0.1:\d+ \(engine [\d.]+ s", log), log
     assert "shutting down" in log, log
+    assert re.search(r"generation [\d.]+ tok/s, running \d+, waiting \d+, KV cache", log), log
 
 
 @pytest.fixture(scope="session")
