@@ -21,9 +21,12 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "jinja2>=3",
+        # zllm serve and zllm.AsyncClient: one library that is both an asyncio HTTP server and
+        # client (see the commit that added it).
+        "aiohttp>=3.9",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "openai>=1.0"],
         "gpu": ["flashinfer-python>=0.6"],
     },
     entry_points={"console_scripts": ["zllm=zllm.cli:main"]},

@@ -38,3 +38,33 @@ def test_command_line_reports_bad_config_values():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "'block_size' = 3 is not allowed" in result.stderr
+
+
+def test_serve_help_lists_every_config_key():
+    from zllm.config import all_keys
+
+    result = subprocess.run([sys.executable, "-m", "zllm", "serve", "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0
+    for key in all_keys():
+        assert "--" + key.replace("_", "-") in result.stdout
+
+
+def test_serve_stops_on_unknown_keys_and_bad_values(tmp_path):
+    bad_key = tmp_path / "bad-key.yaml"
+    bad_key.write_text("server:\n  prot: 8000\n")
+    result = subprocess.run([sys.executable, "-m", "zllm", "serve", str(bad_key)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "unknown config key 'prot'" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "zllm", "serve", "configs/serve-cpu-demo.yaml",
+                             "--port", "70000"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "'port' = 70000 is not allowed" in result.stderr
+
+
+def test_serve_configs_load():
+    from zllm import EngineConfig
+
+    demo = EngineConfig.from_yaml("configs/serve-cpu-demo.yaml", port=9000)
+    assert demo.server.port == 9000 and demo.server.served_model_name == "demo"
+    gpu = EngineConfig.from_yaml("configs/serve-gpu-llama.yaml")
+    assert gpu.parallel.tensor_parallel_size == 2 and gpu.server.host == "0.0.0.0"

@@ -1,9 +1,11 @@
-"""The `zllm` command: `zllm generate PROMPT...` (more verbs join as they are built)."""
+"""The `zllm` command: `zllm generate PROMPT...`, `zllm serve CONFIG.yaml`."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import sys
 from typing import Optional
 
@@ -14,10 +16,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One --flag per config key (block_size -> --block-size), all defaulting to 'unset'."""
     parser.add_argument("--config", help="a YAML config file; flags override its keys")
     for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(f"{section} config")
+        group = parser.add_argument_group(f"{section} config", (cls.__doc__ or "").strip())
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else None
+                    for f in dataclasses.fields(cls)}
         for key, hint in field_types(cls).items():
+            kind = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
             group.add_argument("--" + key.replace("_", "-"), dest=key, default=None,
-                               metavar=key.upper(), help=f"({hint})".replace("typing.", ""))
+                               metavar=key.upper(), help=f"{kind}, default {defaults[key]!r}")
 
 
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -45,6 +50,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from zllm.entrypoints.server import serve
+
+    if args.config_file and args.config:
+        raise ValueError("give the config file once: as CONFIG or as --config")
+    args.config = args.config or args.config_file
+    config = config_from_args(args)
+    # The one place zllm reads the environment for a setting: a key kept out of YAML files.
+    if config.server.api_key is None and os.environ.get("ZLLM_API_KEY"):
+        config.set("api_key", os.environ["ZLLM_API_KEY"])
+    asyncio.run(serve(config))
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="zllm", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -56,10 +77,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--sample-seed", type=int, default=None, help="sampling seed")
     add_config_flags(gen)
+    srv = verbs.add_parser("serve", help="serve an OpenAI-compatible HTTP API",
+                           description="Serve an OpenAI-compatible HTTP API. Every config key can be "
+                           "set in the YAML file and overridden by its flag; the API key can also "
+                           "come from $ZLLM_API_KEY.")
+    srv.add_argument("config_file", nargs="?", metavar="CONFIG.yaml", help="a YAML config file")
+    add_config_flags(srv)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return cmd_generate(args)
+        return cmd_serve(args) if args.verb == "serve" else cmd_generate(args)
     except ValueError as e:
         print(f"zllm: error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """One tree of dataclasses for every zllm setting.
 
-Sections: model, cache, scheduler, parallel, device. A YAML file may use the sections or flat
+Sections: model, cache, scheduler, parallel, device, server. A YAML file may use the sections or flat
 keys (every key name is unique across sections); keyword arguments and CLI flags are flat. Every
 value is checked in `EngineConfig.validate`, with errors that name the key, the value and what is
 allowed.
@@ -76,12 +76,25 @@ class DeviceConfig:
     enforce_eager: bool = False
 
 
+@dataclass
+class ServerConfig:
+    """The HTTP server of `zllm serve` (the engine ignores this section)."""
+
+    host: str = "127.0.0.1"  # 0.0.0.0 to listen on every interface
+    port: int = 8000
+    api_key: Optional[str] = None  # required as "Authorization: Bearer KEY"; also $ZLLM_API_KEY
+    served_model_name: Optional[str] = None  # the name clients pass as "model"; default: model
+    max_request_bytes: int = 1 << 20  # larger request bodies get 413
+    log_stats_interval: float = 5.0  # seconds between throughput / KV usage log lines; 0: off
+
+
 SECTIONS = {
     "model": ModelConfig,
     "cache": CacheConfig,
     "scheduler": SchedulerConfig,
     "parallel": ParallelConfig,
     "device": DeviceConfig,
+    "server": ServerConfig,
 }
 
 
@@ -94,6 +107,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], **overrides: Any) -> "EngineConfig":
@@ -167,6 +181,12 @@ class EngineConfig:
         check("device", d.device, d.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda")
         check("attention_backend", d.attention_backend,
               d.attention_backend in ("auto", "torch", "flashinfer"), "auto, torch or flashinfer")
+        srv = self.server
+        check("port", srv.port, 0 <= srv.port <= 65535, "in [0, 65535]")
+        check("max_request_bytes", srv.max_request_bytes, srv.max_request_bytes >= 1024, ">= 1024")
+        check("log_stats_interval", srv.log_stats_interval, srv.log_stats_interval >= 0, ">= 0")
+        if srv.api_key is not None:
+            check("api_key", "<hidden>", bool(srv.api_key), "a non-empty string")
 
     @property
     def executor_backend(self) -> str:
