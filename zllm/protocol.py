@@ -109,14 +109,19 @@ def encode_scheduler_output(out: SchedulerOutput) -> bytes:
 
 def decode_scheduler_output(data: bytes) -> SchedulerOutput:
     kind, new, cached, scheduled, total, finished = _unpack(data, "sched", 6)
-    new_requests = []
-    for req_id, prompt, output, sampling, stop_ids, blocks, computed in new:
-        params = SamplingParams(**dict(zip(WORKER_SAMPLING_FIELDS, sampling)))
-        new_requests.append(NewRequestData(req_id, prompt, output, params, stop_ids, blocks, computed))
-    names, counts = scheduled
-    if len(names) != len(counts) or len(cached[0]) != len(cached[1]):
-        raise ValueError("scheduler output has mismatched list lengths")
-    return SchedulerOutput(new_requests, CachedRequestData(cached[0], cached[1]),
+    try:
+        new_requests = []
+        for req_id, prompt, output, sampling, stop_ids, blocks, computed in new:
+            params = SamplingParams(**dict(zip(WORKER_SAMPLING_FIELDS, sampling)))
+            new_requests.append(NewRequestData(req_id, prompt, output, params, stop_ids, blocks,
+                                               computed))
+        names, counts = scheduled
+        cached_ids, new_block_ids = cached
+    except (TypeError, ValueError) as e:  # a field of the wrong shape or type
+        raise ValueError(f"malformed sched message: {e}") from e
+    if len(names) != len(counts) or len(cached_ids) != len(new_block_ids):
+        raise ValueError("malformed sched message: mismatched list lengths")
+    return SchedulerOutput(new_requests, CachedRequestData(cached_ids, new_block_ids),
                            dict(zip(names, counts)), total, finished)
 
 
@@ -126,8 +131,42 @@ def encode_model_runner_output(out: ModelRunnerOutput) -> bytes:
 
 
 def decode_model_runner_output(data: bytes) -> ModelRunnerOutput:
-    _, req_ids, sampled, lp = _unpack(data, "output", 4)
+    return _model_runner_output(_unpack(data, "output", 4))
+
+
+def _model_runner_output(msg: list[Any]) -> ModelRunnerOutput:
+    _, req_ids, sampled, lp = msg
+    if not isinstance(req_ids, list) or len(req_ids) != len(sampled):
+        raise ValueError("malformed output message: req_ids and sampled tokens differ in length")
     return ModelRunnerOutput(req_ids, sampled, None if lp is None else Logprobs(*lp))
+
+
+@dataclass
+class WorkerError:
+    """A worker's step failed; travels back in place of a ModelRunnerOutput."""
+
+    rank: int
+    message: str
+
+
+def encode_worker_error(err: WorkerError) -> bytes:
+    return msgpack.packb(["error", err.rank, err.message])
+
+
+def decode_worker_reply(data: bytes) -> ModelRunnerOutput | WorkerError:
+    """A worker's answer to one step: its output, or the error that stopped it."""
+    try:
+        kind = msgpack.unpackb(data, ext_hook=_ext_hook, strict_map_key=False)[0]
+    except Exception as e:
+        raise ValueError(f"malformed worker reply: {e}") from e
+    if kind == "error":
+        _, rank, message = _unpack(data, "error", 3)
+        return WorkerError(rank, message)
+    return _model_runner_output(_unpack(data, "output", 4))
+
+
+# Tells a worker's step loop to return; sent on the same socket as scheduler outputs.
+STOP_MESSAGE = msgpack.packb(["stop"])
 
 
 def _unpack(data: bytes, kind: str, length: int) -> list[Any]:
