@@ -165,10 +165,6 @@ def decode_worker_reply(data: bytes) -> ModelRunnerOutput | WorkerError:
     return _model_runner_output(_unpack(data, "output", 4))
 
 
-# Tells a worker's step loop to return; sent on the same socket as scheduler outputs.
-STOP_MESSAGE = msgpack.packb(["stop"])
-
-
 def _unpack(data: bytes, kind: str, length: int) -> list[Any]:
     """Unpack one message and check its kind and shape; anything else raises ValueError."""
     try:

@@ -15,8 +15,6 @@ from typing import Optional
 
 import zmq
 
-from zllm.protocol import STOP_MESSAGE
-
 logger = logging.getLogger(__name__)
 
 
@@ -82,10 +80,6 @@ class WorkerEndpoint:
         self.subscriber.close()
         self.sender.close()
         self.context.term()
-
-
-def is_stop(message: bytes) -> bool:
-    return message == STOP_MESSAGE
 
 
 def wait_for_subscribers(endpoint: DriverEndpoint, count: int, timeout_s: float,

@@ -21,7 +21,7 @@ from zllm.errors import EngineDeadError
 from zllm.executor.base import Executor
 from zllm.executor.data_plane import DriverEndpoint, wait_for_subscribers
 from zllm.executor.ray_worker import RayWorker
-from zllm.protocol import (STOP_MESSAGE, ModelRunnerOutput, SchedulerOutput, WorkerError,
+from zllm.protocol import (ModelRunnerOutput, SchedulerOutput, WorkerError,
                            decode_worker_reply, encode_scheduler_output)
 
 logger = logging.getLogger(__name__)
@@ -157,6 +157,7 @@ class RayExecutor(Executor):
                 except ValueError as e:
                     raise self._die(0, f"sent a malformed reply: {e}") from None
                 if isinstance(result, WorkerError):
+                    self._blame_dead_rank(result)
                     raise self._die(result.rank, f"raised {result.message}")
                 return result
             self._check_loops()
@@ -182,6 +183,18 @@ class RayExecutor(Executor):
             cause = f"step loop failed: {_first_line(e)}"
         raise self._die(rank, cause)
 
+    def _blame_dead_rank(self, error: WorkerError) -> None:
+        """A rank whose peer died fails in its next collective, often before Ray reports the
+        death; give Ray a moment so the error names the rank that died, not its survivor."""
+        import ray
+
+        ray.wait(self.loop_refs, num_returns=1, timeout=1.0)
+        try:
+            self._check_loops()
+        except EngineDeadError:
+            logger.error("rank %d also failed: %s", error.rank, error.message)
+            raise
+
     def _die(self, rank: int, cause: str) -> EngineDeadError:
         if self._dead is None:
             self._dead = f"worker rank {rank} {cause}"
@@ -204,19 +217,12 @@ class RayExecutor(Executor):
 
         if not ray.is_initialized():
             return
-        if self.endpoint is not None and self._dead is None:
-            # Let the loops return cleanly; a rank stuck in a collective is killed below anyway.
-            self.endpoint.publish(STOP_MESSAGE)
-            ray.wait(self.loop_refs, num_returns=len(self.loop_refs), timeout=5)
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
-        # A call to a killed actor fails once Ray has recorded the death; waiting for that means
-        # no actor of ours is left when shutdown returns.
-        for actor in self.actors:
-            try:
-                ray.get(actor.get_pid.remote(), timeout=10)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                pass
+        # A loop ref fails once Ray has recorded its actor's death (and dropped its name), so
+        # waiting for all of them means no actor of ours is left when shutdown returns.
+        if self.loop_refs:
+            ray.wait(self.loop_refs, num_returns=len(self.loop_refs), timeout=10)
         if self.endpoint is not None:
             self.endpoint.close()
         if self.placement_group is not None:

@@ -1,9 +1,9 @@
 """The Ray actor around one Worker: control calls through Ray, steps through ZeroMQ.
 
-`run_loop` is a Ray call that does not return until the driver sends STOP: it runs the step loop
+`run_loop` is a Ray call that never returns: it runs the step loop
 (receive, decode, execute, reply) on one of the actor's threads, while other threads keep
 answering control calls. The driver holds its object ref; when the actor process dies, the ref
-raises, which is how the driver notices a dead rank without a heartbeat.
+raises, which is how the driver notices a dead rank without a heartbeat. Shutdown kills the actor.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import traceback
 from typing import Any
 
 from zllm.config import EngineConfig
-from zllm.executor.data_plane import WorkerEndpoint, is_stop
+from zllm.executor.data_plane import WorkerEndpoint
 from zllm.protocol import (WorkerError, decode_scheduler_output, encode_model_runner_output,
                            encode_worker_error)
 
@@ -63,13 +63,12 @@ class RayWorker:
         return {"num_rejected_messages": self.num_rejected_messages, "num_steps": self.num_steps}
 
     def run_loop(self, sched_address: str, reply_address: str) -> None:
-        """Serve steps until STOP. Bad messages are dropped; a failed step is reported."""
+        """Serve steps until the actor is killed. Bad messages are dropped; a failed step is
+        reported to the driver."""
         endpoint = WorkerEndpoint(sched_address, reply_address)
         try:
             while True:
                 message = endpoint.receive()
-                if is_stop(message):
-                    return
                 try:
                     sched = decode_scheduler_output(message)
                 except ValueError as e:
