@@ -1,4 +1,5 @@
-"""The `zllm` command: `zllm generate PROMPT...` (more verbs join as they are built)."""
+"""The `zllm` command: `zllm generate PROMPT...`, `zllm bench NAME ...` (more verbs join as they
+are built)."""
 
 from __future__ import annotations
 
@@ -56,7 +57,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--sample-seed", type=int, default=None, help="sampling seed")
     add_config_flags(gen)
+    bench = verbs.add_parser("bench", help="run a benchmark program (zllm bench NAME --help)")
+    bench.add_argument("name", choices=["control-path"])
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if args.verb == "bench":
+        from zllm.bench import control_path
+
+        return control_path.main(args.bench_args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return cmd_generate(args)
