@@ -10,6 +10,7 @@ classes); token and block id lists travel as raw little-endian int32 bytes.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -101,7 +102,11 @@ def encode_scheduler_output(out: SchedulerOutput) -> bytes:
          _ids(r.stop_token_ids), _ids(r.block_ids), r.num_computed_tokens]
         for r in out.new_requests
     ]
-    cached = [out.cached_requests.req_ids, [_ids(b) for b in out.cached_requests.new_block_ids]]
+    # New blocks of all cached requests travel as one flat array plus per-request counts: one
+    # array per request would cost more than the rest of the message at hundreds of requests.
+    new_blocks = out.cached_requests.new_block_ids
+    cached = [out.cached_requests.req_ids, _ids([b for blocks in new_blocks for b in blocks]),
+              _ids([len(blocks) for blocks in new_blocks])]
     scheduled = [list(out.num_scheduled_tokens), _ids(list(out.num_scheduled_tokens.values()))]
     return msgpack.packb(["sched", new, cached, scheduled, out.total_num_scheduled_tokens,
                           out.finished_req_ids])
@@ -116,11 +121,14 @@ def decode_scheduler_output(data: bytes) -> SchedulerOutput:
             new_requests.append(NewRequestData(req_id, prompt, output, params, stop_ids, blocks,
                                                computed))
         names, counts = scheduled
-        cached_ids, new_block_ids = cached
+        cached_ids, flat_blocks, block_counts = cached
+        if len(names) != len(counts) or len(cached_ids) != len(block_counts) \
+                or len(flat_blocks) != sum(block_counts):
+            raise ValueError("mismatched list lengths")
+        starts = itertools.accumulate(block_counts, initial=0)
+        new_block_ids = [flat_blocks[s:s + n] if n else [] for s, n in zip(starts, block_counts)]
     except (TypeError, ValueError) as e:  # a field of the wrong shape or type
         raise ValueError(f"malformed sched message: {e}") from e
-    if len(names) != len(counts) or len(cached_ids) != len(new_block_ids):
-        raise ValueError("malformed sched message: mismatched list lengths")
     return SchedulerOutput(new_requests, CachedRequestData(cached_ids, new_block_ids),
                            dict(zip(names, counts)), total, finished)
 
@@ -156,13 +164,14 @@ def encode_worker_error(err: WorkerError) -> bytes:
 def decode_worker_reply(data: bytes) -> ModelRunnerOutput | WorkerError:
     """A worker's answer to one step: its output, or the error that stopped it."""
     try:
-        kind = msgpack.unpackb(data, ext_hook=_ext_hook, strict_map_key=False)[0]
-    except Exception as e:
+        msg = msgpack.unpackb(data, ext_hook=_ext_hook, strict_map_key=False)
+    except Exception as e:  # msgpack raises several types for truncated or bad data
         raise ValueError(f"malformed worker reply: {e}") from e
-    if kind == "error":
-        _, rank, message = _unpack(data, "error", 3)
-        return WorkerError(rank, message)
-    return _model_runner_output(_unpack(data, "output", 4))
+    if isinstance(msg, list) and len(msg) == 3 and msg[0] == "error":
+        return WorkerError(msg[1], msg[2])
+    if not isinstance(msg, list) or len(msg) != 4 or msg[0] != "output":
+        raise ValueError("malformed worker reply: expected an 'output' or 'error' message")
+    return _model_runner_output(msg)
 
 
 def _unpack(data: bytes, kind: str, length: int) -> list[Any]:
