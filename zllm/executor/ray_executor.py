@@ -135,7 +135,8 @@ class RayExecutor(Executor):
         try:
             return ray.get([a.execute_method.remote(method, *args) for a in self.actors])
         except ray.exceptions.RayActorError as e:
-            rank = next((r for r, a in enumerate(self.actors) if a._actor_id == e.actor_id), -1)
+            dead_id = getattr(e, "actor_id", None)  # a hex string, when Ray knows it
+            rank = next((r for r, a in enumerate(self.actors) if a._actor_id.hex() == dead_id), -1)
             raise self._die(rank, f"actor died during {method}: {_first_line(e)}") from e
 
     def check_health(self) -> None:
