@@ -2,9 +2,11 @@
 
 from zllm.client import AsyncClient, Client, ServerError
 from zllm.config import EngineConfig
+from zllm.errors import EngineDeadError
 from zllm.llm import LLM
 from zllm.outputs import CompletionOutput, RequestOutput
 from zllm.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "Client", "AsyncClient", "ServerError", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "EngineConfig", "EngineDeadError", "RequestOutput",
+           "CompletionOutput", "Client", "AsyncClient", "ServerError"]

@@ -1,15 +1,22 @@
-"""The `zllm` command: `zllm generate PROMPT...`, `zllm serve CONFIG.yaml`."""
+"""The `zllm` command: `zllm generate PROMPT...`, `zllm serve CONFIG.yaml`, `zllm bench NAME ...`."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import logging
 import os
 import sys
 from typing import Optional
 
 from zllm.config import SECTIONS, EngineConfig, field_types
+
+# `zllm bench NAME ARGS...` runs the main(argv) of these modules.
+BENCHMARKS = {
+    "control-path": "zllm.bench.control_path",
+    "scheduling": "zllm.bench.scheduling",
+}
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -83,9 +90,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                            "come from $ZLLM_API_KEY.")
     srv.add_argument("config_file", nargs="?", metavar="CONFIG.yaml", help="a YAML config file")
     add_config_flags(srv)
+    bench = verbs.add_parser("bench", help="run a benchmark program (zllm bench NAME --help)")
+    bench.add_argument("name", choices=sorted(BENCHMARKS))
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.verb == "bench":
+        return importlib.import_module(BENCHMARKS[args.name]).main(args.bench_args) or 0
     try:
         return cmd_serve(args) if args.verb == "serve" else cmd_generate(args)
     except ValueError as e:

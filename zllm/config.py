@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "meta", "dummy")
+PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 
 
 @dataclass
@@ -65,6 +66,9 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     distributed_executor_backend: Optional[str] = None  # "uni" | "ray"; default: ray when TP > 1
     ray_address: Optional[str] = None  # "auto" or host:port of a running cluster
+    placement_strategy: str = "STRICT_PACK"  # one bundle per rank: STRICT_PACK | PACK | SPREAD | STRICT_SPREAD
+    placement_timeout_s: float = 60.0  # how long to wait for the cluster to fit the placement group
+    execute_timeout_s: float = 300.0  # a step with no result for this long means the workers are dead
 
 
 @dataclass
@@ -178,6 +182,10 @@ class EngineConfig:
         if p.distributed_executor_backend == "uni":
             check("tensor_parallel_size", p.tensor_parallel_size, p.tensor_parallel_size == 1,
                   "1 with distributed_executor_backend 'uni' (use 'ray' for TP > 1)")
+        check("placement_strategy", p.placement_strategy,
+              p.placement_strategy in PLACEMENT_STRATEGIES, f"one of {PLACEMENT_STRATEGIES}")
+        check("placement_timeout_s", p.placement_timeout_s, p.placement_timeout_s > 0, "> 0")
+        check("execute_timeout_s", p.execute_timeout_s, p.execute_timeout_s > 0, "> 0")
         check("device", d.device, d.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda")
         check("attention_backend", d.attention_backend,
               d.attention_backend in ("auto", "torch", "flashinfer"), "auto, torch or flashinfer")

@@ -10,6 +10,7 @@ classes); token and block id lists travel as raw little-endian int32 bytes.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -104,7 +105,11 @@ def encode_scheduler_output(out: SchedulerOutput) -> bytes:
          _ids(r.stop_token_ids), _ids(r.block_ids), r.num_computed_tokens]
         for r in out.new_requests
     ]
-    cached = [out.cached_requests.req_ids, [_ids(b) for b in out.cached_requests.new_block_ids]]
+    # New blocks of all cached requests travel as one flat array plus per-request counts: one
+    # array per request would cost more than the rest of the message at hundreds of requests.
+    new_blocks = out.cached_requests.new_block_ids
+    cached = [out.cached_requests.req_ids, _ids([b for blocks in new_blocks for b in blocks]),
+              _ids([len(blocks) for blocks in new_blocks])]
     scheduled = [list(out.num_scheduled_tokens), _ids(list(out.num_scheduled_tokens.values()))]
     swaps = [_ids([b for pair in out.blocks_to_swap_out for b in pair]),
              _ids([b for pair in out.blocks_to_swap_in for b in pair])]
@@ -114,15 +119,23 @@ def encode_scheduler_output(out: SchedulerOutput) -> bytes:
 
 def decode_scheduler_output(data: bytes) -> SchedulerOutput:
     kind, new, cached, scheduled, total, finished, swaps = _unpack(data, "sched", 7)
-    new_requests = []
-    for req_id, prompt, output, sampling, stop_ids, blocks, computed in new:
-        params = SamplingParams(**dict(zip(WORKER_SAMPLING_FIELDS, sampling)))
-        new_requests.append(NewRequestData(req_id, prompt, output, params, stop_ids, blocks, computed))
-    names, counts = scheduled
-    if len(names) != len(counts) or len(cached[0]) != len(cached[1]):
-        raise ValueError("scheduler output has mismatched list lengths")
-    swap_out, swap_in = (list(zip(flat[0::2], flat[1::2])) for flat in swaps)
-    return SchedulerOutput(new_requests, CachedRequestData(cached[0], cached[1]),
+    try:
+        new_requests = []
+        for req_id, prompt, output, sampling, stop_ids, blocks, computed in new:
+            params = SamplingParams(**dict(zip(WORKER_SAMPLING_FIELDS, sampling)))
+            new_requests.append(NewRequestData(req_id, prompt, output, params, stop_ids, blocks,
+                                               computed))
+        names, counts = scheduled
+        cached_ids, flat_blocks, block_counts = cached
+        if len(names) != len(counts) or len(cached_ids) != len(block_counts) \
+                or len(flat_blocks) != sum(block_counts):
+            raise ValueError("mismatched list lengths")
+        starts = itertools.accumulate(block_counts, initial=0)
+        new_block_ids = [flat_blocks[s:s + n] if n else [] for s, n in zip(starts, block_counts)]
+        swap_out, swap_in = (list(zip(flat[0::2], flat[1::2])) for flat in swaps)
+    except (TypeError, ValueError) as e:  # a field of the wrong shape or type
+        raise ValueError(f"malformed sched message: {e}") from e
+    return SchedulerOutput(new_requests, CachedRequestData(cached_ids, new_block_ids),
                            dict(zip(names, counts)), total, finished, swap_out, swap_in)
 
 
@@ -132,8 +145,39 @@ def encode_model_runner_output(out: ModelRunnerOutput) -> bytes:
 
 
 def decode_model_runner_output(data: bytes) -> ModelRunnerOutput:
-    _, req_ids, sampled, lp = _unpack(data, "output", 4)
+    return _model_runner_output(_unpack(data, "output", 4))
+
+
+def _model_runner_output(msg: list[Any]) -> ModelRunnerOutput:
+    _, req_ids, sampled, lp = msg
+    if not isinstance(req_ids, list) or len(req_ids) != len(sampled):
+        raise ValueError("malformed output message: req_ids and sampled tokens differ in length")
     return ModelRunnerOutput(req_ids, sampled, None if lp is None else Logprobs(*lp))
+
+
+@dataclass
+class WorkerError:
+    """A worker's step failed; travels back in place of a ModelRunnerOutput."""
+
+    rank: int
+    message: str
+
+
+def encode_worker_error(err: WorkerError) -> bytes:
+    return msgpack.packb(["error", err.rank, err.message])
+
+
+def decode_worker_reply(data: bytes) -> ModelRunnerOutput | WorkerError:
+    """A worker's answer to one step: its output, or the error that stopped it."""
+    try:
+        msg = msgpack.unpackb(data, ext_hook=_ext_hook, strict_map_key=False)
+    except Exception as e:  # msgpack raises several types for truncated or bad data
+        raise ValueError(f"malformed worker reply: {e}") from e
+    if isinstance(msg, list) and len(msg) == 3 and msg[0] == "error":
+        return WorkerError(msg[1], msg[2])
+    if not isinstance(msg, list) or len(msg) != 4 or msg[0] != "output":
+        raise ValueError("malformed worker reply: expected an 'output' or 'error' message")
+    return _model_runner_output(msg)
 
 
 def _unpack(data: bytes, kind: str, length: int) -> list[Any]:

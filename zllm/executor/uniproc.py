@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from zllm.config import EngineConfig
@@ -10,11 +11,14 @@ from zllm.protocol import ModelRunnerOutput, SchedulerOutput
 
 
 class UniprocExecutor(Executor):
-    def __init__(self, config: EngineConfig) -> None:
-        super().__init__(config)
-        from zllm.worker.worker import Worker  # the only place the driver side loads worker code
+    """The worker in this process. `worker_cls` names its class (a stub in benchmarks)."""
 
-        self.worker = Worker(config, rank=0, distributed_init_method=None)
+    def __init__(self, config: EngineConfig, worker_cls: str = "zllm.worker.worker.Worker") -> None:
+        super().__init__(config)
+        # The only place the driver side loads worker code.
+        module, _, name = worker_cls.rpartition(".")
+        self.worker = getattr(importlib.import_module(module), name)(
+            config, rank=0, distributed_init_method=None)
         self.worker.init_distributed_environment()
         self.worker.init_model()
 

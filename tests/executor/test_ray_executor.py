@@ -1,0 +1,126 @@
+"""The Ray executor on one node: TP=2 greedy parity, failure handling, data-plane hygiene."""
+
+import logging
+import os
+import signal
+import time
+
+import msgpack
+import pytest
+import ray
+
+from tests.executor.conftest import PROMPTS, greedy_tokens, make_llm
+from zllm import EngineDeadError, SamplingParams
+from zllm.config import EngineConfig
+from zllm.executor.ray_executor import RayExecutor
+from zllm.protocol import SchedulerOutput, encode_scheduler_output
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray instance for the module: executors find it running and leave it up."""
+    # 4 logical CPUs: the module-scoped TP=2 engine and one more TP=2 executor fit side by side.
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=128 * 2**20,
+             logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tp2_llm(ray_session, gqa_model):
+    llm = make_llm(gqa_model, tensor_parallel_size=2, execute_timeout_s=30)
+    yield llm
+    llm.shutdown()
+
+
+def zllm_actor_names() -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("zllm-worker-")]
+
+
+def test_tp2_on_ray_matches_tp1_and_transformers_under_preemption(tp2_llm, gqa_model,
+                                                                   reference_tokens):
+    tp2 = greedy_tokens(tp2_llm)
+    assert tp2_llm.engine.scheduler.num_preemptions > 0, "the setting must force preemption"
+    tp1_llm = make_llm(gqa_model, distributed_executor_backend="uni")
+    try:
+        tp1 = greedy_tokens(tp1_llm)
+    finally:
+        tp1_llm.shutdown()
+    assert tp1 == reference_tokens
+    assert tp2 == reference_tokens
+
+
+def test_malformed_messages_are_rejected_without_executing(tp2_llm, reference_tokens):
+    executor = tp2_llm.engine.executor
+    before = ray.get([a.stats.remote() for a in executor.actors])
+    valid = encode_scheduler_output(SchedulerOutput.empty())
+    bad = [valid[: len(valid) // 2],                      # truncated
+           b"\xc1garbage",                                # not msgpack
+           msgpack.packb(["sched", 1, 2, 3, 4, 5]),       # right kind, wrong field types
+           msgpack.packb(["output", [], b"", None])]      # a reply kind sent the wrong way
+    for message in bad:
+        executor.endpoint.publish(message)
+    # Generation after the bad messages still gives the reference tokens: no rank executed them
+    # or answered them (a stray reply would be taken as the next step's result).
+    assert greedy_tokens(tp2_llm) == reference_tokens
+    after = ray.get([a.stats.remote() for a in executor.actors])
+    for b, a in zip(before, after):
+        assert a["num_rejected_messages"] == b["num_rejected_messages"] + len(bad)
+
+
+def test_worker_exception_raises_engine_dead_naming_the_rank(ray_session, gqa_model):
+    config = EngineConfig.from_dict({}, model=gqa_model, load_format="safetensors",
+                                    tensor_parallel_size=2, device="cpu",
+                                    num_kv_blocks=8, block_size=4)
+    others = set(zllm_actor_names())
+    executor = RayExecutor(config)
+    mine = set(zllm_actor_names()) - others
+    assert len(mine) == 2
+    try:
+        executor.init_kv_cache(8)
+        # A request the workers never saw: every rank fails looking it up.
+        step = SchedulerOutput([], SchedulerOutput.empty().cached_requests, {"unknown": 1}, 1, [])
+        with pytest.raises(EngineDeadError, match=r"rank \d raised KeyError"):
+            executor.execute_model(step)
+        t0 = time.monotonic()
+        with pytest.raises(EngineDeadError):
+            executor.execute_model(SchedulerOutput.empty())
+        with pytest.raises(EngineDeadError):
+            executor.collective_rpc("get_pid")
+        assert time.monotonic() - t0 < 0.5, "later calls must fail at once"
+    finally:
+        executor.shutdown()
+        executor.shutdown()  # idempotent
+    assert not mine & set(zllm_actor_names())
+
+
+def test_killed_worker_makes_generate_raise_engine_dead(ray_session, gqa_model):
+    others = set(zllm_actor_names())
+    # execute_timeout_s bounds the test even if death went unnoticed.
+    llm = make_llm(gqa_model, tensor_parallel_size=2, num_kv_blocks=256, execute_timeout_s=20)
+    pids = llm.engine.executor.collective_rpc("get_pid")
+    mine = set(zllm_actor_names()) - others
+    assert len(mine) == 2
+    killed_at = []
+    engine_step = llm.engine.step
+
+    def step_then_kill():
+        if len(killed_at) == 0 and llm.engine.scheduler.running:
+            outputs = engine_step()
+            os.kill(pids[1], signal.SIGKILL)  # mid-generation: requests are running
+            killed_at.append(time.monotonic())
+            return outputs
+        return engine_step()
+
+    llm.engine.step = step_then_kill
+    try:
+        with pytest.raises(EngineDeadError, match="rank 1"):
+            llm.generate(PROMPTS, SamplingParams(max_tokens=64, ignore_eos=True), use_tqdm=False)
+        assert time.monotonic() - killed_at[0] < 10
+        with pytest.raises(EngineDeadError):  # at once, not after another timeout
+            llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4), use_tqdm=False)
+        assert not llm.engine.has_unfinished_requests()
+    finally:
+        llm.shutdown()
+    assert not mine & set(zllm_actor_names())

@@ -1,0 +1,149 @@
+"""`zllm bench control-path`: what one step costs the executor itself, without the model.
+
+Every executor runs a stub worker (zllm/bench/stub_worker.py) that answers at once, so the time
+from a ready SchedulerOutput to the sampled tokens being back on the driver is all control path:
+encoding, transport to every rank, decoding, the reply, and the thread wake-ups in between. The
+steps are steady decode (every request cached, one token each, a new block every block_size
+steps), the shape of almost every step in serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Optional
+
+from zllm.config import EngineConfig
+from zllm.protocol import CachedRequestData, NewRequestData, SchedulerOutput
+from zllm.sampling_params import SamplingParams
+
+STUB = "zllm.bench.stub_worker.StubWorker"
+BLOCK_SIZE = 16
+
+
+def prefill_step(num_requests: int) -> SchedulerOutput:
+    new = [NewRequestData(f"req-{i}", [1] * BLOCK_SIZE, [], SamplingParams(seed=i), [1], [i], 0)
+           for i in range(num_requests)]
+    return SchedulerOutput(new, CachedRequestData(), {r.req_id: BLOCK_SIZE for r in new},
+                           num_requests * BLOCK_SIZE, [])
+
+
+def decode_step(num_requests: int, step: int) -> SchedulerOutput:
+    req_ids = [f"req-{i}" for i in range(num_requests)]
+    # Requests cross a block boundary at staggered steps, as they do in a real batch.
+    new_blocks = [[num_requests + step * num_requests + i] if (step + i) % BLOCK_SIZE == 0 else []
+                  for i in range(num_requests)]
+    return SchedulerOutput([], CachedRequestData(req_ids, new_blocks),
+                           dict.fromkeys(req_ids, 1), num_requests, [])
+
+
+def time_steps(executor, num_requests: int, warmup: int, steps: int) -> list[float]:
+    """Seconds per step, from a built SchedulerOutput to its ModelRunnerOutput on the driver."""
+    executor.execute_model(prefill_step(num_requests))
+    times = []
+    for step in range(warmup + steps):
+        sched = decode_step(num_requests, step)
+        t0 = time.perf_counter()
+        out = executor.execute_model(sched)
+        times.append(time.perf_counter() - t0)
+        assert len(out.sampled_token_ids) == num_requests
+    return times[warmup:]
+
+
+def make_executor(backend: str, tp: int):
+    config = EngineConfig.from_dict({}, device="cpu", tensor_parallel_size=tp,
+                                    distributed_executor_backend=backend, block_size=BLOCK_SIZE,
+                                    num_kv_blocks=1 << 20)
+    if backend == "uni":
+        from zllm.executor.uniproc import UniprocExecutor
+
+        return UniprocExecutor(config, worker_cls=STUB)
+    from zllm.executor.ray_executor import RayExecutor
+
+    return RayExecutor(config, worker_cls=STUB)
+
+
+def environment() -> dict[str, Any]:
+    import msgpack
+    import ray
+    import torch
+    import zmq
+
+    cpu = "unknown"
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                       cpu)
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": f"{cpu}, {os.cpu_count()} cores",
+        "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+        "pyzmq": zmq.__version__, "msgpack": ".".join(map(str, msgpack.version)),
+    }
+
+
+def markdown(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    lines = [f"### Control path per step, {env['date']}", "",
+             f"{env['device']}; python {env['python']}, torch {env['torch']}, ray {env['ray']}, "
+             f"pyzmq {env['pyzmq']}, msgpack {env['msgpack']}. Stub worker (no model), steady "
+             f"decode; `zllm bench control-path`.", "",
+             "| executor | TP | running requests | median µs | p90 µs | mean µs |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['executor']} | {r['tp']} | {r['num_requests']} | {r['median_us']:.0f} "
+                     f"| {r['p90_us']:.0f} | {r['mean_us']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="zllm bench control-path", description=__doc__)
+    parser.add_argument("--out", default="control_path.json", help="JSON results path")
+    parser.add_argument("--markdown", default="docs/benchmarks.md",
+                        help="append the table here ('' to skip)")
+    parser.add_argument("--requests", default="1,64,256", help="running-request counts")
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--warmup", type=int, default=50)
+    args = parser.parse_args(argv)
+    counts = [int(n) for n in args.requests.split(",")]
+
+    import ray
+
+    ray.init(include_dashboard=False, object_store_memory=128 * 2**20, log_to_driver=False,
+             num_cpus=max(2, os.cpu_count() or 1))
+    rows = []
+    try:
+        for backend, tp in (("uni", 1), ("ray", 1), ("ray", 2)):
+            executor = make_executor(backend, tp)
+            try:
+                for n in counts:
+                    times = sorted(time_steps(executor, n, args.warmup, args.steps))
+                    row = {"executor": backend, "tp": tp, "num_requests": n,
+                           "median_us": statistics.median(times) * 1e6,
+                           "p90_us": times[int(0.9 * len(times))] * 1e6,
+                           "mean_us": statistics.fmean(times) * 1e6, "steps": len(times)}
+                    rows.append(row)
+                    print(f"{backend:>4} TP={tp} {n:>4} requests: median {row['median_us']:7.0f} µs"
+                          f"  p90 {row['p90_us']:7.0f} µs")
+            finally:
+                executor.shutdown()
+    finally:
+        ray.shutdown()
+    env = environment()
+    with open(args.out, "w") as f:
+        json.dump({"environment": env, "results": rows}, f, indent=2)
+    table = markdown(env, rows)
+    print(table)
+    if args.markdown:
+        os.makedirs(os.path.dirname(args.markdown) or ".", exist_ok=True)
+        with open(args.markdown, "a") as f:
+            f.write("\n" + table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

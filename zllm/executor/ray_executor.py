@@ -1,0 +1,237 @@
+"""Runs one Worker per tensor-parallel rank as Ray actors, on one node or many.
+
+Start-up (Ray calls, once): connect to or start Ray, reserve one placement-group bundle per rank,
+start the actors, rendezvous torch.distributed at rank 0's node, load the model. Each step (no
+Ray calls): publish the msgpack scheduler output on the data plane and wait for rank 0's reply,
+checking between polls that every actor's step loop is still running. Any failure turns the
+executor dead: that call and every later one raise EngineDeadError.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+import uuid
+from typing import Any, Optional
+
+from zllm.config import EngineConfig
+from zllm.errors import EngineDeadError
+from zllm.executor.base import Executor
+from zllm.executor.data_plane import DriverEndpoint, wait_for_subscribers
+from zllm.executor.ray_worker import RayWorker
+from zllm.protocol import (ModelRunnerOutput, SchedulerOutput, WorkerError,
+                           decode_worker_reply, encode_scheduler_output)
+
+logger = logging.getLogger(__name__)
+
+# How long execute_model waits on the reply socket before checking that the actors are alive:
+# the bound on how late a dead rank is noticed, not a cost on steps that answer in time.
+_LIVENESS_POLL_S = 0.2
+_ACTOR_NAME_PREFIX = "zllm-worker-"
+
+
+class RayExecutor(Executor):
+    """TP ranks as Ray actors; steps over ZeroMQ (see zllm/executor/data_plane.py).
+
+    `worker_cls` names the class each actor runs (a Worker unless a benchmark swaps in a stub).
+    """
+
+    def __init__(self, config: EngineConfig, worker_cls: str = "zllm.worker.worker.Worker") -> None:
+        super().__init__(config)
+        self.tp_size = config.parallel.tensor_parallel_size
+        self.actors: list[Any] = []
+        self.loop_refs: list[Any] = []
+        self.endpoint: Optional[DriverEndpoint] = None
+        self.placement_group: Any = None
+        self.owns_ray = False
+        self._dead: Optional[str] = None
+        self._closed = False
+        try:
+            self._start(worker_cls)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # -- start-up ----------------------------------------------------------------------------------
+
+    def _start(self, worker_cls: str) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        p = self.config.parallel
+        if not ray.is_initialized():
+            self._init_ray()
+        use_gpu = self.config.device.device == "cuda" or (
+            self.config.device.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+        worker_config = copy.deepcopy(self.config)
+        worker_config.device.device = "cuda" if use_gpu else "cpu"
+
+        bundle = {"GPU": 1} if use_gpu else {"CPU": 1}
+        self.placement_group = placement_group([dict(bundle)] * self.tp_size,
+                                               strategy=p.placement_strategy)
+        try:
+            ray.get(self.placement_group.ready(), timeout=p.placement_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(
+                f"Ray could not place {self.tp_size} bundles of {bundle} with strategy "
+                f"{p.placement_strategy} within {p.placement_timeout_s:.0f} s (placement_timeout_s); "
+                f"cluster resources: {ray.cluster_resources()}") from None
+
+        # NVLink SHARP (NVLS) multicast is off: it needs fabric support that is not always there.
+        env = {"NCCL_NVLS_ENABLE": "0"} if use_gpu else {}
+        actor_cls = ray.remote(RayWorker)
+        instance = uuid.uuid4().hex[:8]
+        for rank in range(self.tp_size):
+            self.actors.append(actor_cls.options(
+                name=f"{_ACTOR_NAME_PREFIX}{instance}-rank{rank}",
+                num_cpus=0 if use_gpu else 1,
+                num_gpus=1 if use_gpu else 0,
+                max_concurrency=4,  # run_loop holds one thread; control calls use the others
+                max_restarts=0,
+                runtime_env={"env_vars": env} if env else None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.placement_group, placement_group_bundle_index=rank),
+            ).remote(worker_config, rank, worker_cls))
+
+        nodes = ray.get([a.node_info.remote() for a in self.actors])
+        self.node_ids = [node_id for node_id, _ in nodes]
+        driver_ip = ray.util.get_node_ip_address()
+        single_node = all(ip == driver_ip for _, ip in nodes)
+        rank0_ip = "127.0.0.1" if single_node else nodes[0][1]
+        init_method = f"tcp://{rank0_ip}:{ray.get(self.actors[0].free_port.remote())}"
+        ray.get([a.init_worker.remote(init_method) for a in self.actors])
+        self.collective_rpc("init_distributed_environment")
+        self.collective_rpc("init_model")
+
+        self.endpoint = DriverEndpoint("127.0.0.1" if single_node else driver_ip)
+        self.loop_refs = [a.run_loop.remote(self.endpoint.sched_address, self.endpoint.reply_address)
+                          for a in self.actors]
+        wait_for_subscribers(self.endpoint, self.tp_size, p.placement_timeout_s, self._check_loops)
+        logger.info("ray executor: %d ranks on %d node(s), data plane %s", self.tp_size,
+                    len(set(self.node_ids)), self.endpoint.sched_address)
+
+    def _init_ray(self) -> None:
+        import ray
+
+        p = self.config.parallel
+        common = dict(logging_level=logging.WARNING, log_to_driver=True)
+        if p.ray_address:
+            ray.init(address=p.ray_address, **common)
+        else:
+            # A CPU bundle per rank must fit even when TP exceeds the core count (tests, demos).
+            ray.init(num_cpus=max(os.cpu_count() or 1, self.tp_size), include_dashboard=False,
+                     object_store_memory=128 * 2**20, **common)
+        self.owns_ray = True
+
+    # -- control path --------------------------------------------------------------------------------
+
+    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        import ray
+
+        self._raise_if_dead()
+        try:
+            return ray.get([a.execute_method.remote(method, *args) for a in self.actors])
+        except ray.exceptions.RayActorError as e:
+            dead_id = getattr(e, "actor_id", None)  # a hex string, when Ray knows it
+            rank = next((r for r, a in enumerate(self.actors) if a._actor_id.hex() == dead_id), -1)
+            raise self._die(rank, f"actor died during {method}: {_first_line(e)}") from e
+
+    def check_health(self) -> None:
+        self._raise_if_dead()
+        self._check_loops()
+
+    # -- data path -------------------------------------------------------------------------------------
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        self._raise_if_dead()
+        self.endpoint.publish(encode_scheduler_output(scheduler_output))
+        timeout = self.config.parallel.execute_timeout_s
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self.endpoint.receive(_LIVENESS_POLL_S)
+            if reply is not None:
+                try:
+                    result = decode_worker_reply(reply)
+                except ValueError as e:
+                    raise self._die(0, f"sent a malformed reply: {e}") from None
+                if isinstance(result, WorkerError):
+                    self._blame_dead_rank(result)
+                    raise self._die(result.rank, f"raised {result.message}")
+                return result
+            self._check_loops()
+            if time.monotonic() > deadline:
+                raise self._die(0, f"sent no result within {timeout:.0f} s (execute_timeout_s)")
+
+    # -- failure -----------------------------------------------------------------------------------------
+
+    def _check_loops(self) -> None:
+        """Raise EngineDeadError if any actor's step loop ended (the actor died, most likely)."""
+        import ray
+
+        done, _ = ray.wait(self.loop_refs, num_returns=1, timeout=0)
+        if not done:
+            return
+        rank = self.loop_refs.index(done[0])
+        try:
+            ray.get(done[0])
+            cause = "stopped its step loop unexpectedly"
+        except ray.exceptions.RayActorError as e:
+            cause = f"died: {_first_line(e)}"
+        except Exception as e:
+            cause = f"step loop failed: {_first_line(e)}"
+        raise self._die(rank, cause)
+
+    def _blame_dead_rank(self, error: WorkerError) -> None:
+        """A rank whose peer died fails in its next collective, often before Ray reports the
+        death; give Ray a moment so the error names the rank that died, not its survivor."""
+        import ray
+
+        ray.wait(self.loop_refs, num_returns=1, timeout=1.0)
+        try:
+            self._check_loops()
+        except EngineDeadError:
+            logger.error("rank %d also failed: %s", error.rank, error.message)
+            raise
+
+    def _die(self, rank: int, cause: str) -> EngineDeadError:
+        if self._dead is None:
+            self._dead = f"worker rank {rank} {cause}"
+            logger.error("engine dead: %s", self._dead)
+        return EngineDeadError(self._dead)
+
+    def _raise_if_dead(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        if self._closed:
+            raise EngineDeadError("the executor was shut down")
+
+    # -- shutdown ------------------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        import ray
+
+        if not ray.is_initialized():
+            return
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        # A loop ref fails once Ray has recorded its actor's death (and dropped its name), so
+        # waiting for all of them means no actor of ours is left when shutdown returns.
+        if self.loop_refs:
+            ray.wait(self.loop_refs, num_returns=len(self.loop_refs), timeout=10)
+        if self.endpoint is not None:
+            self.endpoint.close()
+        if self.placement_group is not None:
+            ray.util.remove_placement_group(self.placement_group)
+        if self.owns_ray:
+            ray.shutdown()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

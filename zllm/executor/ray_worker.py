@@ -1,0 +1,95 @@
+"""The Ray actor around one Worker: control calls through Ray, steps through ZeroMQ.
+
+`run_loop` is a Ray call that never returns: it runs the step loop
+(receive, decode, execute, reply) on one of the actor's threads, while other threads keep
+answering control calls. The driver holds its object ref; when the actor process dies, the ref
+raises, which is how the driver notices a dead rank without a heartbeat. Shutdown kills the actor.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import socket
+import traceback
+from typing import Any
+
+from zllm.config import EngineConfig
+from zllm.executor.data_plane import WorkerEndpoint
+from zllm.protocol import (WorkerError, decode_scheduler_output, encode_model_runner_output,
+                           encode_worker_error)
+
+logger = logging.getLogger(__name__)
+
+
+class RayWorker:
+    """One rank: builds the Worker (or a stand-in class named by `worker_cls`) inside the actor."""
+
+    def __init__(self, config: EngineConfig, rank: int, worker_cls: str) -> None:
+        self.config = config
+        self.rank = rank
+        self.worker_cls = worker_cls
+        self.worker: Any = None
+        self.num_rejected_messages = 0
+        self.num_steps = 0
+
+    def node_info(self) -> tuple[str, str]:
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
+    def free_port(self) -> int:
+        """A TCP port free on this node, for torch.distributed's rendezvous at rank 0."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def init_worker(self, distributed_init_method: str) -> None:
+        import ray
+
+        # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU, so its device is always index 0.
+        local_rank = 0
+        if ray.get_gpu_ids():
+            logger.info("rank %d: GPU %s", self.rank, ray.get_gpu_ids())
+        module, _, name = self.worker_cls.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        self.worker = cls(self.config, self.rank, distributed_init_method, local_rank)
+
+    def execute_method(self, method: str, *args: Any) -> Any:
+        return getattr(self.worker, method)(*args)
+
+    def stats(self) -> dict[str, int]:
+        return {"num_rejected_messages": self.num_rejected_messages, "num_steps": self.num_steps}
+
+    def run_loop(self, sched_address: str, reply_address: str) -> None:
+        """Serve steps until the actor is killed. Bad messages are dropped; a failed step is
+        reported to the driver."""
+        endpoint = WorkerEndpoint(sched_address, reply_address)
+        try:
+            while True:
+                message = endpoint.receive()
+                try:
+                    sched = decode_scheduler_output(message)
+                except ValueError as e:
+                    # Executing a half-understood step would desynchronise the ranks' state;
+                    # dropping it leaves the driver to time out, which is the safe failure.
+                    self.num_rejected_messages += 1
+                    logger.error("rank %d: rejected a malformed message (%d bytes): %s",
+                                 self.rank, len(message), e)
+                    continue
+                try:
+                    output = self.worker.execute_model(sched)
+                    self.num_steps += 1
+                except Exception as e:
+                    logger.exception("rank %d: execute_model failed", self.rank)
+                    detail = "".join(traceback.format_exception_only(type(e), e)).strip()
+                    endpoint.send(encode_worker_error(WorkerError(self.rank, detail)))
+                    continue
+                if self.rank == 0:
+                    endpoint.send(encode_model_runner_output(output))
+        finally:
+            endpoint.close()
+
+    def get_pid(self) -> int:
+        return os.getpid()
