@@ -10,14 +10,12 @@ steps), the shape of almost every step in serving.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import time
-from typing import Any, Optional
+from typing import Optional
 
+from zllm.bench.report import write_results
 from zllm.config import EngineConfig
 from zllm.protocol import CachedRequestData, NewRequestData, SchedulerOutput
 from zllm.sampling_params import SamplingParams
@@ -68,38 +66,6 @@ def make_executor(backend: str, tp: int):
     return RayExecutor(config, worker_cls=STUB)
 
 
-def environment() -> dict[str, Any]:
-    import msgpack
-    import ray
-    import torch
-    import zmq
-
-    cpu = "unknown"
-    if os.path.isfile("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                       cpu)
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": f"{cpu}, {os.cpu_count()} cores",
-        "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-        "pyzmq": zmq.__version__, "msgpack": ".".join(map(str, msgpack.version)),
-    }
-
-
-def markdown(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    lines = [f"### Control path per step, {env['date']}", "",
-             f"{env['device']}; python {env['python']}, torch {env['torch']}, ray {env['ray']}, "
-             f"pyzmq {env['pyzmq']}, msgpack {env['msgpack']}. Stub worker (no model), steady "
-             f"decode; `zllm bench control-path`.", "",
-             "| executor | TP | running requests | median µs | p90 µs | mean µs |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['executor']} | {r['tp']} | {r['num_requests']} | {r['median_us']:.0f} "
-                     f"| {r['p90_us']:.0f} | {r['mean_us']:.0f} |")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="zllm bench control-path", description=__doc__)
     parser.add_argument("--out", default="control_path.json", help="JSON results path")
@@ -133,15 +99,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 executor.shutdown()
     finally:
         ray.shutdown()
-    env = environment()
-    with open(args.out, "w") as f:
-        json.dump({"environment": env, "results": rows}, f, indent=2)
-    table = markdown(env, rows)
-    print(table)
-    if args.markdown:
-        os.makedirs(os.path.dirname(args.markdown) or ".", exist_ok=True)
-        with open(args.markdown, "a") as f:
-            f.write("\n" + table)
+    config = {"steps": args.steps, "warmup": args.warmup, "worker": "stub (no model)",
+              "workload": "steady decode"}
+    write_results("Control path per step (zllm bench control-path)", config, rows, args.out,
+                  args.markdown or None)
     return 0
 
 

@@ -11,14 +11,20 @@ from typing import Any, Optional
 
 def environment() -> dict[str, str]:
     """Date, device and the versions that move the numbers."""
+    import msgpack
+    import ray
     import torch
     import transformers
+    import zmq
 
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "ray": ray.__version__,
+        "pyzmq": zmq.__version__,
+        "msgpack": ".".join(map(str, msgpack.version)),
     }
     if torch.cuda.is_available():
         env["device"] = torch.cuda.get_device_name()
