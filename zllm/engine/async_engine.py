@@ -27,14 +27,11 @@ from typing import Any, AsyncIterator, Callable, Optional
 from zllm.config import EngineConfig
 from zllm.engine.llm_engine import LLMEngine, Prompt
 from zllm.engine.metrics import EngineMetrics
+from zllm.errors import EngineDeadError
 from zllm.outputs import RequestOutput
 from zllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop failed; no request can run any more."""
 
 
 @dataclass

@@ -9,7 +9,6 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from zllm.config import EngineConfig
-from zllm.errors import EngineDeadError  # noqa: F401  (re-exported: executors raise it)
 from zllm.protocol import ModelRunnerOutput, SchedulerOutput
 
 
