@@ -15,7 +15,8 @@ def a_scheduler_output() -> SchedulerOutput:
     new = NewRequestData("a", [0, 5, 70000], [9], SamplingParams(temperature=0.7, top_k=5, seed=3),
                          [1], [4, 2], 0)
     cached = CachedRequestData(["b", "c"], [[], [11]])
-    return SchedulerOutput([new], cached, {"a": 4, "b": 1, "c": 1}, 6, ["d"])
+    return SchedulerOutput([new], cached, {"b": 1, "c": 1, "a": 4}, 6, ["d"],
+                           blocks_to_swap_out=[(3, 0), (7, 1)], blocks_to_swap_in=[])
 
 
 def test_scheduler_output_round_trips():
@@ -23,7 +24,8 @@ def test_scheduler_output_round_trips():
     back = decode_scheduler_output(encode_scheduler_output(out))
     assert back.cached_requests == out.cached_requests
     assert back.num_scheduled_tokens == out.num_scheduled_tokens
-    assert list(back.num_scheduled_tokens) == ["a", "b", "c"]  # batch order survives
+    assert list(back.num_scheduled_tokens) == ["b", "c", "a"]  # batch order survives
+    assert (back.blocks_to_swap_out, back.blocks_to_swap_in) == ([(3, 0), (7, 1)], [])
     assert (back.total_num_scheduled_tokens, back.finished_req_ids) == (6, ["d"])
     new, orig = back.new_requests[0], out.new_requests[0]
     assert (new.req_id, new.prompt_token_ids, new.output_token_ids, new.stop_token_ids,
@@ -57,3 +59,10 @@ def test_malformed_worker_reply_raises_value_error():
     for data in (b"\x92", msgpack.packb(["output", ["a"], b"", None]), msgpack.packb(["nope"])):
         with pytest.raises(ValueError):
             decode_worker_reply(data)
+
+
+def test_scheduler_output_must_name_exactly_its_requests():
+    out = a_scheduler_output()
+    out.num_scheduled_tokens["stray"] = 1
+    with pytest.raises(ValueError, match="must name exactly the cached and new requests"):
+        encode_scheduler_output(out)

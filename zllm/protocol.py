@@ -10,7 +10,6 @@ classes); token and block id lists travel as raw little-endian int32 bytes.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -52,7 +51,8 @@ class SchedulerOutput:
 
     new_requests: list[NewRequestData]
     cached_requests: CachedRequestData
-    num_scheduled_tokens: dict[str, int]  # in batch order
+    # Batch order: the cached requests, then the new ones (the encoding sends only the counts).
+    num_scheduled_tokens: dict[str, int]
     total_num_scheduled_tokens: int
     finished_req_ids: list[str]  # finished, aborted or preempted: workers drop their state
     # Block copies done before the step's forward: (device block, CPU block) and back.
@@ -105,12 +105,23 @@ def encode_scheduler_output(out: SchedulerOutput) -> bytes:
          _ids(r.stop_token_ids), _ids(r.block_ids), r.num_computed_tokens]
         for r in out.new_requests
     ]
-    # New blocks of all cached requests travel as one flat array plus per-request counts: one
-    # array per request would cost more than the rest of the message at hundreds of requests.
-    new_blocks = out.cached_requests.new_block_ids
-    cached = [out.cached_requests.req_ids, _ids([b for blocks in new_blocks for b in blocks]),
-              _ids([len(blocks) for blocks in new_blocks])]
-    scheduled = [list(out.num_scheduled_tokens), _ids(list(out.num_scheduled_tokens.values()))]
+    # New blocks of cached requests travel as two flat arrays, (owner position, block id): in a
+    # decode step only the few requests that cross a block boundary get one, and one array per
+    # request would cost more than the rest of the message at hundreds of requests.
+    cached_ids = out.cached_requests.req_ids
+    owners: list[int] = []
+    flat: list[int] = []
+    for i, blocks in enumerate(out.cached_requests.new_block_ids):
+        if blocks:
+            owners += [i] * len(blocks)
+            flat += blocks
+    cached = [cached_ids, _ids(owners), _ids(flat)]
+    # Token counts in batch order, which is cached requests then new ones: the names are not
+    # sent twice.
+    num = out.num_scheduled_tokens
+    if len(num) != len(cached_ids) + len(out.new_requests):
+        raise ValueError("num_scheduled_tokens must name exactly the cached and new requests")
+    scheduled = _ids([num[r] for r in cached_ids] + [num[r.req_id] for r in out.new_requests])
     swaps = [_ids([b for pair in out.blocks_to_swap_out for b in pair]),
              _ids([b for pair in out.blocks_to_swap_in for b in pair])]
     return msgpack.packb(["sched", new, cached, scheduled, out.total_num_scheduled_tokens,
@@ -125,18 +136,20 @@ def decode_scheduler_output(data: bytes) -> SchedulerOutput:
             params = SamplingParams(**dict(zip(WORKER_SAMPLING_FIELDS, sampling)))
             new_requests.append(NewRequestData(req_id, prompt, output, params, stop_ids, blocks,
                                                computed))
-        names, counts = scheduled
-        cached_ids, flat_blocks, block_counts = cached
-        if len(names) != len(counts) or len(cached_ids) != len(block_counts) \
-                or len(flat_blocks) != sum(block_counts):
+        cached_ids, owners, flat_blocks = cached
+        names = list(cached_ids) + [r.req_id for r in new_requests]
+        if len(names) != len(scheduled) or len(owners) != len(flat_blocks):
             raise ValueError("mismatched list lengths")
-        starts = itertools.accumulate(block_counts, initial=0)
-        new_block_ids = [flat_blocks[s:s + n] if n else [] for s, n in zip(starts, block_counts)]
+        new_block_ids: list[list[int]] = [[] for _ in cached_ids]
+        for owner, block in zip(owners, flat_blocks):
+            if not 0 <= owner < len(cached_ids):
+                raise ValueError(f"block owner {owner} out of range")
+            new_block_ids[owner].append(block)
         swap_out, swap_in = (list(zip(flat[0::2], flat[1::2])) for flat in swaps)
     except (TypeError, ValueError) as e:  # a field of the wrong shape or type
         raise ValueError(f"malformed sched message: {e}") from e
     return SchedulerOutput(new_requests, CachedRequestData(cached_ids, new_block_ids),
-                           dict(zip(names, counts)), total, finished, swap_out, swap_in)
+                           dict(zip(names, scheduled)), total, finished, swap_out, swap_in)
 
 
 def encode_model_runner_output(out: ModelRunnerOutput) -> bytes:

@@ -13,7 +13,7 @@ from tests.executor.conftest import PROMPTS, greedy_tokens, make_llm
 from zllm import EngineDeadError, SamplingParams
 from zllm.config import EngineConfig
 from zllm.executor.ray_executor import RayExecutor
-from zllm.protocol import SchedulerOutput, encode_scheduler_output
+from zllm.protocol import CachedRequestData, SchedulerOutput, encode_scheduler_output
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_worker_exception_raises_engine_dead_naming_the_rank(ray_session, gqa_mo
     try:
         executor.init_kv_cache(8)
         # A request the workers never saw: every rank fails looking it up.
-        step = SchedulerOutput([], SchedulerOutput.empty().cached_requests, {"unknown": 1}, 1, [])
+        step = SchedulerOutput([], CachedRequestData(["unknown"], [[]]), {"unknown": 1}, 1, [])
         with pytest.raises(EngineDeadError, match=r"rank \d raised KeyError"):
             executor.execute_model(step)
         t0 = time.monotonic()
