@@ -19,8 +19,8 @@ from zllm.protocol import CachedRequestData, SchedulerOutput, encode_scheduler_o
 @pytest.fixture(scope="module")
 def ray_session():
     """One local Ray instance for the module: executors find it running and leave it up."""
-    # 4 logical CPUs: the module-scoped TP=2 engine and one more TP=2 executor fit side by side.
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=128 * 2**20,
+    # 6 logical CPUs: the module-scoped TP=2 engine and one more TP=4 executor fit side by side.
+    ray.init(num_cpus=6, include_dashboard=False, object_store_memory=128 * 2**20,
              logging_level=logging.WARNING)
     yield
     ray.shutdown()
@@ -49,6 +49,16 @@ def test_tp2_on_ray_matches_tp1_and_transformers_under_preemption(tp2_llm, gqa_m
         tp1_llm.shutdown()
     assert tp1 == reference_tokens
     assert tp2 == reference_tokens
+
+
+def test_tp4_replicates_kv_heads_and_matches_transformers(ray_session, gqa_model, reference_tokens):
+    # 2 KV heads over 4 ranks: each KV head is held by two ranks.
+    llm = make_llm(gqa_model, tensor_parallel_size=4, execute_timeout_s=60)
+    try:
+        assert greedy_tokens(llm) == reference_tokens
+        assert llm.engine.scheduler.num_preemptions > 0
+    finally:
+        llm.shutdown()
 
 
 def test_malformed_messages_are_rejected_without_executing(tp2_llm, reference_tokens):
