@@ -1,4 +1,4 @@
-"""The `zllm` command: `zllm generate PROMPT...` (more verbs join as they are built)."""
+"""The `zllm` command: `zllm generate PROMPT...`, `zllm bench ...` (more verbs join as they are built)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from zllm.bench.throughput import run_bench
+
+    keys = [k for cls in SECTIONS.values() for k in field_types(cls)]
+    overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    run_bench(args, overrides)
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="zllm", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -56,10 +65,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--sample-seed", type=int, default=None, help="sampling seed")
     add_config_flags(gen)
+    bench = verbs.add_parser("bench", help="throughput and latency against the roofline and a peer")
+    from zllm.bench.throughput import add_bench_args
+
+    add_bench_args(bench)
+    add_config_flags(bench)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return cmd_generate(args)
+        return cmd_bench(args) if args.verb == "bench" else cmd_generate(args)
     except ValueError as e:
         print(f"zllm: error: {e}", file=sys.stderr)
         return 2
