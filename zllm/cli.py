@@ -16,6 +16,7 @@ from zllm.config import SECTIONS, EngineConfig, field_types
 BENCHMARKS = {
     "control-path": "zllm.bench.control_path",
     "scheduling": "zllm.bench.scheduling",
+    "throughput": "zllm.bench.throughput",
 }
 
 
@@ -32,9 +33,12 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                                metavar=key.upper(), help=f"{kind}, default {defaults[key]!r}")
 
 
+def config_keys() -> list[str]:
+    return [k for cls in SECTIONS.values() for k in field_types(cls)]
+
+
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
-    keys = [k for cls in SECTIONS.values() for k in field_types(cls)]
-    overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    overrides = {k: getattr(args, k) for k in config_keys() if getattr(args, k, None) is not None}
     if args.config:
         return EngineConfig.from_yaml(args.config, **overrides)
     return EngineConfig.from_dict({}, **overrides)
