@@ -57,6 +57,10 @@ class SchedulerConfig:
     long_prefill_token_threshold: int = 0  # > 0: at most this many prompt tokens per request per step
     policy: str = "fcfs"  # fcfs | priority (lower `priority` first)
     starvation_timeout_s: float = 60.0  # waiting longer than this: served as top priority
+    # Schedule step N+1 while step N runs (its sampled tokens still on their way), so the
+    # driver's scheduling and output processing overlap the GPU. A request that finishes at
+    # step N has computed one extra token in N+1, which is discarded.
+    async_scheduling: bool = False
 
 
 @dataclass

@@ -14,9 +14,10 @@ def _request(i: int, prompt_len: int) -> Request:
 
 
 def _decode(reqs, sched_out):
-    """Pretend a step ran: requests that reached their end get a token."""
+    """Pretend a step ran: requests that reached their end get their pending token."""
     for req in reqs:
-        if req.req_id in sched_out.num_scheduled_tokens and req.num_computed_tokens == req.num_tokens:
+        if req.req_id in sched_out.num_scheduled_tokens and req.num_pending_tokens:
+            req.num_pending_tokens -= 1
             req.output_token_ids.append(7)
 
 

@@ -32,7 +32,13 @@ def _greedy_tokens(llm: LLM, prompts) -> list[list[int]]:
     dict(enable_prefix_caching=False, block_size=4, num_kv_blocks=24, watermark=0.0, max_model_len=96),
     dict(enable_prefix_caching=True, block_size=4, num_kv_blocks=24, watermark=0.0, max_model_len=96,
          preemption_mode="swap", swap_space_gib=0.001),
-], ids=["plain", "prefix-cache", "chunked", "threshold", "cache+preempt", "preempt", "swap"])
+    dict(enable_prefix_caching=True, max_num_batched_tokens=16, async_scheduling=True),
+    dict(enable_prefix_caching=True, block_size=4, num_kv_blocks=24, watermark=0.0, max_model_len=96,
+         async_scheduling=True),
+    dict(enable_prefix_caching=True, block_size=4, num_kv_blocks=24, watermark=0.0, max_model_len=96,
+         preemption_mode="swap", swap_space_gib=0.001, async_scheduling=True),
+], ids=["plain", "prefix-cache", "chunked", "threshold", "cache+preempt", "preempt", "swap",
+        "async+chunked", "async+cache+preempt", "async+swap"])
 def test_scheduling_features_keep_greedy_output(gqa_model, hf, settings):
     # A tiny cache cannot hold the long shared prefix; there, short prompts force preemption.
     prompts = PROMPTS if "num_kv_blocks" in settings else SHARED_PROMPTS
@@ -103,7 +109,8 @@ def test_priority_policy_orders_admission_and_preemption():
         sched.add_request(r)
     out = sched.schedule()
     assert list(out.num_scheduled_tokens) == ["r1", "r2"]  # by priority, then arrival
-    for r in (high, mid):
+    for r in (high, mid):  # the step's sampled tokens arrive
+        r.num_pending_tokens -= 1
         r.output_token_ids.append(9)
     # Both need a third block; only one more is free: the lower priority (mid) is preempted.
     bm.allocate_slots(_req(9, 0, 0.0, 4), 4)  # take one block so that only one stays free

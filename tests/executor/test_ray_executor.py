@@ -52,8 +52,9 @@ def test_tp2_on_ray_matches_tp1_and_transformers_under_preemption(tp2_llm, gqa_m
 
 
 def test_tp4_replicates_kv_heads_and_matches_transformers(ray_session, gqa_model, reference_tokens):
-    # 2 KV heads over 4 ranks: each KV head is held by two ranks.
-    llm = make_llm(gqa_model, tensor_parallel_size=4, execute_timeout_s=60)
+    # 2 KV heads over 4 ranks: each KV head is held by two ranks. With async scheduling, the
+    # data plane carries step N+1 while the ranks still run step N.
+    llm = make_llm(gqa_model, tensor_parallel_size=4, execute_timeout_s=60, async_scheduling=True)
     try:
         assert greedy_tokens(llm) == reference_tokens
         assert llm.engine.scheduler.num_preemptions > 0

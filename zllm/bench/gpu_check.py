@@ -58,7 +58,8 @@ def check_kernels(device: torch.device) -> dict:
     torch.manual_seed(0)
     H, KVH, D, bs, N = 32, 8, 128, 16, 512
     dims = dict(num_heads=H, num_kv_heads=KVH, head_dim=D, block_size=bs)
-    fi, ref = FlashInferBackend(device=device, **dims), TorchPagedBackend(**dims)
+    fi = FlashInferBackend(device=device, dtype=torch.bfloat16, max_num_tokens=1024, **dims)
+    ref = TorchPagedBackend(**dims)
     results = {}
     for name, cached, new in [("mixed", [0, 100, 37, 513, 0], [200, 57, 1, 1, 3]),
                               ("decode", [5, 16, 17, 300, 1023], [1, 1, 1, 1, 1])]:
@@ -107,11 +108,15 @@ def check_model_logits(path: str) -> dict:
     pos = torch.cat([torch.arange(n) for n in lens]).to(device)
     last = batch.query_start_loc[1:].long() - 1
     logits = {}
-    for name in ("flashinfer", "torch"):
+    # The fast path (flashinfer attention, fused norm/RoPE/SiLU kernels) against the reference
+    # (torch attention, PyTorch ops), and each change alone.
+    for name, backend, fused in (("fast", "flashinfer", True), ("flashinfer_unfused", "flashinfer", False),
+                                 ("torch_fused", "torch", True), ("reference", "torch", False)):
         d = runner.model.dims
-        attn = make_attention_backend(name, device, num_heads=d.num_heads,
+        attn = make_attention_backend(backend, device, torch.bfloat16, sum(lens), num_heads=d.num_heads,
                                       num_kv_heads=d.num_kv_heads, head_dim=d.head_dim,
                                       block_size=runner.block_size)
+        runner.model.set_fused_kernels(fused)
         with torch.inference_mode():
             for c in runner.kv_caches:
                 c.zero_()
@@ -119,9 +124,11 @@ def check_model_logits(path: str) -> dict:
             hidden = runner.model(ids, pos, runner.kv_caches, attn)
             logits[name] = runner.model.compute_logits(hidden[last])
     llm.shutdown()
-    err = rel_err(logits["flashinfer"], logits["torch"])
-    same_argmax = bool(torch.equal(logits["flashinfer"].argmax(-1), logits["torch"].argmax(-1)))
-    return {"rel_err": err, "same_argmax": same_argmax, "ok": err < REL_TOL and same_argmax}
+    ref = logits["reference"]
+    out = {name: {"rel_err": rel_err(x, ref), "same_argmax": bool(torch.equal(x.argmax(-1), ref.argmax(-1)))}
+           for name, x in logits.items() if name != "reference"}
+    out["ok"] = all(r["rel_err"] < REL_TOL and r["same_argmax"] for r in out.values())
+    return out
 
 
 def generate(path: str, steps: int, **config) -> tuple[list[list[int]], float]:

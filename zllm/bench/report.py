@@ -29,6 +29,11 @@ def environment() -> dict[str, str]:
     if torch.cuda.is_available():
         env["device"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda or ""
+        try:
+            import flashinfer
+            env["flashinfer"] = flashinfer.__version__
+        except ImportError:
+            pass
     else:
         env["device"] = f"CPU: {_cpu_name()}, {os.cpu_count()} cores"
     return env
@@ -47,14 +52,16 @@ def _cpu_name() -> str:
 
 def write_results(title: str, config: dict[str, Any], rows: list[dict[str, Any]],
                   out: Optional[str], markdown: Optional[str] = "docs/benchmarks.md",
-                  notes: str = "") -> None:
-    """Print a table; write {environment, config, rows} as JSON to `out`; append to `markdown`."""
+                  notes: str = "", extra: Optional[dict[str, Any]] = None) -> None:
+    """Print a table; write {environment, config, rows} (and `extra`, the raw details) as JSON
+    to `out`; append to `markdown`."""
     env = environment()
     table = _table(rows)
     print(table)
     if out:
         with open(out, "w") as f:
-            json.dump({"title": title, "environment": env, "config": config, "rows": rows}, f, indent=2)
+            json.dump({"title": title, "environment": env, "config": config, "rows": rows,
+                       "details": extra}, f, indent=2)
     if markdown:
         os.makedirs(os.path.dirname(markdown) or ".", exist_ok=True)
         new = not os.path.exists(markdown)

@@ -10,16 +10,18 @@ floor max(bytes / bandwidth, FLOPs / rate) (zllm/bench/roofline.py), and the rep
 measured / floor overall and split into prefill-carrying and pure-decode steps, plus how much of
 the wall time the engine (scheduler, output processing) spends outside the worker.
 `--peer hf` runs Hugging Face transformers' continuous batching (`generate_batch`) on the same
-model shape and workload and reports the ratio.
+model shape and workload and reports the ratio. `--executors uni,ray` runs every workload on the
+in-process executor and again on the Ray executor (one actor, driver on the other end of the
+ZeroMQ data plane). Async scheduling is on unless `--async-scheduling false`.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import os
-import platform
 import random
 import time
 from dataclasses import dataclass, field
@@ -125,36 +127,64 @@ class StepLog:
 
 
 class StepRecorder:
-    """Wraps the executor's execute_model to time each step and compute its floor."""
+    """Wraps the executor's submit/collect to time each step and compute its floor.
+
+    A step's time runs from when the workers could start it (its submission, or the previous
+    step's completion if that came later, as with async scheduling) to its result. With the
+    in-process executor it also times the worker's host-side stages (input preparation,
+    attention planning, sampling metadata), which the GPU waits for."""
+
+    HOST_STAGES = ("_prepare_inputs", "_sampling_metadata")
 
     def __init__(self, engine, cost: ModelCost, hw: Hardware) -> None:
         self.executor = engine.executor
-        self.inner = self.executor.execute_model
+        self.inner_submit, self.inner_collect = self.executor.submit, self.executor.collect
         self.cost, self.hw = cost, hw
         self.computed: dict[str, int] = {}
+        self.submitted: collections.deque = collections.deque()
+        self.last_done = 0.0
         self.log = StepLog()
-        self.executor.execute_model = self._execute
+        self.host_s: dict[str, float] = {}
+        self.executor.submit, self.executor.collect = self._submit, self._collect
+        runner = getattr(getattr(self.executor, "worker", None), "model_runner", None)
+        if runner is not None:
+            for obj, name in [(runner, n) for n in self.HOST_STAGES] + [(runner.attn, "plan")]:
+                setattr(obj, name, self._timed(name.strip("_"), getattr(obj, name)))
 
-    def _execute(self, sched):
+    def _timed(self, label: str, fn):
+        def timed(*args):
+            t0 = time.perf_counter()
+            out = fn(*args)
+            self.host_s[label] = self.host_s.get(label, 0.0) + time.perf_counter() - t0
+            return out
+        return timed
+
+    def _submit(self, sched) -> None:
         for req_id in sched.finished_req_ids:
             self.computed.pop(req_id, None)
         for new in sched.new_requests:
             self.computed[new.req_id] = new.num_computed_tokens
-        t0 = time.perf_counter()
-        out = self.inner(sched)  # returns host token ids, so the step is complete
-        dt = time.perf_counter() - t0
         contexts = [(self.computed[r], n) for r, n in sched.num_scheduled_tokens.items()]
         for r, n in sched.num_scheduled_tokens.items():
             self.computed[r] += n
+        self.submitted.append((time.perf_counter(), contexts, sched.total_num_scheduled_tokens))
+        self.inner_submit(sched)
+
+    def _collect(self):
+        out = self.inner_collect()  # host token ids: the step is complete
+        done = time.perf_counter()
+        start, contexts, num_tokens = self.submitted.popleft()
+        dt, self.last_done = done - max(start, self.last_done), done
         if contexts:
             self.log.times.append(dt)
             self.log.floors.append(self.cost.floor_s(self.hw, contexts, len(out.req_ids)))
             self.log.decode_only.append(all(n == 1 for _, n in contexts))
-            self.log.num_tokens.append(sched.total_num_scheduled_tokens)
+            self.log.num_tokens.append(num_tokens)
         return out
 
     def reset(self) -> None:
         self.log = StepLog()
+        self.host_s = {}
 
 
 # -- runs ------------------------------------------------------------------------------------------
@@ -178,6 +208,7 @@ def run_zllm(llm, recorder: StepRecorder, wl: Workload) -> dict[str, Any]:
         "floor_s": floor, "measured_over_floor": elapsed / floor,
         "floor_output_tok_per_s": generated / floor,
         "engine_overhead_s": elapsed - steps["all"]["worker_s"],
+        "worker_host_s": dict(recorder.host_s),
         "steps": steps,
     }
 
@@ -209,8 +240,9 @@ def run_hf_peer(model_dir: str, wl: Workload, dtype: torch.dtype) -> dict[str, A
                            eos_token_id=-1, pad_token_id=0)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        outs = model.generate_batch(inputs=wl.prompts, generation_config=gen)
+    # Not under inference_mode: generate_batch runs its loop in a thread of its own, and
+    # tensors made there would mix with inference tensors made here.
+    outs = model.generate_batch(inputs=wl.prompts, generation_config=gen)
     elapsed = time.perf_counter() - t0
     generated = sum(len(o.generated_tokens) for o in outs.values())
     del model
@@ -221,92 +253,84 @@ def run_hf_peer(model_dir: str, wl: Workload, dtype: torch.dtype) -> dict[str, A
 
 # -- reporting -------------------------------------------------------------------------------------
 
-def versions() -> dict[str, str]:
-    v = {"python": platform.python_version(), "torch": torch.__version__,
-         "cuda": torch.version.cuda or "-"}
-    try:
-        import flashinfer
-        v["flashinfer"] = flashinfer.__version__
-    except ImportError:
-        pass
-    return v
-
-
-def append_markdown(path: str, report: dict[str, Any]) -> None:
-    new = not os.path.exists(path)
-    with open(path, "a") as f:
-        if new:
-            f.write("# zllm benchmarks\n\nRows appended by `zllm bench` (random weights, random "
-                    "prompt ids, greedy, ignore_eos). floor = roofline from measured copy "
-                    "bandwidth and bf16 matmul rate.\n\n"
-                    "| date | device | versions | model | config | workload | out tok/s | "
-                    "measured/floor | peer | notes |\n|---|---|---|---|---|---|---|---|---|---|\n")
-        v = report["versions"]
-        ver = ", ".join(f"{k} {v[k]}" for k in ("torch", "flashinfer") if k in v)
-        for name, r in report["workloads"].items():
-            peer = report.get("peer", {}).get(name)
-            peer_s = f"HF {peer['output_tok_per_s']:.0f} tok/s (x{r['output_tok_per_s'] / peer['output_tok_per_s']:.1f})" if peer else "-"
-            notes = (f"TTFT {r['ttft_ms']:.1f} ms, TPOT {r['tpot_ms']:.2f} ms (floor {r['tpot_floor_ms']:.2f})"
-                     if "ttft_ms" in r else f"{r['elapsed_s']:.1f} s, floor {r['floor_s']:.1f} s")
-            f.write(f"| {report['date']} | {report['device']} | {ver} | {report['model']} | "
-                    f"{report['config']} | {name} | {r['output_tok_per_s']:.0f} | "
-                    f"{r['measured_over_floor']:.2f} | {peer_s} | {notes} |\n")
-
-
-def print_table(report: dict[str, Any]) -> None:
-    print(f"\n{report['model']} on {report['device']}  ({report['hardware']})")
-    print(f"{'workload':9} {'out tok/s':>10} {'elapsed s':>10} {'floor s':>8} {'x floor':>8} "
-          f"{'prefill x':>9} {'decode x':>9} {'engine s':>9}")
-    for name, r in report["workloads"].items():
-        s = r["steps"]
-        fmt = lambda x: f"{x:.2f}" if x else "-"
-        print(f"{name:9} {r['output_tok_per_s']:10.0f} {r['elapsed_s']:10.2f} {r['floor_s']:8.2f} "
-              f"{r['measured_over_floor']:8.2f} {fmt(s['prefill']['worker_over_floor']):>9} "
-              f"{fmt(s['decode']['worker_over_floor']):>9} {r['engine_overhead_s']:9.2f}")
-        if "ttft_ms" in r:
-            print(f"          TTFT {r['ttft_ms']:.1f} ms (floor {r['ttft_floor_ms']:.1f}), "
-                  f"TPOT {r['tpot_ms']:.2f} ms (floor {r['tpot_floor_ms']:.2f})")
+def result_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (executor, workload), with the peer's figure beside zllm's."""
+    rows = []
+    fmt = lambda x: round(x, 2) if x else "-"  # noqa: E731
+    for key, r in report["workloads"].items():
+        executor, name = key.split("/")
         peer = report.get("peer", {}).get(name)
-        if peer:
-            print(f"          HF generate_batch {peer['output_tok_per_s']:.0f} tok/s: zllm is "
-                  f"x{r['output_tok_per_s'] / peer['output_tok_per_s']:.1f}")
+        s = r["steps"]
+        rows.append({
+            "executor": executor, "workload": name,
+            "out_tok_per_s": round(r["output_tok_per_s"]),
+            "elapsed_s": r["elapsed_s"], "floor_s": r["floor_s"],
+            "x_floor": r["measured_over_floor"],
+            "prefill_x_floor": fmt(s["prefill"]["worker_over_floor"]),
+            "decode_x_floor": fmt(s["decode"]["worker_over_floor"]),
+            "ttft_ms": fmt(r.get("ttft_ms")), "tpot_ms": fmt(r.get("tpot_ms")),
+            "tpot_floor_ms": fmt(r.get("tpot_floor_ms")),
+            "hf_tok_per_s": round(peer["output_tok_per_s"]) if peer else "-",
+            "x_hf": round(r["output_tok_per_s"] / peer["output_tok_per_s"], 1) if peer else "-",
+        })
+    return rows
+
+
+def print_details(report: dict[str, Any]) -> None:
+    print(f"\n{report['model']} on {report['device']}  ({report['hardware']})")
+    for key, r in report["workloads"].items():
+        print(f"{key}: engine outside the workers' steps {r['engine_overhead_s']:.2f} s of "
+              f"{r['elapsed_s']:.2f} s" + ("; worker host stages: " + ", ".join(
+                  f"{k} {v:.2f} s" for k, v in r["worker_host_s"].items())
+                  if r.get("worker_host_s") else ""))
+
+
+def run_executor(model_dir: str, arch: LlamaArchitecture, hw: Hardware, config: dict[str, Any],
+                 workloads: list[str], num_requests: Optional[int]) -> tuple[dict[str, Any], int]:
+    """All workloads on one engine; (results by workload, KV blocks)."""
+    from zllm.llm import LLM
+
+    llm = LLM(model=model_dir, **config)
+    recorder = StepRecorder(llm.engine, ModelCost(arch), hw)
+    # Warm-up (kernel JIT / autotuning happen here, not in the timings).
+    warm = make_workload("W1", arch.vocab_size, 8)
+    run_zllm(llm, recorder, Workload("warmup", warm.prompts, [16] * 8))
+    results = {}
+    for name in workloads:
+        wl = make_workload(name, arch.vocab_size, num_requests)
+        run = run_latency_steps if name == "latency" else run_zllm
+        results[name] = run(llm, recorder, wl)
+        print(config.get("distributed_executor_backend"), name,
+              json.dumps({k: v for k, v in results[name].items() if k != "steps"}), flush=True)
+    num_blocks = llm.engine.block_manager.num_blocks
+    llm.shutdown()
+    del llm, recorder
+    torch.cuda.empty_cache()
+    return results, num_blocks
 
 
 def run_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
-    from zllm.llm import LLM
+    from zllm.bench.report import write_results
 
     overrides = dict(overrides)
     args.model = overrides.pop("model", None) or "llama-3.2-1b"  # --model: a directory or a shape
     model_dir = model_dir_for(args.model)
     arch = LlamaArchitecture.from_model_dir(model_dir)
-    device = torch.device("cuda")
-    hw = measure_hardware(device)
-    config = {"dtype": "bfloat16", "load_format": "dummy" if args.model in MODEL_SHAPES else "auto"}
+    hw = measure_hardware(torch.device("cuda"))
+    config = {"dtype": "bfloat16", "load_format": "dummy" if args.model in MODEL_SHAPES else "auto",
+              "async_scheduling": True}
     config.update(overrides)
-    llm = LLM(model=model_dir, **config)
-    recorder = StepRecorder(llm.engine, ModelCost(arch), hw)
     workloads = args.workload.split(",")
-    # Warm-up (kernel JIT / autotuning / graph capture happen here, not in the timings).
-    warm = make_workload("W1", arch.vocab_size, 8)
-    run_zllm(llm, recorder, Workload("warmup", warm.prompts, [16] * 8))
     report: dict[str, Any] = {
         "date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-        "versions": versions(), "model": args.model, "hardware": hw.as_dict(),
-        "config": ", ".join(f"{k}={v}" for k, v in sorted(config.items())),
-        "num_kv_blocks": llm.engine.block_manager.num_blocks if hasattr(llm.engine.block_manager, "num_blocks") else None,
-        "workloads": {},
+        "model": args.model, "hardware": hw.as_dict(),
+        "config": ", ".join(f"{k}={v}" for k, v in sorted(config.items())), "workloads": {},
     }
-    for name in workloads:
-        wl = make_workload(name, arch.vocab_size, args.num_requests)
-        if name == "latency":
-            report["workloads"][name] = run_latency_steps(llm, recorder, wl)
-        else:
-            report["workloads"][name] = run_zllm(llm, recorder, wl)
-        print(name, json.dumps({k: v for k, v in report["workloads"][name].items() if k != "steps"}),
-              flush=True)
-    llm.shutdown()
-    del llm, recorder
-    torch.cuda.empty_cache()
+    for executor in args.executors.split(","):
+        results, report["num_kv_blocks"] = run_executor(
+            model_dir, arch, hw, dict(config, distributed_executor_backend=executor), workloads,
+            args.num_requests)
+        report["workloads"].update({f"{executor}/{name}": r for name, r in results.items()})
     if args.peer == "hf":
         report["peer"] = {}
         for name in workloads:
@@ -315,12 +339,15 @@ def run_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, 
             wl = make_workload(name, arch.vocab_size, args.num_requests)
             report["peer"][name] = run_hf_peer(model_dir, wl, torch.bfloat16)
             print("peer", name, report["peer"][name], flush=True)
-    print_table(report)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-    if args.markdown:
-        append_markdown(args.markdown, report)
+    print_details(report)
+    hw_note = (f"Measured at start: copy {hw.copy_bytes_per_s / 1e9:,.0f} GB/s, bf16 matmul "
+               f"{hw.matmul_flops_per_s / 1e12:,.0f} TFLOP/s. x_floor = measured time / roofline "
+               f"floor (per step max(bytes / bandwidth, FLOPs / matmul rate)); hf = transformers "
+               f"generate_batch on the same shape and workload. {report['num_kv_blocks']} KV blocks.")
+    write_results(f"Throughput and latency: {args.model} (zllm bench throughput)",
+                  {"model": args.model, **config, "workloads": args.workload},
+                  result_rows(report), args.out, args.markdown or None, notes=hw_note,
+                  extra=report)
     return report
 
 
@@ -342,6 +369,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-requests", type=int, default=None, help="override W1/W2's 256")
     parser.add_argument("--peer", choices=["none", "hf"], default="none")
     parser.add_argument("--peer-latency", action="store_true", help="also run the peer on latency")
+    parser.add_argument("--executors", default="uni",
+                        help="comma-separated: uni (in-process), ray; each runs every workload")
     parser.add_argument("--out", help="write the report as JSON here")
     parser.add_argument("--markdown", default="docs/benchmarks.md",
-                        help="append a row per workload to this file ('' to skip)")
+                        help="append a section with the results to this file ('' to skip)")

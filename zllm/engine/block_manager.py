@@ -83,7 +83,9 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         table = self.block_tables.get(req.req_id, [])
-        num_full = min(req.num_computed_tokens // self.block_size, len(table))
+        # Only tokens the engine knows can be hashed (a pending token's K/V may be computed).
+        known = min(req.num_computed_tokens, req.num_tokens)
+        num_full = min(known // self.block_size, len(table))
         if num_full <= req.num_cached_blocks:
             return
         hashes = self._hashes(req, num_full)

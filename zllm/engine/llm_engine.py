@@ -1,7 +1,9 @@
 """The engine on the driver: accepts requests, runs the step loop, returns outputs.
 
-One step: scheduler.schedule() -> executor.execute_model() -> output_processor.process() ->
-free what finished. The engine never touches torch models; the workers behind the executor do.
+One step: scheduler.schedule() -> executor.submit() -> executor.collect() ->
+output_processor.process() -> free what finished. With async scheduling the engine submits step
+N+1 before it collects and processes step N, so that work overlaps the workers' step. The engine
+never touches torch models; the workers behind the executor do.
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ class LLMEngine:
         self.groups: dict[str, _Group] = {}
         self._seed_rng = random.Random(config.model.seed)
         self.stats = EngineStats()
+        self.num_in_flight = 0  # steps submitted to the executor and not collected yet
+        self.max_in_flight = 1 if config.scheduler.async_scheduling else 0  # beyond the one collected
         eos = self.arch.eos_token_ids or [self.tokenizer.eos_token_id]
         self.eos_token_ids = [t for t in eos if t is not None]
 
@@ -184,23 +188,35 @@ class LLMEngine:
         self._forget(group)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests still to serve, or a submitted step still to collect."""
+        return self.scheduler.has_unfinished() or self.num_in_flight > 0
 
     # -- the step loop ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled step; returns outputs of finished and streaming requests."""
+        """Schedule and submit one step; collect the oldest submitted step (this one, unless
+        async scheduling keeps one more in flight) and return outputs of finished and
+        streaming requests."""
         scheduler_output = self.scheduler.schedule()
-        if scheduler_output.total_num_scheduled_tokens == 0 and not (
-                scheduler_output.blocks_to_swap_out or scheduler_output.finished_req_ids):
+        submitted = bool(scheduler_output.total_num_scheduled_tokens or (
+            scheduler_output.blocks_to_swap_out or scheduler_output.finished_req_ids))
+        if submitted:
+            self.stats.record(self.scheduler.last_stats)
+            self.executor.submit(scheduler_output)
+            self.num_in_flight += 1
+        elif not self.num_in_flight:
             if self.scheduler.has_unfinished():
                 # Nothing fits (cannot happen with a valid config); fail loudly over spinning.
                 raise RuntimeError(f"scheduler made no progress: {len(self.scheduler.running)} "
                                    f"running, {len(self.scheduler.waiting)} waiting, "
                                    f"{len(self.scheduler.swapped)} swapped")
             return []
-        self.stats.record(self.scheduler.last_stats)
-        runner_output = self.executor.execute_model(scheduler_output)
+        if submitted and self.num_in_flight <= self.max_in_flight and self.scheduler.has_unfinished():
+            return []  # the step runs while the engine schedules the next one
+        self.num_in_flight -= 1
+        return self._process(self.executor.collect())
+
+    def _process(self, runner_output) -> list[RequestOutput]:
         finished = self.output_processor.process(self.requests, runner_output)
         for req, status in finished:
             self.scheduler.finish_requests([req], status)

@@ -68,7 +68,8 @@ class OutputProcessor:
         for i, (req_id, token_id) in enumerate(zip(output.req_ids, output.sampled_token_ids)):
             req = requests.get(req_id)
             if req is None or req.status.finished:
-                continue  # aborted while the step ran
+                continue  # finished or aborted while the step ran: an extra token, dropped
+            req.num_pending_tokens -= 1
             req.output_token_ids.append(token_id)
             if lp is not None and req.params.logprobs is not None:
                 top = dict(zip(lp.top_ids[i][:req.params.logprobs], lp.top_logprobs[i]))

@@ -26,8 +26,10 @@ class Request:
     """One sequence being generated. With n > 1 each sample is its own Request.
 
     `num_computed_tokens` counts tokens whose K/V sit in the cache. A request needs more compute
-    while `num_computed_tokens < num_tokens`; when a step brings it to `num_tokens`, the worker
-    samples its next token.
+    while `num_computed_tokens < num_tokens + num_pending_tokens`; when a step brings it there,
+    the worker samples its next token. `num_pending_tokens` counts tokens sampled by steps whose
+    results the engine has not processed yet (with async scheduling, up to two; the workers
+    already hold them, so the next step can compute them).
     """
 
     def __init__(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -43,6 +45,7 @@ class Request:
         self.priority = priority
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
+        self.num_pending_tokens = 0
         self.block_hashes: list[int] = []  # chained hashes of full blocks, filled as needed
         self.num_cached_blocks = 0  # leading blocks of its table registered in the prefix cache
         self.num_preemptions = 0
@@ -52,6 +55,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens_to_compute(self) -> int:
+        """Tokens the workers hold for this request that are not in the KV cache yet."""
+        return self.num_tokens + self.num_pending_tokens - self.num_computed_tokens
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -105,7 +105,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = self._chunk(req.num_tokens_to_compute, budget)
             if num_new == 0:
                 i += 1
                 continue
@@ -127,7 +127,9 @@ class Scheduler:
         swap_in: list[tuple[int, int]] = []
         while self.swapped and budget > 0 and not stats.num_preemptions:
             req = self.swapped[0]
-            num_new = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
+            if req.num_pending_tokens:
+                break  # swapped out while its last token was on its way: wait for it
+            num_new = self._chunk(req.num_tokens_to_compute, budget)
             if (len(self.running) >= self.config.max_num_seqs
                     or not self.block_manager.can_swap_in(req, num_new)):
                 break
@@ -139,6 +141,8 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             req = self.waiting[0]
+            if req.num_pending_tokens:
+                break  # preempted while its last token was on its way: wait for it
             prefix = self.block_manager.find_cached_prefix(req)
             remaining = req.num_tokens - len(prefix) * self.block_manager.block_size
             num_new = self._chunk(remaining, budget)
@@ -153,7 +157,8 @@ class Scheduler:
             budget -= num_new
 
         # Progress is counted at scheduling time; a request whose computed tokens reach its
-        # length this step gets a sampled token back. Blocks it filled join the prefix cache.
+        # length this step gets a sampled token back (pending until the engine processes it).
+        # Blocks it filled join the prefix cache.
         for req in self.running:
             num_new = num_scheduled.get(req.req_id, 0)
             if num_new == 0:
@@ -164,6 +169,8 @@ class Scheduler:
             else:
                 stats.num_prefill_tokens += num_new
             req.num_computed_tokens += num_new
+            if req.num_tokens_to_compute == 0:
+                req.num_pending_tokens += 1
             self.block_manager.cache_full_blocks(req)
         stats.num_running, stats.num_waiting = len(self.running), len(self.waiting)
         self.last_stats = stats

@@ -20,9 +20,19 @@ class Executor(ABC):
     def collective_rpc(self, method: str, *args: Any) -> list[Any]:
         """Run a worker method on every rank once; returns the results in rank order."""
 
-    @abstractmethod
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step on all ranks; returns rank 0's sampled tokens."""
+        self.submit(scheduler_output)
+        return self.collect()
+
+    @abstractmethod
+    def submit(self, scheduler_output: SchedulerOutput) -> None:
+        """Start a step. Workers run steps in submission order; with async scheduling the engine
+        submits step N+1 before collecting step N."""
+
+    @abstractmethod
+    def collect(self) -> ModelRunnerOutput:
+        """Wait for the oldest submitted step that has not been collected; its result."""
 
     def determine_num_available_blocks(self) -> int:
         # Every rank holds the same blocks for its shard, so the smallest count wins.

@@ -145,9 +145,13 @@ class RayExecutor(Executor):
 
     # -- data path -------------------------------------------------------------------------------------
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def submit(self, scheduler_output: SchedulerOutput) -> None:
         self._raise_if_dead()
         self.endpoint.publish(encode_scheduler_output(scheduler_output))
+
+    def collect(self) -> ModelRunnerOutput:
+        """Rank 0 replies in step order, so the next reply belongs to the oldest step."""
+        self._raise_if_dead()
         timeout = self.config.parallel.execute_timeout_s
         deadline = time.monotonic() + timeout
         while True:

@@ -4,6 +4,11 @@ The scheduler output only says what changed; this class holds the rest (each req
 progress and block table). A step flattens every scheduled request's new tokens into one
 sequence (mixed prefill chunks and decodes), writes their K/V into the paged cache inside the
 attention backend, and computes logits only for the last token of requests that reach their end.
+On CUDA with flashinfer, pure-decode steps replay a captured CUDA graph (zllm/worker/cuda_graphs.py)
+unless enforce_eager is set.
+
+Host work per step is kept small: per-request arithmetic for decodes is plain Python on ints,
+and the step's index arrays travel to the device in two copies (one int64, one int32).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from zllm.config import EngineConfig, LlamaArchitecture
 from zllm.protocol import ModelRunnerOutput, SchedulerOutput
 from zllm.sampling_params import SamplingParams
 from zllm.worker.attention.base import AttentionBatch, make_attention_backend
+from zllm.worker.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from zllm.worker.models.llama import build_model
 from zllm.worker.models.weights import load_weights
 from zllm.worker.sampler import SamplingMetadata, sample
@@ -34,10 +40,17 @@ class RequestState:
     block_ids: list[int]
     params: SamplingParams
     stop_token_ids: list[int]
+    _block_array: np.ndarray = None  # block_ids as int32, rebuilt when blocks are added
 
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def block_array(self) -> np.ndarray:
+        if self._block_array is None or len(self._block_array) != len(self.block_ids):
+            self._block_array = np.asarray(self.block_ids, dtype=np.int32)
+        return self._block_array
 
 
 class ModelRunner:
@@ -51,12 +64,17 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.model = build_model(arch, tp_size, arch.max_position_embeddings, dtype, device)
         dims = self.model.dims
+        sched = config.scheduler
+        max_num_tokens = max(sched.max_num_batched_tokens, graph_batch_sizes(sched.max_num_seqs)[-1])
         self.attn = make_attention_backend(
-            config.device.attention_backend, device, num_heads=dims.num_heads,
-            num_kv_heads=dims.num_kv_heads, head_dim=dims.head_dim, block_size=self.block_size)
+            config.device.attention_backend, device, dtype, max_num_tokens,
+            num_heads=dims.num_heads, num_kv_heads=dims.num_kv_heads, head_dim=dims.head_dim,
+            block_size=self.block_size)
         self.kv_caches: list[torch.Tensor] = []
         self.swap_caches: list[torch.Tensor] = []
         self.requests: dict[str, RequestState] = {}
+        self.scratch_block = 0  # padding rows of a CUDA-graph step write here (set with the cache)
+        self.graphs: DecodeGraphs | None = None
 
     def load_weights(self) -> None:
         m = self.config.model
@@ -69,15 +87,41 @@ class ModelRunner:
         return (2 * self.arch.num_layers * self.block_size * d.num_kv_heads * d.head_dim
                 * self.dtype.itemsize)
 
-    def init_kv_cache(self, num_blocks: int, num_swap_blocks: int = 0) -> None:
+    def _allocate_kv(self, num_blocks: int, device: torch.device, pin: bool = False) -> list[torch.Tensor]:
         d = self.model.dims
         shape = (num_blocks, 2, self.block_size, d.num_kv_heads, d.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                          for _ in range(self.arch.num_layers)]
+        return [torch.zeros(shape, dtype=self.dtype, device=device, pin_memory=pin)
+                for _ in range(self.arch.num_layers)]
+
+    def init_kv_cache(self, num_blocks: int, num_swap_blocks: int = 0) -> None:
+        """Blocks 0..num_blocks-1 for the block manager, plus one scratch block at the end."""
+        self.kv_caches = self._allocate_kv(num_blocks + 1, self.device)
+        self.scratch_block = num_blocks
         # Host copies of swapped-out blocks; pinned so device copies can run asynchronously.
-        pin = self.device.type == "cuda"
-        self.swap_caches = [torch.zeros((num_swap_blocks, *shape[1:]), dtype=self.dtype, pin_memory=pin)
-                            for _ in range(self.arch.num_layers)] if num_swap_blocks else []
+        self.swap_caches = (self._allocate_kv(num_swap_blocks, torch.device("cpu"),
+                                              pin=self.device.type == "cuda")
+                            if num_swap_blocks else [])
+        if (self.device.type == "cuda" and self.attn.supports_cuda_graphs
+                and not self.config.device.enforce_eager):
+            self._capture_graphs()
+
+    def _capture_graphs(self) -> None:
+        sizes = graph_batch_sizes(self.config.scheduler.max_num_seqs)
+        max_len = self.config.model.max_model_len or self.arch.max_position_embeddings
+        self.attn.enable_cuda_graphs(sizes, max_pages=sizes[-1] * -(-max_len // self.block_size))
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.attn, sizes, self.device)
+        self.graphs.capture(lambda bs: self.attn.plan(self._padding_batch(bs)))
+
+    def _padding_batch(self, num_rows: int) -> AttentionBatch:
+        """A decode batch of padding rows only (for capturing graphs)."""
+        dev, slot = self.device, self.scratch_block * self.block_size
+        ones = [1] * num_rows
+        return AttentionBatch(
+            query_start_loc=torch.arange(num_rows + 1, dtype=torch.int32, device=dev),
+            seq_lens=torch.ones(num_rows, dtype=torch.int32, device=dev),
+            block_table=torch.full((num_rows, 1), self.scratch_block, dtype=torch.int32, device=dev),
+            slot_mapping=torch.full((num_rows,), slot, dtype=torch.long, device=dev),
+            query_lens_cpu=ones, seq_lens_cpu=ones, num_blocks_cpu=ones, cuda_graph=True)
 
     def _swap(self, pairs: list[tuple[int, int]], out: bool) -> None:
         """Copy blocks device -> host (out) or host -> device, in every layer."""
@@ -98,8 +142,7 @@ class ModelRunner:
         lens = [max_len] * (num_tokens // max_len) + ([num_tokens % max_len] if num_tokens % max_len else [])
         bs = self.block_size
         blocks_per_req = [-(-n // bs) for n in lens]
-        saved, self.kv_caches = self.kv_caches, []
-        self.init_kv_cache(sum(blocks_per_req))
+        saved, self.kv_caches = self.kv_caches, self._allocate_kv(sum(blocks_per_req), self.device)
         block_table = torch.zeros(len(lens), max(blocks_per_req), dtype=torch.int32)
         slots, first = [], 0
         for i, (n, nb) in enumerate(zip(lens, blocks_per_req)):
@@ -132,7 +175,10 @@ class ModelRunner:
             return ModelRunnerOutput([], [])
         input_ids, positions, batch, sample_rows, sampled_states = self._prepare_inputs(sched)
         self.attn.plan(batch)
-        hidden = self.model(input_ids, positions, self.kv_caches, self.attn)
+        if batch.cuda_graph:
+            hidden = self.graphs.replay(input_ids, positions)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, self.attn)
         if not sampled_states:
             return ModelRunnerOutput([], [])
         logits = self.model.compute_logits(hidden[sample_rows])
@@ -156,40 +202,64 @@ class ModelRunner:
 
     def _prepare_inputs(self, sched: SchedulerOutput):
         bs = self.block_size
-        token_chunks, position_chunks, slot_chunks = [], [], []
-        query_lens, seq_lens, sample_rows, sampled_states = [], [], [], []
-        max_blocks = max(len(self.requests[r].block_ids) for r in sched.num_scheduled_tokens)
-        block_table = np.zeros((len(sched.num_scheduled_tokens), max_blocks), dtype=np.int32)
-        num_tokens = 0
-        for i, (req_id, n) in enumerate(sched.num_scheduled_tokens.items()):
-            state = self.requests[req_id]
+        scheduled = [(self.requests[r], n) for r, n in sched.num_scheduled_tokens.items()]
+        num_reqs = len(scheduled)
+        # A pure-decode step small enough for a captured graph is padded to the graph's size.
+        graph_size = None
+        if self.graphs is not None and sched.total_num_scheduled_tokens == num_reqs:
+            graph_size = self.graphs.padded_size(num_reqs)
+        num_rows = graph_size or num_reqs
+        tokens, positions, slots, query_lens, seq_lens = [], [], [], [], []
+        sample_rows, sampled_states = [], []
+        for state, n in scheduled:
             start = state.num_computed_tokens
-            positions = np.arange(start, start + n)
-            blocks = np.asarray(state.block_ids, dtype=np.int64)
-            token_chunks.append(state.token_ids[start:start + n])
-            position_chunks.append(positions)
-            slot_chunks.append(blocks[positions // bs] * bs + positions % bs)
-            block_table[i, :len(blocks)] = blocks
-            state.num_computed_tokens = start + n
+            end = start + n
+            if n == 1:  # decode: plain integer arithmetic
+                tokens.append(state.token_ids[start])
+                positions.append(start)
+                slots.append(state.block_ids[start // bs] * bs + start % bs)
+            else:
+                pos = np.arange(start, end)
+                tokens.extend(state.token_ids[start:end])
+                positions.extend(range(start, end))
+                slots.extend((state.block_array[pos // bs].astype(np.int64) * bs + pos % bs).tolist())
+            state.num_computed_tokens = end
             query_lens.append(n)
-            seq_lens.append(start + n)
-            num_tokens += n
-            if state.num_computed_tokens == len(state.token_ids):  # reached its end: sample
-                sample_rows.append(num_tokens - 1)
+            seq_lens.append(end)
+            if end == len(state.token_ids):  # reached its end: sample
+                sample_rows.append(len(tokens) - 1)
                 sampled_states.append(state)
-        dev = self.device
-        input_ids = torch.tensor([t for chunk in token_chunks for t in chunk], dtype=torch.long)
+        num_pad = num_rows - num_reqs
+        if num_pad:
+            tokens += [0] * num_pad
+            positions += [0] * num_pad
+            slots += [self.scratch_block * bs] * num_pad
+            query_lens += [1] * num_pad
+            seq_lens += [1] * num_pad
+        num_blocks = [-(-s // bs) for s in seq_lens]
+        block_table = np.full((num_rows, max(num_blocks)), self.scratch_block, dtype=np.int32)
+        for i, (state, _) in enumerate(scheduled):
+            blocks = state.block_array
+            block_table[i, :len(blocks)] = blocks
+        # Two host -> device copies: the int64 columns and the int32 ones.
+        num_tokens = len(tokens)
+        query_start_loc = np.zeros(num_rows + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=query_start_loc[1:])
+        longs = torch.from_numpy(np.concatenate([
+            np.asarray(tokens + positions + slots, dtype=np.int64), query_start_loc,
+            np.asarray(seq_lens, dtype=np.int64)])).to(self.device, non_blocking=True)
+        input_ids, positions_t, slot_mapping = longs[:3 * num_tokens].view(3, num_tokens)
+        ints = longs[3 * num_tokens:].to(torch.int32)
         batch = AttentionBatch(
-            query_start_loc=torch.tensor(np.cumsum([0] + query_lens), dtype=torch.int32).to(dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev),
-            block_table=torch.from_numpy(block_table).to(dev),
-            slot_mapping=torch.from_numpy(np.concatenate(slot_chunks)).to(dev),
-            query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens,
-            num_blocks_cpu=[-(-s // bs) for s in seq_lens],
-        )
-        positions = torch.from_numpy(np.concatenate(position_chunks)).to(dev)
-        return input_ids.to(dev), positions, batch, torch.tensor(sample_rows, device=dev), sampled_states
+            query_start_loc=ints[:num_rows + 1], seq_lens=ints[num_rows + 1:],
+            block_table=torch.from_numpy(block_table).to(self.device, non_blocking=True),
+            slot_mapping=slot_mapping, query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
+            num_blocks_cpu=num_blocks, cuda_graph=graph_size is not None)
+        if sample_rows == list(range(len(sample_rows))):  # decodes: the first rows, no gather
+            rows = slice(0, len(sample_rows))
+        else:
+            rows = torch.tensor(sample_rows, device=self.device)
+        return input_ids, positions_t, batch, rows, sampled_states
 
     def _sampling_metadata(self, states: list[RequestState]) -> SamplingMetadata:
         dev = self.device
@@ -199,16 +269,20 @@ class ModelRunner:
         def column(values, dtype=torch.float32):
             return torch.tensor(values, dtype=dtype, device=dev)
 
-        top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
-        meta = SamplingMetadata(
-            temperature=column([p.temperature for p in params]),
-            all_greedy=all(p.temperature == 0 for p in params),
-            top_k=column(top_k, torch.long) if any(k < vocab for k in top_k) else None,
-            top_p=column([p.top_p for p in params]) if any(p.top_p < 1 for p in params) else None,
-            min_p=column([p.min_p for p in params]) if any(p.min_p > 0 for p in params) else None,
-            seeds=column([p.seed & (2**63 - 1) for p in params], torch.long),
-            output_positions=column([s.num_output_tokens for s in states], torch.long),
-        )
+        if all(p.temperature == 0 for p in params):  # greedy: argmax needs no per-row tensors
+            meta = SamplingMetadata(temperature=None, all_greedy=True, top_k=None, top_p=None,
+                                    min_p=None, seeds=None, output_positions=None)
+        else:
+            top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
+            meta = SamplingMetadata(
+                temperature=column([p.temperature for p in params]),
+                all_greedy=False,
+                top_k=column(top_k, torch.long) if any(k < vocab for k in top_k) else None,
+                top_p=column([p.top_p for p in params]) if any(p.top_p < 1 for p in params) else None,
+                min_p=column([p.min_p for p in params]) if any(p.min_p > 0 for p in params) else None,
+                seeds=column([p.seed & (2**63 - 1) for p in params], torch.long),
+                output_positions=column([s.num_output_tokens for s in states], torch.long),
+            )
         logprob_counts = [p.logprobs for p in params if p.logprobs is not None]
         meta.num_logprobs = max(logprob_counts) if logprob_counts else None
         if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params):

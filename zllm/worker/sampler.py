@@ -21,13 +21,13 @@ _MASK32 = 0xFFFFFFFF
 
 @dataclass
 class SamplingMetadata:
-    temperature: torch.Tensor  # [B] float32; 0 means greedy
+    temperature: Optional[torch.Tensor]  # [B] float32; 0 means greedy (None when all are)
     all_greedy: bool
     top_k: Optional[torch.Tensor]  # [B] int64, vocab size where off; None if no row uses it
     top_p: Optional[torch.Tensor]  # [B] float32; None if no row uses it
     min_p: Optional[torch.Tensor]  # [B] float32; None if no row uses it
-    seeds: torch.Tensor  # [B] int64
-    output_positions: torch.Tensor  # [B] int64: how many tokens each request has generated
+    seeds: Optional[torch.Tensor]  # [B] int64 (None when all rows are greedy)
+    output_positions: Optional[torch.Tensor]  # [B] int64: tokens generated so far (ditto)
     # Penalties (None if no row has any): per-row factors and token statistics.
     repetition_penalty: Optional[torch.Tensor] = None  # [B]
     presence_penalty: Optional[torch.Tensor] = None  # [B]

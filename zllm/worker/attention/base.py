@@ -31,6 +31,8 @@ class AttentionBatch:
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
     num_blocks_cpu: list[int]
+    # A pure-decode step padded to a captured batch size, about to replay its CUDA graph.
+    cuda_graph: bool = False
 
     @property
     def is_decode_only(self) -> bool:
@@ -38,6 +40,8 @@ class AttentionBatch:
 
 
 class AttentionBackend(ABC):
+    supports_cuda_graphs = False  # can plan a decode step into fixed buffers for graph replay
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> None:
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -55,13 +59,14 @@ class AttentionBackend(ABC):
         """q [T, H, D], k and v [T, KVH, D]; store k/v in kv_cache, return [T, H, D]."""
 
 
-def make_attention_backend(name: str, device: torch.device, **dims: int) -> AttentionBackend:
+def make_attention_backend(name: str, device: torch.device, dtype: torch.dtype,
+                           max_num_tokens: int, **dims: int) -> AttentionBackend:
     if name == "auto":
         name = "flashinfer" if device.type == "cuda" else "torch"
     if name == "flashinfer":
         from zllm.worker.attention.flashinfer_backend import FlashInferBackend
 
-        return FlashInferBackend(device=device, **dims)
+        return FlashInferBackend(device=device, dtype=dtype, max_num_tokens=max_num_tokens, **dims)
     from zllm.worker.attention.torch_backend import TorchPagedBackend
 
     return TorchPagedBackend(**dims)

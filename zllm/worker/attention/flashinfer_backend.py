@@ -8,38 +8,68 @@ decodes runs the batch-decode kernel, which is faster for one query row per requ
 The page table flashinfer wants (indptr / indices / last_page_len) is derived from host lists, so
 planning needs no device sync: indptr and last_page_len are built on the host (flashinfer reads
 them there to choose its split-k schedule), and indices are gathered on the device from the
-step's block table with one small host-built index. flashinfer is imported here only, so CPU
-installs never need it.
+step's block table with one small host-built index.
+
+CUDA graphs: a captured decode step replays fixed kernels on fixed buffers, so for each captured
+batch size there is a decode wrapper in flashinfer's CUDA-graph mode, whose page table lives in
+buffers that `plan` refills each step, and the K/V store reads its destination rows from a static
+buffer too. flashinfer is imported here only, so CPU installs never need it.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import numpy as np
 import torch
 
 from zllm.worker.attention.base import AttentionBackend, AttentionBatch
 
-WORKSPACE_BYTES = 256 * 2**20
+FLOAT_WORKSPACE_BYTES = 256 * 2**20
+INT_WORKSPACE_BYTES = 8 * 2**20  # flashinfer's own default for its plan data
 
 
 class FlashInferBackend(AttentionBackend):
-    def __init__(self, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int,
-                 block_size: int) -> None:
+    supports_cuda_graphs = True
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_heads: int,
+                 head_dim: int, block_size: int, max_num_tokens: int) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, block_size)
         import flashinfer
 
-        self.device = device
-        # One float workspace for split-k partial results, shared by both wrappers: a step uses
-        # only one of them.
-        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
-        # Tensor-core decode pays off for wide GQA groups (vLLM uses the same cut-off).
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_tensor_cores=num_heads // num_kv_heads > 4)
-        self._pending: Optional[tuple] = None  # the step's page table, planned on first forward
+        self.device, self.dtype = device, dtype
+        # Workspaces shared by all wrappers: a step uses exactly one of them.
+        self.workspace = torch.zeros(FLOAT_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.int_workspace = torch.zeros(INT_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.prefill = self._share(flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD"))
+        self.decode = self._share(flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_tensor_cores=self._decode_tensor_cores()))
+        self.graph_decode: dict[int, object] = {}  # batch size -> CUDA-graph decode wrapper
+        # Rows of each new token's K and V in the cache viewed as [blocks * 2 * block_size, KVH, D].
+        self.kv_rows = torch.zeros(2, max_num_tokens, dtype=torch.long, device=device)
         self._wrapper = None
+
+    def _decode_tensor_cores(self) -> bool:
+        # Tensor-core decode pays off for wide GQA groups (vLLM uses the same cut-off).
+        return self.num_heads // self.num_kv_heads > 4
+
+    def _share(self, wrapper):
+        wrapper.reset_workspace_buffer(self.workspace, self.int_workspace)
+        return wrapper
+
+    def enable_cuda_graphs(self, batch_sizes: list[int], max_pages: int) -> None:
+        """Make a CUDA-graph decode wrapper for each batch size; their page-table buffers are views
+        of one set (a step plans only the wrapper it replays)."""
+        import flashinfer
+
+        largest = max(batch_sizes)
+        indptr = torch.zeros(largest + 1, dtype=torch.int32, device=self.device)
+        indices = torch.zeros(max_pages, dtype=torch.int32, device=self.device)
+        last_page_len = torch.zeros(largest, dtype=torch.int32, device=self.device)
+        for bs in batch_sizes:
+            self.graph_decode[bs] = self._share(flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, "NHD", use_cuda_graph=True,
+                use_tensor_cores=self._decode_tensor_cores(),
+                paged_kv_indptr_buffer=indptr[:bs + 1], paged_kv_indices_buffer=indices,
+                paged_kv_last_page_len_buffer=last_page_len[:bs]))
 
     def plan(self, batch: AttentionBatch) -> None:
         bs = self.block_size
@@ -53,34 +83,29 @@ class FlashInferBackend(AttentionBackend):
         flat = torch.from_numpy(rows * batch.block_table.shape[1] + cols)
         indices = batch.block_table.reshape(-1)[flat.to(self.device, non_blocking=True)]
         last_page_len = torch.from_numpy(((seq_lens - 1) % bs + 1).astype(np.int32))
-        qo_indptr = None
-        if not batch.is_decode_only:
+        kv_indptr = torch.from_numpy(kv_indptr)
+        common = dict(num_qo_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                      page_size=bs, sm_scale=self.scale, q_data_type=self.dtype,
+                      kv_data_type=self.dtype)
+        if batch.is_decode_only:
+            self._wrapper = self.graph_decode[len(num_blocks)] if batch.cuda_graph else self.decode
+            self._wrapper.plan(kv_indptr, indices, last_page_len, head_dim=self.head_dim, **common)
+        else:
             qo_indptr = torch.zeros(len(num_blocks) + 1, dtype=torch.int32)
             torch.cumsum(torch.tensor(batch.query_lens_cpu, dtype=torch.int32), 0, out=qo_indptr[1:])
-        self._pending = (qo_indptr, torch.from_numpy(kv_indptr), indices, last_page_len)
-        # K/V store: the cache slot of every new token, split into (block, offset).
-        self.slot_block = batch.slot_mapping // bs
-        self.slot_offset = batch.slot_mapping % bs
-
-    def _plan_kernels(self, dtype: torch.dtype) -> None:
-        """flashinfer's own planning, once per step (it needs the activations' dtype)."""
-        qo_indptr, kv_indptr, indices, last_page_len = self._pending
-        common = dict(num_qo_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                      page_size=self.block_size, sm_scale=self.scale, q_data_type=dtype,
-                      kv_data_type=dtype)
-        if qo_indptr is None:
-            self.decode.plan(kv_indptr, indices, last_page_len, head_dim=self.head_dim, **common)
-            self._wrapper = self.decode
-        else:
             self.prefill.plan(qo_indptr, kv_indptr, indices, last_page_len,
                               head_dim_qk=self.head_dim, causal=True, **common)
             self._wrapper = self.prefill
-        self._pending = None
+        # K/V store: slot s = block * bs + offset is row block * 2 * bs + offset for K, + bs for V.
+        k_rows = batch.slot_mapping + batch.slot_mapping // bs * bs
+        num_tokens = len(batch.slot_mapping)
+        self.kv_rows[0, :num_tokens] = k_rows
+        self.kv_rows[1, :num_tokens] = k_rows + bs
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor) -> torch.Tensor:
-        if self._pending is not None:
-            self._plan_kernels(q.dtype)
-        kv_cache[self.slot_block, 0, self.slot_offset] = k
-        kv_cache[self.slot_block, 1, self.slot_offset] = v
+        num_tokens = q.shape[0]
+        rows = kv_cache.view(-1, self.num_kv_heads, self.head_dim)
+        rows[self.kv_rows[0, :num_tokens]] = k
+        rows[self.kv_rows[1, :num_tokens]] = v
         return self._wrapper.run(q.contiguous(), kv_cache)

@@ -1,26 +1,67 @@
-"""Small building blocks of the Llama model: RMSNorm and rotary embeddings."""
+"""Small building blocks of the Llama model: RMSNorm, SiLU-and-mul and rotary embeddings.
+
+Each has two implementations of the same arithmetic: plain PyTorch (the reference, and the CPU
+path) and flashinfer's fused CUDA kernels (one launch instead of several, in place where the
+caller allows it). `use_fused_kernels` decides once, when the model is built.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
+def use_fused_kernels(device: torch.device, dtype: torch.dtype) -> bool:
+    """flashinfer's norm/activation/RoPE kernels exist for CUDA and 16-bit activations."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return importlib.util.find_spec("flashinfer") is not None
+
+
 class RMSNorm(nn.Module):
+    """RMSNorm; with `residual`, first adds x to it (the decoder's skip connection) and returns
+    (normalised sum, sum), which the fused kernel does in place in one pass."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        if self.fused:
+            from flashinfer.norm import fused_add_rmsnorm, rmsnorm
+
+            if residual is None:
+                return rmsnorm(x, self.weight, self.eps)
+            fused_add_rmsnorm(x, residual, self.weight, self.eps)
+            return x, residual
+        if residual is None:
+            return self._norm(x)
+        residual = x + residual
+        return self._norm(residual), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32, as the reference implementation does, then cast back.
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+def silu_and_mul(gate_up: torch.Tensor, fused: bool) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up] along the last dimension."""
+    if fused:
+        from flashinfer.activation import silu_and_mul as kernel
+
+        return kernel(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float,
@@ -47,15 +88,18 @@ def rope_inverse_frequencies(head_dim: int, theta: float,
 
 class RotaryEmbedding(nn.Module):
     """Rotates q and k by position (the rotate-half layout of Hugging Face checkpoints), from a
-    precomputed cos/sin table."""
+    precomputed cos/sin table. The fused path rotates q and k in place (they may be strided views
+    into the fused qkv projection's output)."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float,
                  scaling: Optional[dict[str, Any]]) -> None:
         super().__init__()
         self.head_dim, self.max_positions = head_dim, max_positions
         self.theta, self.scaling = theta, scaling
+        self.fused = False
         self.register_buffer("cos", torch.empty(0), persistent=False)  # [P, D/2], float32
         self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.register_buffer("cos_sin", torch.empty(0), persistent=False)  # [P, D]: fused layout
         self.init_tables(torch.device("cpu"))
 
     def init_tables(self, device: torch.device) -> None:
@@ -65,8 +109,15 @@ class RotaryEmbedding(nn.Module):
         freqs = positions[:, None] * inv_freq[None, :]
         self.cos = freqs.cos().to(device)
         self.sin = freqs.sin().to(device)
+        self.cos_sin = torch.cat([self.cos, self.sin], dim=-1) if self.fused else torch.empty(0)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """q [T, H, D], k [T, KVH, D] -> rotated (q, k)."""
+        if self.fused:
+            from flashinfer.rope import apply_rope_with_cos_sin_cache_inplace
+
+            apply_rope_with_cos_sin_cache_inplace(positions, q, k, self.head_dim, self.cos_sin)
+            return q, k
         cos = self.cos[positions][:, None, :]  # [T, 1, D/2]
         sin = self.sin[positions][:, None, :]
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

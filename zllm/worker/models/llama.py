@@ -5,6 +5,9 @@ row-parallel layers split their input and all-reduce the result, so each block h
 all-reduces (after attention and after the MLP). q/k/v and gate/up are fused into one
 column-parallel layer each; the weight loader fills each rank's fused shard from the separate
 checkpoint tensors. When there are fewer KV heads than ranks, KV heads are replicated.
+
+The residual stream is carried beside the hidden states (as in vLLM), so each norm can add the
+skip connection and normalise in one fused kernel on CUDA; the arithmetic is the reference's.
 """
 
 from __future__ import annotations
@@ -13,15 +16,15 @@ import contextlib
 from unittest import mock
 
 import torch
-import torch.nn.functional as F
 from fairscale.nn.model_parallel import layers as fs_layers
+from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region
 from fairscale.nn.model_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                                 VocabParallelEmbedding)
 from torch import nn
 
 from zllm.config import LlamaArchitecture
 from zllm.worker.attention.base import AttentionBackend
-from zllm.worker.models.layers import RMSNorm, RotaryEmbedding
+from zllm.worker.models.layers import RMSNorm, RotaryEmbedding, silu_and_mul, use_fused_kernels
 
 
 class ShardDims:
@@ -81,10 +84,10 @@ class LlamaMLP(nn.Module):
                                                  bias=False, gather_output=False)
         self.down_proj = RowParallelLinear(arch.intermediate_size, arch.hidden_size, bias=False,
                                            input_is_parallel=True)
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.fused))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -95,9 +98,15 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = LlamaMLP(arch, dims)
 
-    def forward(self, positions, x, rope, kv_cache, attn) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), rope, kv_cache, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions, x, residual, rope, kv_cache, attn):
+        """(x, residual) -> (this block's MLP output, the residual stream before it)."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, rope, kv_cache, attn)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -118,13 +127,28 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], attn: AttentionBackend) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(positions, x, self.rope, kv_cache, attn)
-        return self.norm(x)
+            x, residual = layer(positions, x, residual, self.rope, kv_cache, attn)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """float32 logits [T, vocab]. On CUDA the 16-bit matmul writes float32 directly: rounding
+        logits to bf16 (8 bits of mantissa) would turn many close candidates into exact ties and
+        make greedy decoding depend on kernel choice."""
+        weight = self.lm_head.weight
+        if hidden.is_cuda and hidden.dtype != torch.float32:
+            logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+        else:
+            logits = torch.nn.functional.linear(hidden, weight).float()
+        return gather_from_model_parallel_region(logits)
+
+    def set_fused_kernels(self, on: bool) -> None:
+        """Norms, RoPE and SiLU-and-mul in flashinfer's fused CUDA kernels (on) or in PyTorch."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, RotaryEmbedding, LlamaMLP)):
+                module.fused = on
+        self.rope.init_tables(self.rope.cos.device)
 
 
 def build_model(arch: LlamaArchitecture, tp_size: int, max_positions: int, dtype: torch.dtype,
@@ -134,6 +158,8 @@ def build_model(arch: LlamaArchitecture, tp_size: int, max_positions: int, dtype
         model = LlamaForCausalLM(arch, tp_size, max_positions)
     model.to_empty(device=device)
     model.rope.init_tables(device)
+    if use_fused_kernels(device, dtype):
+        model.set_fused_kernels(True)
     if arch.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval().requires_grad_(False)
