@@ -50,8 +50,10 @@ def make_batch(cached: list[int], new: list[int], block_size: int, num_blocks: i
         slots.append(blocks[pos // block_size] * block_size + pos % block_size)
         first += n
     qsl = torch.tensor([0] + new).cumsum(0).to(torch.int32)
+    slots = torch.cat(slots)
     return AttentionBatch(qsl.to(device), torch.tensor(seq_lens, dtype=torch.int32, device=device),
-                          table.to(device), torch.cat(slots).to(device), list(new), seq_lens, nb)
+                          table.to(device), slots.to(device), list(new), seq_lens, nb,
+                          table.numpy(), slots.numpy())
 
 
 def check_kernels(device: torch.device) -> dict:
@@ -93,41 +95,50 @@ def build_model(path: str) -> None:
 
 
 def check_model_logits(path: str) -> dict:
-    """Prefill logits of the same weights under both backends."""
+    """Prefill logits of the same weights: the bf16 fast path (flashinfer attention, fused
+    norm/RoPE/SiLU kernels), each change alone, and the bf16 reference (torch attention, PyTorch
+    ops), all against a float32 run of the reference. This small model is deliberately
+    sensitive (large weights), so bf16 rounding alone moves its logits by about 1%; the test is
+    that the fast path is as close to float32 as the bf16 reference is."""
     from zllm.llm import LLM
     from zllm.worker.attention.base import make_attention_backend
 
-    llm = LLM(model=path, dtype="bfloat16", attention_backend="flashinfer", num_kv_blocks=256,
-              enforce_eager=True)
-    runner = llm.engine.executor.worker.model_runner
-    device = runner.device
     torch.manual_seed(1)
     lens = [7, 130, 64, 1]
-    batch = make_batch([0] * len(lens), lens, runner.block_size, 256, device)
-    ids = torch.randint(0, 384, (sum(lens),), device=device)
-    pos = torch.cat([torch.arange(n) for n in lens]).to(device)
-    last = batch.query_start_loc[1:].long() - 1
+    ids = torch.randint(0, 384, (sum(lens),))
     logits = {}
-    # The fast path (flashinfer attention, fused norm/RoPE/SiLU kernels) against the reference
-    # (torch attention, PyTorch ops), and each change alone.
-    for name, backend, fused in (("fast", "flashinfer", True), ("flashinfer_unfused", "flashinfer", False),
-                                 ("torch_fused", "torch", True), ("reference", "torch", False)):
-        d = runner.model.dims
-        attn = make_attention_backend(backend, device, torch.bfloat16, sum(lens), num_heads=d.num_heads,
-                                      num_kv_heads=d.num_kv_heads, head_dim=d.head_dim,
-                                      block_size=runner.block_size)
-        runner.model.set_fused_kernels(fused)
-        with torch.inference_mode():
-            for c in runner.kv_caches:
-                c.zero_()
-            attn.plan(batch)
-            hidden = runner.model(ids, pos, runner.kv_caches, attn)
-            logits[name] = runner.model.compute_logits(hidden[last])
-    llm.shutdown()
-    ref = logits["reference"]
-    out = {name: {"rel_err": rel_err(x, ref), "same_argmax": bool(torch.equal(x.argmax(-1), ref.argmax(-1)))}
-           for name, x in logits.items() if name != "reference"}
-    out["ok"] = all(r["rel_err"] < REL_TOL and r["same_argmax"] for r in out.values())
+    variants = {torch.bfloat16: (("fast", "flashinfer", True), ("flashinfer_unfused", "flashinfer", False),
+                                 ("torch_fused", "torch", True), ("reference_bf16", "torch", False)),
+                torch.float32: (("reference_fp32", "torch", False),)}
+    for dtype, runs in variants.items():
+        llm = LLM(model=path, dtype=str(dtype).split(".")[1], attention_backend="torch",
+                  num_kv_blocks=256, enforce_eager=True)
+        runner = llm.engine.executor.worker.model_runner
+        device = runner.device
+        batch = make_batch([0] * len(lens), lens, runner.block_size, 256, device)
+        pos = torch.cat([torch.arange(n) for n in lens]).to(device)
+        last = batch.query_start_loc[1:].long() - 1
+        for name, backend, fused in runs:
+            d = runner.model.dims
+            attn = make_attention_backend(backend, device, dtype, sum(lens), num_heads=d.num_heads,
+                                          num_kv_heads=d.num_kv_heads, head_dim=d.head_dim,
+                                          block_size=runner.block_size)
+            runner.model.set_fused_kernels(fused)
+            with torch.inference_mode():
+                for c in runner.kv_caches:
+                    c.zero_()
+                attn.plan(batch)
+                hidden = runner.model(ids.to(device), pos, runner.kv_caches, attn)
+                logits[name] = runner.model.compute_logits(hidden[last])
+        llm.shutdown()
+    truth = logits.pop("reference_fp32")
+    out = {name: {"rel_err_vs_fp32": rel_err(x, truth),
+                  "same_argmax_as_fp32": bool(torch.equal(x.argmax(-1), truth.argmax(-1)))}
+           for name, x in logits.items()}
+    out["flashinfer_vs_torch_bf16_rel_err"] = rel_err(logits["flashinfer_unfused"], logits["reference_bf16"])
+    bound = 1.5 * out["reference_bf16"]["rel_err_vs_fp32"] + 1e-3
+    out["ok"] = all(r["rel_err_vs_fp32"] <= bound and r["same_argmax_as_fp32"]
+                    for k, r in out.items() if isinstance(r, dict))
     return out
 
 
@@ -162,8 +173,10 @@ def check_engine(path: str, steps: int = 64) -> dict:
     runs["torch"], t_torch = generate(path, steps, attention_backend="torch", enforce_eager=True)
     runs["flashinfer_eager"], t_eager = generate(path, steps, attention_backend="flashinfer",
                                                  enforce_eager=True)
+    # The production fast path: CUDA graphs and async scheduling (decodes read their input
+    # token from the previous step's device tensor).
     runs["flashinfer_graph"], t_graph = generate(path, steps, attention_backend="flashinfer",
-                                                 enforce_eager=False)
+                                                 enforce_eager=False, async_scheduling=True)
     fi_vs_torch = first_divergence(runs["flashinfer_eager"], runs["torch"])
     graph_vs_eager = first_divergence(runs["flashinfer_graph"], runs["flashinfer_eager"])
     return {"steps": steps, "flashinfer_vs_torch_same_steps": fi_vs_torch,
@@ -178,15 +191,16 @@ def main() -> int:
     args = parser.parse_args()
     device = torch.device("cuda")
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    t0 = time.perf_counter()
     results["kernels"] = check_kernels(device)
-    print("kernels:", results["kernels"], flush=True)
+    print(f"[{time.perf_counter() - t0:.0f} s] kernels:", results["kernels"], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model")
         build_model(path)
         results["model_logits"] = check_model_logits(path)
-        print("model logits:", results["model_logits"], flush=True)
+        print(f"[{time.perf_counter() - t0:.0f} s] model logits:", results["model_logits"], flush=True)
         results["engine"] = check_engine(path)
-        print("engine:", results["engine"], flush=True)
+        print(f"[{time.perf_counter() - t0:.0f} s] engine:", results["engine"], flush=True)
     ok = all(r["ok"] for r in results["kernels"].values()) and results["model_logits"]["ok"] \
         and results["engine"]["ok"]
     results["ok"] = ok

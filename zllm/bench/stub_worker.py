@@ -3,6 +3,7 @@ executor measures only the executor's own cost (serialisation, transport, wake-u
 
 from __future__ import annotations
 
+import collections
 import os
 from typing import Optional
 
@@ -18,6 +19,7 @@ class StubWorker:
                  local_rank: int = 0) -> None:
         self.config = config
         self.rank = rank
+        self.launched: collections.deque[ModelRunnerOutput] = collections.deque()
 
     def init_distributed_environment(self) -> None:
         pass
@@ -37,6 +39,15 @@ class StubWorker:
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         req_ids = list(scheduler_output.num_scheduled_tokens)
         return ModelRunnerOutput(req_ids, [0] * len(req_ids))
+
+    def launch(self, scheduler_output: SchedulerOutput) -> None:
+        self.launched.append(self.execute_model(scheduler_output))
+
+    def collect(self) -> ModelRunnerOutput:
+        return self.launched.popleft()
+
+    def step_done(self) -> bool:
+        return True
 
     def get_pid(self) -> int:
         return os.getpid()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import gc
 import json
 import os
 import random
@@ -305,6 +306,7 @@ def run_executor(model_dir: str, arch: LlamaArchitecture, hw: Hardware, config: 
     num_blocks = llm.engine.block_manager.num_blocks
     llm.shutdown()
     del llm, recorder
+    gc.collect()  # the model, its cache and graphs sit in reference cycles: free them now
     torch.cuda.empty_cache()
     return results, num_blocks
 

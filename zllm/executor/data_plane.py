@@ -70,7 +70,10 @@ class WorkerEndpoint:
         self.sender.setsockopt(zmq.LINGER, 1000)  # let a last error reply leave before close
         self.sender.connect(reply_address)
 
-    def receive(self) -> bytes:
+    def receive(self, timeout_ms: Optional[int] = None) -> Optional[bytes]:
+        """The next message; None if none arrives within timeout_ms (None: wait forever)."""
+        if timeout_ms is not None and not self.subscriber.poll(timeout_ms):
+            return None
         return self.subscriber.recv()
 
     def send(self, message: bytes) -> None:

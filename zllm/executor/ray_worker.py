@@ -22,6 +22,10 @@ from zllm.protocol import (WorkerError, decode_scheduler_output, encode_model_ru
 
 logger = logging.getLogger(__name__)
 
+# While a launched step runs on the device, the step loop polls the data plane this often (ms;
+# 0: spin) for the next step, so that one is launched before the reply is sent.
+_OVERLAP_POLL_MS = 0
+
 
 class RayWorker:
     """One rank: builds the Worker (or a stand-in class named by `worker_cls`) inside the actor."""
@@ -66,30 +70,51 @@ class RayWorker:
         """Serve steps until the actor is killed. Bad messages are dropped; a failed step is
         reported to the driver."""
         endpoint = WorkerEndpoint(sched_address, reply_address)
+        pending = 0  # launched steps not collected yet (0 or 1)
         try:
             while True:
-                message = endpoint.receive()
-                try:
-                    sched = decode_scheduler_output(message)
-                except ValueError as e:
-                    # Executing a half-understood step would desynchronise the ranks' state;
-                    # dropping it leaves the driver to time out, which is the safe failure.
-                    self.num_rejected_messages += 1
-                    logger.error("rank %d: rejected a malformed message (%d bytes): %s",
-                                 self.rank, len(message), e)
-                    continue
-                try:
-                    output = self.worker.execute_model(sched)
-                    self.num_steps += 1
-                except Exception as e:
-                    logger.exception("rank %d: execute_model failed", self.rank)
-                    detail = "".join(traceback.format_exception_only(type(e), e)).strip()
-                    endpoint.send(encode_worker_error(WorkerError(self.rank, detail)))
-                    continue
-                if self.rank == 0:
-                    endpoint.send(encode_model_runner_output(output))
+                # While a step runs on the device, a next step that arrives is launched behind
+                # it (its host work overlaps the device's); once the device is done, reply.
+                message = endpoint.receive(None if not pending else 0)
+                while message is None and not self.worker.step_done():
+                    message = endpoint.receive(_OVERLAP_POLL_MS)
+                if message is not None:
+                    try:
+                        sched = decode_scheduler_output(message)
+                    except ValueError as e:
+                        # Executing a half-understood step would desynchronise the ranks'
+                        # state; dropping it leaves the driver to time out: the safe failure.
+                        self.num_rejected_messages += 1
+                        logger.error("rank %d: rejected a malformed message (%d bytes): %s",
+                                     self.rank, len(message), e)
+                        continue
+                    if not self._run(endpoint, self.worker.launch, sched):
+                        pending = 0  # the error reply stands for the pending step too
+                        continue
+                    pending += 1
+                    if pending == 1:
+                        continue
+                if self._run(endpoint, self.worker.collect):
+                    pending -= 1
+                else:
+                    pending = 0
         finally:
             endpoint.close()
+
+    def _run(self, endpoint: WorkerEndpoint, fn, *args) -> bool:
+        """Launch or collect a step; the driver gets rank 0's tokens, or any rank's error."""
+        try:
+            output = fn(*args)
+        except Exception as e:
+            logger.exception("rank %d: step failed", self.rank)
+            detail = "".join(traceback.format_exception_only(type(e), e)).strip()
+            endpoint.send(encode_worker_error(WorkerError(self.rank, detail)))
+            return False
+        if output is not None:
+            self.num_steps += 1
+            if self.rank == 0:
+                endpoint.send(encode_model_runner_output(output))
+        return True
 
     def get_pid(self) -> int:
         return os.getpid()

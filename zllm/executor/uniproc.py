@@ -1,15 +1,13 @@
 """Runs the single worker in this process: TP=1 without Ray, for tests and debugging.
 
-With async scheduling the worker runs steps on a thread of its own, so the engine's scheduling
-and output processing overlap the step (the worker thread spends most of a GPU step waiting on
-the device, with the GIL released); otherwise a step runs inline.
+`submit` has the worker launch the step (on a GPU, kernels are queued and the call returns);
+`collect` reads its tokens back. With async scheduling the engine schedules the next step in
+between, overlapping the GPU's work on this one, with no thread (and no GIL contention).
 """
 
 from __future__ import annotations
 
-import collections
 import importlib
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from zllm.config import EngineConfig
@@ -28,28 +26,17 @@ class UniprocExecutor(Executor):
             config, rank=0, distributed_init_method=None)
         self.worker.init_distributed_environment()
         self.worker.init_model()
-        self.in_flight: collections.deque[Future] = collections.deque()
-        self.thread = (ThreadPoolExecutor(1, thread_name_prefix="zllm-worker")
-                       if config.scheduler.async_scheduling else None)
 
     def collective_rpc(self, method: str, *args: Any) -> list[Any]:
         return [getattr(self.worker, method)(*args)]
 
     def submit(self, scheduler_output: SchedulerOutput) -> None:
-        if self.thread is not None:
-            self.in_flight.append(self.thread.submit(self.worker.execute_model, scheduler_output))
-            return
-        done: Future = Future()
-        done.set_result(self.worker.execute_model(scheduler_output))
-        self.in_flight.append(done)
+        self.worker.launch(scheduler_output)
 
     def collect(self) -> ModelRunnerOutput:
-        return self.in_flight.popleft().result()
+        return self.worker.collect()
 
     def shutdown(self) -> None:
-        if self.thread is not None:
-            self.thread.shutdown(wait=True)
-            self.thread = None
         if self.worker is not None:
             self.worker.shutdown()
             self.worker = None

@@ -8,25 +8,34 @@ On CUDA with flashinfer, pure-decode steps replay a captured CUDA graph (zllm/wo
 unless enforce_eager is set.
 
 Host work per step is kept small: per-request arithmetic for decodes is plain Python on ints,
-and the step's index arrays travel to the device in two copies (one int64, one int32).
+and the step's index arrays travel to the device in three copies from pinned memory.
+
+A step is launched (`launch`) and its sampled tokens are read back later (`collect`). In between,
+the next step may be launched: its decodes read the tokens they continue from the previous
+step's device tensor, so the host prepares step N+1 while the GPU still runs step N. Requests
+whose sampling needs their token history on the host (penalties, min_tokens, seeded sampling)
+wait for the previous step first. `execute_model` is launch then collect.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
 
 from zllm.config import EngineConfig, LlamaArchitecture
-from zllm.protocol import ModelRunnerOutput, SchedulerOutput
+from zllm.protocol import Logprobs, ModelRunnerOutput, SchedulerOutput
 from zllm.sampling_params import SamplingParams
 from zllm.worker.attention.base import AttentionBatch, make_attention_backend
 from zllm.worker.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from zllm.worker.models.llama import build_model
 from zllm.worker.models.weights import load_weights
 from zllm.worker.sampler import SamplingMetadata, sample
+from zllm.worker.staging import PinnedStaging
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +50,13 @@ class RequestState:
     params: SamplingParams
     stop_token_ids: list[int]
     _block_array: np.ndarray = None  # block_ids as int32, rebuilt when blocks are added
+    num_pending: int = 0  # sampled by a launched step, not appended to token_ids yet
+
+    def __post_init__(self) -> None:
+        p = self.params
+        # Sampling that reads the token history (or the output count) on the host.
+        self.needs_history = bool(p.temperature > 0 or p.repetition_penalty != 1 or p.presence_penalty
+                                  or p.frequency_penalty or p.min_tokens)
 
     @property
     def num_output_tokens(self) -> int:
@@ -51,6 +67,31 @@ class RequestState:
         if self._block_array is None or len(self._block_array) != len(self.block_ids):
             self._block_array = np.asarray(self.block_ids, dtype=np.int32)
         return self._block_array
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose tokens may still be on the device."""
+    states: list[RequestState]
+    tokens: Optional[torch.Tensor]  # [len(states)] on the device
+    logprobs: Optional[Logprobs] = None
+    rows: dict[str, int] = field(default_factory=dict)  # req_id -> index in tokens
+    output: Optional[ModelRunnerOutput] = None  # once read back
+    done_event: Optional[torch.cuda.Event] = None  # recorded after the step's last kernel
+
+    def done(self) -> bool:
+        return self.done_event is None or self.done_event.query()
+
+    def resolve(self) -> ModelRunnerOutput:
+        """Read the tokens back (waits for the GPU) and append them to their requests."""
+        if self.output is None:
+            token_list = self.tokens.tolist() if self.states else []
+            for state, token in zip(self.states, token_list):
+                state.token_ids.append(token)
+                state.num_pending -= 1
+            self.output = ModelRunnerOutput([s.req_id for s in self.states], token_list,
+                                            self.logprobs)
+        return self.output
 
 
 class ModelRunner:
@@ -66,8 +107,9 @@ class ModelRunner:
         dims = self.model.dims
         sched = config.scheduler
         max_num_tokens = max(sched.max_num_batched_tokens, graph_batch_sizes(sched.max_num_seqs)[-1])
+        self.staging = PinnedStaging(device)
         self.attn = make_attention_backend(
-            config.device.attention_backend, device, dtype, max_num_tokens,
+            config.device.attention_backend, device, dtype, max_num_tokens, self.staging,
             num_heads=dims.num_heads, num_kv_heads=dims.num_kv_heads, head_dim=dims.head_dim,
             block_size=self.block_size)
         self.kv_caches: list[torch.Tensor] = []
@@ -75,6 +117,7 @@ class ModelRunner:
         self.requests: dict[str, RequestState] = {}
         self.scratch_block = 0  # padding rows of a CUDA-graph step write here (set with the cache)
         self.graphs: DecodeGraphs | None = None
+        self.launched: collections.deque[LaunchedStep] = collections.deque()  # not collected yet
 
     def load_weights(self) -> None:
         m = self.config.model
@@ -114,14 +157,25 @@ class ModelRunner:
 
     def _padding_batch(self, num_rows: int) -> AttentionBatch:
         """A decode batch of padding rows only (for capturing graphs)."""
-        dev, slot = self.device, self.scratch_block * self.block_size
         ones = [1] * num_rows
+        return self._attention_batch(
+            ones, ones, np.full((num_rows, 1), self.scratch_block, dtype=np.int32),
+            np.full(num_rows, self.scratch_block * self.block_size, dtype=np.int64), cuda_graph=True)
+
+    def _attention_batch(self, query_lens: list[int], seq_lens: list[int], block_table: np.ndarray,
+                         slots: np.ndarray, cuda_graph: bool = False) -> AttentionBatch:
+        """The step's layout on the host and, in two copies, on the device."""
+        num_rows = len(query_lens)
+        query_start_loc = np.zeros(num_rows + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=query_start_loc[1:])
+        longs = self.staging.to_device(np.concatenate([query_start_loc, seq_lens, slots]))
+        ints = longs[:2 * num_rows + 1].to(torch.int32)
         return AttentionBatch(
-            query_start_loc=torch.arange(num_rows + 1, dtype=torch.int32, device=dev),
-            seq_lens=torch.ones(num_rows, dtype=torch.int32, device=dev),
-            block_table=torch.full((num_rows, 1), self.scratch_block, dtype=torch.int32, device=dev),
-            slot_mapping=torch.full((num_rows,), slot, dtype=torch.long, device=dev),
-            query_lens_cpu=ones, seq_lens_cpu=ones, num_blocks_cpu=ones, cuda_graph=True)
+            query_start_loc=ints[:num_rows + 1], seq_lens=ints[num_rows + 1:],
+            block_table=self.staging.to_device(block_table), slot_mapping=longs[2 * num_rows + 1:],
+            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
+            num_blocks_cpu=[-(-s // self.block_size) for s in seq_lens],
+            block_table_cpu=block_table, slot_mapping_cpu=slots, cuda_graph=cuda_graph)
 
     def _swap(self, pairs: list[tuple[int, int]], out: bool) -> None:
         """Copy blocks device -> host (out) or host -> device, in every layer."""
@@ -143,18 +197,14 @@ class ModelRunner:
         bs = self.block_size
         blocks_per_req = [-(-n // bs) for n in lens]
         saved, self.kv_caches = self.kv_caches, self._allocate_kv(sum(blocks_per_req), self.device)
-        block_table = torch.zeros(len(lens), max(blocks_per_req), dtype=torch.int32)
+        block_table = np.zeros((len(lens), max(blocks_per_req)), dtype=np.int32)
         slots, first = [], 0
         for i, (n, nb) in enumerate(zip(lens, blocks_per_req)):
-            block_table[i, :nb] = torch.arange(first, first + nb)
-            slots.append(torch.arange(first * bs, first * bs + n))
+            block_table[i, :nb] = np.arange(first, first + nb)
+            slots.append(np.arange(first * bs, first * bs + n))
             first += nb
         dev = self.device
-        batch = AttentionBatch(
-            query_start_loc=torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev),
-            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            block_table=block_table.to(dev), slot_mapping=torch.cat(slots).to(dev),
-            query_lens_cpu=lens, seq_lens_cpu=lens, num_blocks_cpu=blocks_per_req)
+        batch = self._attention_batch(lens, lens, block_table, np.concatenate(slots))
         input_ids = torch.zeros(num_tokens, dtype=torch.long, device=dev)
         positions = torch.cat([torch.arange(n) for n in lens]).to(dev)
         self.attn.plan(batch)
@@ -165,28 +215,49 @@ class ModelRunner:
 
     # -- one step ----------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self.launch(sched)
+        return self.collect()
+
+    def collect(self) -> ModelRunnerOutput:
+        """The oldest launched step's sampled tokens."""
+        return self.launched.popleft().resolve()
+
+    def step_done(self) -> bool:
+        return not self.launched or self.launched[0].done()
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput) -> None:
+        """Queue one step's work on the device; `collect` returns its tokens."""
         # Swaps first: blocks swapped out this step may be handed to other requests below.
         self._swap(sched.blocks_to_swap_out, out=True)
         self._swap(sched.blocks_to_swap_in, out=False)
         self._update_states(sched)
         if sched.total_num_scheduled_tokens == 0:
-            return ModelRunnerOutput([], [])
-        input_ids, positions, batch, sample_rows, sampled_states = self._prepare_inputs(sched)
+            self.launched.append(LaunchedStep([], None))
+            return
+        self.staging.next_step()
+        previous = self.launched[-1] if self.launched else None
+        if previous is not None and any(self.requests[r].needs_history
+                                        for r in sched.num_scheduled_tokens):
+            previous.resolve()
+        input_ids, positions, batch, sample_rows, sampled_states = self._prepare_inputs(sched, previous)
         self.attn.plan(batch)
         if batch.cuda_graph:
             hidden = self.graphs.replay(input_ids, positions)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, self.attn)
-        if not sampled_states:
-            return ModelRunnerOutput([], [])
-        logits = self.model.compute_logits(hidden[sample_rows])
-        tokens, logprobs = sample(logits, self._sampling_metadata(sampled_states))
-        token_list = tokens.tolist()
-        for state, token in zip(sampled_states, token_list):
-            state.token_ids.append(token)
-        return ModelRunnerOutput([s.req_id for s in sampled_states], token_list, logprobs)
+        step = LaunchedStep(sampled_states, None)
+        if sampled_states:
+            logits = self.model.compute_logits(hidden[sample_rows])
+            step.tokens, step.logprobs = sample(logits, self._sampling_metadata(sampled_states))
+            for i, state in enumerate(sampled_states):
+                state.num_pending += 1
+                step.rows[state.req_id] = i
+        if self.device.type == "cuda":
+            step.done_event = torch.cuda.Event()
+            step.done_event.record()
+        self.launched.append(step)
 
     def _update_states(self, sched: SchedulerOutput) -> None:
         for req_id in sched.finished_req_ids:
@@ -200,7 +271,7 @@ class ModelRunner:
         for req_id, new_blocks in zip(cached.req_ids, cached.new_block_ids):
             self.requests[req_id].block_ids.extend(new_blocks)
 
-    def _prepare_inputs(self, sched: SchedulerOutput):
+    def _prepare_inputs(self, sched: SchedulerOutput, previous: Optional[LaunchedStep]):
         bs = self.block_size
         scheduled = [(self.requests[r], n) for r, n in sched.num_scheduled_tokens.items()]
         num_reqs = len(scheduled)
@@ -211,11 +282,20 @@ class ModelRunner:
         num_rows = graph_size or num_reqs
         tokens, positions, slots, query_lens, seq_lens = [], [], [], [], []
         sample_rows, sampled_states = [], []
+        fill_rows, fill_from = [], []  # rows whose token is still on the device: previous.tokens[i]
         for state, n in scheduled:
             start = state.num_computed_tokens
             end = start + n
+            if end > len(state.token_ids) and (n > 1 or previous is None
+                                               or state.req_id not in previous.rows):
+                self._resolve_launched()  # not a plain continuation: read the tokens back first
             if n == 1:  # decode: plain integer arithmetic
-                tokens.append(state.token_ids[start])
+                if start < len(state.token_ids):
+                    tokens.append(state.token_ids[start])
+                else:  # continues from the token the previous step sampled
+                    fill_rows.append(len(tokens))
+                    fill_from.append(previous.rows[state.req_id])
+                    tokens.append(0)
                 positions.append(start)
                 slots.append(state.block_ids[start // bs] * bs + start % bs)
             else:
@@ -226,7 +306,7 @@ class ModelRunner:
             state.num_computed_tokens = end
             query_lens.append(n)
             seq_lens.append(end)
-            if end == len(state.token_ids):  # reached its end: sample
+            if end == len(state.token_ids) + state.num_pending:  # reached its end: sample
                 sample_rows.append(len(tokens) - 1)
                 sampled_states.append(state)
         num_pad = num_rows - num_reqs
@@ -236,30 +316,29 @@ class ModelRunner:
             slots += [self.scratch_block * bs] * num_pad
             query_lens += [1] * num_pad
             seq_lens += [1] * num_pad
-        num_blocks = [-(-s // bs) for s in seq_lens]
-        block_table = np.full((num_rows, max(num_blocks)), self.scratch_block, dtype=np.int32)
+        max_blocks = max(-(-s // bs) for s in seq_lens)
+        block_table = np.full((num_rows, max_blocks), self.scratch_block, dtype=np.int32)
         for i, (state, _) in enumerate(scheduled):
             blocks = state.block_array
             block_table[i, :len(blocks)] = blocks
-        # Two host -> device copies: the int64 columns and the int32 ones.
-        num_tokens = len(tokens)
-        query_start_loc = np.zeros(num_rows + 1, dtype=np.int64)
-        np.cumsum(query_lens, out=query_start_loc[1:])
-        longs = torch.from_numpy(np.concatenate([
-            np.asarray(tokens + positions + slots, dtype=np.int64), query_start_loc,
-            np.asarray(seq_lens, dtype=np.int64)])).to(self.device, non_blocking=True)
-        input_ids, positions_t, slot_mapping = longs[:3 * num_tokens].view(3, num_tokens)
-        ints = longs[3 * num_tokens:].to(torch.int32)
-        batch = AttentionBatch(
-            query_start_loc=ints[:num_rows + 1], seq_lens=ints[num_rows + 1:],
-            block_table=torch.from_numpy(block_table).to(self.device, non_blocking=True),
-            slot_mapping=slot_mapping, query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
-            num_blocks_cpu=num_blocks, cuda_graph=graph_size is not None)
+        batch = self._attention_batch(query_lens, seq_lens, block_table,
+                                      np.asarray(slots, dtype=np.int64), graph_size is not None)
+        num_tokens, num_fill = len(tokens), len(fill_rows)
+        longs = self.staging.to_device(np.asarray(tokens + positions + fill_rows + fill_from,
+                                                  dtype=np.int64))
+        input_ids, positions_t = longs[:2 * num_tokens].view(2, num_tokens)
+        if num_fill:
+            fill = longs[2 * num_tokens:].view(2, num_fill)
+            input_ids[fill[0]] = previous.tokens[fill[1]]
         if sample_rows == list(range(len(sample_rows))):  # decodes: the first rows, no gather
             rows = slice(0, len(sample_rows))
         else:
-            rows = torch.tensor(sample_rows, device=self.device)
+            rows = self.staging.to_device(np.asarray(sample_rows, dtype=np.int64))
         return input_ids, positions_t, batch, rows, sampled_states
+
+    def _resolve_launched(self) -> None:
+        for step in self.launched:
+            step.resolve()
 
     def _sampling_metadata(self, states: list[RequestState]) -> SamplingMetadata:
         dev = self.device

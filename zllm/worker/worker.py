@@ -124,6 +124,17 @@ class Worker:
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)
 
+    def launch(self, scheduler_output: SchedulerOutput) -> None:
+        """Queue a step on the device; `collect` returns its result (steps in order)."""
+        self.model_runner.launch(scheduler_output)
+
+    def collect(self) -> ModelRunnerOutput:
+        return self.model_runner.collect()
+
+    def step_done(self) -> bool:
+        """Whether the oldest launched step has finished on the device (collect won't wait)."""
+        return self.model_runner.step_done()
+
     def get_pid(self) -> int:
         return os.getpid()
 

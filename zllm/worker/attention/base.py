@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -31,6 +32,8 @@ class AttentionBatch:
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
     num_blocks_cpu: list[int]
+    block_table_cpu: np.ndarray  # int32
+    slot_mapping_cpu: np.ndarray  # int64
     # A pure-decode step padded to a captured batch size, about to replay its CUDA graph.
     cuda_graph: bool = False
 
@@ -60,13 +63,15 @@ class AttentionBackend(ABC):
 
 
 def make_attention_backend(name: str, device: torch.device, dtype: torch.dtype,
-                           max_num_tokens: int, **dims: int) -> AttentionBackend:
+                           max_num_tokens: int, staging=None, **dims: int) -> AttentionBackend:
+    """`staging` (a PinnedStaging) carries the backend's host-to-device copies, if it has any."""
     if name == "auto":
         name = "flashinfer" if device.type == "cuda" else "torch"
     if name == "flashinfer":
         from zllm.worker.attention.flashinfer_backend import FlashInferBackend
 
-        return FlashInferBackend(device=device, dtype=dtype, max_num_tokens=max_num_tokens, **dims)
+        return FlashInferBackend(device=device, dtype=dtype, max_num_tokens=max_num_tokens,
+                                 staging=staging, **dims)
     from zllm.worker.attention.torch_backend import TorchPagedBackend
 
     return TorchPagedBackend(**dims)

@@ -5,10 +5,10 @@ longer than one token (prefill chunks, possibly mixed with decodes) runs the bat
 causal and bottom-right aligned, so a chunk sees the cached prefix and itself; a step of pure
 decodes runs the batch-decode kernel, which is faster for one query row per request.
 
-The page table flashinfer wants (indptr / indices / last_page_len) is derived from host lists, so
-planning needs no device sync: indptr and last_page_len are built on the host (flashinfer reads
-them there to choose its split-k schedule), and indices are gathered on the device from the
-step's block table with one small host-built index.
+The page table flashinfer wants (indptr / indices / last_page_len) and the K/V store's rows are
+built on the host from the step's host arrays (flashinfer reads indptr there to choose its
+split-k schedule) and copied from pinned memory (zllm/worker/staging.py), so planning step N+1
+never waits for step N to finish on the GPU.
 
 CUDA graphs: a captured decode step replays fixed kernels on fixed buffers, so for each captured
 batch size there is a decode wrapper in flashinfer's CUDA-graph mode, whose page table lives in
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from zllm.worker.attention.base import AttentionBackend, AttentionBatch
+from zllm.worker.staging import PinnedStaging
 
 FLOAT_WORKSPACE_BYTES = 256 * 2**20
 INT_WORKSPACE_BYTES = 8 * 2**20  # flashinfer's own default for its plan data
@@ -31,11 +32,13 @@ class FlashInferBackend(AttentionBackend):
     supports_cuda_graphs = True
 
     def __init__(self, device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_heads: int,
-                 head_dim: int, block_size: int, max_num_tokens: int) -> None:
+                 head_dim: int, block_size: int, max_num_tokens: int,
+                 staging: PinnedStaging | None = None) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, block_size)
         import flashinfer
 
         self.device, self.dtype = device, dtype
+        self.staging = staging or PinnedStaging(device)
         # Workspaces shared by all wrappers: a step uses exactly one of them.
         self.workspace = torch.zeros(FLOAT_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.int_workspace = torch.zeros(INT_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
@@ -72,18 +75,17 @@ class FlashInferBackend(AttentionBackend):
                 paged_kv_last_page_len_buffer=last_page_len[:bs]))
 
     def plan(self, batch: AttentionBatch) -> None:
-        bs = self.block_size
+        bs, st = self.block_size, self.staging
         num_blocks = np.asarray(batch.num_blocks_cpu, dtype=np.int64)
-        seq_lens = np.asarray(batch.seq_lens_cpu, dtype=np.int64)
+        seq_lens = np.asarray(batch.seq_lens_cpu, dtype=np.int32)
         kv_indptr = np.zeros(len(num_blocks) + 1, dtype=np.int32)
         np.cumsum(num_blocks, out=kv_indptr[1:])
-        # Flat positions of each request's live blocks in the [R, max_blocks] block table.
+        # Each request's live blocks, from its row of the [R, max_blocks] block table.
         rows = np.repeat(np.arange(len(num_blocks)), num_blocks)
         cols = np.arange(kv_indptr[-1]) - np.repeat(kv_indptr[:-1], num_blocks)
-        flat = torch.from_numpy(rows * batch.block_table.shape[1] + cols)
-        indices = batch.block_table.reshape(-1)[flat.to(self.device, non_blocking=True)]
-        last_page_len = torch.from_numpy(((seq_lens - 1) % bs + 1).astype(np.int32))
-        kv_indptr = torch.from_numpy(kv_indptr)
+        indices = st.to_device(batch.block_table_cpu[rows, cols])
+        last_page_len = st.host((seq_lens - 1) % bs + 1)
+        kv_indptr = st.host(kv_indptr)
         common = dict(num_qo_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                       page_size=bs, sm_scale=self.scale, q_data_type=self.dtype,
                       kv_data_type=self.dtype)
@@ -91,16 +93,16 @@ class FlashInferBackend(AttentionBackend):
             self._wrapper = self.graph_decode[len(num_blocks)] if batch.cuda_graph else self.decode
             self._wrapper.plan(kv_indptr, indices, last_page_len, head_dim=self.head_dim, **common)
         else:
-            qo_indptr = torch.zeros(len(num_blocks) + 1, dtype=torch.int32)
-            torch.cumsum(torch.tensor(batch.query_lens_cpu, dtype=torch.int32), 0, out=qo_indptr[1:])
-            self.prefill.plan(qo_indptr, kv_indptr, indices, last_page_len,
-                              head_dim_qk=self.head_dim, causal=True, **common)
+            qo_indptr = np.zeros(len(num_blocks) + 1, dtype=np.int32)
+            np.cumsum(batch.query_lens_cpu, out=qo_indptr[1:])
+            self.prefill.plan(st.host(qo_indptr), kv_indptr, indices, last_page_len,
+                              head_dim_qk=self.head_dim, causal=True, seq_lens=st.host(seq_lens),
+                              **common)
             self._wrapper = self.prefill
         # K/V store: slot s = block * bs + offset is row block * 2 * bs + offset for K, + bs for V.
-        k_rows = batch.slot_mapping + batch.slot_mapping // bs * bs
-        num_tokens = len(batch.slot_mapping)
-        self.kv_rows[0, :num_tokens] = k_rows
-        self.kv_rows[1, :num_tokens] = k_rows + bs
+        slots = batch.slot_mapping_cpu
+        k_rows = slots + slots // bs * bs
+        self.kv_rows[:, :len(slots)].copy_(st.host(np.stack([k_rows, k_rows + bs])), non_blocking=True)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor) -> torch.Tensor:
