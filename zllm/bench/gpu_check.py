@@ -142,16 +142,23 @@ def check_model_logits(path: str) -> dict:
     return out
 
 
-def generate(path: str, steps: int, **config) -> tuple[list[list[int]], float]:
+PROMPT_LENS = (5, 17, 64, 100, 250, 3, 33, 512)
+NEAR_TIE_NATS = 0.25  # bf16 rounding moves this model's log-probs by up to ~0.1 nats
+
+
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(2)
+    return [torch.randint(2, 384, (n,), generator=g).tolist() for n in PROMPT_LENS]
+
+
+def generate(path: str, steps: int, dtype: str = "bfloat16", **config) -> tuple[list[list[int]], float]:
     from zllm.llm import LLM
     from zllm.sampling_params import SamplingParams
 
-    g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(2, 384, (n,), generator=g).tolist() for n in (5, 17, 64, 100, 250, 3, 33, 512)]
-    llm = LLM(model=path, dtype="bfloat16", num_kv_blocks=512, **config)
+    llm = LLM(model=path, dtype=dtype, num_kv_blocks=512, **config)
     params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    outs = llm.generate(prompts(), params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
     llm.shutdown()
     return [o.outputs[0].token_ids for o in outs], elapsed
@@ -168,7 +175,33 @@ def first_divergence(a: list[list[int]], b: list[list[int]]) -> int:
     return first
 
 
+def divergences(path: str, a: list[list[int]], b: list[list[int]]) -> list[dict]:
+    """Where runs a and b first part, per prompt: the float32 reference's view of that step
+    (same context): the log-prob gap between its best token and each run's choice."""
+    from zllm.llm import LLM
+    from zllm.sampling_params import SamplingParams
+
+    llm = LLM(model=path, dtype="float32", attention_backend="torch", enforce_eager=True,
+              num_kv_blocks=512)
+    out = []
+    for prompt, x, y in zip(prompts(), a, b):
+        step = first_divergence([x], [y])
+        if step == len(x):
+            continue
+        top = llm.generate([prompt + x[:step]], SamplingParams(max_tokens=1, temperature=0, logprobs=5),
+                           use_tqdm=False)[0].outputs[0].logprobs[0]
+        best = max(top.values())
+        gaps = [best - top[t] if t in top else float("inf") for t in (x[step], y[step])]
+        out.append({"step": step, "fp32_gap_nats": gaps, "near_tie": max(gaps) <= NEAR_TIE_NATS})
+    llm.shutdown()
+    return out
+
+
 def check_engine(path: str, steps: int = 64) -> dict:
+    """Greedy tokens of whole engines. CUDA graphs (with async scheduling) must give exactly the
+    eager tokens. flashinfer and torch attention must agree, except at near-ties: on a random
+    model, top-2 log-probs often differ by less than bf16 rounding, so every step where the two
+    part is checked against float32 (both choices within NEAR_TIE_NATS of its best)."""
     runs = {}
     runs["torch"], t_torch = generate(path, steps, attention_backend="torch", enforce_eager=True)
     runs["flashinfer_eager"], t_eager = generate(path, steps, attention_backend="flashinfer",
@@ -177,12 +210,14 @@ def check_engine(path: str, steps: int = 64) -> dict:
     # token from the previous step's device tensor).
     runs["flashinfer_graph"], t_graph = generate(path, steps, attention_backend="flashinfer",
                                                  enforce_eager=False, async_scheduling=True)
-    fi_vs_torch = first_divergence(runs["flashinfer_eager"], runs["torch"])
+    per_prompt = [first_divergence([x], [y]) for x, y in zip(runs["flashinfer_eager"], runs["torch"])]
     graph_vs_eager = first_divergence(runs["flashinfer_graph"], runs["flashinfer_eager"])
-    return {"steps": steps, "flashinfer_vs_torch_same_steps": fi_vs_torch,
-            "graph_vs_eager_same_steps": graph_vs_eager,
+    parted = divergences(path, runs["flashinfer_eager"], runs["torch"])
+    return {"steps": steps, "flashinfer_vs_torch_same_steps_per_prompt": per_prompt,
+            "prompts_same_for_all_steps": sum(d == steps for d in per_prompt),
+            "divergences_vs_fp32": parted, "graph_vs_eager_same_steps": graph_vs_eager,
             "seconds": {"torch": t_torch, "flashinfer_eager": t_eager, "flashinfer_graph": t_graph},
-            "ok": fi_vs_torch >= 32 and graph_vs_eager == steps}
+            "ok": graph_vs_eager == steps and all(d["near_tie"] for d in parted)}
 
 
 def main() -> int:

@@ -3,7 +3,8 @@
   python -m zllm.bench.scheduling prefix   # 256 requests sharing a 1024-token prefix
   python -m zllm.bench.scheduling itl      # one 8k prompt arriving while 64 requests decode
 
-Both run the tiny demo-shaped model by default (CPU); pass --model and --device for others.
+Both run the tiny demo-shaped model by default (CPU); pass --model (a directory, or a shape
+from zllm.bench.throughput such as llama-3.2-1b, with random weights) and --device for others.
 """
 
 from __future__ import annotations
@@ -31,7 +32,12 @@ def _bench_model(max_positions: int) -> str:
 
 
 def _engine(args: argparse.Namespace, **overrides: Any) -> LLMEngine:
+    from zllm.bench.throughput import MODEL_SHAPES, model_dir_for
+
     model = args.model or _bench_model(16384)
+    if model in MODEL_SHAPES:  # a real model's shape with random weights (GPU runs)
+        model = model_dir_for(model)
+        overrides.update(load_format="dummy", dtype="bfloat16")
     return LLMEngine(EngineConfig.from_dict({}, model=model, device=args.device, **overrides))
 
 
@@ -65,7 +71,8 @@ def bench_prefix(args: argparse.Namespace) -> None:
     rows[0]["speedup"] = 1.0
     config = {"requests": args.num_requests, "prefix": args.prefix_len, "suffix": args.suffix_len,
               "output": args.output_len, "budget": args.budget, "model": args.model or "tiny demo shape"}
-    write_results("Shared-prefix prefill (prefix caching off vs on)", config, rows, args.out)
+    write_results("Shared-prefix prefill (prefix caching off vs on)", config, rows, args.out,
+                  args.markdown or None)
 
 
 def bench_itl(args: argparse.Namespace) -> None:
@@ -108,7 +115,8 @@ def bench_itl(args: argparse.Namespace) -> None:
         engine.shutdown()
     config = {"long_prompt": args.long_len, "decoding_requests": args.num_decodes,
               "budget": args.budget, "model": args.model or "tiny demo shape"}
-    write_results("Inter-token latency of 64 decodes while an 8k prompt arrives", config, rows, args.out)
+    write_results("Inter-token latency of 64 decodes while an 8k prompt arrives", config, rows,
+                  args.out, args.markdown or None)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -118,6 +126,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None, help="JSON output path")
+    parser.add_argument("--markdown", default="docs/benchmarks.md",
+                        help="append the results here ('' to skip)")
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--prefix-len", type=int, default=1024)
     parser.add_argument("--suffix-len", type=int, default=64)

@@ -99,8 +99,10 @@ def make_workload(name: str, vocab_size: int, num_requests: Optional[int] = None
         lens = [(512, 256)]
     else:
         raise ValueError(f"workload {name!r}: expected W1, W2 or latency")
-    # Ids above the special tokens, inside every tokenizer's range we use.
-    prompts = [[rng.randint(10, vocab_size - 1) for _ in range(p)] for p, _ in lens]
+    # Ids above the special tokens, inside every tokenizer's range we use; each workload draws
+    # its own, so no workload finds another's prompts in the prefix cache.
+    ids = random.Random(f"{name}/{len(lens)}/prompts")
+    prompts = [[ids.randint(10, vocab_size - 1) for _ in range(p)] for p, _ in lens]
     return Workload(name, prompts, [o for _, o in lens])
 
 
@@ -227,6 +229,57 @@ def run_latency_steps(llm, recorder: StepRecorder, wl: Workload) -> dict[str, An
     return res
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def profile_decode(llm, arch: LlamaArchitecture, hw: Hardware, batch: int,
+                   steps: int = 32) -> dict[str, Any]:
+    """Where a decode step's time goes, at a batch of `batch` requests 512 tokens in: wall time
+    per step (unprofiled), GPU busy time per step and the top kernels (torch.profiler), and the
+    roofline floor of the same step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from zllm.sampling_params import SamplingParams
+
+    engine = llm.engine
+    wl = make_workload("W1", arch.vocab_size, batch)
+    params = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(wl.prompts):
+        engine.add_request(f"profile-{i}", prompt, params)
+    for _ in range(8):  # past the prefill
+        engine.step()
+    while not all(r.num_computed_tokens >= len(r.prompt_token_ids) for r in engine.scheduler.running):
+        engine.step()
+    for _ in range(4):
+        engine.step()
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    _sync()
+    wall = (time.perf_counter() - t0) / steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        _sync()
+    kernels = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0
+               and str(getattr(e, "device_type", "")).endswith("CUDA")]
+    gpu_us = sum(e.self_device_time_total for e in kernels) / steps
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]
+    context = engine.scheduler.running[0].num_computed_tokens
+    floor = ModelCost(arch).floor_s(hw, [(context, 1)] * batch, batch)
+    for i in range(batch):
+        engine.abort_request(f"profile-{i}")
+    while engine.has_unfinished_requests():
+        engine.step()
+    return {"batch": batch, "wall_ms_per_step": 1e3 * wall, "gpu_busy_ms_per_step": gpu_us / 1e3,
+            "floor_ms_per_step": 1e3 * floor,
+            "kernels_per_step": sum(e.count for e in kernels) / steps,
+            "top_kernels": [(e.key[:80], round(e.self_device_time_total / steps / 1e3, 3)) for e in top]}
+
+
 def run_hf_peer(model_dir: str, wl: Workload, dtype: torch.dtype) -> dict[str, Any]:
     """transformers continuous batching on the same shape, random weights, same workload."""
     import transformers
@@ -287,7 +340,8 @@ def print_details(report: dict[str, Any]) -> None:
 
 
 def run_executor(model_dir: str, arch: LlamaArchitecture, hw: Hardware, config: dict[str, Any],
-                 workloads: list[str], num_requests: Optional[int]) -> tuple[dict[str, Any], int]:
+                 workloads: list[str], num_requests: Optional[int],
+                 profile_batches: tuple[int, ...] = ()) -> tuple[dict[str, Any], int]:
     """All workloads on one engine; (results by workload, KV blocks)."""
     from zllm.llm import LLM
 
@@ -303,6 +357,9 @@ def run_executor(model_dir: str, arch: LlamaArchitecture, hw: Hardware, config: 
         results[name] = run(llm, recorder, wl)
         print(config.get("distributed_executor_backend"), name,
               json.dumps({k: v for k, v in results[name].items() if k != "steps"}), flush=True)
+    for batch in profile_batches:
+        results[f"profile-{batch}"] = profile_decode(llm, arch, hw, batch)
+        print("profile", json.dumps(results[f"profile-{batch}"]), flush=True)
     num_blocks = llm.engine.block_manager.num_blocks
     llm.shutdown()
     del llm, recorder
@@ -329,26 +386,38 @@ def run_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, 
         "config": ", ".join(f"{k}={v}" for k, v in sorted(config.items())), "workloads": {},
     }
     for executor in args.executors.split(","):
+        profile = tuple(int(b) for b in args.profile.split(",")) if args.profile and executor == "uni" else ()
         results, report["num_kv_blocks"] = run_executor(
             model_dir, arch, hw, dict(config, distributed_executor_backend=executor), workloads,
-            args.num_requests)
-        report["workloads"].update({f"{executor}/{name}": r for name, r in results.items()})
+            args.num_requests, profile)
+        for name, r in results.items():
+            (report.setdefault("profile", {}) if name.startswith("profile") else report["workloads"])[
+                f"{executor}/{name}"] = r
     if args.peer == "hf":
         report["peer"] = {}
         for name in workloads:
-            if name == "latency" and not args.peer_latency:
+            if name not in args.peer_workloads.split(","):
                 continue
             wl = make_workload(name, arch.vocab_size, args.num_requests)
             report["peer"][name] = run_hf_peer(model_dir, wl, torch.bfloat16)
             print("peer", name, report["peer"][name], flush=True)
     print_details(report)
+    profiles = report.get("profile", {})
+    for key, prof in profiles.items():
+        print(key, json.dumps(prof))
     hw_note = (f"Measured at start: copy {hw.copy_bytes_per_s / 1e9:,.0f} GB/s, bf16 matmul "
                f"{hw.matmul_flops_per_s / 1e12:,.0f} TFLOP/s. x_floor = measured time / roofline "
                f"floor (per step max(bytes / bandwidth, FLOPs / matmul rate)); hf = transformers "
                f"generate_batch on the same shape and workload. {report['num_kv_blocks']} KV blocks.")
     write_results(f"Throughput and latency: {args.model} (zllm bench throughput)",
                   {"model": args.model, **config, "workloads": args.workload},
-                  result_rows(report), args.out, args.markdown or None, notes=hw_note,
+                  result_rows(report), args.out, args.markdown or None,
+                  notes=hw_note + "".join(
+                      f"\n\nDecode step at batch {p['batch']} ({key.split('/')[0]}): wall "
+                      f"{p['wall_ms_per_step']:.2f} ms, GPU busy {p['gpu_busy_ms_per_step']:.2f} ms, "
+                      f"floor {p['floor_ms_per_step']:.2f} ms, {p['kernels_per_step']:.0f} kernels; "
+                      f"top: " + ", ".join(f"{k} {t} ms" for k, t in p["top_kernels"][:4])
+                      for key, p in profiles.items()),
                   extra=report)
     return report
 
@@ -370,7 +439,10 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", default="W1,W2,latency", help="comma-separated: W1, W2, latency")
     parser.add_argument("--num-requests", type=int, default=None, help="override W1/W2's 256")
     parser.add_argument("--peer", choices=["none", "hf"], default="none")
-    parser.add_argument("--peer-latency", action="store_true", help="also run the peer on latency")
+    parser.add_argument("--profile", default="",
+                        help="comma-separated decode batch sizes to profile (uni executor)")
+    parser.add_argument("--peer-workloads", default="W1",
+                        help="comma-separated workloads the peer runs (it is slow)")
     parser.add_argument("--executors", default="uni",
                         help="comma-separated: uni (in-process), ray; each runs every workload")
     parser.add_argument("--out", help="write the report as JSON here")
