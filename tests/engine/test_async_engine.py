@@ -14,10 +14,10 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
 # The in-process worker owns process-wide model-parallel state, so one engine at a time.
-@pytest.fixture
-def engine(gqa_model):
+@pytest.fixture(params=[False, True], ids=["sync", "async-scheduling"])
+def engine(gqa_model, request):
     engine = AsyncLLMEngine(EngineConfig.from_dict({}, model=gqa_model, device="cpu",
-                                                   num_kv_blocks=256))
+                                                   num_kv_blocks=256, async_scheduling=request.param))
     yield engine
     engine.shutdown()
 
