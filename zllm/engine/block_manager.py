@@ -80,11 +80,11 @@ class BlockManager:
 
     def cache_full_blocks(self, req: Request) -> None:
         """Name the blocks that req's computed tokens have filled, so later requests find them."""
-        if not self.enable_prefix_caching:
-            return
-        table = self.block_tables.get(req.req_id, [])
         # Only tokens the engine knows can be hashed (a pending token's K/V may be computed).
         known = min(req.num_computed_tokens, req.num_tokens)
+        if not self.enable_prefix_caching or known // self.block_size <= req.num_cached_blocks:
+            return  # (most decode steps fill no new block)
+        table = self.block_tables.get(req.req_id, [])
         num_full = min(known // self.block_size, len(table))
         if num_full <= req.num_cached_blocks:
             return
@@ -128,6 +128,8 @@ class BlockManager:
         Returns the new block ids (possibly none), or None if there are not enough free blocks.
         """
         needed = self.num_blocks_needed(req, num_new_tokens)
+        if needed == 0:  # most decode steps: the last block has room
+            return []
         if needed > self.num_free_blocks:
             return None
         new_blocks = [self._take_free_block() for _ in range(needed)]
