@@ -140,3 +140,24 @@ def test_penalties_push_away_from_seen_tokens():
     assert sample(logits, meta)[0].item() == 1
     meta.frequency_penalty = torch.tensor([0.05])  # 2.0 - 0.05 > 1.9
     assert sample(logits, meta)[0].item() == 0
+
+
+def test_runner_builds_penalty_statistics_per_request(llm):
+    from zllm.worker.model_runner import RequestState
+
+    runner = llm.engine.executor.worker.model_runner
+    vocab = llm.engine.arch.vocab_size
+    states = [RequestState("a", [5, 6, 7, 6, 9, 9, 9], 3, 7, [0], SamplingParams(temperature=0, presence_penalty=0.5), []),
+              RequestState("b", [1, 2], 2, 2, [1], SamplingParams(temperature=0, frequency_penalty=1.0), []),
+              RequestState("c", [4, 4, 8], 1, 3, [2], SamplingParams(temperature=0, repetition_penalty=1.3), [])]
+    meta = runner._sampling_metadata(states)
+    for row, s in enumerate(states):
+        seen = torch.zeros(vocab, dtype=torch.bool)
+        seen[s.token_ids] = True
+        counts = torch.zeros(vocab)
+        for t in s.token_ids[s.num_prompt_tokens:]:
+            counts[t] += 1
+        assert torch.equal(meta.seen_tokens[row].cpu(), seen)
+        assert torch.equal(meta.output_counts[row].cpu(), counts)
+    assert meta.presence_penalty.tolist() == [0.5, 0.0, 0.0]
+    assert meta.repetition_penalty.tolist() == pytest.approx([1.0, 1.0, 1.3])

@@ -368,13 +368,21 @@ class ModelRunner:
             meta.repetition_penalty = column([p.repetition_penalty for p in params])
             meta.presence_penalty = column([p.presence_penalty for p in params])
             meta.frequency_penalty = column([p.frequency_penalty for p in params])
-            seen = torch.zeros(len(states), vocab, dtype=torch.bool, device=dev)
-            counts = torch.zeros(len(states), vocab, dtype=torch.float32, device=dev)
-            for row, s in enumerate(states):
-                seen[row, column(s.token_ids, torch.long)] = True
-                output = column(s.token_ids[s.num_prompt_tokens:], torch.long)
-                counts[row].index_add_(0, output, torch.ones_like(output, dtype=torch.float32))
-            meta.seen_tokens, meta.output_counts = seen, counts
+            # Token statistics from flat (row * vocab + token) indices: one scatter each, not a
+            # loop of device ops per request.
+            lengths = np.array([len(s.token_ids) for s in states])
+            rows = np.repeat(np.arange(len(states)), lengths)
+            flat = rows * vocab + np.fromiter((t for s in states for t in s.token_ids), np.int64,
+                                              int(lengths.sum()))
+            is_output = np.concatenate([np.arange(n) >= s.num_prompt_tokens
+                                        for n, s in zip(lengths, states)])
+            seen = torch.zeros(len(states) * vocab, dtype=torch.bool, device=dev)
+            seen[self.staging.to_device(flat)] = True
+            counts = torch.zeros(len(states) * vocab, dtype=torch.float32, device=dev)
+            outputs = self.staging.to_device(flat[is_output])
+            counts.index_add_(0, outputs, torch.ones(len(outputs), dtype=torch.float32, device=dev))
+            meta.seen_tokens = seen.view(len(states), vocab)
+            meta.output_counts = counts.view(len(states), vocab)
         banned = [(row, t) for row, s in enumerate(states)
                   if s.num_output_tokens < s.params.min_tokens for t in s.stop_token_ids]
         if banned:
