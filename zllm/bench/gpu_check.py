@@ -34,8 +34,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-def make_batch(cached: list[int], new: list[int], block_size: int, num_blocks: int,
-               device: torch.device) -> AttentionBatch:
+def make_batch(cached: list[int], new: list[int], block_size: int, num_blocks: int) -> AttentionBatch:
     """Requests with `cached[i]` tokens already in the cache and `new[i]` tokens this step, in
     randomly permuted (non-contiguous) blocks."""
     seq_lens = [c + n for c, n in zip(cached, new)]
@@ -49,11 +48,7 @@ def make_batch(cached: list[int], new: list[int], block_size: int, num_blocks: i
         pos = torch.arange(c, s)
         slots.append(blocks[pos // block_size] * block_size + pos % block_size)
         first += n
-    qsl = torch.tensor([0] + new).cumsum(0).to(torch.int32)
-    slots = torch.cat(slots)
-    return AttentionBatch(qsl.to(device), torch.tensor(seq_lens, dtype=torch.int32, device=device),
-                          table.to(device), slots.to(device), list(new), seq_lens, nb,
-                          table.numpy(), slots.numpy())
+    return AttentionBatch(list(new), seq_lens, nb, table.numpy(), torch.cat(slots).numpy())
 
 
 def check_kernels(device: torch.device) -> dict:
@@ -61,11 +56,11 @@ def check_kernels(device: torch.device) -> dict:
     H, KVH, D, bs, N = 32, 8, 128, 16, 512
     dims = dict(num_heads=H, num_kv_heads=KVH, head_dim=D, block_size=bs)
     fi = FlashInferBackend(device=device, dtype=torch.bfloat16, max_num_tokens=1024, **dims)
-    ref = TorchPagedBackend(**dims)
+    ref = TorchPagedBackend(device=device, **dims)
     results = {}
     for name, cached, new in [("mixed", [0, 100, 37, 513, 0], [200, 57, 1, 1, 3]),
                               ("decode", [5, 16, 17, 300, 1023], [1, 1, 1, 1, 1])]:
-        batch = make_batch(cached, new, bs, N, device)
+        batch = make_batch(cached, new, bs, N)
         # Both caches start with the same random history; the step writes the new tokens.
         cache = torch.randn(N, 2, bs, KVH, D, device=device, dtype=torch.bfloat16)
         cache_ref = cache.clone()
@@ -79,8 +74,9 @@ def check_kernels(device: torch.device) -> dict:
         expect = ref.forward(q.float(), k.float(), v.float(), cache_ref.float())
         results[name] = {"rel_err": rel_err(out, expect), "cache_equal": False}
         ref_cache = cache_ref.clone()
-        ref_cache[batch.slot_mapping // bs, 0, batch.slot_mapping % bs] = k
-        ref_cache[batch.slot_mapping // bs, 1, batch.slot_mapping % bs] = v
+        slots = torch.from_numpy(batch.slot_mapping).to(device)
+        ref_cache[slots // bs, 0, slots % bs] = k
+        ref_cache[slots // bs, 1, slots % bs] = v
         results[name]["cache_equal"] = bool(torch.equal(cache, ref_cache))
         results[name]["ok"] = results[name]["rel_err"] < REL_TOL and results[name]["cache_equal"]
     return results
@@ -115,9 +111,9 @@ def check_model_logits(path: str) -> dict:
                   num_kv_blocks=256, enforce_eager=True)
         runner = llm.engine.executor.worker.model_runner
         device = runner.device
-        batch = make_batch([0] * len(lens), lens, runner.block_size, 256, device)
+        batch = make_batch([0] * len(lens), lens, runner.block_size, 256)
         pos = torch.cat([torch.arange(n) for n in lens]).to(device)
-        last = batch.query_start_loc[1:].long() - 1
+        last = torch.from_numpy(batch.query_start_loc[1:] - 1).to(device)
         for name, backend, fused in runs:
             d = runner.model.dims
             attn = make_attention_backend(backend, device, dtype, sum(lens), num_heads=d.num_heads,

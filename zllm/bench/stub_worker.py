@@ -12,7 +12,7 @@ from zllm.protocol import ModelRunnerOutput, SchedulerOutput
 
 
 class StubWorker:
-    """Same control calls as zllm.worker.worker.Worker; execute_model samples token 0 for every
+    """Same control calls as zllm.worker.worker.Worker; every step samples token 0 for every
     scheduled request."""
 
     def __init__(self, config: EngineConfig, rank: int, distributed_init_method: Optional[str],
@@ -36,12 +36,9 @@ class StubWorker:
     def init_kv_cache(self, num_blocks: int, num_swap_blocks: int = 0) -> None:
         pass
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        req_ids = list(scheduler_output.num_scheduled_tokens)
-        return ModelRunnerOutput(req_ids, [0] * len(req_ids))
-
     def launch(self, scheduler_output: SchedulerOutput) -> None:
-        self.launched.append(self.execute_model(scheduler_output))
+        req_ids = list(scheduler_output.num_scheduled_tokens)
+        self.launched.append(ModelRunnerOutput(req_ids, [0] * len(req_ids)))
 
     def collect(self) -> ModelRunnerOutput:
         return self.launched.popleft()

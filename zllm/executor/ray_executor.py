@@ -26,7 +26,7 @@ from zllm.protocol import (ModelRunnerOutput, SchedulerOutput, WorkerError,
 
 logger = logging.getLogger(__name__)
 
-# How long execute_model waits on the reply socket before checking that the actors are alive:
+# How long collect waits on the reply socket before checking that the actors are alive:
 # the bound on how late a dead rank is noticed, not a cost on steps that answer in time.
 _LIVENESS_POLL_S = 0.2
 _ACTOR_NAME_PREFIX = "zllm-worker-"

@@ -8,13 +8,14 @@ On CUDA with flashinfer, pure-decode steps replay a captured CUDA graph (zllm/wo
 unless enforce_eager is set.
 
 Host work per step is kept small: per-request arithmetic for decodes is plain Python on ints,
-and the step's index arrays travel to the device in three copies from pinned memory.
+and index arrays travel to the device from pinned memory: the token ids and positions in one
+copy here, the attention layout in the backend's plan (only what its kernels read).
 
 A step is launched (`launch`) and its sampled tokens are read back later (`collect`). In between,
 the next step may be launched: its decodes read the tokens they continue from the previous
 step's device tensor, so the host prepares step N+1 while the GPU still runs step N. Requests
 whose sampling needs their token history on the host (penalties, min_tokens, seeded sampling)
-wait for the previous step first. `execute_model` is launch then collect.
+wait for the previous step first.
 """
 
 from __future__ import annotations
@@ -164,18 +165,8 @@ class ModelRunner:
 
     def _attention_batch(self, query_lens: list[int], seq_lens: list[int], block_table: np.ndarray,
                          slots: np.ndarray, cuda_graph: bool = False) -> AttentionBatch:
-        """The step's layout on the host and, in two copies, on the device."""
-        num_rows = len(query_lens)
-        query_start_loc = np.zeros(num_rows + 1, dtype=np.int64)
-        np.cumsum(query_lens, out=query_start_loc[1:])
-        longs = self.staging.to_device(np.concatenate([query_start_loc, seq_lens, slots]))
-        ints = longs[:2 * num_rows + 1].to(torch.int32)
-        return AttentionBatch(
-            query_start_loc=ints[:num_rows + 1], seq_lens=ints[num_rows + 1:],
-            block_table=self.staging.to_device(block_table), slot_mapping=longs[2 * num_rows + 1:],
-            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
-            num_blocks_cpu=[-(-s // self.block_size) for s in seq_lens],
-            block_table_cpu=block_table, slot_mapping_cpu=slots, cuda_graph=cuda_graph)
+        return AttentionBatch(query_lens, seq_lens, [-(-s // self.block_size) for s in seq_lens],
+                              block_table, slots, cuda_graph)
 
     def _swap(self, pairs: list[tuple[int, int]], out: bool) -> None:
         """Copy blocks device -> host (out) or host -> device, in every layer."""
@@ -214,10 +205,6 @@ class ModelRunner:
         self.kv_caches = saved
 
     # -- one step ----------------------------------------------------------------------------------
-
-    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        self.launch(sched)
-        return self.collect()
 
     def collect(self) -> ModelRunnerOutput:
         """The oldest launched step's sampled tokens."""

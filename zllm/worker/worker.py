@@ -2,7 +2,7 @@
 
 The same class runs in-process (uniproc executor) and inside a Ray actor (ray executor). Control
 calls happen once each, in this order: init_distributed_environment, init_model,
-determine_num_available_blocks, init_kv_cache; then execute_model every step.
+determine_num_available_blocks, init_kv_cache; then launch and collect for every step.
 """
 
 from __future__ import annotations
@@ -120,9 +120,6 @@ class Worker:
 
     def init_kv_cache(self, num_blocks: int, num_swap_blocks: int = 0) -> None:
         self.model_runner.init_kv_cache(num_blocks, num_swap_blocks)
-
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.model_runner.execute_model(scheduler_output)
 
     def launch(self, scheduler_output: SchedulerOutput) -> None:
         """Queue a step on the device; `collect` returns its result (steps in order)."""

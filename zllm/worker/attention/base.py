@@ -17,29 +17,31 @@ import torch
 
 @dataclass
 class AttentionBatch:
-    """Where each request's tokens are, in the flattened step (all tensors on the device).
+    """Where each request's tokens are, in the flattened step. All on the host: planning needs no
+    device sync, and each backend copies to the device only what its kernels read.
 
     Request i owns query tokens query_start_loc[i]:query_start_loc[i+1]; after this step its
-    cache holds seq_lens[i] tokens, in blocks block_table[i, :]. Token t is written to cache slot
-    slot_mapping[t] (block id * block_size + offset).
+    cache holds seq_lens[i] tokens, in blocks block_table[i, :num_blocks[i]]. Token t is written
+    to cache slot slot_mapping[t] (block id * block_size + offset).
     """
 
-    query_start_loc: torch.Tensor  # [num_reqs + 1] int32
-    seq_lens: torch.Tensor  # [num_reqs] int32
-    block_table: torch.Tensor  # [num_reqs, max_blocks] int32
-    slot_mapping: torch.Tensor  # [num_tokens] int64
-    # Host copies, for planning without device syncs.
-    query_lens_cpu: list[int]
-    seq_lens_cpu: list[int]
-    num_blocks_cpu: list[int]
-    block_table_cpu: np.ndarray  # int32
-    slot_mapping_cpu: np.ndarray  # int64
+    query_lens: list[int]
+    seq_lens: list[int]
+    num_blocks: list[int]
+    block_table: np.ndarray  # [num_reqs, max_blocks] int32
+    slot_mapping: np.ndarray  # [num_tokens] int64
     # A pure-decode step padded to a captured batch size, about to replay its CUDA graph.
     cuda_graph: bool = False
 
     @property
     def is_decode_only(self) -> bool:
-        return all(q == 1 for q in self.query_lens_cpu)
+        return all(q == 1 for q in self.query_lens)
+
+    @property
+    def query_start_loc(self) -> np.ndarray:
+        out = np.zeros(len(self.query_lens) + 1, dtype=np.int64)
+        np.cumsum(self.query_lens, out=out[1:])
+        return out
 
 
 class AttentionBackend(ABC):
@@ -74,4 +76,4 @@ def make_attention_backend(name: str, device: torch.device, dtype: torch.dtype,
                                  staging=staging, **dims)
     from zllm.worker.attention.torch_backend import TorchPagedBackend
 
-    return TorchPagedBackend(**dims)
+    return TorchPagedBackend(device=device, **dims)

@@ -76,14 +76,14 @@ class FlashInferBackend(AttentionBackend):
 
     def plan(self, batch: AttentionBatch) -> None:
         bs, st = self.block_size, self.staging
-        num_blocks = np.asarray(batch.num_blocks_cpu, dtype=np.int64)
-        seq_lens = np.asarray(batch.seq_lens_cpu, dtype=np.int32)
+        num_blocks = np.asarray(batch.num_blocks, dtype=np.int64)
+        seq_lens = np.asarray(batch.seq_lens, dtype=np.int32)
         kv_indptr = np.zeros(len(num_blocks) + 1, dtype=np.int32)
         np.cumsum(num_blocks, out=kv_indptr[1:])
         # Each request's live blocks, from its row of the [R, max_blocks] block table.
         rows = np.repeat(np.arange(len(num_blocks)), num_blocks)
         cols = np.arange(kv_indptr[-1]) - np.repeat(kv_indptr[:-1], num_blocks)
-        indices = st.to_device(batch.block_table_cpu[rows, cols])
+        indices = st.to_device(batch.block_table[rows, cols])
         last_page_len = st.host((seq_lens - 1) % bs + 1)
         kv_indptr = st.host(kv_indptr)
         common = dict(num_qo_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
@@ -93,14 +93,13 @@ class FlashInferBackend(AttentionBackend):
             self._wrapper = self.graph_decode[len(num_blocks)] if batch.cuda_graph else self.decode
             self._wrapper.plan(kv_indptr, indices, last_page_len, head_dim=self.head_dim, **common)
         else:
-            qo_indptr = np.zeros(len(num_blocks) + 1, dtype=np.int32)
-            np.cumsum(batch.query_lens_cpu, out=qo_indptr[1:])
+            qo_indptr = batch.query_start_loc.astype(np.int32)
             self.prefill.plan(st.host(qo_indptr), kv_indptr, indices, last_page_len,
                               head_dim_qk=self.head_dim, causal=True, seq_lens=st.host(seq_lens),
                               **common)
             self._wrapper = self.prefill
         # K/V store: slot s = block * bs + offset is row block * 2 * bs + offset for K, + bs for V.
-        slots = batch.slot_mapping_cpu
+        slots = batch.slot_mapping
         k_rows = slots + slots // bs * bs
         self.kv_rows[:, :len(slots)].copy_(st.host(np.stack([k_rows, k_rows + bs])), non_blocking=True)
 

@@ -27,29 +27,36 @@ class _PaddedGroup:
 
 
 class TorchPagedBackend(AttentionBackend):
-    def plan(self, batch: AttentionBatch) -> None:
-        decodes = [i for i, q in enumerate(batch.query_lens_cpu) if q == 1]
-        prefills = [i for i, q in enumerate(batch.query_lens_cpu) if q > 1]
-        self.groups = [self._plan_group(batch, rows) for rows in (decodes, prefills) if rows]
-        self.slot_block = batch.slot_mapping // self.block_size
-        self.slot_offset = batch.slot_mapping % self.block_size
+    def __init__(self, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int,
+                 block_size: int) -> None:
+        super().__init__(num_heads, num_kv_heads, head_dim, block_size)
+        self.device = device
 
-    def _plan_group(self, batch: AttentionBatch, rows: list[int]) -> _PaddedGroup:
-        device = batch.slot_mapping.device
-        q_lens_cpu = [batch.query_lens_cpu[i] for i in rows]
-        max_q, max_s = max(q_lens_cpu), max(batch.seq_lens_cpu[i] for i in rows)
-        index = torch.tensor(rows, device=device)
+    def plan(self, batch: AttentionBatch) -> None:
+        decodes = [i for i, q in enumerate(batch.query_lens) if q == 1]
+        prefills = [i for i, q in enumerate(batch.query_lens) if q > 1]
+        starts = batch.query_start_loc
+        self.groups = [self._plan_group(batch, starts, rows) for rows in (decodes, prefills) if rows]
+        slots = torch.from_numpy(batch.slot_mapping).to(self.device)
+        self.slot_block = slots // self.block_size
+        self.slot_offset = slots % self.block_size
+
+    def _plan_group(self, batch: AttentionBatch, starts, rows: list[int]) -> _PaddedGroup:
+        device = self.device
+        q_lens_cpu = [batch.query_lens[i] for i in rows]
+        seq_lens_cpu = [batch.seq_lens[i] for i in rows]
+        max_q, max_s = max(q_lens_cpu), max(seq_lens_cpu)
         q_lens = torch.tensor(q_lens_cpu, device=device)
-        seq_lens = batch.seq_lens[index]
+        seq_lens = torch.tensor(seq_lens_cpu, device=device)
 
         # Request i's j-th new token is flat token query_start_loc[i] + j.
         j = torch.arange(max_q, device=device)
         q_valid = j[None, :] < q_lens[:, None]  # [R, max_q]
-        token_index = (batch.query_start_loc[index][:, None] + j[None, :])[q_valid]
+        token_index = (torch.from_numpy(starts[rows]).to(device)[:, None] + j[None, :])[q_valid]
 
         # Cache slots of each request's sequence, position by position.
         pos = torch.arange(max_s, device=device)
-        table = batch.block_table[index]
+        table = torch.from_numpy(batch.block_table[rows]).to(device)
         kv_block = table[:, (pos // self.block_size).clamp(max=table.shape[1] - 1)].long()
         kv_offset = (pos % self.block_size).expand(len(rows), -1)
 
