@@ -1,68 +1,102 @@
-"""The msgpack encoding of what the engine and the workers say to each other."""
+"""The msgpack encoding of what the processes say to each other (zllm.codec over zllm.protocol)."""
 
 import msgpack
+import numpy as np
 import pytest
 
-from zllm.protocol import (CachedRequestData, Logprobs, ModelRunnerOutput, NewRequestData,
-                           SchedulerOutput, WorkerError, decode_model_runner_output,
-                           decode_scheduler_output, decode_worker_reply,
-                           encode_model_runner_output, encode_scheduler_output,
-                           encode_worker_error)
+from zllm.codec import decode, encode
+from zllm.protocol import (CORE_INPUTS, CORE_OUTPUTS, WORKER_REPLIES, CachedRequestData,
+                           EngineCoreOutputs, EngineCoreRequest, FinishedRequest, Logprobs,
+                           LogprobsRows, ModelRunnerOutput, NewRequestData, SchedulerOutput,
+                           WorkerError)
 from zllm.sampling_params import SamplingParams
 
 
+def ints(*values):
+    return np.array(values, dtype=np.int32)
+
+
 def a_scheduler_output() -> SchedulerOutput:
-    new = NewRequestData("a", [0, 5, 70000], [9], SamplingParams(temperature=0.7, top_k=5, seed=3),
-                         [1], [4, 2], 0)
-    cached = CachedRequestData(["b", "c"], [[], [11]])
-    return SchedulerOutput([new], cached, {"b": 1, "c": 1, "a": 4}, 6, ["d"],
-                           blocks_to_swap_out=[(3, 0), (7, 1)], blocks_to_swap_in=[])
+    new = NewRequestData("a", ints(0, 5, 70000), ints(9),
+                         SamplingParams(temperature=0.7, top_k=5, seed=3), ints(1), ints(4, 2), 0)
+    cached = CachedRequestData(["b", "c"], ints(1), ints(11))
+    return SchedulerOutput([new], cached, ints(1, 1, 4), 6, ["d"], ["e"],
+                           blocks_to_swap_out=ints(3, 0, 7, 1))
 
 
 def test_scheduler_output_round_trips():
     out = a_scheduler_output()
-    back = decode_scheduler_output(encode_scheduler_output(out))
-    assert back.cached_requests == out.cached_requests
-    assert back.num_scheduled_tokens == out.num_scheduled_tokens
-    assert list(back.num_scheduled_tokens) == ["b", "c", "a"]  # batch order survives
-    assert (back.blocks_to_swap_out, back.blocks_to_swap_in) == ([(3, 0), (7, 1)], [])
-    assert (back.total_num_scheduled_tokens, back.finished_req_ids) == (6, ["d"])
-    new, orig = back.new_requests[0], out.new_requests[0]
-    assert (new.req_id, new.prompt_token_ids, new.output_token_ids, new.stop_token_ids,
-            new.block_ids, new.num_computed_tokens) == ("a", [0, 5, 70000], [9], [1], [4, 2], 0)
-    assert (new.sampling_params.temperature, new.sampling_params.top_k,
-            new.sampling_params.seed) == (orig.sampling_params.temperature, 5, 3)
+    back = decode(encode(out), SchedulerOutput)
+    assert back.cached_requests.req_ids == ["b", "c"]
+    assert back.num_scheduled_by_id() == {"b": 1, "c": 1, "a": 4}
+    assert back.scheduled_req_ids == ["b", "c", "a"]  # batch order survives
+    assert back.cached_requests.new_block_owners.tolist() == [1]
+    assert back.cached_requests.new_block_ids.tolist() == [11]
+    assert back.blocks_to_swap_out.tolist() == [3, 0, 7, 1] and back.blocks_to_swap_in.tolist() == []
+    assert (back.total_num_scheduled_tokens, back.finished_req_ids, back.preempted_req_ids) == (
+        6, ["d"], ["e"])
+    new = back.new_requests[0]
+    assert (new.req_id, new.prompt_token_ids.tolist(), new.output_token_ids.tolist(),
+            new.stop_token_ids.tolist(), new.block_ids.tolist(), new.num_computed_tokens) == (
+        "a", [0, 5, 70000], [9], [1], [4, 2], 0)
+    assert new.sampling_params == out.new_requests[0].sampling_params
 
 
 def test_model_runner_output_and_error_round_trip():
-    out = ModelRunnerOutput(["a", "b"], [7, 8], Logprobs([-0.1, -0.2], [[7], [8]], [[-0.1], [-0.2]]))
-    assert decode_model_runner_output(encode_model_runner_output(out)) == out
-    assert decode_worker_reply(encode_model_runner_output(out)) == out
+    out = ModelRunnerOutput(["a", "b"], ints(7, 8),
+                            Logprobs([-0.1, -0.2], [[7], [8]], [[-0.1], [-0.2]]))
+    back = decode(encode(out), *WORKER_REPLIES)
+    assert back.req_ids == out.req_ids and back.sampled_token_ids.tolist() == [7, 8]
+    assert back.logprobs == out.logprobs
     err = WorkerError(1, "KeyError: 'x'")
-    assert decode_worker_reply(encode_worker_error(err)) == err
+    assert decode(encode(err), *WORKER_REPLIES) == err
+
+
+def test_engine_core_messages_round_trip():
+    req = EngineCoreRequest("r", ints(1, 2, 3), SamplingParams(stop=["x"], max_tokens=5), 12.5, 2)
+    back = decode(encode(req), *CORE_INPUTS)
+    assert (back.request_id, back.prompt_token_ids.tolist(), back.sampling_params,
+            back.arrival_time, back.priority) == ("r", [1, 2, 3], req.sampling_params, 12.5, 2)
+    outs = EngineCoreOutputs(["r", "s"], ints(4, 5), ints(0, 16), [FinishedRequest("s", "stop", 5)],
+                             LogprobsRows(ints(1), np.array([-0.5], np.float32), ints(1), ints(5),
+                                          np.array([-0.5], np.float32)))
+    back = decode(encode(outs), *CORE_OUTPUTS)
+    assert back.request_ids == ["r", "s"] and back.new_token_ids.tolist() == [4, 5]
+    assert back.finished == outs.finished and back.logprobs.sampled.tolist() == [-0.5]
 
 
 @pytest.mark.parametrize("data", [
     b"",
     b"\xc1",
-    encode_scheduler_output(a_scheduler_output())[:-3],      # truncated
-    msgpack.packb(["output", [], b"", None]),                # another kind
-    msgpack.packb(["sched", [1], [[], []], [[], b""], 0, []]),  # a field of the wrong shape
-    msgpack.packb({"sched": 1}),
+    encode(a_scheduler_output())[:-3],                        # truncated
+    encode(ModelRunnerOutput([], ints())),                     # another kind
+    msgpack.packb(["SchedulerOutput", [1], [[], b"", b""], b"", 0, [], [], b"", b""]),  # bad types
+    msgpack.packb(["SchedulerOutput", [], [["x"], msgpack.ExtType(1, b"\0\0\0\0"),  # owner, no block
+                                           msgpack.ExtType(1, b"")],
+                   msgpack.ExtType(1, b"\1\0\0\0"), 1, [], [], msgpack.ExtType(1, b""),
+                   msgpack.ExtType(1, b"")]),
+    msgpack.packb({"SchedulerOutput": 1}),
 ])
 def test_malformed_scheduler_output_raises_value_error(data):
     with pytest.raises(ValueError, match="malformed"):
-        decode_scheduler_output(data)
+        decode(data, SchedulerOutput)
 
 
 def test_malformed_worker_reply_raises_value_error():
-    for data in (b"\x92", msgpack.packb(["output", ["a"], b"", None]), msgpack.packb(["nope"])):
+    for data in (b"\x92", msgpack.packb(["ModelRunnerOutput", ["a"], msgpack.ExtType(1, b""), None]),
+                 msgpack.packb(["nope"])):
         with pytest.raises(ValueError):
-            decode_worker_reply(data)
+            decode(data, *WORKER_REPLIES)
 
 
-def test_scheduler_output_must_name_exactly_its_requests():
+def test_scheduler_output_must_count_exactly_its_requests():
     out = a_scheduler_output()
-    out.num_scheduled_tokens["stray"] = 1
-    with pytest.raises(ValueError, match="must name exactly the cached and new requests"):
-        encode_scheduler_output(out)
+    with pytest.raises(ValueError, match="scheduled token counts for 3 requests"):
+        SchedulerOutput(out.new_requests, out.cached_requests, ints(1, 1), 6, [])
+
+
+def test_bad_sampling_params_in_a_message_raise_value_error():
+    raw = msgpack.unpackb(encode(EngineCoreRequest("r", ints(1), SamplingParams(), 0.0)))
+    raw[3][1] = -1.0  # temperature
+    with pytest.raises(ValueError, match="temperature"):
+        decode(msgpack.packb(raw), *CORE_INPUTS)

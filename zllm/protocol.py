@@ -1,48 +1,58 @@
-"""What the engine and the workers say to each other, and its msgpack encoding.
+"""What the processes say to each other: the frontend and the engine core, the engine core and
+the workers. Every message is a dataclass here; `zllm.codec` derives its msgpack encoding from the
+fields, so there is no hand-kept field list and no pickle on any wire.
 
-The engine and the workers share only these dataclasses (and `zllm.config`). A scheduler output
-is incremental: a request's prompt, sampling settings and block table travel once, in
-`NewRequestData`; afterwards it appears only as a name, its newly scheduled token count and any
-new blocks. Workers keep the rest. The encoding is an explicit schema (no pickle, no arbitrary
-classes); token and block id lists travel as raw little-endian int32 bytes.
+A scheduler output is incremental: a request's prompt, sampling settings and block table travel
+once, in `NewRequestData`; afterwards it appears only as a name, its scheduled token count and any
+new blocks. Token and block ids travel as int32 arrays (one msgpack extension each), so a step
+with hundreds of requests costs a few array copies, not a Python object per number.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import msgpack
 import numpy as np
 
+from zllm.codec import Float32Array, Int32Array
 from zllm.sampling_params import SamplingParams
 
-# Fields of SamplingParams that a worker needs to sample; stop strings and the like stay on the
-# driver.
-WORKER_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty",
-                          "presence_penalty", "frequency_penalty", "min_tokens", "logprobs")
 
+def _ints(values=()) -> np.ndarray:
+    return np.asarray(values, dtype=np.int32)
+
+
+# -- engine core -> workers ------------------------------------------------------------------------
 
 @dataclass
 class NewRequestData:
     """A request the workers have not seen (or must rebuild after preemption)."""
 
     req_id: str
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]  # non-empty when a preempted request is resumed
+    prompt_token_ids: Int32Array
+    output_token_ids: Int32Array  # non-empty when a preempted request is resumed
     sampling_params: SamplingParams  # seed always set: the engine picks one when the user did not
-    stop_token_ids: list[int]  # masked until min_tokens are generated (EOS included)
-    block_ids: list[int]
+    stop_token_ids: Int32Array  # masked until min_tokens are generated (EOS included)
+    block_ids: Int32Array
     num_computed_tokens: int
 
 
 @dataclass
 class CachedRequestData:
-    """Requests the workers already hold: only the blocks added this step."""
+    """Requests the workers already hold, in batch order, and the blocks they gained this step:
+    block `new_block_ids[j]` is appended to request `req_ids[new_block_owners[j]]`."""
 
     req_ids: list[str] = field(default_factory=list)
-    new_block_ids: list[list[int]] = field(default_factory=list)
+    new_block_owners: Int32Array = field(default_factory=_ints)
+    new_block_ids: Int32Array = field(default_factory=_ints)
+
+    def __post_init__(self) -> None:
+        owners = self.new_block_owners
+        if len(owners) != len(self.new_block_ids):
+            raise ValueError(f"{len(owners)} block owners for {len(self.new_block_ids)} new blocks")
+        if len(owners) and not (0 <= int(owners.min()) and int(owners.max()) < len(self.req_ids)):
+            raise ValueError(f"a new block's owner is outside [0, {len(self.req_ids)})")
 
 
 @dataclass
@@ -51,17 +61,34 @@ class SchedulerOutput:
 
     new_requests: list[NewRequestData]
     cached_requests: CachedRequestData
-    # Batch order: the cached requests, then the new ones (the encoding sends only the counts).
-    num_scheduled_tokens: dict[str, int]
+    # Tokens to compute per request, in batch order: the cached requests, then the new ones.
+    num_scheduled_tokens: Int32Array
     total_num_scheduled_tokens: int
-    finished_req_ids: list[str]  # finished, aborted or preempted: workers drop their state
-    # Block copies done before the step's forward: (device block, CPU block) and back.
-    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
-    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
+    finished_req_ids: list[str]  # finished or aborted: workers drop their state
+    preempted_req_ids: list[str] = field(default_factory=list)  # workers drop it; it comes back new
+    # Block copies done before the step's forward, as flat pairs: (device, CPU) out, (CPU, device) in.
+    blocks_to_swap_out: Int32Array = field(default_factory=_ints)
+    blocks_to_swap_in: Int32Array = field(default_factory=_ints)
+
+    def __post_init__(self) -> None:
+        num_reqs = len(self.cached_requests.req_ids) + len(self.new_requests)
+        if len(self.num_scheduled_tokens) != num_reqs:
+            raise ValueError(f"{len(self.num_scheduled_tokens)} scheduled token counts for "
+                             f"{num_reqs} requests")
+        if len(self.blocks_to_swap_out) % 2 or len(self.blocks_to_swap_in) % 2:
+            raise ValueError("block swaps must come in (source, destination) pairs")
+
+    @property
+    def scheduled_req_ids(self) -> list[str]:
+        """Request ids in batch order (aligned with num_scheduled_tokens)."""
+        return self.cached_requests.req_ids + [r.req_id for r in self.new_requests]
+
+    def num_scheduled_by_id(self) -> dict[str, int]:
+        return dict(zip(self.scheduled_req_ids, self.num_scheduled_tokens.tolist()))
 
     @classmethod
     def empty(cls) -> "SchedulerOutput":
-        return cls([], CachedRequestData(), {}, 0, [])
+        return cls([], CachedRequestData(), _ints(), 0, [])
 
 
 @dataclass
@@ -78,94 +105,11 @@ class ModelRunnerOutput:
     """The tokens sampled this step, for requests whose scheduled tokens reached their end."""
 
     req_ids: list[str]
-    sampled_token_ids: list[int]
+    sampled_token_ids: Int32Array
     logprobs: Optional[Logprobs] = None  # rows follow req_ids; present if any request asked
 
-
-# ---------------------------------------------------------------------------------------------
-# Encoding. Each message is [kind, fields...] with a fixed field order.
-
-_IDS = 1  # msgpack ext type: int32 array
-
-
-def _ids(values: list[int]) -> msgpack.ExtType:
-    return msgpack.ExtType(_IDS, np.asarray(values, dtype="<i4").tobytes())
-
-
-def _ext_hook(code: int, data: bytes) -> Any:
-    if code != _IDS:
-        raise ValueError(f"unknown msgpack ext type {code}")
-    return np.frombuffer(data, dtype="<i4").tolist()
-
-
-def encode_scheduler_output(out: SchedulerOutput) -> bytes:
-    new = [
-        [r.req_id, _ids(r.prompt_token_ids), _ids(r.output_token_ids),
-         [getattr(r.sampling_params, f) for f in WORKER_SAMPLING_FIELDS],
-         _ids(r.stop_token_ids), _ids(r.block_ids), r.num_computed_tokens]
-        for r in out.new_requests
-    ]
-    # New blocks of cached requests travel as two flat arrays, (owner position, block id): in a
-    # decode step only the few requests that cross a block boundary get one, and one array per
-    # request would cost more than the rest of the message at hundreds of requests.
-    cached_ids = out.cached_requests.req_ids
-    owners: list[int] = []
-    flat: list[int] = []
-    for i, blocks in enumerate(out.cached_requests.new_block_ids):
-        if blocks:
-            owners += [i] * len(blocks)
-            flat += blocks
-    cached = [cached_ids, _ids(owners), _ids(flat)]
-    # Token counts in batch order, which is cached requests then new ones: the names are not
-    # sent twice.
-    num = out.num_scheduled_tokens
-    if len(num) != len(cached_ids) + len(out.new_requests):
-        raise ValueError("num_scheduled_tokens must name exactly the cached and new requests")
-    scheduled = _ids([num[r] for r in cached_ids] + [num[r.req_id] for r in out.new_requests])
-    swaps = [_ids([b for pair in out.blocks_to_swap_out for b in pair]),
-             _ids([b for pair in out.blocks_to_swap_in for b in pair])]
-    return msgpack.packb(["sched", new, cached, scheduled, out.total_num_scheduled_tokens,
-                          out.finished_req_ids, swaps])
-
-
-def decode_scheduler_output(data: bytes) -> SchedulerOutput:
-    kind, new, cached, scheduled, total, finished, swaps = _unpack(data, "sched", 7)
-    try:
-        new_requests = []
-        for req_id, prompt, output, sampling, stop_ids, blocks, computed in new:
-            params = SamplingParams(**dict(zip(WORKER_SAMPLING_FIELDS, sampling)))
-            new_requests.append(NewRequestData(req_id, prompt, output, params, stop_ids, blocks,
-                                               computed))
-        cached_ids, owners, flat_blocks = cached
-        names = list(cached_ids) + [r.req_id for r in new_requests]
-        if len(names) != len(scheduled) or len(owners) != len(flat_blocks):
-            raise ValueError("mismatched list lengths")
-        new_block_ids: list[list[int]] = [[] for _ in cached_ids]
-        for owner, block in zip(owners, flat_blocks):
-            if not 0 <= owner < len(cached_ids):
-                raise ValueError(f"block owner {owner} out of range")
-            new_block_ids[owner].append(block)
-        swap_out, swap_in = (list(zip(flat[0::2], flat[1::2])) for flat in swaps)
-    except (TypeError, ValueError) as e:  # a field of the wrong shape or type
-        raise ValueError(f"malformed sched message: {e}") from e
-    return SchedulerOutput(new_requests, CachedRequestData(cached_ids, new_block_ids),
-                           dict(zip(names, scheduled)), total, finished, swap_out, swap_in)
-
-
-def encode_model_runner_output(out: ModelRunnerOutput) -> bytes:
-    lp = None if out.logprobs is None else dataclasses.astuple(out.logprobs)
-    return msgpack.packb(["output", out.req_ids, _ids(out.sampled_token_ids), lp])
-
-
-def decode_model_runner_output(data: bytes) -> ModelRunnerOutput:
-    return _model_runner_output(_unpack(data, "output", 4))
-
-
-def _model_runner_output(msg: list[Any]) -> ModelRunnerOutput:
-    _, req_ids, sampled, lp = msg
-    if not isinstance(req_ids, list) or len(req_ids) != len(sampled):
-        raise ValueError("malformed output message: req_ids and sampled tokens differ in length")
-    return ModelRunnerOutput(req_ids, sampled, None if lp is None else Logprobs(*lp))
+    def __post_init__(self) -> None:
+        _same_length("sampled tokens", self.sampled_token_ids, self.req_ids)
 
 
 @dataclass
@@ -176,29 +120,94 @@ class WorkerError:
     message: str
 
 
-def encode_worker_error(err: WorkerError) -> bytes:
-    return msgpack.packb(["error", err.rank, err.message])
+# -- frontend <-> engine core -------------------------------------------------------------------------
+
+@dataclass
+class EngineCoreRequest:
+    """A tokenized, validated request. The frontend fans `n` out into n requests (`n` is 1 here)
+    and gives each a seed when the user did not."""
+
+    request_id: str
+    prompt_token_ids: Int32Array
+    sampling_params: SamplingParams
+    arrival_time: float  # time.monotonic() in the frontend: TTFT counts from here
+    priority: int = 0
 
 
-def decode_worker_reply(data: bytes) -> ModelRunnerOutput | WorkerError:
-    """A worker's answer to one step: its output, or the error that stopped it."""
-    try:
-        msg = msgpack.unpackb(data, ext_hook=_ext_hook, strict_map_key=False)
-    except Exception as e:  # msgpack raises several types for truncated or bad data
-        raise ValueError(f"malformed worker reply: {e}") from e
-    if isinstance(msg, list) and len(msg) == 3 and msg[0] == "error":
-        return WorkerError(msg[1], msg[2])
-    if not isinstance(msg, list) or len(msg) != 4 or msg[0] != "output":
-        raise ValueError("malformed worker reply: expected an 'output' or 'error' message")
-    return _model_runner_output(msg)
+@dataclass
+class EngineCoreAbort:
+    request_ids: list[str]
 
 
-def _unpack(data: bytes, kind: str, length: int) -> list[Any]:
-    """Unpack one message and check its kind and shape; anything else raises ValueError."""
-    try:
-        msg = msgpack.unpackb(data, ext_hook=_ext_hook, strict_map_key=False)
-    except Exception as e:  # msgpack raises several types for truncated or bad data
-        raise ValueError(f"malformed {kind} message: {e}") from e
-    if not isinstance(msg, list) or len(msg) != length or msg[0] != kind:
-        raise ValueError(f"malformed {kind} message: expected a list of {length} starting with {kind!r}")
-    return msg
+@dataclass
+class EngineCoreCall:
+    """A control call (`method` of the engine core, e.g. "stats", "health"); answered by an
+    EngineCoreReply with the same call_id."""
+
+    call_id: int
+    method: str
+    args: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class EngineCoreReply:
+    call_id: int
+    result: Any
+    error: Optional[str] = None
+
+
+@dataclass
+class FinishedRequest:
+    request_id: str
+    finish_reason: str  # "stop" | "length" | "abort" | "error"
+    stop_reason: Optional[int] = None  # the stop token id, when one ended it
+    message: Optional[str] = None  # why, for "error" (a request the core rejected)
+
+
+@dataclass
+class LogprobsRows:
+    """Log-probabilities of some of a step's tokens: row i belongs to request_ids[rows[i]] and has
+    counts[i] top entries in the flat top arrays."""
+
+    rows: Int32Array
+    sampled: Float32Array
+    counts: Int32Array
+    top_ids: Int32Array
+    top_logprobs: Float32Array
+
+    def __post_init__(self) -> None:
+        _same_length("sampled log-probabilities", self.sampled, self.rows)
+        _same_length("top counts", self.counts, self.rows)
+        _same_length("top log-probabilities", self.top_logprobs, self.top_ids)
+        if int(self.counts.sum()) != len(self.top_ids) or (len(self.counts) and self.counts.min() < 0):
+            raise ValueError("top counts do not add up to the top entries")
+
+
+@dataclass
+class EngineCoreOutputs:
+    """One step's news for one frontend: a new token per request in request_ids (aligned with
+    new_token_ids and num_cached_tokens), and the requests that ended."""
+
+    request_ids: list[str]
+    new_token_ids: Int32Array
+    num_cached_tokens: Int32Array  # prompt tokens found in the prefix cache
+    finished: list[FinishedRequest] = field(default_factory=list)
+    logprobs: Optional[LogprobsRows] = None
+
+    def __post_init__(self) -> None:
+        _same_length("new tokens", self.new_token_ids, self.request_ids)
+        _same_length("cached-token counts", self.num_cached_tokens, self.request_ids)
+        rows = self.logprobs.rows if self.logprobs is not None else ()
+        if len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < len(self.request_ids)):
+            raise ValueError("a log-probability row is outside the step's requests")
+
+
+def _same_length(what: str, values, owners) -> None:
+    if len(values) != len(owners):
+        raise ValueError(f"{len(values)} {what} for {len(owners)} entries")
+
+
+# The messages each end accepts.
+CORE_INPUTS = (EngineCoreRequest, EngineCoreAbort, EngineCoreCall)
+CORE_OUTPUTS = (EngineCoreOutputs, EngineCoreReply)
+WORKER_REPLIES = (ModelRunnerOutput, WorkerError)

@@ -16,7 +16,7 @@ def _request(i: int, prompt_len: int) -> Request:
 def _decode(reqs, sched_out):
     """Pretend a step ran: requests that reached their end get their pending token."""
     for req in reqs:
-        if req.req_id in sched_out.num_scheduled_tokens and req.num_pending_tokens:
+        if req.req_id in sched_out.scheduled_req_ids and req.num_pending_tokens:
             req.num_pending_tokens -= 1
             req.output_token_ids.append(7)
 
@@ -44,10 +44,10 @@ def test_budget_splits_prompts_and_decodes_share_steps():
     for r in reqs:
         sched.add_request(r)
     out = sched.schedule()
-    assert out.num_scheduled_tokens == {"r0": 6, "r1": 4}  # r1's prompt is chunked
+    assert out.num_scheduled_by_id() == {"r0": 6, "r1": 4}  # r1's prompt is chunked
     _decode(reqs, out)
     out = sched.schedule()
-    assert out.num_scheduled_tokens == {"r0": 1, "r1": 8}  # r0 decodes beside r1's next chunk
+    assert out.num_scheduled_by_id() == {"r0": 1, "r1": 8}  # r0 decodes beside r1's next chunk
     assert [r.req_id for r in out.new_requests] == [] and out.cached_requests.req_ids == ["r0", "r1"]
     assert out.total_num_scheduled_tokens == 9
 
@@ -62,12 +62,12 @@ def test_preemption_takes_the_newest_and_requeues_it_first():
     assert bm.num_free_blocks == 0
     _decode(reqs, out)
     out = sched.schedule()  # r0 needs a third block: r1 (newest) is preempted
-    assert list(out.num_scheduled_tokens) == ["r0"]
-    assert out.finished_req_ids == ["r1"]  # workers drop its state in the same step
+    assert out.scheduled_req_ids == ["r0"]
+    assert out.preempted_req_ids == ["r1"]  # workers drop its state in the same step
     assert sched.waiting[0] is reqs[1] and sched.num_preemptions == 1
     assert reqs[1].status == RequestStatus.WAITING and reqs[1].num_computed_tokens == 0
     sched.finish_requests([reqs[0]], RequestStatus.FINISHED_STOPPED)
     assert bm.num_free_blocks == 4
     out3 = sched.schedule()
     assert [r.req_id for r in out3.new_requests] == ["r1"]
-    assert out3.new_requests[0].output_token_ids == [7]  # resumes with its generated token
+    assert out3.new_requests[0].output_token_ids.tolist() == [7]  # resumes with its generated token

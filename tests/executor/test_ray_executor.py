@@ -13,7 +13,8 @@ from tests.executor.conftest import PROMPTS, greedy_tokens, make_llm
 from zllm import EngineDeadError, SamplingParams
 from zllm.config import EngineConfig
 from zllm.executor.ray_executor import RayExecutor
-from zllm.protocol import CachedRequestData, SchedulerOutput, encode_scheduler_output
+from zllm.codec import encode
+from zllm.protocol import CachedRequestData, ModelRunnerOutput, SchedulerOutput
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +66,11 @@ def test_tp4_replicates_kv_heads_and_matches_transformers(ray_session, gqa_model
 def test_malformed_messages_are_rejected_without_executing(tp2_llm, reference_tokens):
     executor = tp2_llm.engine.executor
     before = ray.get([a.stats.remote() for a in executor.actors])
-    valid = encode_scheduler_output(SchedulerOutput.empty())
+    valid = encode(SchedulerOutput.empty())
     bad = [valid[: len(valid) // 2],                      # truncated
            b"\xc1garbage",                                # not msgpack
-           msgpack.packb(["sched", 1, 2, 3, 4, 5]),       # right kind, wrong field types
-           msgpack.packb(["output", [], b"", None])]      # a reply kind sent the wrong way
+           msgpack.packb(["SchedulerOutput", 1, 2, 3, 4, 5, 6, 7, 8]),  # right kind, wrong types
+           encode(ModelRunnerOutput([], []))]              # a reply kind sent the wrong way
     for message in bad:
         executor.endpoint.publish(message)
     # Generation after the bad messages still gives the reference tokens: no rank executed them
@@ -91,7 +92,7 @@ def test_worker_exception_raises_engine_dead_naming_the_rank(ray_session, gqa_mo
     try:
         executor.init_kv_cache(8)
         # A request the workers never saw: every rank fails looking it up.
-        step = SchedulerOutput([], CachedRequestData(["unknown"], [[]]), {"unknown": 1}, 1, [])
+        step = SchedulerOutput([], CachedRequestData(["unknown"]), [1], 1, [])
         with pytest.raises(EngineDeadError, match=r"rank \d raised KeyError"):
             executor.execute_model(step)
         t0 = time.monotonic()

@@ -15,6 +15,8 @@ import statistics
 import time
 from typing import Optional
 
+import numpy as np
+
 from zllm.bench.report import write_results
 from zllm.config import EngineConfig
 from zllm.protocol import CachedRequestData, NewRequestData, SchedulerOutput
@@ -25,19 +27,20 @@ BLOCK_SIZE = 16
 
 
 def prefill_step(num_requests: int) -> SchedulerOutput:
-    new = [NewRequestData(f"req-{i}", [1] * BLOCK_SIZE, [], SamplingParams(seed=i), [1], [i], 0)
+    new = [NewRequestData(f"req-{i}", np.ones(BLOCK_SIZE, np.int32), np.zeros(0, np.int32),
+                          SamplingParams(seed=i), np.ones(1, np.int32), np.array([i], np.int32), 0)
            for i in range(num_requests)]
-    return SchedulerOutput(new, CachedRequestData(), {r.req_id: BLOCK_SIZE for r in new},
+    return SchedulerOutput(new, CachedRequestData(), np.full(num_requests, BLOCK_SIZE, np.int32),
                            num_requests * BLOCK_SIZE, [])
 
 
 def decode_step(num_requests: int, step: int) -> SchedulerOutput:
     req_ids = [f"req-{i}" for i in range(num_requests)]
     # Requests cross a block boundary at staggered steps, as they do in a real batch.
-    new_blocks = [[num_requests + step * num_requests + i] if (step + i) % BLOCK_SIZE == 0 else []
-                  for i in range(num_requests)]
-    return SchedulerOutput([], CachedRequestData(req_ids, new_blocks),
-                           dict.fromkeys(req_ids, 1), num_requests, [])
+    owners = np.array([i for i in range(num_requests) if (step + i) % BLOCK_SIZE == 0], np.int32)
+    new_blocks = num_requests + step * num_requests + owners
+    return SchedulerOutput([], CachedRequestData(req_ids, owners, new_blocks),
+                           np.ones(num_requests, np.int32), num_requests, [])
 
 
 def time_steps(executor, num_requests: int, warmup: int, steps: int) -> list[float]:

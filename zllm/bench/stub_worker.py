@@ -7,6 +7,8 @@ import collections
 import os
 from typing import Optional
 
+import numpy as np
+
 from zllm.config import EngineConfig
 from zllm.protocol import ModelRunnerOutput, SchedulerOutput
 
@@ -37,8 +39,8 @@ class StubWorker:
         pass
 
     def launch(self, scheduler_output: SchedulerOutput) -> None:
-        req_ids = list(scheduler_output.num_scheduled_tokens)
-        self.launched.append(ModelRunnerOutput(req_ids, [0] * len(req_ids)))
+        req_ids = scheduler_output.scheduled_req_ids
+        self.launched.append(ModelRunnerOutput(req_ids, np.zeros(len(req_ids), dtype=np.int32)))
 
     def collect(self) -> ModelRunnerOutput:
         return self.launched.popleft()

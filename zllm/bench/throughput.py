@@ -163,12 +163,13 @@ class StepRecorder:
         return timed
 
     def _submit(self, sched) -> None:
-        for req_id in sched.finished_req_ids:
+        for req_id in sched.finished_req_ids + sched.preempted_req_ids:
             self.computed.pop(req_id, None)
         for new in sched.new_requests:
             self.computed[new.req_id] = new.num_computed_tokens
-        contexts = [(self.computed[r], n) for r, n in sched.num_scheduled_tokens.items()]
-        for r, n in sched.num_scheduled_tokens.items():
+        scheduled = sched.num_scheduled_by_id().items()
+        contexts = [(self.computed[r], n) for r, n in scheduled]
+        for r, n in scheduled:
             self.computed[r] += n
         self.submitted.append((time.perf_counter(), contexts, sched.total_num_scheduled_tokens))
         self.inner_submit(sched)

@@ -157,13 +157,14 @@ class BlockManager:
     def can_swap_out(self, req: Request) -> bool:
         return len(self.block_tables.get(req.req_id, ())) <= len(self.free_cpu_blocks)
 
-    def swap_out(self, req: Request) -> list[tuple[int, int]]:
-        """Move req's blocks to CPU blocks; returns the (device, CPU) copies for the workers.
-        The device blocks are freed now: the workers copy before the step's forward writes."""
+    def swap_out(self, req: Request) -> list[int]:
+        """Move req's blocks to CPU blocks; returns the copies for the workers as flat (device,
+        CPU) pairs. The device blocks are freed now: the workers copy before the step's forward
+        writes."""
         table = self.block_tables[req.req_id]
         cpu = [self.free_cpu_blocks.pop() for _ in table]
         self.cpu_block_tables[req.req_id] = cpu
-        pairs = list(zip(table, cpu))
+        pairs = [b for pair in zip(table, cpu) for b in pair]
         self.free(req)
         return pairs
 
@@ -172,14 +173,15 @@ class BlockManager:
         needed = self.num_blocks_needed(req, num_new_tokens)  # it holds no device blocks now
         return self.num_free_blocks - needed >= self.watermark_blocks
 
-    def swap_in(self, req: Request) -> list[tuple[int, int]]:
-        """Give req fresh device blocks for its CPU blocks; returns the (CPU, device) copies."""
+    def swap_in(self, req: Request) -> list[int]:
+        """Give req fresh device blocks for its CPU blocks; returns the copies as flat (CPU,
+        device) pairs."""
         cpu = self.cpu_block_tables.pop(req.req_id)
         device = [self._take_free_block() for _ in cpu]
         self.block_tables[req.req_id] = device
         req.num_cached_blocks = 0  # the new blocks join the prefix cache at the next step
         self.free_cpu_blocks.extend(cpu)
-        return list(zip(cpu, device))
+        return [b for pair in zip(cpu, device) for b in pair]
 
     def free_swapped(self, req: Request) -> None:
         self.free_cpu_blocks.extend(self.cpu_block_tables.pop(req.req_id, []))

@@ -198,8 +198,9 @@ class LLMEngine:
         async scheduling keeps one more in flight) and return outputs of finished and
         streaming requests."""
         scheduler_output = self.scheduler.schedule()
-        submitted = bool(scheduler_output.total_num_scheduled_tokens or (
-            scheduler_output.blocks_to_swap_out or scheduler_output.finished_req_ids))
+        submitted = bool(scheduler_output.total_num_scheduled_tokens
+                         or len(scheduler_output.blocks_to_swap_out)
+                         or scheduler_output.finished_req_ids or scheduler_output.preempted_req_ids)
         if submitted:
             self.stats.record(self.scheduler.last_stats)
             self.executor.submit(scheduler_output)

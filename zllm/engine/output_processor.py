@@ -65,7 +65,7 @@ class OutputProcessor:
         """Apply one step's sampled tokens; returns the requests that must stop, and why."""
         finished = []
         lp = output.logprobs
-        for i, (req_id, token_id) in enumerate(zip(output.req_ids, output.sampled_token_ids)):
+        for i, (req_id, token_id) in enumerate(zip(output.req_ids, output.sampled_token_ids.tolist())):
             req = requests.get(req_id)
             if req is None or req.status.finished:
                 continue  # finished or aborted while the step ran: an extra token, dropped

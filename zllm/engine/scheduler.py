@@ -31,6 +31,8 @@ from typing import Iterable
 from zllm.config import SchedulerConfig
 from zllm.engine.block_manager import BlockManager
 from zllm.engine.request import Request, RequestStatus
+import numpy as np
+
 from zllm.protocol import CachedRequestData, NewRequestData, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -57,10 +59,11 @@ class Scheduler:
         self.waiting: list[Request] = []  # kept in service order
         self.running: list[Request] = []  # kept in service order
         self.swapped: list[Request] = []  # kept in service order
-        self._swap_out: list[tuple[int, int]] = []
+        self._swap_out: list[int] = []  # flat (device block, CPU block) pairs
         self.num_swaps = 0
-        # Requests the workers must forget at the next step: finished, aborted or preempted.
-        self._dropped_req_ids: list[str] = []
+        # Requests the workers must forget at the next step.
+        self._finished_req_ids: list[str] = []  # finished or aborted
+        self._preempted_req_ids: list[str] = []
         self.num_preemptions = 0
         self.last_stats = StepStats()
 
@@ -97,7 +100,9 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         num_scheduled: dict[str, int] = {}
         new_requests: list[NewRequestData] = []
-        cached = CachedRequestData()
+        cached_ids: list[str] = []
+        block_owners: list[int] = []
+        new_blocks_flat: list[int] = []
         stats = StepStats()
 
         # 1. Running requests. Victims come from the back of the list, so they have not been
@@ -117,14 +122,16 @@ class Scheduler:
                     break
             if new_blocks is None:
                 break  # req preempted itself: nothing after it is left in running either
-            cached.req_ids.append(req.req_id)
-            cached.new_block_ids.append(new_blocks)
+            if new_blocks:
+                block_owners += [len(cached_ids)] * len(new_blocks)
+                new_blocks_flat += new_blocks
+            cached_ids.append(req.req_id)
             num_scheduled[req.req_id] = num_new
             budget -= num_new
             i += 1
 
         # 2. Swapped, then waiting requests, in order, unless this step had to preempt.
-        swap_in: list[tuple[int, int]] = []
+        swap_in: list[int] = []  # flat (CPU block, device block) pairs
         while self.swapped and budget > 0 and not stats.num_preemptions:
             req = self.swapped[0]
             if req.num_pending_tokens:
@@ -174,11 +181,17 @@ class Scheduler:
             self.block_manager.cache_full_blocks(req)
         stats.num_running, stats.num_waiting = len(self.running), len(self.waiting)
         self.last_stats = stats
-        dropped, self._dropped_req_ids = self._dropped_req_ids, []
+        finished, self._finished_req_ids = self._finished_req_ids, []
+        preempted, self._preempted_req_ids = self._preempted_req_ids, []
         swap_out, self._swap_out = self._swap_out, []
-        return SchedulerOutput(new_requests, cached, num_scheduled,
-                               self.config.max_num_batched_tokens - budget, dropped,
-                               swap_out, swap_in)
+        batch_order = cached_ids + [r.req_id for r in new_requests]
+        cached = CachedRequestData(cached_ids, np.asarray(block_owners, dtype=np.int32),
+                                   np.asarray(new_blocks_flat, dtype=np.int32))
+        return SchedulerOutput(new_requests, cached,
+                               np.fromiter((num_scheduled[r] for r in batch_order), np.int32,
+                                           len(batch_order)),
+                               self.config.max_num_batched_tokens - budget, finished, preempted,
+                               np.asarray(swap_out, dtype=np.int32), np.asarray(swap_in, dtype=np.int32))
 
     def _start(self, req: Request, num_new: int, new_requests: list[NewRequestData],
                num_scheduled: dict[str, int]) -> None:
@@ -188,11 +201,11 @@ class Scheduler:
         self.running.append(req)
         new_requests.append(NewRequestData(
             req_id=req.req_id,
-            prompt_token_ids=req.prompt_token_ids,
-            output_token_ids=req.output_token_ids,
+            prompt_token_ids=np.asarray(req.prompt_token_ids, dtype=np.int32),
+            output_token_ids=np.asarray(req.output_token_ids, dtype=np.int32),
             sampling_params=req.params,
-            stop_token_ids=req.stop_token_ids,
-            block_ids=list(self.block_manager.block_table(req.req_id)),
+            stop_token_ids=np.asarray(req.stop_token_ids, dtype=np.int32),
+            block_ids=np.asarray(self.block_manager.block_table(req.req_id), dtype=np.int32),
             num_computed_tokens=req.num_computed_tokens,
         ))
         num_scheduled[req.req_id] = num_new
@@ -200,7 +213,7 @@ class Scheduler:
     def _preempt(self, req: Request, now: float) -> None:
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self._dropped_req_ids.append(req.req_id)  # swapped or not, workers rebuild it later
+        self._preempted_req_ids.append(req.req_id)  # swapped or not, workers rebuild it later
         if self.preemption_mode == "swap" and self.block_manager.can_swap_out(req):
             self._swap_out += self.block_manager.swap_out(req)
             req.status = RequestStatus.SWAPPED
@@ -221,7 +234,7 @@ class Scheduler:
                 continue
             if req.status == RequestStatus.RUNNING:
                 self.running.remove(req)
-                self._dropped_req_ids.append(req.req_id)
+                self._finished_req_ids.append(req.req_id)
             elif req.status == RequestStatus.SWAPPED:
                 self.swapped.remove(req)
                 self.block_manager.free_swapped(req)

@@ -21,8 +21,8 @@ from zllm.errors import EngineDeadError
 from zllm.executor.base import Executor
 from zllm.executor.data_plane import DriverEndpoint, wait_for_subscribers
 from zllm.executor.ray_worker import RayWorker
-from zllm.protocol import (ModelRunnerOutput, SchedulerOutput, WorkerError,
-                           decode_worker_reply, encode_scheduler_output)
+from zllm.codec import decode, encode
+from zllm.protocol import WORKER_REPLIES, ModelRunnerOutput, SchedulerOutput, WorkerError
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class RayExecutor(Executor):
 
     def submit(self, scheduler_output: SchedulerOutput) -> None:
         self._raise_if_dead()
-        self.endpoint.publish(encode_scheduler_output(scheduler_output))
+        self.endpoint.publish(encode(scheduler_output))
 
     def collect(self) -> ModelRunnerOutput:
         """Rank 0 replies in step order, so the next reply belongs to the oldest step."""
@@ -158,7 +158,7 @@ class RayExecutor(Executor):
             reply = self.endpoint.receive(_LIVENESS_POLL_S)
             if reply is not None:
                 try:
-                    result = decode_worker_reply(reply)
+                    result = decode(reply, *WORKER_REPLIES)
                 except ValueError as e:
                     raise self._die(0, f"sent a malformed reply: {e}") from None
                 if isinstance(result, WorkerError):

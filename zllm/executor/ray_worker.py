@@ -17,8 +17,8 @@ from typing import Any
 
 from zllm.config import EngineConfig
 from zllm.executor.data_plane import WorkerEndpoint
-from zllm.protocol import (WorkerError, decode_scheduler_output, encode_model_runner_output,
-                           encode_worker_error)
+from zllm.codec import decode, encode
+from zllm.protocol import SchedulerOutput, WorkerError
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class RayWorker:
                     message = endpoint.receive(_OVERLAP_POLL_MS)
                 if message is not None:
                     try:
-                        sched = decode_scheduler_output(message)
+                        sched = decode(message, SchedulerOutput)
                     except ValueError as e:
                         # Executing a half-understood step would desynchronise the ranks'
                         # state; dropping it leaves the driver to time out: the safe failure.
@@ -108,12 +108,12 @@ class RayWorker:
         except Exception as e:
             logger.exception("rank %d: step failed", self.rank)
             detail = "".join(traceback.format_exception_only(type(e), e)).strip()
-            endpoint.send(encode_worker_error(WorkerError(self.rank, detail)))
+            endpoint.send(encode(WorkerError(self.rank, detail)))
             return False
         if output is not None:
             self.num_steps += 1
             if self.rank == 0:
-                endpoint.send(encode_model_runner_output(output))
+                endpoint.send(encode(output))
         return True
 
     def get_pid(self) -> int:

@@ -90,8 +90,8 @@ class LaunchedStep:
             for state, token in zip(self.states, token_list):
                 state.token_ids.append(token)
                 state.num_pending -= 1
-            self.output = ModelRunnerOutput([s.req_id for s in self.states], token_list,
-                                            self.logprobs)
+            self.output = ModelRunnerOutput([s.req_id for s in self.states],
+                                            np.asarray(token_list, dtype=np.int32), self.logprobs)
         return self.output
 
 
@@ -168,11 +168,13 @@ class ModelRunner:
         return AttentionBatch(query_lens, seq_lens, [-(-s // self.block_size) for s in seq_lens],
                               block_table, slots, cuda_graph)
 
-    def _swap(self, pairs: list[tuple[int, int]], out: bool) -> None:
-        """Copy blocks device -> host (out) or host -> device, in every layer."""
-        if not pairs:
+    def _swap(self, pairs: np.ndarray, out: bool) -> None:
+        """Copy blocks device -> host (out) or host -> device, in every layer; `pairs` is flat
+        (source, destination) pairs."""
+        if not len(pairs):
             return
-        src_ids, dst_ids = (torch.tensor(ids, dtype=torch.long) for ids in zip(*pairs))
+        src_ids = torch.from_numpy(pairs[0::2].astype(np.int64))
+        dst_ids = torch.from_numpy(pairs[1::2].astype(np.int64))
         for kv, host in zip(self.kv_caches, self.swap_caches):
             if out:
                 host[dst_ids] = kv[src_ids.to(self.device)].to("cpu")
@@ -226,7 +228,7 @@ class ModelRunner:
         self.staging.next_step()
         previous = self.launched[-1] if self.launched else None
         if previous is not None and any(self.requests[r].needs_history
-                                        for r in sched.num_scheduled_tokens):
+                                        for r in sched.scheduled_req_ids):
             previous.resolve()
         input_ids, positions, batch, sample_rows, sampled_states = self._prepare_inputs(sched, previous)
         self.attn.plan(batch)
@@ -247,20 +249,21 @@ class ModelRunner:
         self.launched.append(step)
 
     def _update_states(self, sched: SchedulerOutput) -> None:
-        for req_id in sched.finished_req_ids:
+        for req_id in sched.finished_req_ids + sched.preempted_req_ids:
             self.requests.pop(req_id, None)
         for new in sched.new_requests:
             self.requests[new.req_id] = RequestState(
-                new.req_id, list(new.prompt_token_ids) + list(new.output_token_ids),
-                len(new.prompt_token_ids), new.num_computed_tokens, list(new.block_ids),
-                new.sampling_params, list(new.stop_token_ids))
+                new.req_id, new.prompt_token_ids.tolist() + new.output_token_ids.tolist(),
+                len(new.prompt_token_ids), new.num_computed_tokens, new.block_ids.tolist(),
+                new.sampling_params, new.stop_token_ids.tolist())
         cached = sched.cached_requests
-        for req_id, new_blocks in zip(cached.req_ids, cached.new_block_ids):
-            self.requests[req_id].block_ids.extend(new_blocks)
+        for owner, block in zip(cached.new_block_owners.tolist(), cached.new_block_ids.tolist()):
+            self.requests[cached.req_ids[owner]].block_ids.append(block)
 
     def _prepare_inputs(self, sched: SchedulerOutput, previous: Optional[LaunchedStep]):
         bs = self.block_size
-        scheduled = [(self.requests[r], n) for r, n in sched.num_scheduled_tokens.items()]
+        scheduled = [(self.requests[r], n) for r, n in zip(sched.scheduled_req_ids,
+                                                            sched.num_scheduled_tokens.tolist())]
         num_reqs = len(scheduled)
         # A pure-decode step small enough for a captured graph is padded to the graph's size.
         graph_size = None
