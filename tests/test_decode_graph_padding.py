@@ -26,8 +26,9 @@ class EagerDecodeGraphs(DecodeGraphs):
 def test_padded_decode_batches_keep_greedy_output(gqa_model, hf):
     assert graph_batch_sizes(20) == [1, 2, 4, 8, 16, 24]
     assert graph_batch_sizes(256)[-3:] == [240, 248, 256]
-    with LLM(gqa_model, device="cpu", max_num_seqs=20, async_scheduling=True) as llm:
-        runner = llm.engine.executor.worker.model_runner
+    with LLM(gqa_model, device="cpu", max_num_seqs=20, async_scheduling=True,
+             engine_process=False) as llm:
+        runner = llm.engine.engine_core.executor.worker.model_runner
         runner.graphs = EagerDecodeGraphs(runner.model, runner.kv_caches, runner.attn,
                                           graph_batch_sizes(20), runner.device)
         scratch = runner.kv_caches[0][runner.scratch_block].clone()

@@ -26,7 +26,7 @@ def _check_against_hf(llm: LLM, model_dir: str, hf, max_tokens: int = MAX_TOKENS
 def test_greedy_matches_hf_with_plenty_of_blocks(gqa_model, hf):
     with LLM(gqa_model, device="cpu") as llm:
         _check_against_hf(llm, gqa_model, hf)
-        assert llm.engine.scheduler.num_preemptions == 0
+        assert llm.stats().num_preemptions == 0
 
 
 def test_preemption_keeps_greedy_output(gqa_model, hf):
@@ -34,8 +34,8 @@ def test_preemption_keeps_greedy_output(gqa_model, hf):
     with LLM(gqa_model, device="cpu", block_size=4, num_kv_blocks=24, max_model_len=96,
              watermark=0.0) as llm:
         _check_against_hf(llm, gqa_model, hf)
-        assert llm.engine.scheduler.num_preemptions > 0
-        assert llm.engine.block_manager.num_free_blocks == 24  # everything given back
+        assert llm.stats().num_preemptions > 0
+        assert llm.stats().num_free_blocks == 24  # everything given back
 
 
 def test_split_token_budget_keeps_greedy_output(gqa_model, hf):

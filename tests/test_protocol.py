@@ -53,7 +53,8 @@ def test_model_runner_output_and_error_round_trip():
 
 
 def test_engine_core_messages_round_trip():
-    req = EngineCoreRequest("r", ints(1, 2, 3), SamplingParams(stop=["x"], max_tokens=5), 12.5, 2)
+    req = EngineCoreRequest("r", ints(1, 2, 3), SamplingParams(stop=["x"], max_tokens=5), ints(2),
+                            12.5, 2)
     back = decode(encode(req), *CORE_INPUTS)
     assert (back.request_id, back.prompt_token_ids.tolist(), back.sampling_params,
             back.arrival_time, back.priority) == ("r", [1, 2, 3], req.sampling_params, 12.5, 2)
@@ -96,7 +97,7 @@ def test_scheduler_output_must_count_exactly_its_requests():
 
 
 def test_bad_sampling_params_in_a_message_raise_value_error():
-    raw = msgpack.unpackb(encode(EngineCoreRequest("r", ints(1), SamplingParams(), 0.0)))
+    raw = msgpack.unpackb(encode(EngineCoreRequest("r", ints(1), SamplingParams(), ints(), 0.0)))
     raw[3][1] = -1.0  # temperature
     with pytest.raises(ValueError, match="temperature"):
         decode(msgpack.packb(raw), *CORE_INPUTS)

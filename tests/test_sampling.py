@@ -143,10 +143,14 @@ def test_penalties_push_away_from_seen_tokens():
 
 
 def test_runner_builds_penalty_statistics_per_request(llm):
+    with LLM(llm.engine.config.model.model, device="cpu", engine_process=False) as inproc:
+        _check_penalty_statistics(inproc.engine.engine_core.executor.worker.model_runner,
+                                  inproc.engine.arch.vocab_size)
+
+
+def _check_penalty_statistics(runner, vocab):
     from zllm.worker.model_runner import RequestState
 
-    runner = llm.engine.executor.worker.model_runner
-    vocab = llm.engine.arch.vocab_size
     states = [RequestState("a", [5, 6, 7, 6, 9, 9, 9], 3, 7, [0], SamplingParams(temperature=0, presence_penalty=0.5), []),
               RequestState("b", [1, 2], 2, 2, [1], SamplingParams(temperature=0, frequency_penalty=1.0), []),
               RequestState("c", [4, 4, 8], 1, 3, [2], SamplingParams(temperature=0, repetition_penalty=1.3), [])]

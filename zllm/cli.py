@@ -48,8 +48,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from zllm.llm import LLM
     from zllm.sampling_params import SamplingParams
 
-    llm = LLM.__new__(LLM)
-    llm._init(config_from_args(args))
+    llm = LLM(engine_config=config_from_args(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.sample_seed)
     for out in llm.generate(args.prompts, params):
@@ -62,8 +61,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import asyncio
-
     from zllm.entrypoints.server import serve
 
     if args.config_file and args.config:
@@ -73,8 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # The one place zllm reads the environment for a setting: a key kept out of YAML files.
     if config.server.api_key is None and os.environ.get("ZLLM_API_KEY"):
         config.set("api_key", os.environ["ZLLM_API_KEY"])
-    asyncio.run(serve(config))
-    return 0
+    return serve(config)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

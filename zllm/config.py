@@ -73,6 +73,10 @@ class ParallelConfig:
     placement_strategy: str = "STRICT_PACK"  # one bundle per rank: STRICT_PACK | PACK | SPREAD | STRICT_SPREAD
     placement_timeout_s: float = 60.0  # how long to wait for the cluster to fit the placement group
     execute_timeout_s: float = 300.0  # a step with no result for this long means the workers are dead
+    # The engine core (scheduler, KV block manager, executor) runs in its own process, so the
+    # frontend's tokenization, HTTP and detokenization never compete with the step loop. false:
+    # in the frontend's process (LLM: a plain object; zllm serve: a thread), for debugging.
+    engine_process: bool = True
 
 
 @dataclass
@@ -94,6 +98,11 @@ class ServerConfig:
     served_model_name: Optional[str] = None  # the name clients pass as "model"; default: model
     max_request_bytes: int = 1 << 20  # larger request bodies get 413
     log_stats_interval: float = 5.0  # seconds between throughput / KV usage log lines; 0: off
+    api_server_count: int = 1  # HTTP server processes in front of the one engine core
+    shutdown_timeout_s: float = 30.0  # how long SIGTERM waits for streams to end before closing them
+    # If the engine core dies: fail every request in flight, answer /health with 503, and exit
+    # non-zero within a few seconds so that a supervisor restarts the server (false: stay up).
+    exit_on_engine_death: bool = True
 
 
 SECTIONS = {
@@ -197,6 +206,8 @@ class EngineConfig:
         check("port", srv.port, 0 <= srv.port <= 65535, "in [0, 65535]")
         check("max_request_bytes", srv.max_request_bytes, srv.max_request_bytes >= 1024, ">= 1024")
         check("log_stats_interval", srv.log_stats_interval, srv.log_stats_interval >= 0, ">= 0")
+        check("api_server_count", srv.api_server_count, 1 <= srv.api_server_count <= 64, "in [1, 64]")
+        check("shutdown_timeout_s", srv.shutdown_timeout_s, srv.shutdown_timeout_s > 0, "> 0")
         if srv.api_key is not None:
             check("api_key", "<hidden>", bool(srv.api_key), "a non-empty string")
 

@@ -6,39 +6,43 @@ import itertools
 from typing import Any, Optional, Sequence, Union
 
 from zllm.config import EngineConfig
-from zllm.engine.llm_engine import LLMEngine, Prompt
+from zllm.frontend.llm_engine import LLMEngine
+from zllm.frontend.processor import Prompt
 from zllm.outputs import RequestOutput
+from zllm.protocol import EngineStats
 from zllm.sampling_params import SamplingParams
 from zllm.tokenizer import apply_chat_template
 
 
 class LLM:
-    """A zllm engine for batch generation in this process.
+    """A zllm engine for batch generation.
 
     `LLM(model="path/to/llama", dtype="bfloat16", tensor_parallel_size=2, ...)` takes any config
     key as a keyword argument; `LLM.from_config("configs/demo.yaml", **overrides)` reads a YAML
-    file. With no model, it runs the built-in demo model (random text).
+    file, and `LLM(engine_config=config)` takes a built EngineConfig. The engine core runs in a
+    process of its own (engine_process: false keeps it in this one). With no model, it runs the
+    built-in demo model.
     """
 
-    def __init__(self, model: Optional[str] = None, **config: Any) -> None:
+    def __init__(self, model: Optional[str] = None, *, engine_config: Optional[EngineConfig] = None,
+                 **config: Any) -> None:
         if model is not None:
             config["model"] = model
-        self._init(EngineConfig.from_dict({}, **config))
-
-    @classmethod
-    def from_config(cls, path: str, **overrides: Any) -> "LLM":
-        llm = cls.__new__(cls)
-        llm._init(EngineConfig.from_yaml(path, **overrides))
-        return llm
-
-    def _init(self, config: EngineConfig) -> None:
-        self.engine = LLMEngine(config)
+        if engine_config is None:
+            engine_config = EngineConfig.from_dict({}, **config)
+        elif config:
+            raise ValueError("give either engine_config or config keys, not both")
+        self.engine = LLMEngine(engine_config)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
+    @classmethod
+    def from_config(cls, path: str, **overrides: Any) -> "LLM":
+        return cls(engine_config=EngineConfig.from_yaml(path, **overrides))
+
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
                  sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: Union[int, Sequence[int]] = 0) -> list[RequestOutput]:
         """Generate for each prompt (a string or a list of token ids); outputs keep prompt order.
 
         Every prompt is validated before any is queued, so a bad one raises ValueError and
@@ -50,10 +54,11 @@ class LLM:
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts")
+        priorities = [priority] * len(prompts) if isinstance(priority, int) else list(priority)
         checked = [self.engine.check_request(p, sp) for p, sp in zip(prompts, sampling_params)]
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
-        for req_id, (text, prompt_ids), params in zip(ids, checked, sampling_params):
-            self.engine.add_request(req_id, prompt_ids, params, prompt_text=text)
+        for req_id, (text, prompt_ids), params, prio in zip(ids, checked, sampling_params, priorities):
+            self.engine.add_checked_request(req_id, text, prompt_ids, params, priority=prio)
         return self._run(ids, use_tqdm)
 
     def chat(self, messages: Union[list[dict[str, str]], list[list[dict[str, str]]]],
@@ -71,20 +76,20 @@ class LLM:
         try:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
-                    if out.finished:
-                        results[out.request_id] = out
-                        bar.update(1)
+                    results[out.request_id] = out
+                    bar.update(1)
         except BaseException:
             for req_id in ids:
-                self.engine.abort_request(req_id)
+                if req_id not in results:
+                    self.engine.abort_request(req_id)
             raise
         finally:
             bar.close()
         return [results[i] for i in ids]
 
-    def stats(self) -> str:
-        """A one-line summary of what the engine has computed so far."""
-        return self.engine.stats.summary()
+    def stats(self) -> EngineStats:
+        """What the engine has computed so far (str() gives a one-line summary)."""
+        return self.engine.stats()
 
     def shutdown(self) -> None:
         self.engine.shutdown()

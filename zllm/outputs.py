@@ -13,7 +13,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: Optional[str] = None  # "stop" | "length" | "abort"; None while running
+    finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | "error"; None while running
     stop_reason: Optional[str | int] = None  # the stop string or token id that ended it
     # One dict per generated token: token id -> log-probability, the sampled token included.
     logprobs: Optional[list[dict[int, float]]] = None
@@ -31,6 +31,10 @@ class RequestOutput:
     prompt: Optional[str]
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    # A streaming update: each output holds only what is new since the previous update (text,
+    # token ids, logprobs); otherwise everything so far.
+    delta: bool = False
 
     @property
     def finished(self) -> bool:

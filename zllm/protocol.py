@@ -130,6 +130,7 @@ class EngineCoreRequest:
     request_id: str
     prompt_token_ids: Int32Array
     sampling_params: SamplingParams
+    eos_token_ids: Int32Array  # the model's end tokens: a stop unless sampling_params.ignore_eos
     arrival_time: float  # time.monotonic() in the frontend: TTFT counts from here
     priority: int = 0
 
@@ -175,6 +176,18 @@ class LogprobsRows:
     top_ids: Int32Array
     top_logprobs: Float32Array
 
+    def select(self, take: np.ndarray) -> Optional["LogprobsRows"]:
+        """The rows of the requests at positions `take` (renumbered in that order)."""
+        where = {int(r): i for i, r in enumerate(self.rows)}
+        keep = [(new, where[int(old)]) for new, old in enumerate(take) if int(old) in where]
+        if not keep:
+            return None
+        starts = np.concatenate([[0], np.cumsum(self.counts)])
+        top = np.concatenate([np.arange(starts[i], starts[i + 1]) for _, i in keep]).astype(np.int64)
+        picked = [i for _, i in keep]
+        return LogprobsRows(np.asarray([n for n, _ in keep], np.int32), self.sampled[picked],
+                            self.counts[picked], self.top_ids[top], self.top_logprobs[top])
+
     def __post_init__(self) -> None:
         _same_length("sampled log-probabilities", self.sampled, self.rows)
         _same_length("top counts", self.counts, self.rows)
@@ -201,13 +214,70 @@ class EngineCoreOutputs:
         if len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < len(self.request_ids)):
             raise ValueError("a log-probability row is outside the step's requests")
 
+    @classmethod
+    def only_finished(cls, finished: list[FinishedRequest]) -> "EngineCoreOutputs":
+        return cls([], _ints(), _ints(), finished)
+
+    def split_by(self, owners: dict[str, Any]) -> dict[Any, "EngineCoreOutputs"]:
+        """The outputs of each owner's requests (owners maps request id -> owner)."""
+        rows: dict[Any, list[int]] = {}
+        for i, req_id in enumerate(self.request_ids):
+            rows.setdefault(owners.get(req_id), []).append(i)
+        for f in self.finished:
+            rows.setdefault(owners.get(f.request_id), [])
+        parts = {}
+        for owner, idx in rows.items():
+            if owner is None:
+                continue
+            take = np.asarray(idx, dtype=np.int64)
+            parts[owner] = EngineCoreOutputs(
+                [self.request_ids[i] for i in idx], self.new_token_ids[take],
+                self.num_cached_tokens[take],
+                [f for f in self.finished if owners.get(f.request_id) == owner],
+                self.logprobs.select(take) if self.logprobs is not None else None)
+        return parts
+
 
 def _same_length(what: str, values, owners) -> None:
     if len(values) != len(owners):
         raise ValueError(f"{len(values)} {what} for {len(owners)} entries")
 
 
+@dataclass
+class EngineStats:
+    """The engine core's totals over its life, and the state of its queues and cache now
+    (the reply to the "stats" call)."""
+
+    num_steps: int = 0
+    num_prefill_tokens: int = 0  # prompt (or recomputed) tokens computed
+    num_decode_tokens: int = 0
+    num_preemptions: int = 0
+    num_swaps: int = 0
+    num_cache_hit_tokens: int = 0  # prompt tokens found in the prefix cache
+    num_running: int = 0
+    num_waiting: int = 0
+    num_swapped: int = 0
+    num_free_blocks: int = 0
+    num_blocks: int = 0
+    num_used_cpu_blocks: int = 0  # holding swapped-out requests
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def summary(self) -> str:
+        return (f"{self.num_steps} steps: {self.num_prefill_tokens} prefill tokens computed, "
+                f"{self.num_cache_hit_tokens} prompt tokens from the prefix cache, "
+                f"{self.num_decode_tokens} decode tokens, {self.num_preemptions} preemptions")
+
+
+@dataclass
+class EngineCoreDead:
+    """The engine core failed (a worker died, say) and is exiting; nothing in flight finishes."""
+
+    message: str
+
+
 # The messages each end accepts.
 CORE_INPUTS = (EngineCoreRequest, EngineCoreAbort, EngineCoreCall)
-CORE_OUTPUTS = (EngineCoreOutputs, EngineCoreReply)
+CORE_OUTPUTS = (EngineCoreOutputs, EngineCoreReply, EngineCoreDead)
 WORKER_REPLIES = (ModelRunnerOutput, WorkerError)

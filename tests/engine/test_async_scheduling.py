@@ -15,8 +15,8 @@ def test_async_scheduling_keeps_one_step_ahead_with_the_same_tokens(gqa_model, h
     params = [SamplingParams(temperature=0, max_tokens=8 + i, ignore_eos=True) for i in range(16)]
     tight = dict(block_size=4, num_kv_blocks=48, watermark=0.0, max_model_len=96,
                  max_num_batched_tokens=64)
-    with LLM(gqa_model, device="cpu", async_scheduling=True, **tight) as llm:
-        executor = llm.engine.executor
+    with LLM(gqa_model, device="cpu", async_scheduling=True, engine_process=False, **tight) as llm:
+        executor = llm.engine.engine_core.executor
         submit, collect = executor.submit, executor.collect
         outstanding = [0, 0]  # now, most
 
@@ -32,8 +32,8 @@ def test_async_scheduling_keeps_one_step_ahead_with_the_same_tokens(gqa_model, h
         executor.submit, executor.collect = counting_submit, counting_collect
         outputs = llm.generate(prompts, params, use_tqdm=False)
         assert outstanding == [0, 2]  # two steps in flight at times; none left behind
-        assert llm.engine.stats.num_preemptions > 0
-        assert llm.engine.block_manager.num_free_blocks == 48
+        assert llm.stats().num_preemptions > 0
+        assert llm.stats().num_free_blocks == 48
     with LLM(gqa_model, device="cpu") as sync:
         expected = sync.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]

@@ -48,17 +48,16 @@ def test_scheduling_features_keep_greedy_output(gqa_model, hf, settings):
             outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
             for out in outputs:
                 assert out.outputs[0].token_ids == hf.greedy(gqa_model, out.prompt_token_ids, 16)
-        stats = llm.engine.stats
+        stats = llm.stats()
         swapping = settings.get("preemption_mode") == "swap"
-        assert (llm.engine.scheduler.num_swaps > 0) == swapping
+        assert (stats.num_swaps > 0) == swapping
         if not settings["enable_prefix_caching"]:
             assert stats.num_cache_hit_tokens == 0
         elif not swapping:  # (a tiny cache that swaps keeps nothing for the second pass)
             assert stats.num_cache_hit_tokens > 0
         if "num_kv_blocks" in settings:
             assert stats.num_preemptions > 0
-        bm = llm.engine.block_manager
-        assert bm.num_free_blocks == bm.num_blocks and not bm.cpu_block_tables
+        assert stats.num_free_blocks == stats.num_blocks and not stats.num_used_cpu_blocks
 
 
 def test_prefix_cache_skips_shared_prefill(gqa_model):
@@ -70,7 +69,7 @@ def test_prefix_cache_skips_shared_prefill(gqa_model):
             # One request first: requests admitted in the same step cannot share what that step
             # is still computing.
             first = _greedy_tokens(llm, prompts[:1])
-            results[caching] = (first + _greedy_tokens(llm, prompts), llm.engine.stats)
+            results[caching] = (first + _greedy_tokens(llm, prompts), llm.stats())
     assert results[True][0] == results[False][0]
     assert results[False][1].num_prefill_tokens == 9 * 68
     assert results[True][1].num_prefill_tokens == 68 + 8 * 4
@@ -84,8 +83,8 @@ def test_kv_exhaustion_stress_completes_every_request(gqa_model, hf):
     with LLM(gqa_model, device="cpu", block_size=4, num_kv_blocks=48, watermark=0.0,
              max_model_len=96, max_num_batched_tokens=64) as llm:
         outputs = llm.generate(prompts, params, use_tqdm=False)
-        assert llm.engine.stats.num_preemptions > 0
-        assert llm.engine.block_manager.num_free_blocks == 48
+        assert llm.stats().num_preemptions > 0
+        assert llm.stats().num_free_blocks == 48
     with LLM(gqa_model, device="cpu") as roomy:
         expected = [o.outputs[0].token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
     assert [o.outputs[0].token_ids for o in outputs] == expected

@@ -21,15 +21,16 @@ from zllm.protocol import CachedRequestData, ModelRunnerOutput, SchedulerOutput
 def ray_session():
     """One local Ray instance for the module: executors find it running and leave it up."""
     # 6 logical CPUs: the module-scoped TP=2 engine and one more TP=4 executor fit side by side.
-    ray.init(num_cpus=6, include_dashboard=False, object_store_memory=128 * 2**20,
-             logging_level=logging.WARNING)
-    yield
+    context = ray.init(num_cpus=6, include_dashboard=False, object_store_memory=128 * 2**20,
+                       logging_level=logging.WARNING)
+    yield context.address_info["gcs_address"]  # for engine core processes to join
     ray.shutdown()
 
 
 @pytest.fixture(scope="module")
 def tp2_llm(ray_session, gqa_model):
-    llm = make_llm(gqa_model, tensor_parallel_size=2, execute_timeout_s=30)
+    # The engine core in this process, to look at its executor; it joins this Ray session.
+    llm = make_llm(gqa_model, tensor_parallel_size=2, execute_timeout_s=30, engine_process=False)
     yield llm
     llm.shutdown()
 
@@ -42,7 +43,7 @@ def zllm_actor_names() -> list[str]:
 def test_tp2_on_ray_matches_tp1_and_transformers_under_preemption(tp2_llm, gqa_model,
                                                                    reference_tokens):
     tp2 = greedy_tokens(tp2_llm)
-    assert tp2_llm.engine.scheduler.num_preemptions > 0, "the setting must force preemption"
+    assert tp2_llm.stats().num_preemptions > 0, "the setting must force preemption"
     tp1_llm = make_llm(gqa_model, distributed_executor_backend="uni")
     try:
         tp1 = greedy_tokens(tp1_llm)
@@ -55,16 +56,18 @@ def test_tp2_on_ray_matches_tp1_and_transformers_under_preemption(tp2_llm, gqa_m
 def test_tp4_replicates_kv_heads_and_matches_transformers(ray_session, gqa_model, reference_tokens):
     # 2 KV heads over 4 ranks: each KV head is held by two ranks. With async scheduling, the
     # data plane carries step N+1 while the ranks still run step N.
-    llm = make_llm(gqa_model, tensor_parallel_size=4, execute_timeout_s=60, async_scheduling=True)
+    # The engine core in its own process (the default), joining the module's Ray session.
+    llm = make_llm(gqa_model, tensor_parallel_size=4, execute_timeout_s=60, async_scheduling=True,
+                   ray_address=ray_session)
     try:
         assert greedy_tokens(llm) == reference_tokens
-        assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.stats().num_preemptions > 0
     finally:
         llm.shutdown()
 
 
 def test_malformed_messages_are_rejected_without_executing(tp2_llm, reference_tokens):
-    executor = tp2_llm.engine.executor
+    executor = tp2_llm.engine.engine_core.executor
     before = ray.get([a.stats.remote() for a in executor.actors])
     valid = encode(SchedulerOutput.empty())
     bad = [valid[: len(valid) // 2],                      # truncated
@@ -110,15 +113,16 @@ def test_worker_exception_raises_engine_dead_naming_the_rank(ray_session, gqa_mo
 def test_killed_worker_makes_generate_raise_engine_dead(ray_session, gqa_model):
     others = set(zllm_actor_names())
     # execute_timeout_s bounds the test even if death went unnoticed.
-    llm = make_llm(gqa_model, tensor_parallel_size=2, num_kv_blocks=256, execute_timeout_s=20)
-    pids = llm.engine.executor.collective_rpc("get_pid")
+    llm = make_llm(gqa_model, tensor_parallel_size=2, num_kv_blocks=256, execute_timeout_s=20,
+                   engine_process=False)
+    pids = llm.engine.engine_core.executor.collective_rpc("get_pid")
     mine = set(zllm_actor_names()) - others
     assert len(mine) == 2
     killed_at = []
     engine_step = llm.engine.step
 
     def step_then_kill():
-        if len(killed_at) == 0 and llm.engine.scheduler.running:
+        if len(killed_at) == 0 and llm.engine.engine_core.scheduler.running:
             outputs = engine_step()
             os.kill(pids[1], signal.SIGKILL)  # mid-generation: requests are running
             killed_at.append(time.monotonic())

@@ -25,9 +25,9 @@ def two_node_cluster():
 def test_tp2_spread_over_two_nodes_matches_transformers(two_node_cluster, gqa_model,
                                                          reference_tokens):
     llm = make_llm(gqa_model, tensor_parallel_size=2, placement_strategy="SPREAD",
-                   ray_address=two_node_cluster.address)
+                   ray_address=two_node_cluster.address, engine_process=False)
     try:
-        node_ids = llm.engine.executor.node_ids
+        node_ids = llm.engine.engine_core.executor.node_ids
         assert len(set(node_ids)) == 2, "one rank per node"
         custom = {n["NodeID"]: {"node_a", "node_b"} & set(n["Resources"]) for n in ray.nodes()}
         assert set().union(*(custom[n] for n in node_ids)) == {"node_a", "node_b"}

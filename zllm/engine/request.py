@@ -12,7 +12,7 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     SWAPPED = "swapped"  # preempted with its KV blocks copied to CPU memory
-    FINISHED_STOPPED = "stop"  # EOS, a stop token id or a stop string
+    FINISHED_STOPPED = "stop"  # EOS or a stop token id (stop strings end requests in the frontend)
     FINISHED_LENGTH = "length"  # max_tokens or max_model_len
     FINISHED_ABORTED = "abort"
 
@@ -44,6 +44,7 @@ class Request:
         self.output_token_ids: list[int] = []
         self.params = params
         self.stop_token_ids = stop_token_ids  # EOS (unless ignore_eos) and params.stop_token_ids
+        self._stop_set = frozenset(stop_token_ids)
         self.arrival = arrival
         self.priority = priority
         self.status = RequestStatus.WAITING
@@ -52,8 +53,9 @@ class Request:
         self.block_hashes: list[int] = []  # chained hashes of full blocks, filled as needed
         self.num_cached_blocks = 0  # leading blocks of its table registered in the prefix cache
         self.num_preemptions = 0
-        self.stop_reason: Optional[str | int] = None  # the stop string or token that ended it
-        self.logprobs: list[dict[int, float]] = []
+        self.stop_reason: Optional[int] = None  # the stop token that ended it
+        self.num_cached_prompt_tokens = 0  # found in the prefix cache when first admitted
+        self.last_token_time: Optional[float] = None  # when the engine got its latest token
 
     @property
     def num_tokens(self) -> int:
@@ -63,6 +65,18 @@ class Request:
     def num_tokens_to_compute(self) -> int:
         """Tokens the workers hold for this request that are not in the KV cache yet."""
         return self.num_tokens + self.num_pending_tokens - self.num_computed_tokens
+
+    def append_output_token(self, token: int, max_model_len: int) -> Optional[RequestStatus]:
+        """Take the token a step sampled; returns how the request ends, if it must stop now."""
+        self.num_pending_tokens -= 1
+        self.output_token_ids.append(token)
+        num_output = len(self.output_token_ids)
+        if num_output >= self.params.min_tokens and token in self._stop_set:
+            self.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if num_output >= self.params.max_tokens or self.num_tokens >= max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -160,6 +160,8 @@ class Scheduler:
             self.waiting.pop(0)
             self.block_manager.admit(req, prefix)
             stats.num_cache_hit_tokens += req.num_computed_tokens
+            if not req.num_preemptions:  # what usage reports as the prompt's cached tokens
+                req.num_cached_prompt_tokens = req.num_computed_tokens
             self._start(req, num_new, new_requests, num_scheduled)
             budget -= num_new
 

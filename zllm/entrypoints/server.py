@@ -1,12 +1,18 @@
-"""`zllm serve`: an OpenAI-compatible HTTP server on aiohttp in front of the async engine.
+"""`zllm serve`: an OpenAI-compatible HTTP server on aiohttp in front of the engine core.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream as server-sent events
 ending with `data: [DONE]`), GET /v1/models, GET /health, GET /metrics (Prometheus text).
 Every endpoint but /health needs `Authorization: Bearer KEY` when an api_key is set. Errors are
 OpenAI's JSON body `{"error": {"message", "type", "param", "code"}}`.
 
+Processes: the engine core runs in its own process; this one (or, with `api_server_count: N`,
+N of them sharing one listening socket, under a supervisor) does HTTP, tokenization, chat
+templates and detokenization (`zllm.frontend.async_llm`). If the core dies, requests in flight
+fail (500, or an error event in a stream), /health answers 503, and the server exits non-zero
+(unless `exit_on_engine_death: false`), so that a supervisor restarts it.
+
 A client that disconnects cancels its handler (aiohttp's handler_cancellation), which leaves the
-engine's output generator early and so aborts the request and frees its KV blocks.
+output generator early and so aborts the request and frees its KV blocks.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import hmac
 import json
 import logging
 import signal
+import socket
 import time
 import uuid
 from typing import Any, Optional
@@ -24,15 +31,17 @@ from typing import Any, Optional
 from aiohttp import web
 
 from zllm.config import EngineConfig, ServerConfig
-from zllm.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from zllm.entrypoints import openai_protocol as proto
 from zllm.entrypoints.openai_protocol import APIError, GenerateRequest
+from zllm.errors import EngineDeadError
+from zllm.frontend.async_llm import AsyncLLM
+from zllm.metrics import render_prometheus
 from zllm.outputs import RequestOutput
 from zllm.tokenizer import apply_chat_template
 
 logger = logging.getLogger(__name__)
 
-ENGINE = web.AppKey("engine", AsyncLLMEngine)
+LLM = web.AppKey("llm", AsyncLLM)
 SERVER_CONFIG = web.AppKey("server_config", ServerConfig)
 MODEL_NAME = web.AppKey("model_name", str)
 
@@ -101,23 +110,22 @@ def check_model(request: web.Request, model: str) -> None:
 # -- endpoints -----------------------------------------------------------------------------------
 
 async def health(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
-    if not engine.is_running:
-        return web.json_response({"status": "error", "error": repr(engine.error)}, status=503)
+    llm = request.app[LLM]
+    if not llm.is_running:
+        return web.json_response({"status": "error", "error": llm.error}, status=503)
     return web.json_response({"status": "ok"})
 
 
 async def metrics(request: web.Request) -> web.Response:
-    text = request.app[ENGINE].metrics.render(request.app[MODEL_NAME])
+    text = render_prometheus(await request.app[LLM].call("metrics"))
     return web.Response(text=text, content_type="text/plain", charset="utf-8",
                         headers={"X-Prometheus-Format": "0.0.4"})
 
 
 async def models(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
     return web.json_response({"object": "list", "data": [{
         "id": request.app[MODEL_NAME], "object": "model", "created": proto.now(),
-        "owned_by": "zllm", "max_model_len": engine.max_model_len}]})
+        "owned_by": "zllm", "max_model_len": request.app[LLM].max_model_len}]})
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -127,37 +135,40 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    engine = request.app[ENGINE]
-    parsed = proto.parse_chat(await read_json(request), engine.max_model_len)
+    llm = request.app[LLM]
+    parsed = proto.parse_chat(await read_json(request), llm.max_model_len)
     check_model(request, parsed.model)
-    try:  # the tokenizer belongs to the engine thread
-        parsed.prompt = await engine.call(lambda e: apply_chat_template(e.tokenizer, parsed.messages))
+    try:
+        parsed.prompt = apply_chat_template(llm.tokenizer, parsed.messages)
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from None
     return await generate(request, parsed, f"chatcmpl-{uuid.uuid4().hex}", chat=True)
 
 
 class _Choices:
-    """Turns cumulative RequestOutputs into OpenAI choices and deltas (what was not sent yet)."""
+    """Turns a request's outputs into OpenAI choices: whole (non-streaming) or as chunk deltas."""
 
-    def __init__(self, engine: AsyncLLMEngine, parsed: GenerateRequest, chat: bool) -> None:
-        self.tokenizer, self.parsed, self.chat = engine.tokenizer, parsed, chat
+    def __init__(self, llm: AsyncLLM, parsed: GenerateRequest, chat: bool) -> None:
+        self.tokenizer, self.parsed, self.chat = llm.tokenizer, parsed, chat
         n = parsed.params.n
-        self.sent_text, self.sent_tokens, self.done = [0] * n, [0] * n, [False] * n
+        self.text_offset, self.num_tokens = [0] * n, [0] * n
+        self.started, self.done = [False] * n, [False] * n
+        # Tokens (and their logprobs) not yet sent in a chunk: they made no text so far.
+        self.unsent_ids: list[list[int]] = [[] for _ in range(n)]
+        self.unsent_logprobs: list[list] = [[] for _ in range(n)]
 
-    def logprobs(self, c, start: int, text_offset: int) -> Optional[dict[str, Any]]:
-        if c.logprobs is None:
+    def logprobs(self, token_ids, logprobs, text_offset: int) -> Optional[dict[str, Any]]:
+        if logprobs is None:
             return None
-        ids, lps = c.token_ids[start:], c.logprobs[start:]
         if self.chat:
-            return proto.chat_logprobs(self.tokenizer, ids, lps, self.parsed.params.logprobs)
-        return proto.completion_logprobs(self.tokenizer, ids, lps, text_offset)
+            return proto.chat_logprobs(self.tokenizer, token_ids, logprobs, self.parsed.params.logprobs)
+        return proto.completion_logprobs(self.tokenizer, token_ids, logprobs, text_offset)
 
     def full(self, out: RequestOutput) -> list[dict[str, Any]]:
         choices = []
         for c in out.outputs:
             choice: dict[str, Any] = {"index": c.index, "finish_reason": c.finish_reason,
-                                      "logprobs": self.logprobs(c, 0, 0)}
+                                      "logprobs": self.logprobs(c.token_ids, c.logprobs, 0)}
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": c.text}
             else:
@@ -166,86 +177,94 @@ class _Choices:
         return choices
 
     def deltas(self, out: RequestOutput) -> list[dict[str, Any]]:
+        """Chunk choices for a delta output: one per sample with news (text, or its end)."""
         choices = []
         for c in out.outputs:
             i = c.index
             if self.done[i]:
                 continue
-            text = c.text[self.sent_text[i]:]
-            if not text and not c.finished and self.sent_tokens[i] > 0:
-                continue  # a token that is not text yet (half a character)
+            self.num_tokens[i] += len(c.token_ids)
+            self.unsent_ids[i] += c.token_ids
+            self.unsent_logprobs[i] += c.logprobs or []
+            if not c.text and not c.finished and self.started[i]:
+                continue  # no text yet (half a character, or text held back at a stop string)
+            logprobs = self.logprobs(self.unsent_ids[i], self.unsent_logprobs[i],
+                                     self.text_offset[i]) if c.logprobs is not None else None
             choice: dict[str, Any] = {"index": i, "finish_reason": c.finish_reason,
-                                      "logprobs": self.logprobs(c, self.sent_tokens[i], self.sent_text[i])}
+                                      "logprobs": logprobs}
             if self.chat:
-                delta = {"content": text}
-                if self.sent_tokens[i] == 0:
-                    delta["role"] = "assistant"
-                choice["delta"] = delta
+                choice["delta"] = {"content": c.text} if self.started[i] else {
+                    "role": "assistant", "content": c.text}
             else:
-                choice["text"] = text
+                choice["text"] = c.text
             choices.append(choice)
-            self.sent_text[i], self.sent_tokens[i] = len(c.text), len(c.token_ids)
-            self.done[i] = c.finished
+            self.started[i], self.done[i] = True, c.finished
+            self.text_offset[i] += len(c.text)
+            self.unsent_ids[i], self.unsent_logprobs[i] = [], []
         return choices
 
 
 async def generate(request: web.Request, parsed: GenerateRequest, request_id: str,
                    chat: bool) -> web.StreamResponse:
-    engine = request.app[ENGINE]
+    llm = request.app[LLM]
     head = {"id": request_id, "object": "chat.completion" if chat else "text_completion",
             "created": proto.now(), "model": request.app[MODEL_NAME]}
-    choices = _Choices(engine, parsed, chat)
-    outputs = engine.generate(request_id, parsed.prompt, parsed.params, stream=parsed.stream)
+    choices = _Choices(llm, parsed, chat)
+    if not llm.is_running:
+        raise EngineDeadError(llm.error)  # 503: the server is going down
+    outputs = llm.generate(request_id, parsed.prompt, parsed.params, stream=parsed.stream)
     async with contextlib.aclosing(outputs):
         try:
             first = await anext(outputs)
-        except ValueError as e:  # rejected by the engine: too long, bad token ids
+        except ValueError as e:  # a prompt the engine cannot take: too long, bad token ids
             raise APIError(400, str(e), param="messages" if chat else "prompt",
                            code="invalid_prompt") from None
+        except EngineDeadError as e:  # the engine core died while this request was in it
+            raise APIError(500, str(e), type="internal_server_error") from None
         if not parsed.stream:
-            final = first
-            async for final in outputs:
-                pass
-            completion_tokens = sum(len(c.token_ids) for c in final.outputs)
-            return web.json_response({**head, "choices": choices.full(final),
-                                      "usage": proto.usage(len(final.prompt_token_ids),
+            completion_tokens = sum(len(c.token_ids) for c in first.outputs)
+            return web.json_response({**head, "choices": choices.full(first),
+                                      "usage": proto.usage(len(first.prompt_token_ids),
                                                            completion_tokens)})
+        return await _stream(request, head, choices, first, outputs, parsed.include_usage, chat)
 
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                               "Cache-Control": "no-cache"})
-        await response.prepare(request)
-        if chat:
-            head["object"] = "chat.completion.chunk"
 
-        async def send(payload: Any) -> None:
-            data = payload if isinstance(payload, str) else json.dumps(payload)
-            await response.write(f"data: {data}\n\n".encode())
+async def _stream(request: web.Request, head: dict[str, Any], choices: _Choices,
+                  first: RequestOutput, outputs, include_usage: bool, chat: bool) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    if chat:
+        head["object"] = "chat.completion.chunk"
 
-        out = first
-        try:
-            while True:
-                delta = choices.deltas(out)
-                if delta:
-                    await send({**head, "choices": delta})
-                if out.finished:
-                    break
-                out = await anext(outputs)
-            if parsed.include_usage:
-                completion_tokens = sum(len(c.token_ids) for c in out.outputs)
-                await send({**head, "choices": [],
-                            "usage": proto.usage(len(out.prompt_token_ids), completion_tokens)})
-        except EngineDeadError as e:
-            await send(APIError(500, str(e), type="internal_server_error").body())
-        await send("[DONE]")
-        await response.write_eof()
-        return response
+    async def send(payload: Any) -> None:
+        data = payload if isinstance(payload, str) else json.dumps(payload)
+        await response.write(f"data: {data}\n\n".encode())
+
+    out = first
+    try:
+        while True:
+            delta = choices.deltas(out)
+            if delta:
+                await send({**head, "choices": delta})
+            if out.finished:
+                break
+            out = await anext(outputs)
+        if include_usage:
+            await send({**head, "choices": [],
+                        "usage": proto.usage(len(out.prompt_token_ids), sum(choices.num_tokens))})
+    except EngineDeadError as e:
+        await send(APIError(500, str(e), type="internal_server_error").body())
+    await send("[DONE]")
+    await response.write_eof()
+    return response
 
 
 # -- the application -----------------------------------------------------------------------------
 
-def build_app(engine: AsyncLLMEngine, config: ServerConfig, model_name: str) -> web.Application:
+def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str) -> web.Application:
     app = web.Application(middlewares=[errors_and_auth], client_max_size=config.max_request_bytes)
-    app[ENGINE], app[SERVER_CONFIG], app[MODEL_NAME] = engine, config, model_name
+    app[LLM], app[SERVER_CONFIG], app[MODEL_NAME] = llm, config, model_name
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", models)
@@ -254,13 +273,12 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig, model_name: str) -> 
     return app
 
 
-async def log_stats(engine: AsyncLLMEngine, interval: float) -> None:
+async def log_stats(llm: AsyncLLM, interval: float) -> None:
     """One log line of throughput and KV usage every `interval` seconds while there is work."""
-    last = engine.metrics.snapshot()
-    last_time = time.monotonic()
-    while True:
+    last, last_time = await llm.call("metrics"), time.monotonic()
+    while llm.is_running:
         await asyncio.sleep(interval)
-        snap, now = engine.metrics.snapshot(), time.monotonic()
+        snap, now = await llm.call("metrics"), time.monotonic()
         elapsed = now - last_time
         prompt_tps = (snap["prompt_tokens"] - last["prompt_tokens"]) / elapsed
         gen_tps = (snap["generation_tokens"] - last["generation_tokens"]) / elapsed
@@ -271,36 +289,64 @@ async def log_stats(engine: AsyncLLMEngine, interval: float) -> None:
         last, last_time = snap, now
 
 
-async def serve(config: EngineConfig) -> None:
-    """Start the engine and the HTTP server; run until SIGINT or SIGTERM."""
+def served_model_name(config: EngineConfig) -> str:
+    return config.server.served_model_name or config.model.model
+
+
+async def run_api_server(llm: AsyncLLM, config: EngineConfig, started: float, engine_s: float,
+                         sock: Optional[socket.socket] = None, index: int = 0) -> int:
+    """Serve HTTP until SIGINT/SIGTERM (exit code 0) or the engine core's death (1)."""
     server = config.server
-    model_name = server.served_model_name or config.model.model
-    t0 = time.perf_counter()
-    logger.info("starting the engine for model %r (%s executor, device %s)", config.model.model,
-                config.executor_backend, config.device.device)
-    engine = AsyncLLMEngine(config)
-    t_engine = time.perf_counter() - t0
-    app = build_app(engine, server, model_name)
+    model_name = served_model_name(config)
+    llm.start()
+    app = build_app(llm, server, model_name)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    stop, exit_code = asyncio.Event(), [0]
+    loop = asyncio.get_running_loop()
+
+    def engine_died(message: str) -> None:
+        if server.exit_on_engine_death:
+            exit_code[0] = 1
+            # A moment for the streams in flight to send their error events.
+            loop.call_later(1.0, stop.set)
+
+    llm.on_dead.append(engine_died)
     stats = None
     try:
         await runner.setup()
-        site = web.TCPSite(runner, server.host, server.port)
+        site = (web.SockSite(runner, sock) if sock is not None
+                else web.TCPSite(runner, server.host, server.port))
         await site.start()
         logger.info("serving %r on http://%s:%d (engine %.1f s, total %.1f s; max_model_len %d, "
-                    "API key %s)", model_name, server.host, server.port, t_engine,
-                    time.perf_counter() - t0, engine.max_model_len,
-                    "required" if server.api_key else "off")
-        if server.log_stats_interval > 0:
-            stats = asyncio.create_task(log_stats(engine, server.log_stats_interval))
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
+                    "API key %s%s)", model_name, server.host,
+                    (sock.getsockname()[1] if sock is not None else server.port),
+                    engine_s, time.perf_counter() - started,
+                    llm.max_model_len, "required" if server.api_key else "off",
+                    f", API server {index}" if sock is not None else "")
+        if server.log_stats_interval > 0 and index == 0:
+            stats = asyncio.create_task(log_stats(llm, server.log_stats_interval))
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        logger.info("shutting down")
+        logger.info("shutting down" if not exit_code[0] else
+                    "shutting down: the engine core died (%s)" % llm.error)
     finally:
         if stats is not None:
             stats.cancel()
         await runner.cleanup()
-        engine.shutdown()
+        llm.shutdown()
+    return exit_code[0]
+
+
+def serve(config: EngineConfig) -> int:
+    """`zllm serve`: the engine core and the HTTP server(s); returns the exit code."""
+    if config.server.api_server_count > 1:
+        from zllm.entrypoints.supervisor import serve_multiprocess
+
+        return serve_multiprocess(config)
+    started = time.perf_counter()
+    logger.info("starting the engine for model %r (%s executor, device %s)", config.model.model,
+                config.executor_backend, config.device.device)
+    llm = AsyncLLM(config)
+    engine_s = time.perf_counter() - started
+    return asyncio.run(run_api_server(llm, config, started, engine_s))

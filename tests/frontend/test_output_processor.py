@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from zllm.engine.output_processor import IncrementalDetokenizer
+from zllm.frontend.output_processor import IncrementalDetokenizer
 from zllm.tokenizer import load_tokenizer
 
 

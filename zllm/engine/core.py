@@ -1,0 +1,257 @@
+"""The engine core: scheduler, block manager and executor. Token ids in, token ids out.
+
+It knows no tokenizer, chat template or HTTP: a frontend sends tokenized `EngineCoreRequest`s and
+aborts, and gets back each step's new token per request and the requests that ended. The core
+enforces what needs no text: stop token ids (after `min_tokens`), `max_tokens` and
+`max_model_len`. Stop strings are the frontend's; it aborts the request here when one matches.
+
+One call of `step` collects the oldest step in flight, applies its tokens, and schedules and
+submits the next step before returning, so the workers get step N+2 as soon as step N's tokens
+are applied. With async scheduling two steps are in flight: while the GPU runs one, the host
+schedules and prepares the next (see `in_flight`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import random
+import time
+from typing import Any, Optional
+
+import numpy as np
+
+from zllm.config import EngineConfig, LlamaArchitecture
+from zllm.engine.block_manager import BlockManager
+from zllm.engine.request import Request, RequestStatus
+from zllm.engine.scheduler import Scheduler, StepStats
+from zllm.executor import Executor, make_executor
+from zllm.metrics import EngineMetrics
+from zllm.model_files import detect_load_format, resolve_model_dir
+from zllm.protocol import (EngineCoreOutputs, EngineCoreRequest, EngineStats, FinishedRequest,
+                           LogprobsRows, ModelRunnerOutput)
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        config = copy.deepcopy(config)
+        config.model.model = resolve_model_dir(config.model.model)
+        config.model.load_format = detect_load_format(config.model.model, config.model.load_format)
+        self.arch = LlamaArchitecture.from_model_dir(config.model.model)
+        self.config = config
+        requested = config.model.max_model_len
+        if requested is not None and requested > self.arch.max_position_embeddings:
+            raise ValueError(f"config key 'max_model_len' = {requested} is larger than the "
+                             f"model's max_position_embeddings ({self.arch.max_position_embeddings})")
+
+        t0 = time.perf_counter()
+        self.executor: Executor = make_executor(config)
+        try:
+            num_blocks = self.executor.determine_num_available_blocks()
+            num_swap_blocks = self.executor.determine_num_swap_blocks()
+            self.executor.init_kv_cache(num_blocks, num_swap_blocks)
+            self.max_model_len = self._resolve_max_model_len(num_blocks * config.cache.block_size)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        logger.info("engine core ready in %.1f s: %d KV blocks of %d tokens (%d tokens), "
+                    "max_model_len %d", time.perf_counter() - t0, num_blocks,
+                    config.cache.block_size, num_blocks * config.cache.block_size, self.max_model_len)
+
+        self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.watermark,
+                                          config.cache.enable_prefix_caching, num_swap_blocks)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, config.cache.preemption_mode)
+        self.requests: dict[str, Request] = {}
+        self._seed_rng = random.Random(config.model.seed)
+        self.stats = EngineStats(num_blocks=num_blocks)  # totals; engine_stats() adds the state
+        self.metrics = EngineMetrics()
+        self.in_flight = 0  # steps submitted to the executor and not collected yet
+        self.pipeline_depth = 2 if config.scheduler.async_scheduling else 1
+        self.host_time_s: list[float] = []  # per step: this process's time outside collect()
+
+    def _resolve_max_model_len(self, kv_capacity: int) -> int:
+        requested = self.config.model.max_model_len
+        limit = self.arch.max_position_embeddings
+        if requested is not None:
+            if requested > kv_capacity:
+                raise ValueError(f"config key 'max_model_len' = {requested} does not fit in the KV "
+                                 f"cache ({kv_capacity} tokens); lower it or give the cache more memory")
+            return requested
+        if limit > kv_capacity:
+            logger.warning("max_model_len capped at the KV cache capacity, %d tokens (the model "
+                           "allows %d)", kv_capacity, limit)
+        return min(limit, kv_capacity)
+
+    def ready_info(self) -> dict[str, Any]:
+        """What a frontend needs to validate requests before it sends them."""
+        return {"max_model_len": self.max_model_len, "vocab_size": self.arch.vocab_size,
+                "num_kv_blocks": self.stats.num_blocks, "block_size": self.config.cache.block_size,
+                "model": self.config.model.model, "load_format": self.config.model.load_format}
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        """Queue a tokenized request; raises ValueError if it cannot be served (the frontend has
+        checked it already: this guards the core against a malformed message)."""
+        req_id, prompt, params = request.request_id, request.prompt_token_ids, request.sampling_params
+        if req_id in self.requests:
+            raise ValueError(f"request id {req_id!r} is already in use")
+        if not 0 < len(prompt) < self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt)} tokens; it must have 1 to "
+                             f"{self.max_model_len - 1} (max_model_len {self.max_model_len})")
+        vocab = self.arch.vocab_size
+        ids = np.concatenate([prompt, request.eos_token_ids,
+                              np.asarray(params.stop_token_ids, dtype=np.int64)])
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise ValueError(f"a token id is outside the vocabulary [0, {vocab})")
+        if params.n != 1:
+            raise ValueError(f"the frontend fans out n samples; the core takes n = 1, got {params.n}")
+        if params.seed is None:
+            # Every request gets a seed, so that all TP ranks draw the same tokens.
+            params = dataclasses.replace(params, seed=self._seed_rng.getrandbits(63))
+        stop_ids = list(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids += [t for t in request.eos_token_ids.tolist() if t not in stop_ids]
+        req = Request(req_id, prompt.tolist(), params, stop_ids, request.arrival_time,
+                      priority=request.priority)
+        self.requests[req_id] = req
+        self.scheduler.add_request(req)
+
+    def abort(self, request_ids: list[str]) -> None:
+        """End requests at once and free their blocks (unknown or finished ids are ignored)."""
+        reqs = [r for r in map(self.requests.pop, request_ids, [None] * len(request_ids)) if r]
+        self.scheduler.finish_requests(reqs, RequestStatus.FINISHED_ABORTED)
+        for _ in reqs:
+            self.metrics.count_finished("abort")
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished() or self.in_flight > 0
+
+    # -- the step ----------------------------------------------------------------------------------
+
+    def step(self) -> Optional[EngineCoreOutputs]:
+        """Collect the oldest step in flight and apply its tokens (None if none was in flight);
+        the next step is scheduled and submitted before this returns."""
+        t0 = time.perf_counter()
+        self._fill_pipeline()
+        if not self.in_flight:
+            return None
+        t1 = time.perf_counter()
+        runner_output = self.executor.collect()
+        t2 = time.perf_counter()
+        self.in_flight -= 1
+        outputs = self._apply(runner_output)
+        self._fill_pipeline()
+        self.host_time_s.append(time.perf_counter() - t2 + t1 - t0)
+        if not self.scheduler.has_unfinished():
+            # Steps still in flight carry only finished requests' extra tokens: let them land,
+            # so that an idle core holds nothing in the workers.
+            while self.in_flight:
+                self.executor.collect()
+                self.in_flight -= 1
+        return outputs
+
+    def _fill_pipeline(self) -> None:
+        while self.in_flight < self.pipeline_depth and self.scheduler.has_unfinished():
+            sched = self.scheduler.schedule()
+            if not (sched.total_num_scheduled_tokens or len(sched.blocks_to_swap_out)
+                    or sched.finished_req_ids or sched.preempted_req_ids):
+                if not self.in_flight:
+                    # Nothing fits (cannot happen with a valid config); fail loudly over spinning.
+                    s = self.scheduler
+                    raise RuntimeError(f"scheduler made no progress: {len(s.running)} running, "
+                                       f"{len(s.waiting)} waiting, {len(s.swapped)} swapped")
+                return
+            self._record(self.scheduler.last_stats)
+            self.executor.submit(sched)
+            self.in_flight += 1
+
+    def _record(self, step: StepStats) -> None:
+        s = self.stats
+        s.num_steps += 1
+        s.num_prefill_tokens += step.num_prefill_tokens
+        s.num_decode_tokens += step.num_decode_tokens
+        s.num_preemptions += step.num_preemptions
+        s.num_cache_hit_tokens += step.num_cache_hit_tokens
+
+    def _apply(self, out: ModelRunnerOutput) -> EngineCoreOutputs:
+        """Append each sampled token to its request and end the requests that must stop."""
+        now = time.monotonic()
+        requests, max_len = self.requests, self.max_model_len
+        ids, tokens, cached, itls, ttfts = [], [], [], [], []
+        finished: list[FinishedRequest] = []
+        logprob_rows: list[tuple[int, int, int]] = []  # (index in ids, row in out, top-N)
+        for row, (req_id, token) in enumerate(zip(out.req_ids, out.sampled_token_ids.tolist())):
+            req = requests.get(req_id)
+            if req is None:
+                continue  # finished or aborted while the step ran: an extra token, dropped
+            status = req.append_output_token(token, max_len)
+            if req.last_token_time is None:
+                ttfts.append(now - req.arrival)
+                self.metrics.count_prompt_tokens(len(req.prompt_token_ids))
+            else:
+                itls.append(now - req.last_token_time)
+            req.last_token_time = now
+            if req.params.logprobs is not None:
+                logprob_rows.append((len(ids), row, req.params.logprobs))
+            ids.append(req_id)
+            tokens.append(token)
+            cached.append(req.num_cached_prompt_tokens)
+            if status is not None:
+                finished.append(FinishedRequest(req_id, status.value, req.stop_reason))
+                self.scheduler.finish_requests([requests.pop(req_id)], status)
+        self.metrics.count_tokens(len(ids), ttfts, itls)
+        for f in finished:
+            self.metrics.count_finished(f.finish_reason)
+        logprobs = _logprob_rows(out, logprob_rows) if logprob_rows else None
+        return EngineCoreOutputs(ids, np.asarray(tokens, dtype=np.int32),
+                                 np.asarray(cached, dtype=np.int32), finished, logprobs)
+
+    # -- control calls -------------------------------------------------------------------------------
+
+    def call(self, method: str, *args: Any) -> Any:
+        """A frontend's control call by name; raises ValueError for an unknown one."""
+        handlers = {
+            "ready": self.ready_info,
+            "stats": lambda: dataclasses.asdict(self.engine_stats()),
+            "metrics": self.metrics_snapshot,
+            "host_times": lambda: {"engine_core_s": self.host_time_s[-4096:]},
+        }
+        if method not in handlers:
+            raise ValueError(f"unknown engine core call {method!r} (known: {sorted(handlers)})")
+        return handlers[method](*args)
+
+    def engine_stats(self) -> EngineStats:
+        s, bm = self.scheduler, self.block_manager
+        return dataclasses.replace(self.stats, num_swaps=s.num_swaps, num_running=len(s.running),
+                                   num_waiting=len(s.waiting), num_swapped=len(s.swapped),
+                                   num_free_blocks=bm.num_free_blocks,
+                                   num_used_cpu_blocks=sum(map(len, bm.cpu_block_tables.values())))
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        s = self.scheduler
+        self.metrics.set_state(len(s.running), len(s.waiting), self.block_manager.usage)
+        return self.metrics.snapshot()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def _logprob_rows(out: ModelRunnerOutput, rows: list[tuple[int, int, int]]) -> LogprobsRows:
+    """Log-probabilities of the requests that asked: (index in the outputs, row in the runner's
+    output, how many top entries the request wants)."""
+    lp = out.logprobs
+    top_ids: list[int] = []
+    top_lps: list[float] = []
+    counts = []
+    for _, row, k in rows:
+        top_ids += lp.top_ids[row][:k]
+        top_lps += lp.top_logprobs[row][:k]
+        counts.append(min(k, len(lp.top_ids[row])))
+    return LogprobsRows(np.asarray([i for i, _, _ in rows], np.int32),
+                        np.asarray([lp.sampled[r] for _, r, _ in rows], np.float32),
+                        np.asarray(counts, np.int32), np.asarray(top_ids, np.int32),
+                        np.asarray(top_lps, np.float32))

@@ -1,0 +1,76 @@
+"""`zllm serve` with `api_server_count: N > 1`: one engine core, N HTTP server processes.
+
+The supervisor starts the engine core, opens the listening socket once, and starts N API server
+processes (`zllm.entrypoints.api_server`) that all accept on it, so HTTP, SSE, tokenization and
+detokenization spread over N cores. Each API server watches the core's status pipe itself. The
+supervisor stays small: on SIGINT/SIGTERM it stops the API servers and then the core; if an API
+server exits on its own (the core died, or it crashed), it stops the rest and exits non-zero so
+that whatever supervises *it* restarts the service.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from zllm.config import EngineConfig
+from zllm.frontend.core_client import start_engine_core
+from zllm.frontend.llm_engine import resolve_model
+
+logger = logging.getLogger(__name__)
+
+_POLL_S = 0.2
+
+
+def serve_multiprocess(config: EngineConfig) -> int:
+    server = config.server
+    started = time.perf_counter()
+    config = resolve_model(config)
+    logger.info("starting the engine core for model %r and %d API servers", config.model.model,
+                server.api_server_count)
+    core = start_engine_core(config)
+    engine_s = time.perf_counter() - started
+    listener = socket.create_server((server.host, server.port), backlog=4096)
+    listener.set_inheritable(True)
+    info = {"config": dataclasses.asdict(config), "address": core.address, "ready": core.ready,
+            "engine_s": engine_s, "started": started}
+    children = []
+    for index in range(server.api_server_count):
+        child = subprocess.Popen(
+            [sys.executable, "-m", "zllm.entrypoints.api_server", "--index", str(index),
+             "--status-fd", str(core.status_fd), "--listen-fd", str(listener.fileno())],
+            stdin=subprocess.PIPE, pass_fds=(core.status_fd, listener.fileno()))
+        child.stdin.write(json.dumps(info).encode())
+        child.stdin.close()
+        children.append(child)
+    listener.close()  # the children hold it now
+
+    stopping = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.append(True))
+    code = 0
+    while not stopping:
+        exited = [c for c in children if c.poll() is not None]
+        if exited:
+            code = exited[0].returncode or 1
+            logger.error("API server (pid %d) exited with code %d; stopping the server",
+                         exited[0].pid, exited[0].returncode)
+            break
+        time.sleep(_POLL_S)
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    for child in children:
+        try:
+            child.wait(timeout=server.shutdown_timeout_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    core.stop()
+    return code

@@ -1,0 +1,166 @@
+"""The frontend engine for a server: asyncio in front, the engine core in its own process.
+
+    llm = AsyncLLM(config)                 # starts the engine core (or connects to a running one)
+    async for out in llm.generate("req-1", "Hello", SamplingParams(), stream=True):
+        ...                                # delta outputs (stream=True) or only the final one
+
+Tokenization, chat templates, detokenization and stop strings run here, in the API server's
+process; the engine core sees token ids only. Outputs reach each request through a collector
+that merges deltas, so a consumer that falls behind gets one larger delta, never a growing
+queue. Leaving the `async for` early (a client that disconnects, a cancelled task) aborts the
+request in the core and frees its KV blocks. If the core dies, every request in flight and every
+later call raises EngineDeadError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from typing import Any, AsyncIterator, Callable, Optional
+
+from zllm.config import EngineConfig, LlamaArchitecture
+from zllm.errors import EngineDeadError
+from zllm.frontend.core_client import AsyncMPClient, CoreHandle, start_engine_core
+from zllm.frontend.llm_engine import resolve_model
+from zllm.frontend.output_processor import OutputProcessor
+from zllm.frontend.processor import Processor, Prompt
+from zllm.outputs import CompletionOutput, RequestOutput
+from zllm.protocol import EngineCoreAbort, EngineCoreOutputs
+from zllm.sampling_params import SamplingParams
+from zllm.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def merge_deltas(old: RequestOutput, new: RequestOutput) -> RequestOutput:
+    """One delta output that says what `old` and then `new` said."""
+    merged = []
+    for a, b in zip(old.outputs, new.outputs):
+        logprobs = None if a.logprobs is None else a.logprobs + (b.logprobs or [])
+        merged.append(CompletionOutput(a.index, a.text + b.text, a.token_ids + b.token_ids,
+                                       b.finish_reason, b.stop_reason, logprobs))
+    return dataclasses.replace(new, outputs=merged)
+
+
+class _Collector:
+    """The outputs of one request waiting for its consumer: at most one (merged) output."""
+
+    def __init__(self) -> None:
+        self.output: Optional[RequestOutput] = None
+        self.error: Optional[BaseException] = None
+        self.ready = asyncio.Event()
+
+    def put(self, output: RequestOutput) -> None:
+        pending = self.output
+        self.output = merge_deltas(pending, output) if pending is not None and output.delta else output
+        self.ready.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.ready.set()
+
+    async def get(self) -> RequestOutput:
+        await self.ready.wait()
+        output, self.output = self.output, None
+        if output is None:
+            raise self.error
+        if self.error is None:
+            self.ready.clear()
+        return output
+
+
+class AsyncLLM:
+    def __init__(self, config: EngineConfig, core: Optional[CoreHandle] = None) -> None:
+        """Start an engine core for `config` or, given `core`, use that running one (several
+        API server processes share one core; the one that started it stops it)."""
+        config = resolve_model(config)
+        self.config = config
+        self.arch = LlamaArchitecture.from_model_dir(config.model.model)
+        self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
+        self.owns_core = core is None
+        self.core = core or start_engine_core(config, in_thread=not config.parallel.engine_process)
+        self.max_model_len: int = self.core.ready["max_model_len"]
+        self.processor = Processor(self.tokenizer, self.arch, self.max_model_len)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.client: Optional[AsyncMPClient] = None
+        self.collectors: dict[str, _Collector] = {}
+        self.error: Optional[str] = None
+        self.on_dead: list[Callable[[str], None]] = []  # called once if the engine core dies
+
+    def start(self) -> None:
+        """Connect to the core; call once, on the event loop that will use this object."""
+        self.client = AsyncMPClient(self.core.address, self.core.status_fd, self.core.ready)
+        self.client.start(self._on_outputs, self._on_dead)
+
+    @property
+    def is_running(self) -> bool:
+        return self.error is None
+
+    async def tokenize(self, prompt: Prompt) -> tuple[Optional[str], list[int]]:
+        """Tokenize off the event loop when the prompt is long, so other streams keep flowing."""
+        if isinstance(prompt, str) and len(prompt) > 4096:
+            return await asyncio.to_thread(self.processor.tokenize, prompt)
+        return self.processor.tokenize(prompt)
+
+    async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams,
+                       stream: bool = False, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Add a request and yield its outputs; raises ValueError (bad request) or EngineDeadError."""
+        if self.error is not None:
+            raise EngineDeadError(self.error)
+        text, prompt_ids = await self.tokenize(prompt)
+        self.processor.check(prompt_ids, params)
+        if request_id in self.collectors:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        requests = self.processor.make_requests(request_id, prompt_ids, params, priority)
+        collector = self.collectors[request_id] = _Collector()
+        self.output_processor.add_request(request_id, text, prompt_ids, params,
+                                          [r.request_id for r in requests], stream)
+        finished = False
+        try:
+            for request in requests:
+                self.client.send(request)
+            while not finished:
+                output = await collector.get()
+                finished = output.finished
+                yield output
+        finally:
+            self.collectors.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (no-op if it is unknown or finished)."""
+        core_ids = self.output_processor.abort_request(request_id)
+        if core_ids and self.error is None:
+            self.client.send(EngineCoreAbort(core_ids))
+
+    async def call(self, method: str, *args: Any) -> Any:
+        """An engine core control call ("stats", "metrics", ...)."""
+        if self.error is not None:
+            raise EngineDeadError(self.error)
+        return await self.client.call(method, *args)
+
+    def _on_outputs(self, outputs: EngineCoreOutputs) -> None:
+        results, stopped = self.output_processor.process(outputs)
+        if stopped:
+            self.client.send(EngineCoreAbort(stopped))
+        for output in results:
+            collector = self.collectors.get(output.request_id)
+            if collector is not None:
+                collector.put(output)
+
+    def _on_dead(self, message: str) -> None:
+        logger.error("%s", message)
+        self.error = message
+        error = EngineDeadError(message)
+        for collector in self.collectors.values():
+            collector.fail(error)
+        for callback in self.on_dead:
+            callback(message)
+
+    def shutdown(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.owns_core:
+            self.core.stop()

@@ -1,0 +1,107 @@
+"""The frontend's engine for offline use: text in, text out, the engine core behind a client.
+
+    engine = LLMEngine(config)
+    engine.add_request("r1", "Hello", SamplingParams(max_tokens=8))
+    while engine.has_unfinished_requests():
+        for out in engine.step():   # outputs of requests that finished (or stream) this step
+            ...
+
+It tokenizes and validates (`Processor`), sends token ids to the engine core, and turns the
+core's token ids into text and outputs (`OutputProcessor`), aborting in the core the samples
+that a stop string ended. `LLM` is a thin batch API over it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+from zllm.config import EngineConfig, LlamaArchitecture
+from zllm.frontend.core_client import InprocClient, MPClient, start_engine_core
+from zllm.frontend.output_processor import OutputProcessor
+from zllm.frontend.processor import Processor, Prompt
+from zllm.model_files import detect_load_format, resolve_model_dir
+from zllm.outputs import RequestOutput
+from zllm.protocol import EngineStats
+from zllm.sampling_params import SamplingParams
+from zllm.tokenizer import load_tokenizer
+
+
+def resolve_model(config: EngineConfig) -> EngineConfig:
+    """A copy of config whose model is a checked local directory with a known weight format."""
+    config = copy.deepcopy(config)
+    config.model.model = resolve_model_dir(config.model.model)
+    config.model.load_format = detect_load_format(config.model.model, config.model.load_format)
+    return config
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        config = resolve_model(config)
+        self.config = config
+        self.arch = LlamaArchitecture.from_model_dir(config.model.model)
+        self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
+        if config.parallel.engine_process:
+            self.client = MPClient(start_engine_core(config))
+        else:
+            self.client = InprocClient(config)
+        self.max_model_len: int = self.client.ready["max_model_len"]
+        self.processor = Processor(self.tokenizer, self.arch, self.max_model_len)
+        self.output_processor = OutputProcessor(self.tokenizer)
+
+    @property
+    def engine_core(self):
+        """The EngineCore object, when it runs in this process (engine_process: false)."""
+        if not isinstance(self.client, InprocClient):
+            raise AttributeError("the engine core runs in its own process; set engine_process: "
+                                 "false to have it in this one")
+        return self.client.core
+
+    def check_request(self, prompt: Prompt, params: SamplingParams) -> tuple[Optional[str], list[int]]:
+        """Tokenize and validate; returns (text or None, token ids) or raises ValueError."""
+        text, prompt_ids = self.processor.tokenize(prompt)
+        self.processor.check(prompt_ids, params)
+        return text, prompt_ids
+
+    def add_request(self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None,
+                    stream: bool = False, priority: int = 0) -> None:
+        """Validate and queue a prompt (text or token ids); raises ValueError on bad input.
+        With stream=True, `step` returns a delta output for it after every step."""
+        params = params or SamplingParams()
+        text, prompt_ids = self.check_request(prompt, params)
+        self.add_checked_request(request_id, text, prompt_ids, params, stream, priority)
+
+    def add_checked_request(self, request_id: str, text: Optional[str], prompt_ids: list[int],
+                            params: SamplingParams, stream: bool = False, priority: int = 0) -> None:
+        """Queue a request that check_request has passed."""
+        if request_id in self.output_processor.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        requests = self.processor.make_requests(request_id, prompt_ids, params, priority)
+        self.output_processor.add_request(request_id, text, prompt_ids, params,
+                                          [r.request_id for r in requests], stream)
+        self.client.add_requests(requests)
+
+    def abort_request(self, request_id: str) -> None:
+        self.client.abort(self.output_processor.abort_request(request_id))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.output_processor.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Wait for the engine core's next step; outputs of requests that finished or stream."""
+        outputs = self.client.get_output()
+        if outputs is None:
+            return []
+        results, stopped = self.output_processor.process(outputs)
+        self.client.abort(stopped)
+        return results
+
+    def stats(self) -> EngineStats:
+        return EngineStats(**self.client.call("stats"))
+
+    def call(self, method: str, *args: Any) -> Any:
+        """An engine core control call ("stats", "metrics", "host_times")."""
+        return self.client.call(method, *args)
+
+    def shutdown(self) -> None:
+        self.client.shutdown()
