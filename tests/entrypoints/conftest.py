@@ -70,48 +70,64 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(gqa_model, tmp_path_factory) -> Server:
-    tmp = tmp_path_factory.mktemp("server")
+@dataclass
+class ServerProcess:
+    server: Server
+    proc: subprocess.Popen
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+
+def start_server(model: str, tmp, extra_yaml: str = "", *args: str) -> ServerProcess:
+    """`zllm serve` on the tiny model in a subprocess, once /health answers 200."""
     config = tmp / "serve.yaml"
     config.write_text(
-        f"model:\n  model: {gqa_model}\n  max_model_len: {MAX_MODEL_LEN}\n"
+        f"model:\n  model: {model}\n  max_model_len: {MAX_MODEL_LEN}\n"
         "cache:\n  num_kv_blocks: 1024\n  block_size: 16\n"
         "scheduler:\n  max_num_seqs: 64\n  max_num_batched_tokens: 2048\n"
         "device:\n  device: cpu\n"
         f"server:\n  served_model_name: {MODEL_NAME}\n  max_request_bytes: {MAX_REQUEST_BYTES}\n"
-        "  log_stats_interval: 1.0\n")
+        "  log_stats_interval: 1.0\n" + extra_yaml)
     port = _free_port()
     log_path = str(tmp / "server.log")
     env = {**os.environ, "ZLLM_API_KEY": API_KEY}  # the key comes from the environment
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "zllm", "serve", str(config),
-                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
-    server = Server(f"http://127.0.0.1:{port}", log_path)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if server.request("GET", "/health", api_key=None)[0] == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("server did not become healthy:\n" + open(log_path).read())
-            try:  # a bounded wait that also notices a server that died at start-up
-                proc.wait(timeout=0.2)
-                raise AssertionError("server exited at start-up:\n" + open(log_path).read())
-            except subprocess.TimeoutExpired:
-                pass
-        yield server
-    finally:
-        proc.terminate()
+                                 "--port", str(port), *args], stdout=log,
+                                stderr=subprocess.STDOUT, env=env)
+    running = ServerProcess(Server(f"http://127.0.0.1:{port}", log_path), proc)
+    deadline = time.monotonic() + 120
+    while True:
         try:
-            proc.wait(timeout=15)
+            if running.server.request("GET", "/health", api_key=None)[0] == 200:
+                return running
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        if time.monotonic() > deadline:
+            running.stop()
+            raise AssertionError("server did not become healthy:\n" + open(log_path).read())
+        try:  # a bounded wait that also notices a server that died at start-up
+            proc.wait(timeout=0.2)
+            raise AssertionError("server exited at start-up:\n" + open(log_path).read())
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    log = open(log_path).read()
+            pass
+
+
+@pytest.fixture(scope="session")
+def server(gqa_model, tmp_path_factory) -> Server:
+    running = start_server(gqa_model, tmp_path_factory.mktemp("server"))
+    try:
+        yield running.server
+    finally:
+        running.stop()
+    log = open(running.server.log_path).read()
     assert re.search(r"serving 'tiny' on http://127.0.0.1:\d+ \(engine [\d.]+ s", log), log
     assert "shutting down" in log, log
     assert re.search(r"generation [\d.]+ tok/s, running \d+, waiting \d+, KV cache", log), log

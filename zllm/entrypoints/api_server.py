@@ -1,8 +1,8 @@
 """One of N API server processes under `zllm.entrypoints.supervisor` (not started by hand).
 
 It reads its settings as JSON on stdin (the config, the engine core's address and readiness),
-inherits the core's status pipe and the shared listening socket by file descriptor, and serves
-HTTP on that socket until SIGTERM or the core's death.
+inherits the core's status pipe by file descriptor, and serves HTTP on the shared port
+(SO_REUSEPORT) until SIGTERM or the core's death.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import logging
-import socket
 import sys
 
 from zllm.config import EngineConfig
@@ -24,7 +23,6 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--status-fd", type=int, required=True)
-    parser.add_argument("--listen-fd", type=int, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -32,8 +30,7 @@ def main() -> int:
     config = EngineConfig.from_dict(info["config"])
     core = CoreHandle(info["address"], args.status_fd, None, info["ready"])
     llm = AsyncLLM(config, core=core)
-    listener = socket.socket(fileno=args.listen_fd)
-    return asyncio.run(run_api_server(llm, config, info["started"], info["engine_s"], sock=listener,
+    return asyncio.run(run_api_server(llm, config, info["started"], info["engine_s"],
                                       index=args.index))
 
 

@@ -6,7 +6,7 @@ Every endpoint but /health needs `Authorization: Bearer KEY` when an api_key is 
 OpenAI's JSON body `{"error": {"message", "type", "param", "code"}}`.
 
 Processes: the engine core runs in its own process; this one (or, with `api_server_count: N`,
-N of them sharing one listening socket, under a supervisor) does HTTP, tokenization, chat
+N of them sharing the port, under a supervisor) does HTTP, tokenization, chat
 templates and detokenization (`zllm.frontend.async_llm`). If the core dies, requests in flight
 fail (500, or an error event in a stream), /health answers 503, and the server exits non-zero
 (unless `exit_on_engine_death: false`), so that a supervisor restarts it.
@@ -23,7 +23,6 @@ import hmac
 import json
 import logging
 import signal
-import socket
 import time
 import uuid
 from typing import Any, Optional
@@ -262,9 +261,14 @@ async def _stream(request: web.Request, head: dict[str, Any], choices: _Choices,
 
 # -- the application -----------------------------------------------------------------------------
 
-def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str) -> web.Application:
+def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str,
+              index: Optional[int] = None) -> web.Application:
     app = web.Application(middlewares=[errors_and_auth], client_max_size=config.max_request_bytes)
     app[LLM], app[SERVER_CONFIG], app[MODEL_NAME] = llm, config, model_name
+    if index is not None:  # say which of several API servers answered (debugging, tests)
+        async def name_server(request: web.Request, response: web.StreamResponse) -> None:
+            response.headers["X-Zllm-Api-Server"] = str(index)
+        app.on_response_prepare.append(name_server)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", models)
@@ -294,12 +298,13 @@ def served_model_name(config: EngineConfig) -> str:
 
 
 async def run_api_server(llm: AsyncLLM, config: EngineConfig, started: float, engine_s: float,
-                         sock: Optional[socket.socket] = None, index: int = 0) -> int:
-    """Serve HTTP until SIGINT/SIGTERM (exit code 0) or the engine core's death (1)."""
+                         index: Optional[int] = None) -> int:
+    """Serve HTTP until SIGINT/SIGTERM (exit code 0) or the engine core's death (1). `index`
+    numbers this API server among several (they share the port with SO_REUSEPORT)."""
     server = config.server
     model_name = served_model_name(config)
     llm.start()
-    app = build_app(llm, server, model_name)
+    app = build_app(llm, server, model_name, index)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     stop, exit_code = asyncio.Event(), [0]
     loop = asyncio.get_running_loop()
@@ -314,16 +319,14 @@ async def run_api_server(llm: AsyncLLM, config: EngineConfig, started: float, en
     stats = None
     try:
         await runner.setup()
-        site = (web.SockSite(runner, sock) if sock is not None
-                else web.TCPSite(runner, server.host, server.port))
+        site = web.TCPSite(runner, server.host, server.port, reuse_port=index is not None)
         await site.start()
         logger.info("serving %r on http://%s:%d (engine %.1f s, total %.1f s; max_model_len %d, "
-                    "API key %s%s)", model_name, server.host,
-                    (sock.getsockname()[1] if sock is not None else server.port),
-                    engine_s, time.perf_counter() - started,
-                    llm.max_model_len, "required" if server.api_key else "off",
-                    f", API server {index}" if sock is not None else "")
-        if server.log_stats_interval > 0 and index == 0:
+                    "API key %s%s)", model_name, server.host, server.port, engine_s,
+                    time.perf_counter() - started, llm.max_model_len,
+                    "required" if server.api_key else "off",
+                    "" if index is None else f", API server {index}")
+        if server.log_stats_interval > 0 and not index:
             stats = asyncio.create_task(log_stats(llm, server.log_stats_interval))
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)

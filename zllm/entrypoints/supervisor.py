@@ -1,8 +1,8 @@
 """`zllm serve` with `api_server_count: N > 1`: one engine core, N HTTP server processes.
 
-The supervisor starts the engine core, opens the listening socket once, and starts N API server
-processes (`zllm.entrypoints.api_server`) that all accept on it, so HTTP, SSE, tokenization and
-detokenization spread over N cores. Each API server watches the core's status pipe itself. The
+The supervisor starts the engine core and N API server processes (`zllm.entrypoints.api_server`)
+that all listen on the port with SO_REUSEPORT, so the kernel spreads connections over them and
+HTTP, SSE, tokenization and detokenization spread over N cores. Each API server watches the core's status pipe itself. The
 supervisor stays small: on SIGINT/SIGTERM it stops the API servers and then the core; if an API
 server exits on its own (the core died, or it crashed), it stops the rest and exits non-zero so
 that whatever supervises *it* restarts the service.
@@ -36,26 +36,33 @@ def serve_multiprocess(config: EngineConfig) -> int:
                 server.api_server_count)
     core = start_engine_core(config)
     engine_s = time.perf_counter() - started
-    listener = socket.create_server((server.host, server.port), backlog=4096)
-    listener.set_inheritable(True)
+    # Each API server listens on the port with SO_REUSEPORT, so the kernel spreads connections
+    # over them. This socket only picks (port 0) and holds the port while they start; it never
+    # listens, so no connection waits on it.
+    holder = socket.socket(socket.AF_INET6 if ":" in server.host else socket.AF_INET)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind((server.host, server.port))
+    config.server.port = holder.getsockname()[1]
     info = {"config": dataclasses.asdict(config), "address": core.address, "ready": core.ready,
             "engine_s": engine_s, "started": started}
     children = []
     for index in range(server.api_server_count):
         child = subprocess.Popen(
             [sys.executable, "-m", "zllm.entrypoints.api_server", "--index", str(index),
-             "--status-fd", str(core.status_fd), "--listen-fd", str(listener.fileno())],
-            stdin=subprocess.PIPE, pass_fds=(core.status_fd, listener.fileno()))
+             "--status-fd", str(core.status_fd)], stdin=subprocess.PIPE, pass_fds=(core.status_fd,))
         child.stdin.write(json.dumps(info).encode())
         child.stdin.close()
         children.append(child)
-    listener.close()  # the children hold it now
 
     stopping = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.append(True))
     code = 0
+    holder_closed = False
     while not stopping:
+        if not holder_closed and time.perf_counter() - started > engine_s + 60:
+            holder.close()  # the API servers have long bound the port
+            holder_closed = True
         exited = [c for c in children if c.poll() is not None]
         if exited:
             code = exited[0].returncode or 1
@@ -72,5 +79,6 @@ def serve_multiprocess(config: EngineConfig) -> int:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+    holder.close()
     core.stop()
     return code

@@ -17,7 +17,7 @@ import copy
 from typing import Any, Optional
 
 from zllm.config import EngineConfig, LlamaArchitecture
-from zllm.frontend.core_client import InprocClient, MPClient, start_engine_core
+from zllm.frontend.core_client import CoreHandle, InprocClient, MPClient, start_engine_core
 from zllm.frontend.output_processor import OutputProcessor
 from zllm.frontend.processor import Processor, Prompt
 from zllm.model_files import detect_load_format, resolve_model_dir
@@ -36,12 +36,16 @@ def resolve_model(config: EngineConfig) -> EngineConfig:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, core: Optional[CoreHandle] = None) -> None:
+        """Start an engine core for `config` (a process, or in this process with
+        engine_process: false), or talk to the running one `core` describes."""
         config = resolve_model(config)
         self.config = config
         self.arch = LlamaArchitecture.from_model_dir(config.model.model)
         self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
-        if config.parallel.engine_process:
+        if core is not None:
+            self.client = MPClient(core)
+        elif config.parallel.engine_process:
             self.client = MPClient(start_engine_core(config))
         else:
             self.client = InprocClient(config)

@@ -1,0 +1,69 @@
+"""What crosses from the frontend to the engine core: token ids and numbers, never text."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import zmq
+
+from zllm import EngineConfig, SamplingParams
+from zllm.codec import decode
+from zllm.frontend.core_client import CoreHandle, start_engine_core
+from zllm.frontend.llm_engine import LLMEngine
+from zllm.protocol import CORE_INPUTS, CORE_OUTPUTS, EngineCoreRequest
+
+PROMPT_MARK, STOP_MARK = "Zebrafish", "Quokka"
+
+
+def test_the_engine_core_receives_only_token_ids(gqa_model, tmp_path):
+    config = EngineConfig.from_dict({}, model=gqa_model, device="cpu", num_kv_blocks=128)
+    core = start_engine_core(config)
+    # A ZeroMQ proxy between the frontend and the core that copies every frame to us.
+    context = zmq.Context()
+    front, back = context.socket(zmq.DEALER), context.socket(zmq.DEALER)
+    front.bind(f"ipc://{tmp_path}/spy")
+    back.connect(core.address)
+    capture, control = context.socket(zmq.PUSH), context.socket(zmq.PAIR)
+    capture.bind("inproc://capture")
+    control.bind("inproc://control")
+    captured = context.socket(zmq.PULL)
+    captured.connect("inproc://capture")
+    steer = context.socket(zmq.PAIR)
+    steer.connect("inproc://control")
+    proxy = threading.Thread(target=zmq.proxy_steerable, args=(front, back, capture, control))
+    proxy.start()
+    engine = LLMEngine(config, core=CoreHandle(f"ipc://{tmp_path}/spy", core.status_fd, None,
+                                               core.ready))
+    try:
+        prompt = f"Hello {PROMPT_MARK}, how are you?"
+        engine.add_request("a", prompt, SamplingParams(max_tokens=8, stop=[STOP_MARK], n=2, seed=1))
+        engine.add_request("b", [5, 6, 7], SamplingParams(max_tokens=4, temperature=0))
+        outputs = []
+        while engine.has_unfinished_requests():
+            outputs += engine.step()
+        assert sorted(o.request_id for o in outputs) == ["a", "b"]
+        frames = []
+        while captured.poll(100):
+            frames.append(captured.recv())
+    finally:
+        steer.send(b"TERMINATE")
+        proxy.join(10)
+        engine.client.socket.close()
+        for s in (front, back, capture, control, captured, steer):
+            s.close()
+        context.term()
+        core.stop()
+    requests = []
+    for frame in frames:
+        assert PROMPT_MARK.encode() not in frame and STOP_MARK.encode() not in frame
+        message = decode(frame, *CORE_INPUTS, *CORE_OUTPUTS)  # every frame is a typed message
+        if isinstance(message, EngineCoreRequest):
+            requests.append(message)
+    assert sorted(r.request_id for r in requests) == ["a#0", "a#1", "b"]
+    tokenizer = engine.tokenizer
+    for r in requests:
+        assert r.prompt_token_ids.dtype == np.int32 and r.sampling_params.stop == []
+        if r.request_id != "b":
+            assert r.prompt_token_ids.tolist() == tokenizer.encode(prompt)
+    assert [r.sampling_params.seed for r in requests if r.request_id != "b"] == [1, 2]
