@@ -31,7 +31,7 @@ from typing import Any, Optional
 import torch
 
 from zllm.bench.roofline import Hardware, ModelCost, measure_hardware
-from zllm.config import LlamaArchitecture
+from zllm.architecture import ModelArchitecture
 
 # Real hyperparameters of the models whose shapes we benchmark (weights are random: dummy).
 MODEL_SHAPES: dict[str, dict[str, Any]] = {
@@ -234,7 +234,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def profile_decode(llm, arch: LlamaArchitecture, hw: Hardware, batch: int,
+def profile_decode(llm, arch: ModelArchitecture, hw: Hardware, batch: int,
                    steps: int = 32) -> dict[str, Any]:
     """Where a decode step's time goes, at a batch of `batch` requests 512 tokens in: wall time
     per step (unprofiled), GPU busy time per step and the top kernels (torch.profiler), and the
@@ -339,7 +339,7 @@ def print_details(report: dict[str, Any]) -> None:
                   if r.get("worker_host_s") else ""))
 
 
-def run_executor(model_dir: str, arch: LlamaArchitecture, hw: Hardware, config: dict[str, Any],
+def run_executor(model_dir: str, arch: ModelArchitecture, hw: Hardware, config: dict[str, Any],
                  workloads: list[str], num_requests: Optional[int],
                  profile_batches: tuple[int, ...] = ()) -> tuple[dict[str, Any], int]:
     """All workloads on one engine; (results by workload, KV blocks)."""
@@ -374,7 +374,7 @@ def run_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, 
     overrides = dict(overrides)
     args.model = overrides.pop("model", None) or "llama-3.2-1b"  # --model: a directory or a shape
     model_dir = model_dir_for(args.model)
-    arch = LlamaArchitecture.from_model_dir(model_dir)
+    arch = ModelArchitecture.from_model_dir(model_dir)
     hw = measure_hardware(torch.device("cuda"))
     config = {"dtype": "bfloat16", "load_format": "dummy" if args.model in MODEL_SHAPES else "auto",
               "async_scheduling": True}

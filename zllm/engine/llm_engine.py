@@ -15,7 +15,8 @@ import random
 import time
 from typing import Optional, Union
 
-from zllm.config import EngineConfig, LlamaArchitecture
+from zllm.architecture import ModelArchitecture
+from zllm.config import EngineConfig
 from zllm.engine.block_manager import BlockManager
 from zllm.engine.output_processor import OutputProcessor
 from zllm.engine.request import Request, RequestStatus
@@ -69,7 +70,8 @@ class LLMEngine:
         config = copy.deepcopy(config)
         config.model.model = resolve_model_dir(config.model.model)
         config.model.load_format = detect_load_format(config.model.model, config.model.load_format)
-        self.arch = LlamaArchitecture.from_model_dir(config.model.model)
+        self.arch = ModelArchitecture.from_model_dir(config.model.model)
+        self.arch.check_tensor_parallel(config.parallel.tensor_parallel_size)  # before any worker
         self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
         self.config = config
 

@@ -1,0 +1,167 @@
+"""Tensor-parallel linear layers and the vocabulary embedding, each owning its weight sharding.
+
+Column-parallel layers split their output features across ranks (each rank holds whole heads);
+row-parallel layers split their input and all-reduce the result. Communication goes through
+fairscale's model-parallel group and mappings, set up by the worker with initialize_model_parallel.
+(fairscale's own layer classes allocate through the legacy `torch.Tensor(...)` constructor, which
+ignores the target device, and initialise a full-size master weight on every rank; these layers
+allocate only their shard, uninitialised, wherever the model is being built.)
+
+Each layer says which pieces of which checkpoint tensors make its parameters on this rank
+(`shard_pieces`), in Hugging Face names relative to its own; a reader turns pieces into I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.initialize import (get_model_parallel_rank,
+                                                    get_model_parallel_world_size)
+from fairscale.nn.model_parallel.mappings import (gather_from_model_parallel_region,
+                                                  reduce_from_model_parallel_region)
+from torch import nn
+
+from zllm.worker.models.weights import Piece
+
+
+def _parameter(*shape: int) -> nn.Parameter:
+    """Uninitialised, on the default device and dtype of the build (the loader fills it)."""
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+def _sibling(prefix: str, name: str) -> str:
+    """The checkpoint name of module `name` beside module `prefix` ("a.b.qkv_proj", "q_proj" ->
+    "a.b.q_proj")."""
+    parent = prefix.rpartition(".")[0]
+    return f"{parent}.{name}" if parent else name
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b, W's rows split across ranks. Several projections of the same input may be
+    fused into one matmul: `sources` lists, per projection, its checkpoint module (beside this
+    one; None: this one) and the rows [start, end) of it that this rank holds, in output order."""
+
+    def __init__(self, in_features: int, sources: list[tuple[Optional[str], int, int]],
+                 bias: bool = False, gather_output: bool = False) -> None:
+        super().__init__()
+        self.sources = sources
+        self.gather_output = gather_output
+        rows = sum(end - start for _, start, end in sources)
+        self.weight = _parameter(rows, in_features)
+        self.bias = _parameter(rows) if bias else None
+
+    @classmethod
+    def split(cls, in_features: int, out_features: int, names: tuple[Optional[str], ...] = (None,),
+              **kwargs) -> "ColumnParallelLinear":
+        """Each of `names` (out_features rows each) split evenly: this rank's slice of every one."""
+        tp, rank = get_model_parallel_world_size(), get_model_parallel_rank()
+        size = out_features // tp
+        return cls(in_features, [(n, rank * size, (rank + 1) * size) for n in names], **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        return gather_from_model_parallel_region(y) if self.gather_output else y
+
+    def shard_pieces(self, prefix: str, param: str) -> list[Piece]:
+        return [Piece(f"{prefix if name is None else _sibling(prefix, name)}.{param}", 0, start, end)
+                for name, start, end in self.sources]
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections in one matmul. Each rank holds whole query heads; KV heads are split
+    likewise, or replicated when there are fewer KV heads than ranks (ranks then share one)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 bias: bool, names: tuple[str, str, str] = ("q_proj", "k_proj", "v_proj")) -> None:
+        tp, rank = get_model_parallel_world_size(), get_model_parallel_rank()
+        self.num_heads = num_heads // tp
+        self.num_kv_heads = max(1, num_kv_heads // tp)
+        self.head_dim = head_dim
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+        kv_head = rank * self.num_kv_heads if num_kv_heads >= tp else rank * num_kv_heads // tp
+        q0, kv0 = rank * self.q_size, kv_head * head_dim
+        super().__init__(hidden_size, [(names[0], q0, q0 + self.q_size),
+                                       (names[1], kv0, kv0 + self.kv_size),
+                                       (names[2], kv0, kv0 + self.kv_size)], bias=bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, H, D], k and v [T, KVH, D] (views into one output)."""
+        q, k, v = super().forward(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return (q.view(-1, self.num_heads, self.head_dim),
+                k.view(-1, self.num_kv_heads, self.head_dim),
+                v.view(-1, self.num_kv_heads, self.head_dim))
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b, W's columns (input features) split across ranks, the input already split
+    the same way; the partial products are all-reduced, then the (unsplit) bias is added once."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        tp, rank = get_model_parallel_world_size(), get_model_parallel_rank()
+        size = in_features // tp
+        self.start, self.end = rank * size, (rank + 1) * size
+        self.weight = _parameter(out_features, size)
+        self.bias = _parameter(out_features) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = reduce_from_model_parallel_region(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+    def shard_pieces(self, prefix: str, param: str) -> list[Piece]:
+        if param == "bias":
+            return [Piece(f"{prefix}.bias")]
+        return [Piece(f"{prefix}.weight", 1, self.start, self.end)]
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding, rows split over the vocabulary: each rank looks up the ids in its range,
+    zeroes the others, and the ranks' results are all-reduced."""
+
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        tp, rank = get_model_parallel_world_size(), get_model_parallel_rank()
+        size = vocab_size // tp
+        self.start, self.end = rank * size, (rank + 1) * size
+        self.tp_size = tp
+        self.weight = _parameter(size, hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        outside = (input_ids < self.start) | (input_ids >= self.end)
+        x = F.embedding((input_ids - self.start).masked_fill(outside, 0), self.weight)
+        return reduce_from_model_parallel_region(x.masked_fill(outside[:, None], 0.0))
+
+    def shard_pieces(self, prefix: str, param: str) -> list[Piece]:
+        return [Piece(f"{prefix}.{param}", 0, self.start, self.end)]
+
+
+class ParallelLMHead(nn.Module):
+    """The output projection, split over the vocabulary like the embedding (whose weight it may
+    share). Logits are gathered to the full vocabulary on every rank, so all ranks sample alike."""
+
+    def __init__(self, hidden_size: int, vocab_size: int,
+                 tied_to: Optional[VocabParallelEmbedding] = None) -> None:
+        super().__init__()
+        tp, rank = get_model_parallel_world_size(), get_model_parallel_rank()
+        size = vocab_size // tp
+        self.start, self.end = rank * size, (rank + 1) * size
+        # Tied: the embedding's [vocab / tp, hidden] shard, loaded under the embedding's name.
+        self.weight = tied_to.weight if tied_to is not None else _parameter(size, hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [T, vocab]. On CUDA the 16-bit matmul writes float32 directly: rounding
+        logits to bf16 (8 bits of mantissa) would turn many close candidates into exact ties and
+        make greedy decoding depend on kernel choice."""
+        if hidden.is_cuda and hidden.dtype != torch.float32:
+            logits = torch.mm(hidden, self.weight.t(), out_dtype=torch.float32)
+        else:
+            logits = F.linear(hidden, self.weight).float()
+        return gather_from_model_parallel_region(logits)
+
+    def shard_pieces(self, prefix: str, param: str) -> list[Piece]:
+        return [Piece(f"{prefix}.{param}", 0, self.start, self.end)]
