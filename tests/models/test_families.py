@@ -3,8 +3,6 @@ CPU): in one step per prompt, with prompts split over several steps, and over tw
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 
@@ -60,16 +58,6 @@ def test_mistral_window_shorter_than_prompt_changes_tokens(family_checkpoint, hf
                                 max_new_tokens=MAX_TOKENS)
             differ += out[0, x.shape[1]:].tolist() != o.outputs[0].token_ids
     assert differ >= 2
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=128 * 2**20,
-             logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.parametrize("family", ["qwen3", "mistral"])
