@@ -67,3 +67,15 @@ def test_tp2_on_ray_matches_hf(family, family_checkpoint, hf, ray_session):
     with LLM(path, device="cpu", tensor_parallel_size=2, distributed_executor_backend="ray",
              max_num_batched_tokens=7) as llm:
         check_matches_hf(llm, path, hf)
+
+
+def test_dummy_weights_are_seeded(family_checkpoint):
+    """load_format dummy (benchmarks of real shapes) fills every parameter from the seed."""
+    path = family_checkpoint("gemma2")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    runs = []
+    for seed in (0, 0, 1):
+        with LLM(path, device="cpu", load_format="dummy", seed=seed) as llm:
+            runs.append([o.outputs[0].token_ids for o in llm.generate(PROMPTS[:3], params,
+                                                                      use_tqdm=False)])
+    assert runs[0] == runs[1] != runs[2]
