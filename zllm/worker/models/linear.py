@@ -39,21 +39,20 @@ def _sibling(prefix: str, name: str) -> str:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x W^T + b, W's rows split across ranks. Several projections of the same input may be
-    fused into one matmul: `sources` lists, per projection, its checkpoint module (beside this
-    one; None: this one) and the rows [start, end) of it that this rank holds, in output order."""
+    """y = x W^T + b, W's rows split across ranks; several projections of the same input fused
+    into one matmul. `sources` lists, per projection, its checkpoint module (beside this one) and
+    the rows [start, end) of it that this rank holds, in output order."""
 
-    def __init__(self, in_features: int, sources: list[tuple[Optional[str], int, int]],
-                 bias: bool = False, gather_output: bool = False) -> None:
+    def __init__(self, in_features: int, sources: list[tuple[str, int, int]],
+                 bias: bool = False) -> None:
         super().__init__()
         self.sources = sources
-        self.gather_output = gather_output
         rows = sum(end - start for _, start, end in sources)
         self.weight = _parameter(rows, in_features)
         self.bias = _parameter(rows) if bias else None
 
     @classmethod
-    def split(cls, in_features: int, out_features: int, names: tuple[Optional[str], ...] = (None,),
+    def split(cls, in_features: int, out_features: int, names: tuple[str, ...],
               **kwargs) -> "ColumnParallelLinear":
         """Each of `names` (out_features rows each) split evenly: this rank's slice of every one."""
         tp, rank = get_model_parallel_world_size(), get_model_parallel_rank()
@@ -61,11 +60,10 @@ class ColumnParallelLinear(nn.Module):
         return cls(in_features, [(n, rank * size, (rank + 1) * size) for n in names], **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        return gather_from_model_parallel_region(y) if self.gather_output else y
+        return F.linear(x, self.weight, self.bias)
 
     def shard_pieces(self, prefix: str, param: str) -> list[Piece]:
-        return [Piece(f"{prefix if name is None else _sibling(prefix, name)}.{param}", 0, start, end)
+        return [Piece(f"{_sibling(prefix, name)}.{param}", 0, start, end)
                 for name, start, end in self.sources]
 
 
@@ -76,16 +74,14 @@ class QKVParallelLinear(ColumnParallelLinear):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  bias: bool, names: tuple[str, str, str] = ("q_proj", "k_proj", "v_proj")) -> None:
         tp, rank = get_model_parallel_world_size(), get_model_parallel_rank()
-        self.num_heads = num_heads // tp
-        self.num_kv_heads = max(1, num_kv_heads // tp)
-        self.head_dim = head_dim
-        self.q_size = self.num_heads * head_dim
-        self.kv_size = self.num_kv_heads * head_dim
-        kv_head = rank * self.num_kv_heads if num_kv_heads >= tp else rank * num_kv_heads // tp
-        q0, kv0 = rank * self.q_size, kv_head * head_dim
-        super().__init__(hidden_size, [(names[0], q0, q0 + self.q_size),
-                                       (names[1], kv0, kv0 + self.kv_size),
-                                       (names[2], kv0, kv0 + self.kv_size)], bias=bias)
+        heads, kv_heads = num_heads // tp, max(1, num_kv_heads // tp)
+        q_size, kv_size = heads * head_dim, kv_heads * head_dim
+        kv_head = rank * kv_heads if num_kv_heads >= tp else rank * num_kv_heads // tp
+        q0, kv0 = rank * q_size, kv_head * head_dim
+        super().__init__(hidden_size, [(names[0], q0, q0 + q_size), (names[1], kv0, kv0 + kv_size),
+                                       (names[2], kv0, kv0 + kv_size)], bias=bias)
+        self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_size, self.kv_size = q_size, kv_size
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [T, H, D], k and v [T, KVH, D] (views into one output)."""
