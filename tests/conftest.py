@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -72,3 +73,15 @@ class HFReference:
 @pytest.fixture(scope="session")
 def hf() -> HFReference:
     return HFReference()
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray instance for the module: executors find it running and leave it up."""
+    import ray
+
+    # 6 logical CPUs: a module-scoped TP=2 engine and one more TP=4 executor fit side by side.
+    context = ray.init(num_cpus=6, include_dashboard=False, object_store_memory=128 * 2**20,
+                       logging_level=logging.WARNING)
+    yield context.address_info["gcs_address"]  # for engine core processes to join
+    ray.shutdown()

@@ -9,8 +9,6 @@ allowed.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -23,7 +21,8 @@ PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 
 @dataclass
 class ModelConfig:
-    """What to run: a Hugging Face or Meta Llama directory, or the built-in demo model."""
+    """What to run: a Hugging Face directory (see zllm/architecture.py for the architectures), a Meta
+    Llama one, or the built-in demo model."""
 
     model: str = "demo"  # a directory, or "demo" for the built-in tiny random Llama
     tokenizer: Optional[str] = None  # defaults to the model directory
@@ -272,106 +271,3 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
     else:
         return value
     raise ValueError(f"config key '{key}' = {value!r} must be of type {base.__name__}")
-
-
-# ---------------------------------------------------------------------------------------------
-# The model's architecture, read from its directory. Shared by the engine (context length,
-# vocabulary, KV sizing) and the workers (building the network).
-
-
-@dataclass
-class LlamaArchitecture:
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: Optional[dict[str, Any]]
-    tie_word_embeddings: bool
-    max_position_embeddings: int
-    torch_dtype: Optional[str]
-    eos_token_ids: list[int]
-
-    @classmethod
-    def from_model_dir(cls, path: str) -> "LlamaArchitecture":
-        hf_config = os.path.join(path, "config.json")
-        meta_params = os.path.join(path, "params.json")
-        if os.path.isfile(hf_config):
-            arch = cls.from_hf_config(_read_json(hf_config))
-        elif os.path.isfile(meta_params):
-            arch = cls.from_meta_params(_read_json(meta_params))
-        else:
-            raise ValueError(f"model directory {path!r} has neither config.json nor params.json")
-        generation_config = os.path.join(path, "generation_config.json")
-        if os.path.isfile(generation_config):
-            eos = _read_json(generation_config).get("eos_token_id")
-            if eos is not None:
-                arch.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
-        return arch
-
-    @classmethod
-    def from_hf_config(cls, c: dict[str, Any]) -> "LlamaArchitecture":
-        if c.get("model_type") not in ("llama", None):
-            raise ValueError(f"model_type {c.get('model_type')!r} is not supported (only 'llama')")
-        # transformers 5 folds rope_theta and rope_scaling into rope_parameters.
-        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        heads = c["num_attention_heads"]
-        eos = c.get("eos_token_id")
-        return cls(
-            hidden_size=c["hidden_size"],
-            num_layers=c["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=c.get("num_key_value_heads") or heads,
-            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
-            intermediate_size=c["intermediate_size"],
-            vocab_size=c["vocab_size"],
-            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
-            rope_scaling=rope if rope_type not in ("default", None) else None,
-            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-            max_position_embeddings=c.get("max_position_embeddings", 2048),
-            torch_dtype=c.get("torch_dtype") or c.get("dtype"),
-            eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
-        )
-
-    @classmethod
-    def from_meta_params(cls, p: dict[str, Any]) -> "LlamaArchitecture":
-        dim = p["dim"]
-        # Meta's FeedForward sizing (llama/model.py): 2/3 of 4*dim, scaled, rounded up.
-        hidden = int(2 * 4 * dim / 3)
-        if p.get("ffn_dim_multiplier") is not None:
-            hidden = int(p["ffn_dim_multiplier"] * hidden)
-        multiple_of = p.get("multiple_of", 256)
-        hidden = multiple_of * math.ceil(hidden / multiple_of)
-        scaling = None
-        if p.get("use_scaled_rope"):
-            # The constants Meta's reference code applies when use_scaled_rope is set.
-            scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-        return cls(
-            hidden_size=dim,
-            num_layers=p["n_layers"],
-            num_heads=p["n_heads"],
-            num_kv_heads=p.get("n_kv_heads") or p["n_heads"],
-            head_dim=dim // p["n_heads"],
-            intermediate_size=hidden,
-            vocab_size=p["vocab_size"],
-            rms_norm_eps=p.get("norm_eps", 1e-5),
-            rope_theta=float(p.get("rope_theta", 10000.0)),
-            rope_scaling=scaling,
-            tie_word_embeddings=False,
-            max_position_embeddings=p.get("max_seq_len", 131072 if scaling else 8192),
-            torch_dtype="bfloat16",
-            eos_token_ids=[],
-        )
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)

@@ -88,8 +88,7 @@ def build_tiny_llama(path: str, *, hidden_size: int = 64, num_layers: int = 2, n
     Weights come from a seeded generator, so the same arguments give the same model whatever the
     transformers version. vocab_size must be at least the tokenizer's size (384).
     """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     if rope_scaling is None:
         rope_scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -101,14 +100,30 @@ def build_tiny_llama(path: str, *, hidden_size: int = 64, num_layers: int = 2, n
         rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=rope_scaling,
         tie_word_embeddings=tie_word_embeddings, bos_token_id=0, eos_token_id=1,
     )
-    model = LlamaForCausalLM(config)
+    save_random_checkpoint(path, config, seed=seed, std=std, dtype=dtype, tokenizer=tokenizer)
+
+
+def save_random_checkpoint(path: str, config, *, seed: int = 0, std: float = 0.05,
+                           dtype: str = "float32", tokenizer: bool = True) -> None:
+    """Write a random model of any transformers config class (safetensors + config.json) and,
+    optionally, the demo tokenizer (the config's vocab_size must be at least its 384 tokens).
+
+    Weights come from a seeded generator, so the same arguments give the same model whatever the
+    transformers version: N(0, std) everywhere, except norm weights, which get 0.1 * N(0, 1)
+    added to their initial value (1 for x * w norms, 0 for Gemma's x * (1 + w)).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
+            noise = torch.randn(param.shape, generator=generator)
             if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+                param.add_(0.1 * noise)
             else:
-                param.copy_(std * torch.randn(param.shape, generator=generator))
+                param.copy_(std * noise)
     model.to(getattr(torch, dtype)).save_pretrained(path)
     if tokenizer:
         build_tokenizer(path)

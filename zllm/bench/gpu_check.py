@@ -4,10 +4,13 @@
 
 CI has no GPU, so this is a program to run on one, not a test. It checks, in bf16:
   1. kernels: flashinfer attention == the torch paged backend on a batch that mixes a fresh
-     prompt, a prefill chunk over a cached prefix and decodes (and on a pure-decode batch);
-  2. model: last-token logits of a small random Llama agree between the two backends;
+     prompt, a prefill chunk over a cached prefix and decodes (and on a pure-decode batch), with
+     full attention, a sliding window, and soft-capped scores;
+  2. model: last-token logits of small random models (Llama; Mistral with a sliding window;
+     Gemma 2 with alternating windows, soft-capping, GeGLU) agree between the two backends and
+     between flashinfer's fused norm/RoPE/activation kernels and PyTorch's;
   3. engine: `LLM(...)` with attention_backend flashinfer and torch (and flashinfer with CUDA
-     graphs vs enforce_eager) produce the same greedy tokens for 64 steps.
+     graphs vs enforce_eager) produce the same greedy tokens for 64 steps, for each model.
 Exits non-zero if a check fails.
 """
 
@@ -22,7 +25,7 @@ import time
 
 import torch
 
-from zllm.worker.attention.base import AttentionBatch
+from zllm.worker.attention.base import AttentionBatch, AttentionSpec
 from zllm.worker.attention.flashinfer_backend import FlashInferBackend
 from zllm.worker.attention.torch_backend import TorchPagedBackend
 
@@ -53,10 +56,21 @@ def make_batch(cached: list[int], new: list[int], block_size: int, num_blocks: i
 
 def check_kernels(device: torch.device) -> dict:
     torch.manual_seed(0)
-    H, KVH, D, bs, N = 32, 8, 128, 16, 512
-    dims = dict(num_heads=H, num_kv_heads=KVH, head_dim=D, block_size=bs)
-    fi = FlashInferBackend(device=device, dtype=torch.bfloat16, max_num_tokens=1024, **dims)
-    ref = TorchPagedBackend(device=device, **dims)
+    H, KVH, D, bs = 32, 8, 128, 16
+    results = {}
+    for variant, cap, window in (("", None, None), ("_window100", None, 100), ("_softcap", 30.0, None)):
+        spec = AttentionSpec(H, KVH, D, scale=D ** -0.5, logits_soft_cap=cap,
+                             sliding_windows=(None, window) if window else (None,))
+        fi = FlashInferBackend(device, torch.bfloat16, spec, bs, max_num_tokens=1024)
+        ref = TorchPagedBackend(device, spec, bs)
+        results.update({name + variant: r for name, r in _compare_backends(fi, ref, window).items()})
+    return results
+
+
+def _compare_backends(fi: FlashInferBackend, ref: TorchPagedBackend, window: int | None) -> dict:
+    """Attention output and K/V store of the two backends on the same step (layer `window`)."""
+    H, KVH, D, bs, N = fi.num_heads, fi.num_kv_heads, fi.head_dim, fi.block_size, 512
+    device = fi.device
     results = {}
     for name, cached, new in [("mixed", [0, 100, 37, 513, 0], [200, 57, 1, 1, 3]),
                               ("decode", [5, 16, 17, 300, 1023], [1, 1, 1, 1, 1])]:
@@ -69,9 +83,9 @@ def check_kernels(device: torch.device) -> dict:
         k = torch.randn(T, KVH, D, device=device, dtype=torch.bfloat16)
         v = torch.randn(T, KVH, D, device=device, dtype=torch.bfloat16)
         fi.plan(batch)
-        out = fi.forward(q, k, v, cache)
+        out = fi.forward(q, k, v, cache, window)
         ref.plan(batch)
-        expect = ref.forward(q.float(), k.float(), v.float(), cache_ref.float())
+        expect = ref.forward(q.float(), k.float(), v.float(), cache_ref.float(), window)
         results[name] = {"rel_err": rel_err(out, expect), "cache_equal": False}
         ref_cache = cache_ref.clone()
         slots = torch.from_numpy(batch.slot_mapping).to(device)
@@ -82,22 +96,35 @@ def check_kernels(device: torch.device) -> dict:
     return results
 
 
-def build_model(path: str) -> None:
-    from zllm.demo import build_tiny_llama
+def build_model(path: str, family: str = "llama") -> None:
+    """A small random model: head_dim 64, GQA 4:1, enough layers to compound errors; std chosen
+    so logits spread out. Mistral's window (48) and Gemma 2's (32) are shorter than most prompts."""
+    from transformers import Gemma2Config, MistralConfig
 
-    # head_dim 64, GQA 4:1, enough layers to compound errors; std chosen so logits spread out.
-    build_tiny_llama(path, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2,
-                     intermediate_size=1024, vocab_size=384, std=0.08, dtype="bfloat16")
+    from zllm.demo import build_tiny_llama, save_random_checkpoint
+
+    shape = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                 intermediate_size=1024, vocab_size=384, bos_token_id=0, eos_token_id=1)
+    if family == "llama":
+        build_tiny_llama(path, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2,
+                         intermediate_size=1024, vocab_size=384, std=0.08, dtype="bfloat16")
+    elif family == "mistral":
+        save_random_checkpoint(path, MistralConfig(**shape, sliding_window=48), std=0.08,
+                               dtype="bfloat16")
+    else:
+        save_random_checkpoint(path, Gemma2Config(**shape, head_dim=64, query_pre_attn_scalar=64,
+                                                  sliding_window=32), std=0.08, dtype="bfloat16")
 
 
 def check_model_logits(path: str) -> dict:
     """Prefill logits of the same weights: the bf16 fast path (flashinfer attention, fused
-    norm/RoPE/SiLU kernels), each change alone, and the bf16 reference (torch attention, PyTorch
-    ops), all against a float32 run of the reference. This small model is deliberately
-    sensitive (large weights), so bf16 rounding alone moves its logits by about 1%; the test is
+    norm/RoPE/activation kernels), each change alone, and the bf16 reference (torch attention,
+    PyTorch ops), all against a float32 run of the reference. These small models are deliberately
+    sensitive (large weights), so bf16 rounding alone moves their logits by about 1%; the test is
     that the fast path is as close to float32 as the bf16 reference is."""
     from zllm.llm import LLM
     from zllm.worker.attention.base import make_attention_backend
+    from zllm.worker.models.registry import build_model as build_shard
 
     torch.manual_seed(1)
     lens = [7, 130, 64, 1]
@@ -114,18 +141,22 @@ def check_model_logits(path: str) -> dict:
         batch = make_batch([0] * len(lens), lens, runner.block_size, 256)
         pos = torch.cat([torch.arange(n) for n in lens]).to(device)
         last = torch.from_numpy(batch.query_start_loc[1:] - 1).to(device)
+        # The same weights in a second build with the other kernels (they are picked at build).
+        models = {False: runner.model, True: runner.model}
+        if dtype != torch.float32:
+            models[True] = build_shard(runner.arch, dtype, device, fused=True)
+            models[True].load_state_dict(runner.model.state_dict())
         for name, backend, fused in runs:
-            d = runner.model.dims
-            attn = make_attention_backend(backend, device, dtype, sum(lens), num_heads=d.num_heads,
-                                          num_kv_heads=d.num_kv_heads, head_dim=d.head_dim,
-                                          block_size=runner.block_size)
-            runner.model.set_fused_kernels(fused)
+            model = models[fused]
+            attn = make_attention_backend(backend, device, dtype, sum(lens), model.attention_spec,
+                                          runner.block_size)
             with torch.inference_mode():
                 for c in runner.kv_caches:
                     c.zero_()
                 attn.plan(batch)
-                hidden = runner.model(ids.to(device), pos, runner.kv_caches, attn)
-                logits[name] = runner.model.compute_logits(hidden[last])
+                hidden = model(ids.to(device), pos, runner.kv_caches, attn)
+                logits[name] = model.compute_logits(hidden[last])
+        del models
         llm.shutdown()
     truth = logits.pop("reference_fp32")
     out = {name: {"rel_err_vs_fp32": rel_err(x, truth),
@@ -219,21 +250,25 @@ def check_engine(path: str, steps: int = 64) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--models", default="llama,mistral,gemma2",
+                        help="comma-separated small random models to check: llama, mistral, gemma2")
     args = parser.parse_args()
     device = torch.device("cuda")
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     t0 = time.perf_counter()
     results["kernels"] = check_kernels(device)
     print(f"[{time.perf_counter() - t0:.0f} s] kernels:", results["kernels"], flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model")
-        build_model(path)
-        results["model_logits"] = check_model_logits(path)
-        print(f"[{time.perf_counter() - t0:.0f} s] model logits:", results["model_logits"], flush=True)
-        results["engine"] = check_engine(path)
-        print(f"[{time.perf_counter() - t0:.0f} s] engine:", results["engine"], flush=True)
-    ok = all(r["ok"] for r in results["kernels"].values()) and results["model_logits"]["ok"] \
-        and results["engine"]["ok"]
+    for family in args.models.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model")
+            build_model(path, family)
+            res = results[family] = {"model_logits": check_model_logits(path)}
+            print(f"[{time.perf_counter() - t0:.0f} s] {family} model logits:", res["model_logits"],
+                  flush=True)
+            res["engine"] = check_engine(path)
+            print(f"[{time.perf_counter() - t0:.0f} s] {family} engine:", res["engine"], flush=True)
+    ok = all(r["ok"] for r in results["kernels"].values()) and all(
+        results[f]["model_logits"]["ok"] and results[f]["engine"]["ok"] for f in args.models.split(","))
     results["ok"] = ok
     print("gpu_check:", "PASS" if ok else "FAIL", flush=True)
     if args.out:

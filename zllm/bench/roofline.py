@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zllm.config import LlamaArchitecture
+from zllm.architecture import ModelArchitecture
 
 
 @dataclass
@@ -59,7 +59,7 @@ def measure_hardware(device: torch.device) -> Hardware:
 class ModelCost:
     """Per-step bytes and FLOPs of a Llama (one tensor-parallel group treated as one device)."""
 
-    def __init__(self, arch: LlamaArchitecture, dtype_bytes: int = 2) -> None:
+    def __init__(self, arch: ModelArchitecture, dtype_bytes: int = 2) -> None:
         h, d = arch.hidden_size, arch.head_dim
         q, kv = arch.num_heads * d, arch.num_kv_heads * d
         per_layer = h * (q + 2 * kv) + q * h + 3 * h * arch.intermediate_size

@@ -31,41 +31,57 @@ from typing import Any, Optional
 import torch
 
 from zllm.bench.roofline import Hardware, ModelCost, measure_hardware
-from zllm.config import LlamaArchitecture
+from zllm.architecture import ModelArchitecture
 
-# Real hyperparameters of the models whose shapes we benchmark (weights are random: dummy).
+# Real hyperparameters of the models whose shapes we benchmark (weights are random: dummy), as
+# in their config.json (meta-llama/Llama-3.2-1B, meta-llama/Llama-3.1-8B, Qwen/Qwen3-8B,
+# mistralai/Mistral-7B-v0.1, whose 4096-token sliding window is kept).
+_LLAMA3 = dict(model_type="llama", architectures=["LlamaForCausalLM"], max_position_embeddings=131072,
+               rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001)
 MODEL_SHAPES: dict[str, dict[str, Any]] = {
-    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+    "llama-3.2-1b": dict(_LLAMA3, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
                          tie_word_embeddings=True, head_dim=64,
                          rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0,
                                        "original_max_position_embeddings": 8192}),
-    "llama-3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+    "llama-3.1-8b": dict(_LLAMA3, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
                          tie_word_embeddings=False, head_dim=128,
                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0,
                                        "original_max_position_embeddings": 8192}),
+    "qwen3-8b": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=4096,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, intermediate_size=12288, vocab_size=151936,
+                     max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                     tie_word_embeddings=False, use_sliding_window=False, max_window_layers=36,
+                     bos_token_id=151643, eos_token_id=151645),
+    "mistral-7b": dict(model_type="mistral", architectures=["MistralForCausalLM"], hidden_size=4096,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       intermediate_size=14336, vocab_size=32000, max_position_embeddings=32768,
+                       rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096,
+                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
 }
 
 
 def model_dir_for(name: str) -> str:
-    """A directory for `name`: itself if it is one, else a config.json of a known shape plus the
-    demo tokenizer (random token id prompts need no real vocabulary); run with load_format dummy."""
+    """A directory for `name`: itself if it is one, else a config.json of a known shape (written
+    by its family's transformers config class) plus the demo tokenizer (random token id prompts
+    need no real vocabulary); run with load_format dummy."""
     if os.path.isdir(name):
         return name
     if name not in MODEL_SHAPES:
         raise ValueError(f"model {name!r} is neither a directory nor one of {sorted(MODEL_SHAPES)}")
-    from transformers import LlamaConfig
+    from transformers import AutoConfig
 
     from zllm.demo import build_tokenizer, cache_dir
 
     path = os.path.join(cache_dir(), "shapes", name)
     if not os.path.exists(os.path.join(path, "config.json")):
-        LlamaConfig(max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-                    bos_token_id=128000, eos_token_id=128001, torch_dtype="bfloat16",
-                    **MODEL_SHAPES[name]).save_pretrained(path)
+        shape = dict(MODEL_SHAPES[name])
+        AutoConfig.for_model(shape.pop("model_type"), torch_dtype="bfloat16",
+                             **shape).save_pretrained(path)
         build_tokenizer(path)
     return path
 
@@ -235,7 +251,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def profile_decode(llm, arch: LlamaArchitecture, hw: Hardware, batch: int,
+def profile_decode(llm, arch: ModelArchitecture, hw: Hardware, batch: int,
                    steps: int = 32) -> dict[str, Any]:
     """Where a decode step's time goes, at a batch of `batch` requests 512 tokens in: wall time
     per step (unprofiled), GPU busy time per step and the top kernels (torch.profiler), and the
@@ -284,12 +300,11 @@ def profile_decode(llm, arch: LlamaArchitecture, hw: Hardware, batch: int,
 def run_hf_peer(model_dir: str, wl: Workload, dtype: torch.dtype) -> dict[str, Any]:
     """transformers continuous batching on the same shape, random weights, same workload."""
     import transformers
-    from transformers import AutoConfig, GenerationConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(config, torch_dtype=dtype,
-                                              attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.eval()
     gen = GenerationConfig(max_new_tokens=max(wl.output_lens), do_sample=False,
                            eos_token_id=-1, pad_token_id=0)
@@ -340,7 +355,7 @@ def print_details(report: dict[str, Any]) -> None:
                   if r.get("worker_host_s") else ""))
 
 
-def run_executor(model_dir: str, arch: LlamaArchitecture, hw: Hardware, config: dict[str, Any],
+def run_executor(model_dir: str, arch: ModelArchitecture, hw: Hardware, config: dict[str, Any],
                  workloads: list[str], num_requests: Optional[int],
                  profile_batches: tuple[int, ...] = ()) -> tuple[dict[str, Any], int]:
     """All workloads on one engine; (results by workload, KV blocks)."""
@@ -375,7 +390,7 @@ def run_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, 
     overrides = dict(overrides)
     args.model = overrides.pop("model", None) or "llama-3.2-1b"  # --model: a directory or a shape
     model_dir = model_dir_for(args.model)
-    arch = LlamaArchitecture.from_model_dir(model_dir)
+    arch = ModelArchitecture.from_model_dir(model_dir)
     hw = measure_hardware(torch.device("cuda"))
     config = {"dtype": "bfloat16", "load_format": "dummy" if args.model in MODEL_SHAPES else "auto",
               "async_scheduling": True}

@@ -22,7 +22,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from zllm.config import EngineConfig, LlamaArchitecture
+from zllm.architecture import ModelArchitecture
+from zllm.config import EngineConfig
 from zllm.engine.block_manager import BlockManager
 from zllm.engine.request import Request, RequestStatus
 from zllm.engine.scheduler import Scheduler, StepStats
@@ -40,7 +41,8 @@ class EngineCore:
         config = copy.deepcopy(config)
         config.model.model = resolve_model_dir(config.model.model)
         config.model.load_format = detect_load_format(config.model.model, config.model.load_format)
-        self.arch = LlamaArchitecture.from_model_dir(config.model.model)
+        self.arch = ModelArchitecture.from_model_dir(config.model.model)
+        self.arch.check_tensor_parallel(config.parallel.tensor_parallel_size)
         self.config = config
         requested = config.model.max_model_len
         if requested is not None and requested > self.arch.max_position_embeddings:

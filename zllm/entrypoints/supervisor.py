@@ -31,7 +31,7 @@ _POLL_S = 0.2
 def serve_multiprocess(config: EngineConfig) -> int:
     server = config.server
     started = time.perf_counter()
-    config = resolve_model(config)
+    config, _ = resolve_model(config)
     logger.info("starting the engine core for model %r and %d API servers", config.model.model,
                 server.api_server_count)
     core = start_engine_core(config)

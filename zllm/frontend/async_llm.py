@@ -19,7 +19,7 @@ import dataclasses
 import logging
 from typing import Any, AsyncIterator, Callable, Optional
 
-from zllm.config import EngineConfig, LlamaArchitecture
+from zllm.config import EngineConfig
 from zllm.errors import EngineDeadError
 from zllm.frontend.core_client import AsyncMPClient, CoreHandle, start_engine_core
 from zllm.frontend.llm_engine import resolve_model
@@ -74,9 +74,8 @@ class AsyncLLM:
     def __init__(self, config: EngineConfig, core: Optional[CoreHandle] = None) -> None:
         """Start an engine core for `config` or, given `core`, use that running one (several
         API server processes share one core; the one that started it stops it)."""
-        config = resolve_model(config)
+        config, self.arch = resolve_model(config)
         self.config = config
-        self.arch = LlamaArchitecture.from_model_dir(config.model.model)
         self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
         self.owns_core = core is None
         self.core = core or start_engine_core(config, in_thread=not config.parallel.engine_process)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import copy
 from typing import Any, Optional
 
-from zllm.config import EngineConfig, LlamaArchitecture
+from zllm.architecture import ModelArchitecture
+from zllm.config import EngineConfig
 from zllm.frontend.core_client import CoreHandle, InprocClient, MPClient, start_engine_core
 from zllm.frontend.output_processor import OutputProcessor
 from zllm.frontend.processor import Processor, Prompt
@@ -27,21 +28,23 @@ from zllm.sampling_params import SamplingParams
 from zllm.tokenizer import load_tokenizer
 
 
-def resolve_model(config: EngineConfig) -> EngineConfig:
-    """A copy of config whose model is a checked local directory with a known weight format."""
+def resolve_model(config: EngineConfig) -> tuple[EngineConfig, ModelArchitecture]:
+    """A copy of config whose model is a checked local directory with a known weight format, and
+    the model's architecture, checked against the tensor-parallel size before any worker starts."""
     config = copy.deepcopy(config)
     config.model.model = resolve_model_dir(config.model.model)
     config.model.load_format = detect_load_format(config.model.model, config.model.load_format)
-    return config
+    arch = ModelArchitecture.from_model_dir(config.model.model)
+    arch.check_tensor_parallel(config.parallel.tensor_parallel_size)
+    return config, arch
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, core: Optional[CoreHandle] = None) -> None:
         """Start an engine core for `config` (a process, or in this process with
         engine_process: false), or talk to the running one `core` describes."""
-        config = resolve_model(config)
+        config, self.arch = resolve_model(config)
         self.config = config
-        self.arch = LlamaArchitecture.from_model_dir(config.model.model)
         self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
         if core is not None:
             self.client = MPClient(core)

@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from zllm.config import LlamaArchitecture
+from zllm.architecture import ModelArchitecture
 from zllm.protocol import EngineCoreRequest
 from zllm.sampling_params import SamplingParams
 
@@ -26,7 +26,7 @@ def sample_request_ids(request_id: str, n: int) -> list[str]:
 
 
 class Processor:
-    def __init__(self, tokenizer, arch: LlamaArchitecture, max_model_len: int) -> None:
+    def __init__(self, tokenizer, arch: ModelArchitecture, max_model_len: int) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = arch.vocab_size
         self.max_model_len = max_model_len

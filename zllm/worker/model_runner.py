@@ -28,12 +28,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from zllm.config import EngineConfig, LlamaArchitecture
+from zllm.architecture import ModelArchitecture
+from zllm.config import EngineConfig
 from zllm.protocol import Logprobs, ModelRunnerOutput, SchedulerOutput
 from zllm.sampling_params import SamplingParams
 from zllm.worker.attention.base import AttentionBatch, make_attention_backend
 from zllm.worker.cuda_graphs import DecodeGraphs, graph_batch_sizes
-from zllm.worker.models.llama import build_model
+from zllm.worker.models.registry import build_model
 from zllm.worker.models.weights import load_weights
 from zllm.worker.sampler import SamplingMetadata, sample
 from zllm.worker.staging import PinnedStaging
@@ -96,7 +97,7 @@ class LaunchedStep:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, arch: LlamaArchitecture, rank: int, tp_size: int,
+    def __init__(self, config: EngineConfig, arch: ModelArchitecture, rank: int, tp_size: int,
                  device: torch.device, dtype: torch.dtype) -> None:
         self.config = config
         self.arch = arch
@@ -104,15 +105,13 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.block_size = config.cache.block_size
-        self.model = build_model(arch, tp_size, arch.max_position_embeddings, dtype, device)
-        dims = self.model.dims
+        self.model = build_model(arch, dtype, device)
         sched = config.scheduler
         max_num_tokens = max(sched.max_num_batched_tokens, graph_batch_sizes(sched.max_num_seqs)[-1])
         self.staging = PinnedStaging(device)
         self.attn = make_attention_backend(
-            config.device.attention_backend, device, dtype, max_num_tokens, self.staging,
-            num_heads=dims.num_heads, num_kv_heads=dims.num_kv_heads, head_dim=dims.head_dim,
-            block_size=self.block_size)
+            config.device.attention_backend, device, dtype, max_num_tokens,
+            self.model.attention_spec, self.block_size, self.staging)
         self.kv_caches: list[torch.Tensor] = []
         self.swap_caches: list[torch.Tensor] = []
         self.requests: dict[str, RequestState] = {}
@@ -127,12 +126,12 @@ class ModelRunner:
     # -- KV cache --------------------------------------------------------------------------------
 
     def kv_block_bytes(self) -> int:
-        d = self.model.dims
+        d = self.model.attention_spec
         return (2 * self.arch.num_layers * self.block_size * d.num_kv_heads * d.head_dim
                 * self.dtype.itemsize)
 
     def _allocate_kv(self, num_blocks: int, device: torch.device, pin: bool = False) -> list[torch.Tensor]:
-        d = self.model.dims
+        d = self.model.attention_spec
         shape = (num_blocks, 2, self.block_size, d.num_kv_heads, d.head_dim)
         return [torch.zeros(shape, dtype=self.dtype, device=device, pin_memory=pin)
                 for _ in range(self.arch.num_layers)]

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 
-from zllm.config import EngineConfig, LlamaArchitecture
+from zllm.architecture import ModelArchitecture
+from zllm.config import EngineConfig
 from zllm.protocol import ModelRunnerOutput, SchedulerOutput
 from zllm.worker.model_runner import ModelRunner
 
@@ -35,7 +36,7 @@ class Worker:
         self.local_rank = local_rank
         self.tp_size = config.parallel.tensor_parallel_size
         self.distributed_init_method = distributed_init_method
-        self.arch = LlamaArchitecture.from_model_dir(config.model.model)
+        self.arch = ModelArchitecture.from_model_dir(config.model.model)
         self.device = self._pick_device()
         self.dtype = self._pick_dtype()
         self.model_runner: Optional[ModelRunner] = None

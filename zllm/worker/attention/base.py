@@ -4,12 +4,17 @@ A backend receives the step's layout (`AttentionBatch`) in `plan`, prepares what
 need, and in `forward` writes the new K/V into one layer's paged cache and attends over it. The
 KV cache of a layer is one tensor [num_blocks, 2, block_size, num_kv_heads, head_dim] (K at index
 0, V at 1): flashinfer's NHD paged layout, which the torch backend shares.
+
+Layers may differ in their sliding window (Gemma alternates sliding and full layers; Qwen makes
+the upper layers sliding): the backend is told the distinct windows when it is built, plans each
+once per step, and a layer names its window in `forward`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -44,36 +49,53 @@ class AttentionBatch:
         return out
 
 
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What one rank's attention layers compute; the model describes it, the backend is built
+    for it."""
+
+    num_heads: int  # on this rank
+    num_kv_heads: int
+    head_dim: int
+    scale: float  # softmax scale of the scores q.k
+    logits_soft_cap: Optional[float] = None  # scores become cap * tanh(score / cap) (Gemma 2)
+    # The distinct windows of the layers; a query at position p sees keys p - W + 1 .. p for a
+    # window W, every earlier key for None.
+    sliding_windows: tuple[Optional[int], ...] = (None,)
+
+
 class AttentionBackend(ABC):
     supports_cuda_graphs = False  # can plan a decode step into fixed buffers for graph replay
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> None:
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
+    def __init__(self, spec: AttentionSpec, block_size: int) -> None:
+        self.spec = spec
+        self.num_heads = spec.num_heads
+        self.num_kv_heads = spec.num_kv_heads
+        self.head_dim = spec.head_dim
         self.block_size = block_size
-        self.scale = head_dim ** -0.5
+        self.scale = spec.scale
 
     @abstractmethod
     def plan(self, batch: AttentionBatch) -> None:
         """Prepare the step; called once before the first layer."""
 
     @abstractmethod
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: torch.Tensor) -> torch.Tensor:
-        """q [T, H, D], k and v [T, KVH, D]; store k/v in kv_cache, return [T, H, D]."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                window: Optional[int] = None) -> torch.Tensor:
+        """q [T, H, D], k and v [T, KVH, D]; store k/v in kv_cache, return [T, H, D]. `window` is
+        the layer's sliding window, one of spec.sliding_windows."""
 
 
 def make_attention_backend(name: str, device: torch.device, dtype: torch.dtype,
-                           max_num_tokens: int, staging=None, **dims: int) -> AttentionBackend:
+                           max_num_tokens: int, spec: AttentionSpec, block_size: int,
+                           staging=None) -> AttentionBackend:
     """`staging` (a PinnedStaging) carries the backend's host-to-device copies, if it has any."""
     if name == "auto":
         name = "flashinfer" if device.type == "cuda" else "torch"
     if name == "flashinfer":
         from zllm.worker.attention.flashinfer_backend import FlashInferBackend
 
-        return FlashInferBackend(device=device, dtype=dtype, max_num_tokens=max_num_tokens,
-                                 staging=staging, **dims)
+        return FlashInferBackend(device, dtype, spec, block_size, max_num_tokens, staging)
     from zllm.worker.attention.torch_backend import TorchPagedBackend
 
-    return TorchPagedBackend(device=device, **dims)
+    return TorchPagedBackend(device, spec, block_size)

@@ -1,9 +1,11 @@
-"""Fill one rank's Llama shard from a checkpoint, reading only that rank's slice of each tensor.
+"""Fill one rank's model shard from a checkpoint, reading only that rank's slice of each tensor.
 
 Every parameter is described in Hugging Face terms: which checkpoint tensors, along which dim,
-which range. A reader turns that into I/O: safetensors slices (single or sharded files), or
-Meta's consolidated.NN.pth (memory-mapped; its own model-parallel split and rotary layout are
-undone here). `dummy` fills random weights of the right shapes.
+which range. Model modules are named as the checkpoint's, so a parameter is by default the whole
+tensor of its own name; a layer that shards or fuses says which pieces make its parameters
+(`shard_pieces`, zllm/worker/models/linear.py). A reader turns pieces into I/O: safetensors slices
+(single or sharded files), or Meta's consolidated.NN.pth (memory-mapped; its own model-parallel
+split and rotary layout are undone here). `dummy` fills random weights of the right shapes.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import torch
 from torch import nn
 
 from zllm.model_files import meta_files, safetensors_files
-from zllm.worker.models.llama import LlamaForCausalLM
 
 
 @dataclass
@@ -29,38 +30,18 @@ class Piece:
     end: int = 0
 
 
-def shard_plan(model: LlamaForCausalLM, rank: int) -> dict[str, list[Piece]]:
-    """For each parameter of this rank, the checkpoint pieces it is the concatenation of."""
-    arch, d = model.arch, model.dims
-    vocab = arch.vocab_size // d.tp_size
-    q0 = rank * d.q_size
-    kv0 = d.kv_head_start(rank, arch.num_kv_heads) * d.head_dim
-    i0 = rank * d.intermediate_size
-    plan = {
-        "embed_tokens.weight": [Piece("model.embed_tokens.weight", 0, rank * vocab, (rank + 1) * vocab)],
-        "norm.weight": [Piece("model.norm.weight")],
-    }
-    if not arch.tie_word_embeddings:
-        plan["lm_head.weight"] = [Piece("lm_head.weight", 0, rank * vocab, (rank + 1) * vocab)]
-    for i in range(arch.num_layers):
-        p = f"model.layers.{i}."
-        plan[f"layers.{i}.input_layernorm.weight"] = [Piece(p + "input_layernorm.weight")]
-        plan[f"layers.{i}.post_attention_layernorm.weight"] = [Piece(p + "post_attention_layernorm.weight")]
-        plan[f"layers.{i}.self_attn.qkv_proj.weight"] = [
-            Piece(p + "self_attn.q_proj.weight", 0, q0, q0 + d.q_size),
-            Piece(p + "self_attn.k_proj.weight", 0, kv0, kv0 + d.kv_size),
-            Piece(p + "self_attn.v_proj.weight", 0, kv0, kv0 + d.kv_size),
-        ]
-        plan[f"layers.{i}.self_attn.o_proj.weight"] = [Piece(p + "self_attn.o_proj.weight", 1, q0, q0 + d.q_size)]
-        plan[f"layers.{i}.mlp.gate_up_proj.weight"] = [
-            Piece(p + "mlp.gate_proj.weight", 0, i0, i0 + d.intermediate_size),
-            Piece(p + "mlp.up_proj.weight", 0, i0, i0 + d.intermediate_size),
-        ]
-        plan[f"layers.{i}.mlp.down_proj.weight"] = [Piece(p + "mlp.down_proj.weight", 1, i0, i0 + d.intermediate_size)]
+def shard_plan(model: nn.Module) -> dict[str, list[Piece]]:
+    """For each parameter of this rank, the checkpoint pieces it is the concatenation of (dim 0).
+    A parameter shared by two modules (tied embeddings) is loaded once, under its first name."""
+    plan = {}
+    for name, param in model.named_parameters():
+        owner, _, param_name = name.rpartition(".")
+        pieces = getattr(model.get_submodule(owner), "shard_pieces", None)
+        plan[name] = pieces(owner, param_name) if pieces else [Piece(name)]
     return plan
 
 
-def load_weights(model: LlamaForCausalLM, model_dir: str, load_format: str, rank: int,
+def load_weights(model: nn.Module, model_dir: str, load_format: str, rank: int,
                  seed: int) -> None:
     params = dict(model.named_parameters())
     if load_format == "dummy":
@@ -68,7 +49,7 @@ def load_weights(model: LlamaForCausalLM, model_dir: str, load_format: str, rank
         return
     reader = SafetensorsReader(model_dir) if load_format == "safetensors" else MetaReader(model_dir, model)
     with torch.no_grad():
-        for name, pieces in shard_plan(model, rank).items():
+        for name, pieces in shard_plan(model).items():
             tensor = torch.cat([reader.read(piece) for piece in pieces], dim=0)
             param = params[name]
             if tensor.shape != param.shape:
@@ -160,7 +141,7 @@ class MetaReader:
     (like Hugging Face's) uses.
     """
 
-    def __init__(self, model_dir: str, model: LlamaForCausalLM) -> None:
+    def __init__(self, model_dir: str, model: nn.Module) -> None:
         self.parts = [torch.load(p, map_location="cpu", mmap=True, weights_only=True)
                       for p in meta_files(model_dir)]
         self.head_dim = model.arch.head_dim
