@@ -17,7 +17,9 @@ def llm(gqa_model):
 @pytest.mark.parametrize("prompt, message", [
     ("", "prompt is empty"),
     ([], "prompt is empty"),
-    (list(range(70)), "prompt has 70 tokens; max_model_len is 64"),
+    (list(range(70)), "maximum context length is 64 tokens. However, you requested 86 tokens "
+                      "(70 in the messages, 16 in the completion)"),
+    (list(range(60)), "you requested 76 tokens (60 in the messages, 16 in the completion)"),
     ([5, 384, 7], "prompt token id 384 at position 1 is outside the vocabulary [0, 384)"),
     ([-1], "prompt token id -1 at position 0 is outside the vocabulary"),
 ])

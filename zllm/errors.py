@@ -7,3 +7,13 @@ class EngineDeadError(RuntimeError):
     Raised by the executor for the step that found the failure and, at once, for every later
     call: the engine's state and the workers' state no longer agree, so nothing can resume.
     """
+
+
+class RequestError(ValueError):
+    """A request that cannot be served as given: its own value is wrong (a prompt too long for
+    the context, a token id outside the vocabulary, an invalid schema). `param` names the
+    request's field, so the HTTP server's 400 points at it; `code` is OpenAI's error code."""
+
+    def __init__(self, message: str, param: str, code: str = "invalid_value") -> None:
+        super().__init__(message)
+        self.param, self.code = param, code

@@ -114,6 +114,8 @@ class EngineCore:
         if params.seed is None:
             # Every request gets a seed, so that all TP ranks draw the same tokens.
             params = dataclasses.replace(params, seed=self._seed_rng.getrandbits(63))
+        if params.max_tokens is None:  # the frontend resolves it; this keeps the core total
+            params = dataclasses.replace(params, max_tokens=self.max_model_len - len(prompt))
         stop_ids = list(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids += [t for t in request.eos_token_ids.tolist() if t not in stop_ids]

@@ -1,7 +1,7 @@
 """From what a user gives to what the engine core takes: tokenize, validate once, fan out `n`.
 
 Every check that can name the user's own value happens here, before anything is queued, with a
-ValueError that says the value and the limit. The engine core re-checks only the shape of what
+RequestError (a ValueError) that says the value, the limit and the request field. The engine core re-checks only the shape of what
 arrives on its socket.
 """
 
@@ -14,8 +14,10 @@ from typing import Optional, Union
 import numpy as np
 
 from zllm.architecture import ModelArchitecture
+from zllm.errors import RequestError
 from zllm.protocol import EngineCoreRequest
 from zllm.sampling_params import SamplingParams
+from zllm.structured_outputs import build_grammar
 
 Prompt = Union[str, list[int]]
 
@@ -43,34 +45,58 @@ class Processor:
                          f"{type(prompt).__name__}")
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError if the request cannot be served."""
+        """Raise RequestError (a ValueError naming the request field) if the request cannot be
+        served: a prompt that is empty, outside the vocabulary or too long for the context with
+        its max_tokens, stop token ids or logit_bias outside the vocabulary, an invalid
+        structured-output spec."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         if not prompt_ids:
-            raise ValueError("prompt is empty: give at least one token")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(prompt_ids)} tokens; max_model_len is "
-                             f"{self.max_model_len}, so a prompt may have at most "
-                             f"{self.max_model_len - 1} (one is kept for output)")
+            raise RequestError("prompt is empty: give at least one token", "prompt")
+        self.check_context(len(prompt_ids), params.max_tokens)
         vocab = self.vocab_size
         for pos, t in enumerate(prompt_ids):
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-                raise ValueError(f"prompt token id {t!r} at position {pos} is outside the "
-                                 f"vocabulary [0, {vocab})")
-        for t in params.stop_token_ids:
-            if not 0 <= t < vocab:
-                raise ValueError(f"stop token id {t} is outside the vocabulary [0, {vocab})")
+                raise RequestError(f"prompt token id {t!r} at position {pos} is outside the "
+                                   f"vocabulary [0, {vocab})", "prompt")
+        for name, what, ids in (("stop_token_ids", "stop token id", params.stop_token_ids),
+                                ("logit_bias", "logit_bias token id", params.logit_bias or ())):
+            for t in ids:
+                if not 0 <= t < vocab:
+                    raise RequestError(f"{what} {t} is outside the vocabulary [0, {vocab})", name)
+        if params.structured_outputs is not None:
+            try:
+                build_grammar(params.structured_outputs)
+            except ValueError as e:
+                raise RequestError(str(e), "structured_outputs") from None
+
+    def check_context(self, num_prompt_tokens: int, max_tokens: Optional[int]) -> None:
+        """The prompt and the tokens asked for must fit in max_model_len (vLLM's messages)."""
+        limit = self.max_model_len
+        if max_tokens is None and num_prompt_tokens >= limit:
+            raise RequestError(f"This model's maximum context length is {limit} tokens. However, "
+                               f"your request has {num_prompt_tokens} input tokens. Please reduce "
+                               f"the length of the input messages.", "prompt",
+                               "context_length_exceeded")
+        if max_tokens is not None and num_prompt_tokens + max_tokens > limit:
+            raise RequestError(f"This model's maximum context length is {limit} tokens. However, "
+                               f"you requested {num_prompt_tokens + max_tokens} tokens "
+                               f"({num_prompt_tokens} in the messages, {max_tokens} in the "
+                               f"completion). Please reduce the length of the messages or "
+                               f"completion.", "prompt", "context_length_exceeded")
 
     def make_requests(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                       priority: int = 0) -> list[EngineCoreRequest]:
         """One engine core request per sample; sample i of a seeded request uses seed + i.
-        Stop strings stay here (the frontend matches them), so no text travels to the core."""
+        Stop strings stay here (the frontend matches them), so no text travels to the core.
+        max_tokens None becomes the rest of the context."""
         ids = np.asarray(prompt_ids, dtype=np.int32)
+        max_tokens = params.max_tokens or self.max_model_len - len(prompt_ids)
         arrival = time.monotonic()
         requests = []
         for i, core_id in enumerate(sample_request_ids(request_id, params.n)):
             seed = None if params.seed is None else params.seed + i
-            child = dataclasses.replace(params, n=1, seed=seed, stop=[])
+            child = dataclasses.replace(params, n=1, seed=seed, stop=[], max_tokens=max_tokens)
             requests.append(EngineCoreRequest(core_id, ids, child, self.eos_token_ids, arrival,
                                               priority))
         return requests
