@@ -11,7 +11,7 @@ from zllm.frontend.processor import Prompt
 from zllm.outputs import RequestOutput
 from zllm.protocol import EngineStats
 from zllm.sampling_params import SamplingParams
-from zllm.tokenizer import apply_chat_template
+from zllm.frontend.chat_template import render_chat
 
 
 class LLM:
@@ -61,11 +61,19 @@ class LLM:
             self.engine.add_checked_request(req_id, text, prompt_ids, params, priority=prio)
         return self._run(ids, use_tqdm)
 
-    def chat(self, messages: Union[list[dict[str, str]], list[list[dict[str, str]]]],
-             sampling_params: Optional[SamplingParams] = None, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate the assistant's reply to one conversation or a list of them."""
+    def chat(self, messages: Union[list[dict[str, Any]], list[list[dict[str, Any]]]],
+             sampling_params: Optional[SamplingParams] = None, use_tqdm: bool = True, *,
+             tools: Optional[list[dict[str, Any]]] = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False) -> list[RequestOutput]:
+        """Generate the assistant's reply to one conversation or a list of them, rendered by the
+        model's chat template (with `tools`, if given). Special-token text typed inside a
+        message stays plain text. continue_final_message continues the last (assistant)
+        message instead of opening a new turn."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [apply_chat_template(self.tokenizer, conv) for conv in conversations]
+        prompts = [render_chat(self.tokenizer, conv, tools=tools,
+                               add_generation_prompt=add_generation_prompt and not continue_final_message,
+                               continue_final_message=continue_final_message)
+                   for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
