@@ -50,6 +50,9 @@ def _params_json(params: Optional[SamplingParams], chat: bool) -> dict[str, Any]
     body = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)
             if getattr(params, f.name) != getattr(_DEFAULTS, f.name)}
     body["max_tokens"] = params.max_tokens  # chat's default differs from SamplingParams'
+    if params.structured_outputs is not None:  # vLLM's field: the one constraint that is set
+        spec = params.structured_outputs
+        body["structured_outputs"] = {spec.kind: getattr(spec, spec.kind)}
     if chat and "logprobs" in body:
         body["top_logprobs"] = body.pop("logprobs")
         body["logprobs"] = True

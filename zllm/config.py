@@ -17,6 +17,7 @@ from typing import Any, Optional
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "meta", "dummy")
 PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
+TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json")
 
 
 @dataclass
@@ -102,6 +103,9 @@ class ServerConfig:
     # If the engine core dies: fail every request in flight, answer /health with 503, and exit
     # non-zero within a few seconds so that a supervisor restarts the server (false: stay up).
     exit_on_engine_death: bool = True
+    # How tool calls read in a model's output with tool_choice "auto": hermes (<tool_call> tags:
+    # Qwen2.5/3, Hermes, SmolLM2), llama3_json (Llama 3.x), or auto: from the chat template.
+    tool_call_parser: str = "auto"
 
 
 SECTIONS = {
@@ -207,6 +211,8 @@ class EngineConfig:
         check("log_stats_interval", srv.log_stats_interval, srv.log_stats_interval >= 0, ">= 0")
         check("api_server_count", srv.api_server_count, 1 <= srv.api_server_count <= 64, "in [1, 64]")
         check("shutdown_timeout_s", srv.shutdown_timeout_s, srv.shutdown_timeout_s > 0, "> 0")
+        check("tool_call_parser", srv.tool_call_parser, srv.tool_call_parser in TOOL_CALL_PARSERS,
+              f"one of {TOOL_CALL_PARSERS}")
         if srv.api_key is not None:
             check("api_key", "<hidden>", bool(srv.api_key), "a non-empty string")
 

@@ -31,7 +31,8 @@ def test_client_generate_stream_and_chat_agree_with_openai(server, openai_client
 def test_client_raises_server_errors_with_status_and_message(server):
     with pytest.raises(zllm.ServerError) as too_long:
         zllm.Client(server.url, api_key=API_KEY).generate([5] * MAX_MODEL_LEN)
-    assert too_long.value.status == 400 and f"max_model_len is {MAX_MODEL_LEN}" in too_long.value.message
+    assert too_long.value.status == 400 and f"maximum context length is {MAX_MODEL_LEN} tokens" in \
+        too_long.value.message
     with pytest.raises(zllm.ServerError) as unauthorized:
         zllm.Client(server.url, api_key="wrong", model=MODEL_NAME).generate("Hi")
     assert unauthorized.value.status == 401 and "API key" in unauthorized.value.message
@@ -71,5 +72,6 @@ def test_async_client_runs_concurrent_requests(server):
                                                            presence_penalty=0.0, stop=["x"],
                                                            stop_token_ids=[10**6]))
             assert bad.value.status == 400 and "stop token id" in bad.value.message
+            assert bad.value.param == "stop_token_ids"
 
     asyncio.run(run())

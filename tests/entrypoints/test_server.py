@@ -120,7 +120,7 @@ def test_bad_requests_get_openai_errors_while_a_request_is_in_flight(server, ope
         _error(post("/v1/completions", {**good, "max_tokens": "ten"}), 400, "max_tokens")
         _error(post("/v1/completions", {**good, "stream": "yes"}), 400, "stream")
         _error(post("/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user"}]}),
-               400, "messages[0]")
+               400, "messages[0].content")
         assert "top_p" in _error(post("/v1/completions", {**good, "top_p": 1.5}), 400, "top_p")["message"]
         _error(post("/v1/completions", {**good, "temperature": -1}), 400, "temperature")
         _error(post("/v1/completions", {**good, "n": 0}), 400, "n")

@@ -1,7 +1,8 @@
 """`zllm serve`: an OpenAI-compatible HTTP server on aiohttp in front of the engine core.
 
-Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream as server-sent events
-ending with `data: [DONE]`), GET /v1/models, GET /health, GET /metrics (Prometheus text).
+Endpoints (zllm/entrypoints/openai_endpoints.py): POST /v1/completions, POST /v1/chat/completions
+(both stream as server-sent events ending with `data: [DONE]`), GET /v1/models, POST /tokenize,
+POST /detokenize; here: GET /health, GET /metrics (Prometheus text), GET /version.
 Every endpoint but /health needs `Authorization: Bearer KEY` when an api_key is set. Errors are
 OpenAI's JSON body `{"error": {"message", "type", "param", "code"}}`.
 
@@ -18,31 +19,26 @@ output generator early and so aborts the request and frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
 import signal
 import time
-import uuid
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from aiohttp import web
 
 from zllm.config import EngineConfig, ServerConfig
-from zllm.entrypoints import openai_protocol as proto
-from zllm.entrypoints.openai_protocol import APIError, GenerateRequest
+from zllm.entrypoints import openai_endpoints as openai
+from zllm.entrypoints.openai_endpoints import LLM, MODEL_NAME, TOOL_PARSER
+from zllm.entrypoints.openai_protocol import APIError
 from zllm.errors import EngineDeadError
 from zllm.frontend.async_llm import AsyncLLM
 from zllm.metrics import render_prometheus
-from zllm.outputs import RequestOutput
-from zllm.tokenizer import apply_chat_template
 
 logger = logging.getLogger(__name__)
 
-LLM = web.AppKey("llm", AsyncLLM)
 SERVER_CONFIG = web.AppKey("server_config", ServerConfig)
-MODEL_NAME = web.AppKey("model_name", str)
 
 _STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                  405: "invalid_request_error", 413: "invalid_request_error",
@@ -99,14 +95,12 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def check_model(request: web.Request, model: str) -> None:
-    name = request.app[MODEL_NAME]
-    if model != name:
-        raise APIError(404, f"model {model!r} does not exist; this server serves {name!r}",
-                       type="not_found_error", param="model", code="model_not_found")
+def with_json(handler: Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]):
+    """An endpoint that takes the request's JSON body (checked to be an object)."""
+    async def endpoint(request: web.Request) -> web.StreamResponse:
+        return await handler(request, await read_json(request))
+    return endpoint
 
-
-# -- endpoints -----------------------------------------------------------------------------------
 
 async def health(request: web.Request) -> web.Response:
     llm = request.app[LLM]
@@ -121,159 +115,25 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"X-Prometheus-Format": "0.0.4"})
 
 
-async def models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [{
-        "id": request.app[MODEL_NAME], "object": "model", "created": proto.now(),
-        "owned_by": "zllm", "max_model_len": request.app[LLM].max_model_len}]})
-
-
-async def completions(request: web.Request) -> web.StreamResponse:
-    parsed = proto.parse_completion(await read_json(request))
-    check_model(request, parsed.model)
-    return await generate(request, parsed, f"cmpl-{uuid.uuid4().hex}", chat=False)
-
-
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    llm = request.app[LLM]
-    parsed = proto.parse_chat(await read_json(request), llm.max_model_len)
-    check_model(request, parsed.model)
-    try:
-        parsed.prompt = apply_chat_template(llm.tokenizer, parsed.messages)
-    except ValueError as e:
-        raise APIError(400, str(e), param="messages") from None
-    return await generate(request, parsed, f"chatcmpl-{uuid.uuid4().hex}", chat=True)
-
-
-class _Choices:
-    """Turns a request's outputs into OpenAI choices: whole (non-streaming) or as chunk deltas."""
-
-    def __init__(self, llm: AsyncLLM, parsed: GenerateRequest, chat: bool) -> None:
-        self.tokenizer, self.parsed, self.chat = llm.tokenizer, parsed, chat
-        n = parsed.params.n
-        self.text_offset, self.num_tokens = [0] * n, [0] * n
-        self.started, self.done = [False] * n, [False] * n
-        # Tokens (and their logprobs) not yet sent in a chunk: they made no text so far.
-        self.unsent_ids: list[list[int]] = [[] for _ in range(n)]
-        self.unsent_logprobs: list[list] = [[] for _ in range(n)]
-
-    def logprobs(self, token_ids, logprobs, text_offset: int) -> Optional[dict[str, Any]]:
-        if logprobs is None:
-            return None
-        if self.chat:
-            return proto.chat_logprobs(self.tokenizer, token_ids, logprobs, self.parsed.params.logprobs)
-        return proto.completion_logprobs(self.tokenizer, token_ids, logprobs, text_offset)
-
-    def full(self, out: RequestOutput) -> list[dict[str, Any]]:
-        choices = []
-        for c in out.outputs:
-            choice: dict[str, Any] = {"index": c.index, "finish_reason": c.finish_reason,
-                                      "logprobs": self.logprobs(c.token_ids, c.logprobs, 0)}
-            if self.chat:
-                choice["message"] = {"role": "assistant", "content": c.text}
-            else:
-                choice["text"] = c.text
-            choices.append(choice)
-        return choices
-
-    def deltas(self, out: RequestOutput) -> list[dict[str, Any]]:
-        """Chunk choices for a delta output: one per sample with news (text, or its end)."""
-        choices = []
-        for c in out.outputs:
-            i = c.index
-            if self.done[i]:
-                continue
-            self.num_tokens[i] += len(c.token_ids)
-            self.unsent_ids[i] += c.token_ids
-            self.unsent_logprobs[i] += c.logprobs or []
-            if not c.text and not c.finished and self.started[i]:
-                continue  # no text yet (half a character, or text held back at a stop string)
-            logprobs = self.logprobs(self.unsent_ids[i], self.unsent_logprobs[i],
-                                     self.text_offset[i]) if c.logprobs is not None else None
-            choice: dict[str, Any] = {"index": i, "finish_reason": c.finish_reason,
-                                      "logprobs": logprobs}
-            if self.chat:
-                choice["delta"] = {"content": c.text} if self.started[i] else {
-                    "role": "assistant", "content": c.text}
-            else:
-                choice["text"] = c.text
-            choices.append(choice)
-            self.started[i], self.done[i] = True, c.finished
-            self.text_offset[i] += len(c.text)
-            self.unsent_ids[i], self.unsent_logprobs[i] = [], []
-        return choices
-
-
-async def generate(request: web.Request, parsed: GenerateRequest, request_id: str,
-                   chat: bool) -> web.StreamResponse:
-    llm = request.app[LLM]
-    head = {"id": request_id, "object": "chat.completion" if chat else "text_completion",
-            "created": proto.now(), "model": request.app[MODEL_NAME]}
-    choices = _Choices(llm, parsed, chat)
-    if not llm.is_running:
-        raise EngineDeadError(llm.error)  # 503: the server is going down
-    outputs = llm.generate(request_id, parsed.prompt, parsed.params, stream=parsed.stream)
-    async with contextlib.aclosing(outputs):
-        try:
-            first = await anext(outputs)
-        except ValueError as e:  # a prompt the engine cannot take: too long, bad token ids
-            raise APIError(400, str(e), param="messages" if chat else "prompt",
-                           code="invalid_prompt") from None
-        except EngineDeadError as e:  # the engine core died while this request was in it
-            raise APIError(500, str(e), type="internal_server_error") from None
-        if not parsed.stream:
-            completion_tokens = sum(len(c.token_ids) for c in first.outputs)
-            return web.json_response({**head, "choices": choices.full(first),
-                                      "usage": proto.usage(len(first.prompt_token_ids),
-                                                           completion_tokens)})
-        return await _stream(request, head, choices, first, outputs, parsed.include_usage, chat)
-
-
-async def _stream(request: web.Request, head: dict[str, Any], choices: _Choices,
-                  first: RequestOutput, outputs, include_usage: bool, chat: bool) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
-    await response.prepare(request)
-    if chat:
-        head["object"] = "chat.completion.chunk"
-
-    async def send(payload: Any) -> None:
-        data = payload if isinstance(payload, str) else json.dumps(payload)
-        await response.write(f"data: {data}\n\n".encode())
-
-    out = first
-    try:
-        while True:
-            delta = choices.deltas(out)
-            if delta:
-                await send({**head, "choices": delta})
-            if out.finished:
-                break
-            out = await anext(outputs)
-        if include_usage:
-            await send({**head, "choices": [],
-                        "usage": proto.usage(len(out.prompt_token_ids), sum(choices.num_tokens))})
-    except EngineDeadError as e:
-        await send(APIError(500, str(e), type="internal_server_error").body())
-    await send("[DONE]")
-    await response.write_eof()
-    return response
-
-
 # -- the application -----------------------------------------------------------------------------
 
 def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str,
               index: Optional[int] = None) -> web.Application:
     app = web.Application(middlewares=[errors_and_auth], client_max_size=config.max_request_bytes)
     app[LLM], app[SERVER_CONFIG], app[MODEL_NAME] = llm, config, model_name
+    app[TOOL_PARSER] = config.tool_call_parser
     if index is not None:  # say which of several API servers answered (debugging, tests)
         async def name_server(request: web.Request, response: web.StreamResponse) -> None:
             response.headers["X-Zllm-Api-Server"] = str(index)
         app.on_response_prepare.append(name_server)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
-    app.router.add_get("/v1/models", models)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/version", openai.version)
+    app.router.add_get("/v1/models", openai.models)
+    app.router.add_post("/v1/completions", with_json(openai.completions))
+    app.router.add_post("/v1/chat/completions", with_json(openai.chat_completions))
+    app.router.add_post("/tokenize", with_json(openai.tokenize))
+    app.router.add_post("/detokenize", with_json(openai.detokenize))
     return app
 
 

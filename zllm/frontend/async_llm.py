@@ -102,13 +102,24 @@ class AsyncLLM:
             return await asyncio.to_thread(self.processor.tokenize, prompt)
         return self.processor.tokenize(prompt)
 
-    async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams,
-                       stream: bool = False, priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """Add a request and yield its outputs; raises ValueError (bad request) or EngineDeadError."""
-        if self.error is not None:
-            raise EngineDeadError(self.error)
+    async def check_request(self, prompt: Prompt, params: SamplingParams) -> tuple[Optional[str], list[int]]:
+        """Tokenize and validate; (text or None, token ids), or RequestError (a ValueError)."""
         text, prompt_ids = await self.tokenize(prompt)
         self.processor.check(prompt_ids, params)
+        return text, prompt_ids
+
+    async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams,
+                       stream: bool = False, priority: int = 0,
+                       prompt_ids: Optional[list[int]] = None) -> AsyncIterator[RequestOutput]:
+        """Add a request and yield its outputs; raises ValueError (bad request) or EngineDeadError.
+        Given `prompt_ids`, the request has passed `check_request` (`prompt` is its text or
+        None) and is queued as it is."""
+        if self.error is not None:
+            raise EngineDeadError(self.error)
+        if prompt_ids is None:
+            text, prompt_ids = await self.check_request(prompt, params)
+        else:
+            text = prompt if isinstance(prompt, str) else None
         if request_id in self.collectors:
             raise ValueError(f"request id {request_id!r} is already in use")
         requests = self.processor.make_requests(request_id, prompt_ids, params, priority)
