@@ -61,6 +61,9 @@ class SchedulerConfig:
     # driver's scheduling and output processing overlap the GPU. A request that finishes at
     # step N has computed one extra token in N+1, which is discarded.
     async_scheduling: bool = False
+    # Keep a per-step log (submit and completion times, each request's context and new tokens)
+    # for `zllm bench`; read and cleared by the engine core call "step_log".
+    record_steps: bool = False
 
 
 @dataclass
@@ -77,6 +80,7 @@ class ParallelConfig:
     # frontend's tokenization, HTTP and detokenization never compete with the step loop. false:
     # in the frontend's process (LLM: a plain object; zllm serve: a thread), for debugging.
     engine_process: bool = True
+    worker_cls: str = "zllm.worker.worker.Worker"  # the class each rank runs (a stub in benchmarks)
 
 
 @dataclass

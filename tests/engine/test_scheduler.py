@@ -17,8 +17,7 @@ def _decode(reqs, sched_out):
     """Pretend a step ran: requests that reached their end get their pending token."""
     for req in reqs:
         if req.req_id in sched_out.scheduled_req_ids and req.num_pending_tokens:
-            req.num_pending_tokens -= 1
-            req.output_token_ids.append(7)
+            req.append_output_token(7, max_model_len=10**6)
 
 
 def test_block_manager_allocates_frees_and_keeps_a_watermark():

@@ -109,8 +109,7 @@ def test_priority_policy_orders_admission_and_preemption():
     out = sched.schedule()
     assert out.scheduled_req_ids == ["r1", "r2"]  # by priority, then arrival
     for r in (high, mid):  # the step's sampled tokens arrive
-        r.num_pending_tokens -= 1
-        r.output_token_ids.append(9)
+        r.append_output_token(9, max_model_len=10**6)
     # Both need a third block; only one more is free: the lower priority (mid) is preempted.
     bm.allocate_slots(_req(9, 0, 0.0, 4), 4)  # take one block so that only one stays free
     out = sched.schedule()

@@ -59,14 +59,10 @@ def time_steps(executor, num_requests: int, warmup: int, steps: int) -> list[flo
 def make_executor(backend: str, tp: int):
     config = EngineConfig.from_dict({}, device="cpu", tensor_parallel_size=tp,
                                     distributed_executor_backend=backend, block_size=BLOCK_SIZE,
-                                    num_kv_blocks=1 << 20)
-    if backend == "uni":
-        from zllm.executor.uniproc import UniprocExecutor
+                                    num_kv_blocks=1 << 20, worker_cls=STUB)
+    from zllm.executor import make_executor as make
 
-        return UniprocExecutor(config, worker_cls=STUB)
-    from zllm.executor.ray_executor import RayExecutor
-
-    return RayExecutor(config, worker_cls=STUB)
+    return make(config)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

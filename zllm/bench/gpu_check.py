@@ -135,8 +135,8 @@ def check_model_logits(path: str) -> dict:
                 torch.float32: (("reference_fp32", "torch", False),)}
     for dtype, runs in variants.items():
         llm = LLM(model=path, dtype=str(dtype).split(".")[1], attention_backend="torch",
-                  num_kv_blocks=256, enforce_eager=True)
-        runner = llm.engine.executor.worker.model_runner
+                  num_kv_blocks=256, enforce_eager=True, engine_process=False)
+        runner = llm.engine.engine_core.executor.worker.model_runner
         device = runner.device
         batch = make_batch([0] * len(lens), lens, runner.block_size, 256)
         pos = torch.cat([torch.arange(n) for n in lens]).to(device)

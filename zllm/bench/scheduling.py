@@ -16,7 +16,7 @@ import time
 from typing import Any, Optional
 
 from zllm.config import EngineConfig
-from zllm.engine.llm_engine import LLMEngine
+from zllm.frontend.llm_engine import LLMEngine
 from zllm.bench.report import write_results
 from zllm.sampling_params import SamplingParams
 
@@ -62,7 +62,7 @@ def bench_prefix(args: argparse.Namespace) -> None:
             engine.add_request(f"r{i}", p, params)
         _drain(engine)
         elapsed = time.perf_counter() - t0
-        s = engine.stats
+        s = engine.stats()
         rows.append({"prefix_caching": caching, "prefill_tokens_computed": s.num_prefill_tokens,
                      "cache_hit_tokens": s.num_cache_hit_tokens, "seconds": elapsed,
                      "requests_per_s": args.num_requests / elapsed})
@@ -103,7 +103,7 @@ def bench_itl(args: argparse.Namespace) -> None:
             engine.step()
         engine.add_request("long", long_prompt, SamplingParams(max_tokens=1))
         worst, last, steps = 0.0, time.perf_counter(), 0
-        while any(r.req_id == "long" for r in engine.scheduler.running + engine.scheduler.waiting):
+        while "long" in engine.output_processor.requests:
             engine.step()
             now = time.perf_counter()
             worst, last, steps = max(worst, now - last), now, steps + 1

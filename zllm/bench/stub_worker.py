@@ -48,6 +48,9 @@ class StubWorker:
     def step_done(self) -> bool:
         return True
 
+    def take_host_times(self) -> list:
+        return []
+
     def get_pid(self) -> int:
         return os.getpid()
 

@@ -10,9 +10,12 @@ floor max(bytes / bandwidth, FLOPs / rate) (zllm/bench/roofline.py), and the rep
 measured / floor overall and split into prefill-carrying and pure-decode steps, plus how much of
 the wall time the engine (scheduler, output processing) spends outside the worker.
 `--peer hf` runs Hugging Face transformers' continuous batching (`generate_batch`) on the same
-model shape and workload and reports the ratio. `--executors uni,ray` runs every workload on the
-in-process executor and again on the Ray executor (one actor, driver on the other end of the
-ZeroMQ data plane). Async scheduling is on unless `--async-scheduling false`.
+model shape and workload and reports the ratio. `--executors uni,ray` runs every workload with
+the worker in the engine core's process and again on the Ray executor (one actor, the engine
+core on the other end of the ZeroMQ data plane). Async scheduling is on unless
+`--async-scheduling false`. Each row also reports the host time of a decode step with every
+request running, in the engine core and in the worker (medians; the core's step log and host
+timings are read over its control channel).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import gc
 import json
 import os
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -145,82 +149,48 @@ class StepLog:
         return out
 
 
-class StepRecorder:
-    """Wraps the executor's submit/collect to time each step and compute its floor.
+def step_log(entries: list[list], cost: ModelCost, hw: Hardware) -> StepLog:
+    """The engine core's step log (zllm.engine.core.StepLog) as times and floors. A step's time
+    runs from when the workers could start it (its submission, or the previous step's completion
+    if that came later, as with async scheduling) to its completion."""
+    log, last_done = StepLog(), 0.0
+    for submit, done, contexts, new, num_sampled in entries:
+        if not new:
+            continue
+        log.times.append(done - max(submit, last_done))
+        log.floors.append(cost.floor_s(hw, list(zip(contexts, new)), num_sampled))
+        log.decode_only.append(all(n == 1 for n in new))
+        log.num_tokens.append(sum(new))
+        last_done = done
+    return log
 
-    A step's time runs from when the workers could start it (its submission, or the previous
-    step's completion if that came later, as with async scheduling) to its result. With the
-    in-process executor it also times the worker's host-side stages (input preparation,
-    attention planning, sampling metadata), which the GPU waits for."""
 
-    HOST_STAGES = ("_prepare_inputs", "_sampling_metadata")
-
-    def __init__(self, engine, cost: ModelCost, hw: Hardware) -> None:
-        self.executor = engine.executor
-        self.inner_submit, self.inner_collect = self.executor.submit, self.executor.collect
-        self.cost, self.hw = cost, hw
-        self.computed: dict[str, int] = {}
-        self.submitted: collections.deque = collections.deque()
-        self.last_done = 0.0
-        self.log = StepLog()
-        self.host_s: dict[str, float] = {}
-        self.executor.submit, self.executor.collect = self._submit, self._collect
-        runner = getattr(getattr(self.executor, "worker", None), "model_runner", None)
-        if runner is not None:
-            for obj, name in [(runner, n) for n in self.HOST_STAGES] + [(runner.attn, "plan")]:
-                setattr(obj, name, self._timed(name.strip("_"), getattr(obj, name)))
-
-    def _timed(self, label: str, fn):
-        def timed(*args):
-            t0 = time.perf_counter()
-            out = fn(*args)
-            self.host_s[label] = self.host_s.get(label, 0.0) + time.perf_counter() - t0
-            return out
-        return timed
-
-    def _submit(self, sched) -> None:
-        for req_id in sched.finished_req_ids + sched.preempted_req_ids:
-            self.computed.pop(req_id, None)
-        for new in sched.new_requests:
-            self.computed[new.req_id] = new.num_computed_tokens
-        scheduled = sched.num_scheduled_by_id().items()
-        contexts = [(self.computed[r], n) for r, n in scheduled]
-        for r, n in scheduled:
-            self.computed[r] += n
-        self.submitted.append((time.perf_counter(), contexts, sched.total_num_scheduled_tokens))
-        self.inner_submit(sched)
-
-    def _collect(self):
-        out = self.inner_collect()  # host token ids: the step is complete
-        done = time.perf_counter()
-        start, contexts, num_tokens = self.submitted.popleft()
-        dt, self.last_done = done - max(start, self.last_done), done
-        if contexts:
-            self.log.times.append(dt)
-            self.log.floors.append(self.cost.floor_s(self.hw, contexts, len(out.req_ids)))
-            self.log.decode_only.append(all(n == 1 for _, n in contexts))
-            self.log.num_tokens.append(num_tokens)
-        return out
-
-    def reset(self) -> None:
-        self.log = StepLog()
-        self.host_s = {}
+def steady_host_ms(times: list[list], num_running: int) -> Optional[float]:
+    """Median host time (ms) of decode-only steps at `num_running` requests (None if none)."""
+    picked = [t for t, n, decodes in times if decodes and n == num_running]
+    return 1e3 * statistics.median(picked) if picked else None
 
 
 # -- runs ------------------------------------------------------------------------------------------
 
-def run_zllm(llm, recorder: StepRecorder, wl: Workload) -> dict[str, Any]:
+def run_zllm(llm, cost: ModelCost, hw: Hardware, wl: Workload) -> dict[str, Any]:
+    return _measure(llm, cost, hw, wl)[0]
+
+
+def _measure(llm, cost: ModelCost, hw: Hardware, wl: Workload) -> tuple[dict[str, Any], StepLog]:
     from zllm.sampling_params import SamplingParams
 
     params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for o in wl.output_lens]
-    recorder.reset()
-    torch.cuda.synchronize()
+    llm.engine.call("step_log"), llm.engine.call("host_times")  # start both afresh
     t0 = time.perf_counter()
     outs = llm.generate(wl.prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
+    log = step_log(llm.engine.call("step_log"), cost, hw)
+    host = llm.engine.call("host_times")
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
-    steps = recorder.log.summary()
+    steps = log.summary()
     floor = steps["all"]["floor_s"]
+    busiest = max((n for _, n, d in host["engine_core"] if d), default=0)
     return {
         "elapsed_s": elapsed, "output_tokens": generated,
         "output_tok_per_s": generated / elapsed,
@@ -228,19 +198,21 @@ def run_zllm(llm, recorder: StepRecorder, wl: Workload) -> dict[str, Any]:
         "floor_s": floor, "measured_over_floor": elapsed / floor,
         "floor_output_tok_per_s": generated / floor,
         "engine_overhead_s": elapsed - steps["all"]["worker_s"],
-        "worker_host_s": dict(recorder.host_s),
+        # Host time per decode step with every request running (e.g. 256 in W1).
+        "decode_batch": busiest,
+        "engine_core_host_ms": steady_host_ms(host["engine_core"], busiest),
+        "worker_host_ms": steady_host_ms(host["worker"], busiest),
         "steps": steps,
-    }
+    }, log
 
 
-def run_latency_steps(llm, recorder: StepRecorder, wl: Workload) -> dict[str, Any]:
+def run_latency_steps(llm, cost: ModelCost, hw: Hardware, wl: Workload) -> dict[str, Any]:
     """TTFT = prefill step(s) up to the first token; TPOT = mean of the later decode steps."""
-    res = run_zllm(llm, recorder, wl)
-    log = recorder.log
+    res, log = _measure(llm, cost, hw, wl)
     first_decode = log.decode_only.index(True) if True in log.decode_only else len(log.times)
-    ttft = sum(log.times[:first_decode])
     decode = log.times[first_decode:]
-    res.update({"ttft_ms": 1e3 * ttft, "tpot_ms": 1e3 * sum(decode) / max(1, len(decode)),
+    res.update({"ttft_ms": 1e3 * sum(log.times[:first_decode]),
+                "tpot_ms": 1e3 * sum(decode) / max(1, len(decode)),
                 "ttft_floor_ms": 1e3 * sum(log.floors[:first_decode]),
                 "tpot_floor_ms": 1e3 * sum(log.floors[first_decode:]) / max(1, len(decode))})
     return res
@@ -267,7 +239,8 @@ def profile_decode(llm, arch: ModelArchitecture, hw: Hardware, batch: int,
         engine.add_request(f"profile-{i}", prompt, params)
     for _ in range(8):  # past the prefill
         engine.step()
-    while not all(r.num_computed_tokens >= len(r.prompt_token_ids) for r in engine.scheduler.running):
+    scheduler = engine.engine_core.scheduler  # (the engine core runs in this process)
+    while not all(r.num_computed_tokens >= r.num_prompt_tokens for r in scheduler.running):
         engine.step()
     for _ in range(4):
         engine.step()
@@ -285,7 +258,7 @@ def profile_decode(llm, arch: ModelArchitecture, hw: Hardware, batch: int,
                and str(getattr(e, "device_type", "")).endswith("CUDA")]
     gpu_us = sum(e.self_device_time_total for e in kernels) / steps
     top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]
-    context = engine.scheduler.running[0].num_computed_tokens
+    context = scheduler.running[0].num_computed_tokens
     floor = ModelCost(arch).floor_s(hw, [(context, 1)] * batch, batch)
     for i in range(batch):
         engine.abort_request(f"profile-{i}")
@@ -340,6 +313,8 @@ def result_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "decode_x_floor": fmt(s["decode"]["worker_over_floor"]),
             "ttft_ms": fmt(r.get("ttft_ms")), "tpot_ms": fmt(r.get("tpot_ms")),
             "tpot_floor_ms": fmt(r.get("tpot_floor_ms")),
+            "core_host_ms": fmt(r.get("engine_core_host_ms")),
+            "worker_host_ms": fmt(r.get("worker_host_ms")),
             "hf_tok_per_s": round(peer["output_tok_per_s"]) if peer else "-",
             "x_hf": round(r["output_tok_per_s"] / peer["output_tok_per_s"], 1) if peer else "-",
         })
@@ -350,9 +325,8 @@ def print_details(report: dict[str, Any]) -> None:
     print(f"\n{report['model']} on {report['device']}  ({report['hardware']})")
     for key, r in report["workloads"].items():
         print(f"{key}: engine outside the workers' steps {r['engine_overhead_s']:.2f} s of "
-              f"{r['elapsed_s']:.2f} s" + ("; worker host stages: " + ", ".join(
-                  f"{k} {v:.2f} s" for k, v in r["worker_host_s"].items())
-                  if r.get("worker_host_s") else ""))
+              f"{r['elapsed_s']:.2f} s; host per decode step at {r['decode_batch']} requests: "
+              f"engine core {r['engine_core_host_ms']} ms, worker {r['worker_host_ms']} ms")
 
 
 def run_executor(model_dir: str, arch: ModelArchitecture, hw: Hardware, config: dict[str, Any],
@@ -361,27 +335,36 @@ def run_executor(model_dir: str, arch: ModelArchitecture, hw: Hardware, config: 
     """All workloads on one engine; (results by workload, KV blocks)."""
     from zllm.llm import LLM
 
-    llm = LLM(model=model_dir, **config)
-    recorder = StepRecorder(llm.engine, ModelCost(arch), hw)
+    t0 = time.perf_counter()
+    llm = LLM(model=model_dir, **config, record_steps=True)
+    ready_s = time.perf_counter() - t0
+    cost = ModelCost(arch)
     # Warm-up (kernel JIT / autotuning happen here, not in the timings).
     warm = make_workload("W1", arch.vocab_size, 8)
-    run_zllm(llm, recorder, Workload("warmup", warm.prompts, [16] * 8))
-    results = {}
+    run_zllm(llm, cost, hw, Workload("warmup", warm.prompts, [16] * 8))
+    results: dict[str, Any] = {"ready_s": ready_s}
     for name in workloads:
         wl = make_workload(name, arch.vocab_size, num_requests)
         run = run_latency_steps if name == "latency" else run_zllm
-        results[name] = run(llm, recorder, wl)
+        results[name] = run(llm, cost, hw, wl)
         print(config.get("distributed_executor_backend"), name,
               json.dumps({k: v for k, v in results[name].items() if k != "steps"}), flush=True)
     for batch in profile_batches:
         results[f"profile-{batch}"] = profile_decode(llm, arch, hw, batch)
         print("profile", json.dumps(results[f"profile-{batch}"]), flush=True)
-    num_blocks = llm.engine.block_manager.num_blocks
+    num_blocks = llm.stats().num_blocks
     llm.shutdown()
-    del llm, recorder
+    del llm
     gc.collect()  # the model, its cache and graphs sit in reference cycles: free them now
     torch.cuda.empty_cache()
     return results, num_blocks
+
+
+# --executors: where the worker runs. uni: in the engine core's process; ray: a Ray actor;
+# inproc: the engine core and the worker in this process (the only one --profile can look into).
+EXECUTORS = {"uni": {"distributed_executor_backend": "uni"},
+             "ray": {"distributed_executor_backend": "ray"},
+             "inproc": {"distributed_executor_backend": "uni", "engine_process": False}}
 
 
 def run_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -402,10 +385,11 @@ def run_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, 
         "config": ", ".join(f"{k}={v}" for k, v in sorted(config.items())), "workloads": {},
     }
     for executor in args.executors.split(","):
-        profile = tuple(int(b) for b in args.profile.split(",")) if args.profile and executor == "uni" else ()
+        profile = tuple(int(b) for b in args.profile.split(",")) if args.profile and executor == "inproc" else ()
         results, report["num_kv_blocks"] = run_executor(
-            model_dir, arch, hw, dict(config, distributed_executor_backend=executor), workloads,
+            model_dir, arch, hw, dict(config, **EXECUTORS[executor]), workloads,
             args.num_requests, profile)
+        report.setdefault("ready_s", {})[executor] = results.pop("ready_s")
         for name, r in results.items():
             (report.setdefault("profile", {}) if name.startswith("profile") else report["workloads"])[
                 f"{executor}/{name}"] = r
@@ -456,11 +440,13 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-requests", type=int, default=None, help="override W1/W2's 256")
     parser.add_argument("--peer", choices=["none", "hf"], default="none")
     parser.add_argument("--profile", default="",
-                        help="comma-separated decode batch sizes to profile (uni executor)")
+                        help="comma-separated decode batch sizes to profile (inproc executor)")
     parser.add_argument("--peer-workloads", default="W1",
                         help="comma-separated workloads the peer runs (it is slow)")
-    parser.add_argument("--executors", default="uni",
-                        help="comma-separated: uni (in-process), ray; each runs every workload")
+    parser.add_argument("--executors", default="ray",
+                        help="comma-separated: uni (worker in the engine core's process), ray, "
+                             "inproc (engine core and worker in this process); each runs every "
+                             "workload")
     parser.add_argument("--out", help="write the report as JSON here")
     parser.add_argument("--markdown", default="docs/benchmarks.md",
                         help="append a section with the results to this file ('' to skip)")

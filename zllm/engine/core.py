@@ -13,6 +13,7 @@ schedules and prepares the next (see `in_flight`).
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import logging
@@ -72,7 +73,9 @@ class EngineCore:
         self.metrics = EngineMetrics()
         self.in_flight = 0  # steps submitted to the executor and not collected yet
         self.pipeline_depth = 2 if config.scheduler.async_scheduling else 1
-        self.host_time_s: list[float] = []  # per step: this process's time outside collect()
+        # Per step() call: (this process's time outside collect(), running requests, all decodes).
+        self.host_times: collections.deque[tuple[float, int, bool]] = collections.deque(maxlen=8192)
+        self.step_log: Optional[StepLog] = StepLog() if config.scheduler.record_steps else None
 
     def _resolve_max_model_len(self, kv_capacity: int) -> int:
         requested = self.config.model.max_model_len
@@ -147,9 +150,13 @@ class EngineCore:
         runner_output = self.executor.collect()
         t2 = time.perf_counter()
         self.in_flight -= 1
+        if self.step_log is not None:
+            self.step_log.done(t2, len(runner_output.req_ids))
         outputs = self._apply(runner_output)
         self._fill_pipeline()
-        self.host_time_s.append(time.perf_counter() - t2 + t1 - t0)
+        last = self.scheduler.last_stats
+        self.host_times.append((time.perf_counter() - t2 + t1 - t0, last.num_running,
+                                last.num_prefill_tokens == 0))
         if not self.scheduler.has_unfinished():
             # Steps still in flight carry only finished requests' extra tokens: let them land,
             # so that an idle core holds nothing in the workers.
@@ -170,6 +177,8 @@ class EngineCore:
                                        f"{len(s.waiting)} waiting, {len(s.swapped)} swapped")
                 return
             self._record(self.scheduler.last_stats)
+            if self.step_log is not None:
+                self.step_log.submitted(sched, self.requests)
             self.executor.submit(sched)
             self.in_flight += 1
 
@@ -222,11 +231,25 @@ class EngineCore:
             "ready": self.ready_info,
             "stats": lambda: dataclasses.asdict(self.engine_stats()),
             "metrics": self.metrics_snapshot,
-            "host_times": lambda: {"engine_core_s": self.host_time_s[-4096:]},
+            "host_times": self._host_times,
+            "step_log": lambda: self.step_log.take() if self.step_log is not None else [],
         }
         if method not in handlers:
             raise ValueError(f"unknown engine core call {method!r} (known: {sorted(handlers)})")
         return handlers[method](*args)
+
+    def charge_host_time(self, seconds: float) -> None:
+        """Add work done for the last step outside step() (sending its outputs) to its host time."""
+        if self.host_times:
+            host, num_running, decodes = self.host_times[-1]
+            self.host_times[-1] = (host + seconds, num_running, decodes)
+
+    def _host_times(self) -> dict[str, list]:
+        """Host time per step, (seconds, running requests, all decodes), of the engine core and of
+        the workers' launch (rank 0); cleared as read."""
+        core = list(self.host_times)
+        self.host_times.clear()
+        return {"engine_core": core, "worker": self.executor.collective_rpc("take_host_times")[0]}
 
     def engine_stats(self) -> EngineStats:
         s, bm = self.scheduler, self.block_manager
@@ -259,3 +282,30 @@ def _logprob_rows(out: ModelRunnerOutput, rows: list[tuple[int, int, int]]) -> L
                         np.asarray([lp.sampled[r] for _, r, _ in rows], np.float32),
                         np.asarray(counts, np.int32), np.asarray(top_ids, np.int32),
                         np.asarray(top_lps, np.float32))
+
+
+class StepLog:
+    """Per step, for benchmarks: when it was submitted and completed, and each scheduled
+    request's context (tokens already computed) and new tokens. A step's floor and its time on
+    the workers are computed from these."""
+
+    def __init__(self) -> None:
+        self.entries: list[list] = []  # [submit_s, done_s, contexts, new_tokens, num_sampled]
+        self.pending: collections.deque[list] = collections.deque()
+
+    def submitted(self, sched, requests: dict[str, Request]) -> None:
+        new = sched.num_scheduled_tokens.tolist()
+        contexts = [requests[r].num_computed_tokens - n for r, n in zip(sched.scheduled_req_ids, new)]
+        entry = [time.perf_counter(), None, contexts, new, 0]
+        self.entries.append(entry)
+        self.pending.append(entry)
+
+    def done(self, when: float, num_sampled: int) -> None:
+        entry = self.pending.popleft()
+        entry[1], entry[4] = when, num_sampled
+
+    def take(self) -> list[list]:
+        """The completed entries so far (removed from the log)."""
+        done = [e for e in self.entries if e[1] is not None]
+        self.entries = [e for e in self.entries if e[1] is None]
+        return done

@@ -98,7 +98,9 @@ class EngineCoreProc:
             if core.has_work():
                 outputs = core.step()
                 if outputs is not None:
+                    t0 = time.perf_counter()
                     self._route(outputs)
+                    core.charge_host_time(time.perf_counter() - t0)
 
     # -- input -------------------------------------------------------------------------------------------
 

@@ -26,26 +26,27 @@ _FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LE
 
 
 class Request:
-    """One sequence being generated. With n > 1 each sample is its own Request.
+    """One sequence being generated (the frontend fans a request's n samples out into n).
 
     `num_computed_tokens` counts tokens whose K/V sit in the cache. A request needs more compute
     while `num_computed_tokens < num_tokens + num_pending_tokens`; when a step brings it there,
     the worker samples its next token. `num_pending_tokens` counts tokens sampled by steps whose
-    results the engine has not processed yet (with async scheduling, up to two; the workers
+    results the engine has not applied yet (with async scheduling, up to two; the workers
     already hold them, so the next step can compute them).
     """
 
     def __init__(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 stop_token_ids: list[int], arrival: float, group_id: Optional[str] = None,
-                 priority: int = 0) -> None:
+                 stop_token_ids: list[int], arrival: float, priority: int = 0) -> None:
         self.req_id = req_id
-        self.group_id = group_id or req_id  # the user's request id; differs when n > 1
         self.prompt_token_ids = prompt_token_ids
         self.output_token_ids: list[int] = []
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_tokens = self.num_prompt_tokens  # prompt + output, kept as tokens arrive
         self.params = params
         self.stop_token_ids = stop_token_ids  # EOS (unless ignore_eos) and params.stop_token_ids
         self._stop_set = frozenset(stop_token_ids)
         self.arrival = arrival
+        self.waiting_since = arrival  # arrival, or the last preemption (starvation counts from it)
         self.priority = priority
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
@@ -58,10 +59,6 @@ class Request:
         self.last_token_time: Optional[float] = None  # when the engine got its latest token
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
     def num_tokens_to_compute(self) -> int:
         """Tokens the workers hold for this request that are not in the KV cache yet."""
         return self.num_tokens + self.num_pending_tokens - self.num_computed_tokens
@@ -70,7 +67,8 @@ class Request:
         """Take the token a step sampled; returns how the request ends, if it must stop now."""
         self.num_pending_tokens -= 1
         self.output_token_ids.append(token)
-        num_output = len(self.output_token_ids)
+        self.num_tokens += 1
+        num_output = self.num_tokens - self.num_prompt_tokens
         if num_output >= self.params.min_tokens and token in self._stop_set:
             self.stop_reason = token
             return RequestStatus.FINISHED_STOPPED

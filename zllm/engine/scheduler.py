@@ -5,34 +5,35 @@ num_computed_tokens` tokens left to compute (a whole prompt, a chunk of one, or 
 sampled last step). So chunked prefill is the natural case: a long prompt takes what budget is
 left, over as many steps as it needs.
 
-1. Running requests are served first, in order (arrival, or priority then arrival), so the
-   decodes of requests admitted earlier are never delayed by a newcomer's long prompt. When the
-   KV cache is full, the running request that comes last in that order is preempted. By
-   recompute (default): its blocks are freed (they stay in the prefix cache), its tokens are
-   kept, and it goes back to the waiting queue at the place its order gives it. By swap
-   (`preemption_mode: swap`, when CPU blocks are free): its blocks are copied to CPU memory and
-   it waits in the swapped queue, to be copied back later with its progress intact.
+1. Running requests are served first, in order, so the decodes of requests admitted earlier are
+   never delayed by a newcomer's long prompt. When the KV cache is full, the running request
+   that comes last in that order is preempted. By recompute (default): its blocks are freed
+   (they stay in the prefix cache), its tokens are kept, and it goes back to the waiting queue
+   at the place its order gives it. By swap (`preemption_mode: swap`, when CPU blocks are free):
+   its blocks are copied to CPU memory and it waits in the swapped queue, to be copied back
+   later with its progress intact.
 2. Swapped requests come back first, then waiting requests are admitted, in order, while
    budget, `max_num_seqs` and blocks allow, each starting from the longest prefix of its prompt
    found in the prefix cache. Nothing is admitted in a step that had to preempt.
 
-Policies: "fcfs" orders by arrival; "priority" by (priority, arrival), lower priority value
-first. A request waiting longer than `starvation_timeout_s` is served as if it had the best
-priority, so low priorities are delayed, never starved.
+The order is the queue policy's (zllm/engine/request_queue.py). A decode step costs a few
+attribute updates per running request; blocks are touched only when a request crosses a block
+boundary.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Iterable
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import numpy as np
 
 from zllm.config import SchedulerConfig
 from zllm.engine.block_manager import BlockManager
 from zllm.engine.request import Request, RequestStatus
-import numpy as np
-
+from zllm.engine.request_queue import RequestQueue
 from zllm.protocol import CachedRequestData, NewRequestData, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -50,15 +51,31 @@ class StepStats:
     num_waiting: int = 0
 
 
+@dataclass
+class _Step:
+    """The step being built."""
+
+    budget: int
+    cached_ids: list[str] = field(default_factory=list)  # running requests, in batch order
+    counts: list[int] = field(default_factory=list)  # their scheduled tokens
+    block_owners: list[int] = field(default_factory=list)  # new blocks: index in cached_ids
+    new_blocks: list[int] = field(default_factory=list)
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    new_counts: list[int] = field(default_factory=list)
+    swap_in: list[int] = field(default_factory=list)  # flat (CPU block, device block) pairs
+    filled: list[Request] = field(default_factory=list)  # requests that fill a block this step
+    stats: StepStats = field(default_factory=StepStats)
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
                  preemption_mode: str = "recompute") -> None:
         self.config = config
         self.block_manager = block_manager
         self.preemption_mode = preemption_mode
-        self.waiting: list[Request] = []  # kept in service order
-        self.running: list[Request] = []  # kept in service order
-        self.swapped: list[Request] = []  # kept in service order
+        self.waiting = RequestQueue(config, waiting=True)
+        self.running = RequestQueue(config, waiting=False)
+        self.swapped = RequestQueue(config, waiting=True)
         self._swap_out: list[int] = []  # flat (device block, CPU block) pairs
         self.num_swaps = 0
         # Requests the workers must forget at the next step.
@@ -67,21 +84,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.last_stats = StepStats()
 
-    def _order(self, req: Request, now: float) -> tuple:
-        if self.config.policy == "fcfs":
-            return (0, req.arrival)
-        starving = now - req.arrival > self.config.starvation_timeout_s
-        return (float("-inf") if starving else req.priority, req.arrival)
-
-    def _insert(self, queue: list[Request], req: Request, now: float) -> None:
-        key = self._order(req, now)
-        i = len(queue)
-        while i > 0 and self._order(queue[i - 1], now) > key:
-            i -= 1
-        queue.insert(i, req)
-
     def add_request(self, req: Request) -> None:
-        self._insert(self.waiting, req, time.monotonic())
+        self.waiting.add(req, time.monotonic())
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
@@ -94,114 +98,118 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         now = time.monotonic()
-        if self.config.policy == "priority":
-            for queue in (self.running, self.swapped, self.waiting):
-                queue.sort(key=lambda r: self._order(r, now))
-        budget = self.config.max_num_batched_tokens
-        num_scheduled: dict[str, int] = {}
-        new_requests: list[NewRequestData] = []
-        cached_ids: list[str] = []
-        block_owners: list[int] = []
-        new_blocks_flat: list[int] = []
-        stats = StepStats()
+        for queue in (self.running, self.swapped, self.waiting):
+            queue.reorder(now)
+        step = _Step(budget=self.config.max_num_batched_tokens)
+        self._schedule_running(step, now)
+        if not step.stats.num_preemptions:
+            self._schedule_swapped(step)
+            if not self.swapped:
+                self._schedule_waiting(step)
+        return self._output(step)
 
-        # 1. Running requests. Victims come from the back of the list, so they have not been
-        #    scheduled in this step (unless the victim is the request itself).
+    # -- the three phases ----------------------------------------------------------------------------
+
+    def _schedule_running(self, step: _Step, now: float) -> None:
+        """Every running request that has tokens to compute, in order, while budget lasts."""
+        bs = self.block_manager.block_size
+        tables = self.block_manager.block_tables
+        threshold = self.config.long_prefill_token_threshold
+        running = self.running.items
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            num_new = self._chunk(req.num_tokens_to_compute, budget)
+        while i < len(running) and step.budget > 0:
+            req = running[i]
+            num_new = req.num_tokens + req.num_pending_tokens - req.num_computed_tokens
+            if num_new > step.budget or (threshold and num_new > threshold):
+                num_new = self._chunk(num_new, step.budget)
             if num_new == 0:
                 i += 1
                 continue
-            while (new_blocks := self.block_manager.allocate_slots(req, num_new)) is None:
-                victim = self.running.pop()
-                self._preempt(victim, now)
-                stats.num_preemptions += 1
-                if victim is req:
-                    break
-            if new_blocks is None:
-                break  # req preempted itself: nothing after it is left in running either
-            if new_blocks:
-                block_owners += [len(cached_ids)] * len(new_blocks)
-                new_blocks_flat += new_blocks
-            cached_ids.append(req.req_id)
-            num_scheduled[req.req_id] = num_new
-            budget -= num_new
+            if req.num_computed_tokens + num_new > len(tables[req.req_id]) * bs:
+                new_blocks = self._allocate_or_preempt(req, num_new, step, now)
+                if new_blocks is None:
+                    break  # req preempted itself: nothing after it is left in running either
+                step.block_owners += [len(step.cached_ids)] * len(new_blocks)
+                step.new_blocks += new_blocks
+            step.cached_ids.append(req.req_id)
+            step.counts.append(num_new)
+            step.budget -= num_new
+            self._advance(req, num_new, step)
             i += 1
 
-        # 2. Swapped, then waiting requests, in order, unless this step had to preempt.
-        swap_in: list[int] = []  # flat (CPU block, device block) pairs
-        while self.swapped and budget > 0 and not stats.num_preemptions:
+    def _schedule_swapped(self, step: _Step) -> None:
+        """Swapped requests come back, in order, while budget, max_num_seqs and blocks allow."""
+        while self.swapped and step.budget > 0:
             req = self.swapped[0]
             if req.num_pending_tokens:
                 break  # swapped out while its last token was on its way: wait for it
-            num_new = self._chunk(req.num_tokens_to_compute, budget)
+            num_new = self._chunk(req.num_tokens - req.num_computed_tokens, step.budget)
             if (len(self.running) >= self.config.max_num_seqs
                     or not self.block_manager.can_swap_in(req, num_new)):
                 break
             self.swapped.pop(0)
-            swap_in += self.block_manager.swap_in(req)
-            self._start(req, num_new, new_requests, num_scheduled)
-            budget -= num_new
-        while self.waiting and budget > 0 and not stats.num_preemptions and not self.swapped:
-            if len(self.running) >= self.config.max_num_seqs:
-                break
+            step.swap_in += self.block_manager.swap_in(req)
+            self._start(req, num_new, step)
+
+    def _schedule_waiting(self, step: _Step) -> None:
+        """Waiting requests are admitted, in order, each from its longest cached prefix."""
+        bm = self.block_manager
+        while self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             if req.num_pending_tokens:
                 break  # preempted while its last token was on its way: wait for it
-            prefix = self.block_manager.find_cached_prefix(req)
-            remaining = req.num_tokens - len(prefix) * self.block_manager.block_size
-            num_new = self._chunk(remaining, budget)
+            prefix = bm.find_cached_prefix(req)
+            remaining = req.num_tokens - len(prefix) * bm.block_size
+            num_new = self._chunk(remaining, step.budget)
             if num_new < remaining and not self.config.enable_chunked_prefill:
                 break
-            if not self.block_manager.can_admit(req, prefix, num_new):
+            if not bm.can_admit(req, prefix, num_new):
                 break
             self.waiting.pop(0)
-            self.block_manager.admit(req, prefix)
-            stats.num_cache_hit_tokens += req.num_computed_tokens
+            bm.admit(req, prefix)
+            step.stats.num_cache_hit_tokens += req.num_computed_tokens
             if not req.num_preemptions:  # what usage reports as the prompt's cached tokens
                 req.num_cached_prompt_tokens = req.num_computed_tokens
-            self._start(req, num_new, new_requests, num_scheduled)
-            budget -= num_new
+            self._start(req, num_new, step)
 
-        # Progress is counted at scheduling time; a request whose computed tokens reach its
-        # length this step gets a sampled token back (pending until the engine processes it).
-        # Blocks it filled join the prefix cache.
-        for req in self.running:
-            num_new = num_scheduled.get(req.req_id, 0)
-            if num_new == 0:
-                continue
-            is_decode = num_new == 1 and req.num_computed_tokens >= len(req.prompt_token_ids)
-            if is_decode:
-                stats.num_decode_tokens += 1
-            else:
-                stats.num_prefill_tokens += num_new
-            req.num_computed_tokens += num_new
-            if req.num_tokens_to_compute == 0:
-                req.num_pending_tokens += 1
-            self.block_manager.cache_full_blocks(req)
-        stats.num_running, stats.num_waiting = len(self.running), len(self.waiting)
-        self.last_stats = stats
-        finished, self._finished_req_ids = self._finished_req_ids, []
-        preempted, self._preempted_req_ids = self._preempted_req_ids, []
-        swap_out, self._swap_out = self._swap_out, []
-        batch_order = cached_ids + [r.req_id for r in new_requests]
-        cached = CachedRequestData(cached_ids, np.asarray(block_owners, dtype=np.int32),
-                                   np.asarray(new_blocks_flat, dtype=np.int32))
-        return SchedulerOutput(new_requests, cached,
-                               np.fromiter((num_scheduled[r] for r in batch_order), np.int32,
-                                           len(batch_order)),
-                               self.config.max_num_batched_tokens - budget, finished, preempted,
-                               np.asarray(swap_out, dtype=np.int32), np.asarray(swap_in, dtype=np.int32))
+    # -- pieces --------------------------------------------------------------------------------------------
 
-    def _start(self, req: Request, num_new: int, new_requests: list[NewRequestData],
-               num_scheduled: dict[str, int]) -> None:
+    def _allocate_or_preempt(self, req: Request, num_new: int, step: _Step,
+                             now: float) -> Optional[list[int]]:
+        """New blocks for req, preempting from the back of the running queue until they fit;
+        None if req itself had to go. Victims come from the back, so none has been scheduled
+        in this step."""
+        while (new_blocks := self.block_manager.allocate_slots(req, num_new)) is None:
+            victim = self.running.pop()
+            self._preempt(victim, now)
+            step.stats.num_preemptions += 1
+            if victim is req:
+                return None
+        return new_blocks
+
+    def _advance(self, req: Request, num_new: int, step: _Step) -> None:
+        """Count num_new tokens as computed. A request whose computed tokens reach its length
+        gets a sampled token back (pending until the engine applies it); blocks it fills join
+        the prefix cache when the step is complete (so no request admitted in the same step
+        counts on them)."""
+        if num_new == 1 and req.num_computed_tokens >= req.num_prompt_tokens:
+            step.stats.num_decode_tokens += 1
+        else:
+            step.stats.num_prefill_tokens += num_new
+        req.num_computed_tokens += num_new
+        if req.num_computed_tokens == req.num_tokens + req.num_pending_tokens:
+            req.num_pending_tokens += 1
+        bm = self.block_manager
+        if bm.enable_prefix_caching and \
+                min(req.num_computed_tokens, req.num_tokens) // bm.block_size > req.num_cached_blocks:
+            step.filled.append(req)
+
+    def _start(self, req: Request, num_new: int, step: _Step) -> None:
         """Make req running with num_new tokens this step; the workers get it in full."""
         self.block_manager.allocate_slots(req, num_new)
         req.status = RequestStatus.RUNNING
         self.running.append(req)
-        new_requests.append(NewRequestData(
+        step.new_requests.append(NewRequestData(
             req_id=req.req_id,
             prompt_token_ids=np.asarray(req.prompt_token_ids, dtype=np.int32),
             output_token_ids=np.asarray(req.output_token_ids, dtype=np.int32),
@@ -210,22 +218,42 @@ class Scheduler:
             block_ids=np.asarray(self.block_manager.block_table(req.req_id), dtype=np.int32),
             num_computed_tokens=req.num_computed_tokens,
         ))
-        num_scheduled[req.req_id] = num_new
+        step.new_counts.append(num_new)
+        step.budget -= num_new
+        self._advance(req, num_new, step)
+
+    def _output(self, step: _Step) -> SchedulerOutput:
+        for req in step.filled:
+            self.block_manager.cache_full_blocks(req)
+        stats = step.stats
+        stats.num_running, stats.num_waiting = len(self.running), len(self.waiting)
+        self.last_stats = stats
+        finished, self._finished_req_ids = self._finished_req_ids, []
+        preempted, self._preempted_req_ids = self._preempted_req_ids, []
+        swap_out, self._swap_out = self._swap_out, []
+        cached = CachedRequestData(step.cached_ids, np.asarray(step.block_owners, dtype=np.int32),
+                                   np.asarray(step.new_blocks, dtype=np.int32))
+        return SchedulerOutput(step.new_requests, cached,
+                               np.asarray(step.counts + step.new_counts, dtype=np.int32),
+                               self.config.max_num_batched_tokens - step.budget, finished,
+                               preempted, np.asarray(swap_out, dtype=np.int32),
+                               np.asarray(step.swap_in, dtype=np.int32))
 
     def _preempt(self, req: Request, now: float) -> None:
         req.num_preemptions += 1
+        req.waiting_since = now
         self.num_preemptions += 1
         self._preempted_req_ids.append(req.req_id)  # swapped or not, workers rebuild it later
         if self.preemption_mode == "swap" and self.block_manager.can_swap_out(req):
             self._swap_out += self.block_manager.swap_out(req)
             req.status = RequestStatus.SWAPPED
             self.num_swaps += 1
-            self._insert(self.swapped, req, now)
+            self.swapped.add(req, now)
             return
         self.block_manager.free(req)
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
-        self._insert(self.waiting, req, now)
+        self.waiting.add(req, now)
         logger.debug("preempted %s (%d tokens); %d blocks free", req.req_id, req.num_tokens,
                      self.block_manager.num_free_blocks)
 

@@ -5,6 +5,7 @@ It knows nothing about scheduling; the engine knows nothing about where workers 
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -50,3 +51,9 @@ class Executor(ABC):
     @abstractmethod
     def shutdown(self) -> None:
         """Stop the workers and release what they hold. Safe to call twice."""
+
+
+def worker_class(config: EngineConfig) -> type:
+    """The class config.parallel.worker_cls names (a dotted path), imported."""
+    module, _, name = config.parallel.worker_cls.rpartition(".")
+    return getattr(importlib.import_module(module), name)

@@ -33,12 +33,9 @@ _ACTOR_NAME_PREFIX = "zllm-worker-"
 
 
 class RayExecutor(Executor):
-    """TP ranks as Ray actors; steps over ZeroMQ (see zllm/executor/data_plane.py).
+    """TP ranks as Ray actors; steps over ZeroMQ (see zllm/executor/data_plane.py)."""
 
-    `worker_cls` names the class each actor runs (a Worker unless a benchmark swaps in a stub).
-    """
-
-    def __init__(self, config: EngineConfig, worker_cls: str = "zllm.worker.worker.Worker") -> None:
+    def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
         self.tp_size = config.parallel.tensor_parallel_size
         self.actors: list[Any] = []
@@ -49,14 +46,14 @@ class RayExecutor(Executor):
         self._dead: Optional[str] = None
         self._closed = False
         try:
-            self._start(worker_cls)
+            self._start()
         except BaseException:
             self.shutdown()
             raise
 
     # -- start-up ----------------------------------------------------------------------------------
 
-    def _start(self, worker_cls: str) -> None:
+    def _start(self) -> None:
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -94,7 +91,7 @@ class RayExecutor(Executor):
                 runtime_env={"env_vars": env} if env else None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.placement_group, placement_group_bundle_index=rank),
-            ).remote(worker_config, rank, worker_cls))
+            ).remote(worker_config, rank))
 
         nodes = ray.get([a.node_info.remote() for a in self.actors])
         self.node_ids = [node_id for node_id, _ in nodes]

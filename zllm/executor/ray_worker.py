@@ -8,7 +8,6 @@ raises, which is how the driver notices a dead rank without a heartbeat. Shutdow
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import socket
@@ -16,6 +15,7 @@ import traceback
 from typing import Any
 
 from zllm.config import EngineConfig
+from zllm.executor.base import worker_class
 from zllm.executor.data_plane import WorkerEndpoint
 from zllm.codec import decode, encode
 from zllm.protocol import SchedulerOutput, WorkerError
@@ -28,12 +28,11 @@ _OVERLAP_POLL_MS = 0
 
 
 class RayWorker:
-    """One rank: builds the Worker (or a stand-in class named by `worker_cls`) inside the actor."""
+    """One rank: builds the worker (config.parallel.worker_cls) inside the actor."""
 
-    def __init__(self, config: EngineConfig, rank: int, worker_cls: str) -> None:
+    def __init__(self, config: EngineConfig, rank: int) -> None:
         self.config = config
         self.rank = rank
-        self.worker_cls = worker_cls
         self.worker: Any = None
         self.num_rejected_messages = 0
         self.num_steps = 0
@@ -56,9 +55,8 @@ class RayWorker:
         local_rank = 0
         if ray.get_gpu_ids():
             logger.info("rank %d: GPU %s", self.rank, ray.get_gpu_ids())
-        module, _, name = self.worker_cls.rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
-        self.worker = cls(self.config, self.rank, distributed_init_method, local_rank)
+        self.worker = worker_class(self.config)(self.config, self.rank, distributed_init_method,
+                                                local_rank)
 
     def execute_method(self, method: str, *args: Any) -> Any:
         return getattr(self.worker, method)(*args)

@@ -7,23 +7,20 @@ between, overlapping the GPU's work on this one, with no thread (and no GIL cont
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from zllm.config import EngineConfig
-from zllm.executor.base import Executor
+from zllm.executor.base import Executor, worker_class
 from zllm.protocol import ModelRunnerOutput, SchedulerOutput
 
 
 class UniprocExecutor(Executor):
-    """The worker in this process. `worker_cls` names its class (a stub in benchmarks)."""
+    """The worker (config.parallel.worker_cls) in this process."""
 
-    def __init__(self, config: EngineConfig, worker_cls: str = "zllm.worker.worker.Worker") -> None:
+    def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
-        # The only place the driver side loads worker code.
-        module, _, name = worker_cls.rpartition(".")
-        self.worker = getattr(importlib.import_module(module), name)(
-            config, rank=0, distributed_init_method=None)
+        # The only place the engine core's process loads worker code.
+        self.worker = worker_class(config)(config, rank=0, distributed_init_method=None)
         self.worker.init_distributed_environment()
         self.worker.init_model()
 

@@ -7,6 +7,7 @@ determine_num_available_blocks, init_kv_cache; then launch and collect for every
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import logging
@@ -40,6 +41,7 @@ class Worker:
         self.device = self._pick_device()
         self.dtype = self._pick_dtype()
         self.model_runner: Optional[ModelRunner] = None
+        self.host_times: collections.deque = collections.deque(maxlen=8192)
 
     def _pick_device(self) -> torch.device:
         want = self.config.device.device
@@ -124,7 +126,17 @@ class Worker:
 
     def launch(self, scheduler_output: SchedulerOutput) -> None:
         """Queue a step on the device; `collect` returns its result (steps in order)."""
+        t0 = time.perf_counter()
         self.model_runner.launch(scheduler_output)
+        num_reqs = len(scheduler_output.num_scheduled_tokens)
+        self.host_times.append((time.perf_counter() - t0, num_reqs,
+                                scheduler_output.total_num_scheduled_tokens == num_reqs))
+
+    def take_host_times(self) -> list[tuple[float, int, bool]]:
+        """Host time of each launch, (seconds, requests, all decodes), since the last call."""
+        times = list(self.host_times)
+        self.host_times.clear()
+        return times
 
     def collect(self) -> ModelRunnerOutput:
         return self.model_runner.collect()
