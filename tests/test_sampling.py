@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from zllm import LLM, SamplingParams
-from zllm.worker.sampler import SamplingMetadata, gumbel_noise, sample
+from zllm.worker.sampler import SamplingMetadata, gumbel_noise, sample, uniform_from_bits
 from tests.conftest import PROMPTS
 
 
@@ -165,3 +165,13 @@ def _check_penalty_statistics(runner, vocab):
         assert torch.equal(meta.output_counts[row].cpu(), counts)
     assert meta.presence_penalty.tolist() == [0.5, 0.0, 0.0]
     assert meta.repetition_penalty.tolist() == pytest.approx([1.0, 1.0, 1.3])
+
+
+def test_gumbel_noise_is_finite_for_every_32_bit_draw():
+    # The extremes of the hash's range: noise of +inf would pick a token whatever its logit
+    # (a masked token's -inf + inf is NaN, which argmax takes), 1 token in 2**24 before.
+    bits = torch.tensor([0, 1, 2**31, 2**32 - 2**9, 2**32 - 1], dtype=torch.int64)
+    uniform = uniform_from_bits(bits)
+    assert bool(((uniform > 0) & (uniform < 1)).all())
+    assert torch.isfinite(-torch.log(-torch.log(uniform))).all()
+

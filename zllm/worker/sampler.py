@@ -109,8 +109,14 @@ def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) 
     key = _mix32((seeds & _MASK32) ^ _mix32((seeds >> 32) ^ _mix32(positions & _MASK32)))
     token_ids = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
     bits = _mix32((key[:, None] + token_ids[None, :] * 0x9E3779B9) & _MASK32)
-    uniform = ((bits >> 8).float() + 0.5) / float(1 << 24)  # in (0, 1), 24 exact bits
-    return -torch.log(-torch.log(uniform))
+    return -torch.log(-torch.log(uniform_from_bits(bits)))
+
+
+def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Uniform in (0, 1), never 0 or 1, from 32 random bits. 23 bits: (n + 0.5) / 2**23 is
+    exact in float32, whereas with 24 bits the largest, 2**24 - 0.5, rounds up to 2**24, so
+    the noise of 1 token in 2**24 was +inf and that token won whatever its logit (-inf: NaN)."""
+    return ((bits >> 9).float() + 0.5) / float(1 << 23)
 
 
 def _gather_logprobs(logprobs: Optional[torch.Tensor], tokens: torch.Tensor,
