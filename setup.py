@@ -24,9 +24,12 @@ setup(
         # zllm serve and zllm.AsyncClient: one library that is both an asyncio HTTP server and
         # client (see the commit that added it).
         "aiohttp>=3.9",
+        # Structured outputs (JSON schema, regex, choice, EBNF): grammars compiled against the
+        # vocabulary and token bitmasks filled in parallel; vLLM's and SGLang's default backend.
+        "xgrammar>=0.2.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "openai>=1.0"],
+        "test": ["pytest>=8", "openai>=1.0", "jsonschema>=4"],
         "gpu": ["flashinfer-python>=0.6"],
     },
     entry_points={"console_scripts": ["zllm=zllm.cli:main"]},

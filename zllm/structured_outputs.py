@@ -88,7 +88,8 @@ def _grammar(key: tuple[str, Any]):
             "choice": "choice", "grammar": "grammar"}[kind]
     try:
         if kind == "json":
-            return xgr.Grammar.from_json_schema(value, any_whitespace=False)
+            schema = _lengths_as_patterns(json.loads(value))
+            return xgr.Grammar.from_json_schema(_json_text(schema), any_whitespace=False)
         if kind == "json_object":
             return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False)
         if kind == "regex":
@@ -96,9 +97,39 @@ def _grammar(key: tuple[str, Any]):
         if kind == "choice":  # JSON string literals are EBNF string literals
             return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c) for c in value))
         return xgr.Grammar.from_ebnf(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid {what} {_short(value)}: not JSON: {e}") from None
     except RuntimeError as e:
         message = _XGRAMMAR_PREFIX.sub("", str(e).strip().splitlines()[0])
         raise ValueError(f"invalid {what} {_short(value)}: {message}") from None
+
+
+_DATA_KEYWORDS = ("enum", "const", "default", "examples")
+# One character a JSON string may hold unescaped: no controls, '"', backslash or surrogates.
+_JSON_CHAR = "[ !#-\\[\\]-\\ud7ff\\ue000-\\U0010ffff]"
+
+
+def _lengths_as_patterns(schema: Any) -> Any:
+    """The schema with every plain string's minLength/maxLength written as a pattern.
+
+    xgrammar 0.2.8 lowers a length-bounded string to a character class that lets raw control
+    characters (U+0000-U+001F but CR, LF) into the string, which is not JSON: Python's json.loads
+    refuses it (xgrammar issue #800). A pattern of as many JSON characters counts the same way;
+    the class is spelled as ranges of valid code points because xgrammar's negated classes (and
+    its ".") also take UTF-8 that Python decodes to several U+FFFD: surrogates, overlong forms.
+    (Neither path lets a length-bounded string hold an escape such as \\n.) Drop this once
+    xgrammar is fixed.
+    """
+    if isinstance(schema, list):
+        return [_lengths_as_patterns(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in _DATA_KEYWORDS else _lengths_as_patterns(v) for k, v in schema.items()}
+    bounded = "minLength" in out or "maxLength" in out
+    if out.get("type") == "string" and bounded and not ({"pattern", "format"} & out.keys()):
+        low, high = out.pop("minLength", 0), out.pop("maxLength", "")
+        out["pattern"] = f"^{_JSON_CHAR}{{{low},{high}}}$"
+    return out
 
 
 def _short(value: Any, limit: int = 80) -> str:

@@ -34,6 +34,7 @@ from zllm.protocol import Logprobs, ModelRunnerOutput, SchedulerOutput
 from zllm.sampling_params import SamplingParams
 from zllm.worker.attention.base import AttentionBatch, make_attention_backend
 from zllm.worker.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from zllm.worker.grammar import GrammarMatchers
 from zllm.worker.models.registry import build_model
 from zllm.worker.models.weights import load_weights
 from zllm.worker.sampler import SamplingMetadata, sample
@@ -56,9 +57,11 @@ class RequestState:
 
     def __post_init__(self) -> None:
         p = self.params
-        # Sampling that reads the token history (or the output count) on the host.
+        # Sampling that reads the token history (or the output count) on the host; a grammar
+        # must have accepted the previous token before it can say what may follow.
         self.needs_history = bool(p.temperature > 0 or p.repetition_penalty != 1 or p.presence_penalty
-                                  or p.frequency_penalty or p.min_tokens)
+                                  or p.frequency_penalty or p.min_tokens
+                                  or p.structured_outputs is not None)
 
     @property
     def num_output_tokens(self) -> int:
@@ -80,6 +83,7 @@ class LaunchedStep:
     rows: dict[str, int] = field(default_factory=dict)  # req_id -> index in tokens
     output: Optional[ModelRunnerOutput] = None  # once read back
     done_event: Optional[torch.cuda.Event] = None  # recorded after the step's last kernel
+    grammar: Optional[GrammarMatchers] = None  # advanced by the tokens, if any row is constrained
 
     def done(self) -> bool:
         return self.done_event is None or self.done_event.query()
@@ -91,6 +95,8 @@ class LaunchedStep:
             for state, token in zip(self.states, token_list):
                 state.token_ids.append(token)
                 state.num_pending -= 1
+            if self.grammar is not None:
+                self.grammar.accept([s.req_id for s in self.states], token_list)
             self.output = ModelRunnerOutput([s.req_id for s in self.states],
                                             np.asarray(token_list, dtype=np.int32), self.logprobs)
         return self.output
@@ -118,6 +124,8 @@ class ModelRunner:
         self.scratch_block = 0  # padding rows of a CUDA-graph step write here (set with the cache)
         self.graphs: DecodeGraphs | None = None
         self.launched: collections.deque[LaunchedStep] = collections.deque()  # not collected yet
+        self.grammar = GrammarMatchers(config.model.tokenizer or config.model.model,
+                                       arch.vocab_size, arch.eos_token_ids, device)
 
     def load_weights(self) -> None:
         m = self.config.model
@@ -238,7 +246,12 @@ class ModelRunner:
         step = LaunchedStep(sampled_states, None)
         if sampled_states:
             logits = self.model.compute_logits(hidden[sample_rows])
-            step.tokens, step.logprobs = sample(logits, self._sampling_metadata(sampled_states))
+            meta = self._sampling_metadata(sampled_states)
+            # Filled on the host while the device runs the forward.
+            meta.token_bitmask = self.grammar.bitmask([s.req_id for s in sampled_states])
+            if meta.token_bitmask is not None:
+                step.grammar = self.grammar
+            step.tokens, step.logprobs = sample(logits, meta)
             for i, state in enumerate(sampled_states):
                 state.num_pending += 1
                 step.rows[state.req_id] = i
@@ -250,7 +263,11 @@ class ModelRunner:
     def _update_states(self, sched: SchedulerOutput) -> None:
         for req_id in sched.finished_req_ids + sched.preempted_req_ids:
             self.requests.pop(req_id, None)
+            self.grammar.remove(req_id)
         for new in sched.new_requests:
+            if new.sampling_params.structured_outputs is not None:
+                self.grammar.add(new.req_id, new.sampling_params.structured_outputs,
+                                 new.output_token_ids.tolist())
             self.requests[new.req_id] = RequestState(
                 new.req_id, new.prompt_token_ids.tolist() + new.output_token_ids.tolist(),
                 len(new.prompt_token_ids), new.num_computed_tokens, new.block_ids.tolist(),
@@ -372,6 +389,12 @@ class ModelRunner:
             counts.index_add_(0, outputs, torch.ones(len(outputs), dtype=torch.float32, device=dev))
             meta.seen_tokens = seen.view(len(states), vocab)
             meta.output_counts = counts.view(len(states), vocab)
+        biased = [(row, t, b) for row, s in enumerate(states) if s.params.logit_bias
+                  for t, b in s.params.logit_bias.items()]
+        if biased:
+            rows, toks, values = zip(*biased)
+            meta.bias_rows, meta.bias_tokens = column(rows, torch.long), column(toks, torch.long)
+            meta.bias_values = column(values)
         banned = [(row, t) for row, s in enumerate(states)
                   if s.num_output_tokens < s.params.min_tokens for t in s.stop_token_ids]
         if banned:

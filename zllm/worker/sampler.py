@@ -1,8 +1,8 @@
 """From logits to tokens, for the whole batch at once.
 
-Order (as in vLLM): raw log-probabilities for `logprobs`; penalties; min_tokens masking; then
-greedy rows take the argmax, and the others are scaled by temperature, filtered by top-k, top-p
-and min-p, and sampled with the Gumbel-max trick. The Gumbel noise is a hash of (request seed,
+Order (as in vLLM): raw log-probabilities for `logprobs`; logit bias; penalties; min_tokens
+masking; the structured-output bitmask; then greedy rows take the argmax, and the others are
+scaled by temperature, filtered by top-k, top-p and min-p, and sampled with the Gumbel-max trick. The Gumbel noise is a hash of (request seed,
 output position, token id), not a stateful generator: a request draws the same tokens whatever
 else is in the batch, on every tensor-parallel rank, after preemption, with no per-request loop.
 """
@@ -38,6 +38,13 @@ class SamplingMetadata:
     banned_rows: Optional[torch.Tensor] = None
     banned_tokens: Optional[torch.Tensor] = None
     num_logprobs: Optional[int] = None  # the largest `logprobs` asked for in the batch
+    # logit_bias as (row, token, bias) triples (None if no row has any).
+    bias_rows: Optional[torch.Tensor] = None
+    bias_tokens: Optional[torch.Tensor] = None
+    bias_values: Optional[torch.Tensor] = None
+    # Structured outputs: [B, ceil(V / 32)] int32, bit t % 32 of word t // 32 set where token t
+    # may come next (xgrammar's layout; all ones for unconstrained rows). None if no row is.
+    token_bitmask: Optional[torch.Tensor] = None
 
 
 def sample(logits: torch.Tensor, meta: SamplingMetadata) -> tuple[torch.Tensor, Optional[Logprobs]]:
@@ -45,11 +52,16 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> tuple[torch.Tensor, 
     logprobs = None
     if meta.num_logprobs is not None:
         logprobs = torch.log_softmax(logits, dim=-1)
+    if meta.bias_rows is not None:
+        logits = logits.index_put((meta.bias_rows, meta.bias_tokens), meta.bias_values,
+                                  accumulate=True)
     if meta.repetition_penalty is not None:
         logits = apply_penalties(logits, meta)
     if meta.banned_rows is not None:
         logits = logits.index_put((meta.banned_rows, meta.banned_tokens),
                                   torch.tensor(float("-inf"), device=logits.device))
+    if meta.token_bitmask is not None:
+        logits = apply_token_bitmask(logits, meta.token_bitmask)
     tokens = logits.argmax(dim=-1)
     if not meta.all_greedy:
         greedy = meta.temperature == 0
@@ -70,6 +82,22 @@ def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tenso
     counts = meta.output_counts
     logits = logits - meta.frequency_penalty[:, None] * counts
     return logits - meta.presence_penalty[:, None] * (counts > 0).float()
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """-inf where a token's bit is 0. On CPU, xgrammar's own kernel (in place); on a device,
+    plain tensor ops: read as bytes (little-endian), bit t of a row is bit t % 8 of byte t // 8,
+    so unpacking takes a few elementwise kernels and nothing compiled at run time."""
+    num_rows, vocab = logits.shape
+    if logits.device.type == "cpu":
+        import xgrammar as xgr
+
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab)
+        return logits
+    shifts = torch.arange(8, dtype=torch.uint8, device=logits.device)
+    bits = (bitmask.view(torch.uint8).unsqueeze(-1) >> shifts) & 1
+    allowed = bits.view(num_rows, -1)[:, :vocab].bool()
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 def filter_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

@@ -149,6 +149,8 @@ class Worker:
         return os.getpid()
 
     def shutdown(self) -> None:
+        if self.model_runner is not None:
+            self.model_runner.grammar.shutdown()
         self.model_runner = None
         if fs_init.model_parallel_is_initialized():
             fs_init.destroy_model_parallel()

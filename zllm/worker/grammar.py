@@ -1,0 +1,177 @@
+"""Structured outputs on a worker: one xgrammar matcher per constrained request.
+
+Each step, for the requests that sample, the matchers fill a token bitmask on the host (one bit
+per vocabulary id: may this token come next?), in one call across the batch that xgrammar spreads
+over threads. The bitmask travels to the device (pinned memory on CUDA) and the sampler sets the
+logits of forbidden tokens to -inf, so constrained and unconstrained requests share one batch.
+When a step's tokens reach the host, each matcher advances by its request's token.
+
+A grammar is compiled against the model's vocabulary (xgrammar's TokenizerInfo, built once from
+the tokenizer files, with the model's vocabulary size and end tokens) in a background thread as
+soon as its request arrives, and cached by spec; the step that first samples the request waits
+for it, by then usually long done (the prompt's prefill ran meanwhile). The engine core never
+compiles anything.
+
+A finished grammar allows only the end tokens, so the request ends with finish_reason "stop".
+With ignore_eos, the request goes on after that, unconstrained (as in vLLM). Every
+tensor-parallel rank runs its own matchers: the ranks sample the same tokens from the same
+logits, so their matchers agree.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import os
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from zllm.structured_outputs import StructuredOutputs, build_grammar
+
+logger = logging.getLogger(__name__)
+
+
+class _Request:
+    """A constrained request's matcher (made when it first samples) and its grammar."""
+
+    def __init__(self, grammar: concurrent.futures.Future, replay: list[int]) -> None:
+        self.grammar = grammar
+        self.replay = replay  # output tokens from before a preemption, accepted on creation
+        self.matcher = None
+        self.active = True  # false once the grammar has ended (or a token broke it)
+
+
+class GrammarMatchers:
+    def __init__(self, tokenizer_path: str, vocab_size: int, eos_token_ids: list[int],
+                 device: torch.device, max_threads: Optional[int] = None) -> None:
+        self.tokenizer_path = tokenizer_path
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.device = device
+        # Threads of the batched bitmask fill and of compilation (xgrammar's own pools).
+        self.max_threads = max_threads or min(8, os.cpu_count() or 1)
+        self.requests: dict[str, _Request] = {}
+        self.compiled: dict[tuple, concurrent.futures.Future] = {}
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar")
+        self._compiler: Optional[concurrent.futures.Future] = None
+        self._batch = None  # xgrammar.BatchGrammarMatcher
+        self._bitmask: Optional[torch.Tensor] = None  # host, [rows, ceil(vocab / 32)] int32
+        self._copied: Optional[torch.cuda.Event] = None  # after the last copy out of it
+        # Per step with constrained rows: host seconds filling the bitmask, host seconds
+        # advancing matchers since the previous fill, constrained rows (for benchmarks).
+        self.step_times: collections.deque = collections.deque(maxlen=8192)
+        self._accept_s = 0.0
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def add(self, req_id: str, spec: StructuredOutputs, output_token_ids: list[int]) -> None:
+        """Start compiling the request's grammar (cached by spec)."""
+        key = spec.key()
+        if key not in self.compiled:
+            if self._compiler is None:  # the vocabulary, once: on the first constrained request
+                self._compiler = self.pool.submit(self._make_compiler)
+            self.compiled[key] = self.pool.submit(self._compile, spec)
+        self.requests[req_id] = _Request(self.compiled[key], list(output_token_ids))
+
+    def remove(self, req_id: str) -> None:
+        self.requests.pop(req_id, None)
+
+    def __contains__(self, req_id: str) -> bool:
+        return req_id in self.requests
+
+    def _make_compiler(self):
+        import xgrammar as xgr
+
+        from zllm.tokenizer import load_tokenizer
+
+        info = xgr.TokenizerInfo.from_huggingface(load_tokenizer(self.tokenizer_path),
+                                                  vocab_size=self.vocab_size,
+                                                  stop_token_ids=self.eos_token_ids or None)
+        self._batch = xgr.BatchGrammarMatcher(self.max_threads)
+        return xgr.GrammarCompiler(info, max_threads=self.max_threads)
+
+    def _compile(self, spec: StructuredOutputs):
+        return self._compiler.result().compile_grammar(build_grammar(spec))
+
+    def _matcher(self, request: _Request):
+        if request.matcher is None:
+            import xgrammar as xgr
+
+            request.matcher = xgr.GrammarMatcher(request.grammar.result())
+            for token in request.replay:
+                self._advance(request, token)
+            request.replay = []
+        return request.matcher
+
+    # -- per step --------------------------------------------------------------------------------
+
+    def bitmask(self, req_ids: list[str]) -> Optional[torch.Tensor]:
+        """The bitmask [rows, ceil(vocab / 32)] int32 of a step's sampling rows, on the device
+        (all ones for unconstrained rows); None if no row is constrained."""
+        t0 = time.perf_counter()
+        rows, matchers = [], []
+        for i, req_id in enumerate(req_ids):
+            request = self.requests.get(req_id)
+            if request is not None and request.active:
+                matcher = self._matcher(request)
+                if not matcher.is_terminated():
+                    rows.append(i)
+                    matchers.append(matcher)
+        if not rows:
+            return None
+        host = self._host_bitmask(len(req_ids))
+        if len(rows) < len(req_ids):
+            free = np.ones(len(req_ids), dtype=bool)
+            free[rows] = False
+            host.numpy()[free] = -1  # every bit set: any token
+        self._batch.batch_fill_next_token_bitmask(matchers, host, rows)
+        bitmask = host.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        self.step_times.append((time.perf_counter() - t0, self._accept_s, len(rows)))
+        self._accept_s = 0.0
+        return bitmask
+
+    def _host_bitmask(self, num_rows: int) -> torch.Tensor:
+        """The host buffer's first num_rows rows, pinned on CUDA so the copy does not stall the
+        host; before it is refilled, the previous step's copy out of it must have happened."""
+        width = -(-self.vocab_size // 32)
+        if self._bitmask is None or len(self._bitmask) < num_rows:
+            self._bitmask = torch.empty((max(num_rows, 64), width), dtype=torch.int32,
+                                        pin_memory=self.device.type == "cuda")
+        elif self._copied is not None:
+            self._copied.synchronize()
+        return self._bitmask[:num_rows]
+
+    def accept(self, req_ids: list[str], tokens: list[int]) -> None:
+        """Advance the matchers of these requests by the tokens they sampled."""
+        t0 = time.perf_counter()
+        for req_id, token in zip(req_ids, tokens):
+            request = self.requests.get(req_id)
+            if request is not None and request.active and request.matcher is not None:
+                self._advance(request, token)
+        self._accept_s += time.perf_counter() - t0
+
+    def _advance(self, request: _Request, token: int) -> None:
+        matcher = request.matcher
+        if matcher.is_terminated():
+            request.active = False  # ended (and with ignore_eos, went on): unconstrained
+        elif not matcher.accept_token(token):
+            # Only when the grammar's own tokens were all forbidden (min_tokens banning the end
+            # token of a finished grammar): the request goes on unconstrained.
+            logger.warning("a constrained request sampled token %d outside its grammar; it "
+                           "continues unconstrained", token)
+            request.active = False
+
+    def take_step_times(self) -> list[tuple[float, float, int]]:
+        times = list(self.step_times)
+        self.step_times.clear()
+        return times
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
