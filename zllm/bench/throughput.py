@@ -173,14 +173,17 @@ def steady_host_ms(times: list[list], num_running: int) -> Optional[float]:
 
 # -- runs ------------------------------------------------------------------------------------------
 
-def run_zllm(llm, cost: ModelCost, hw: Hardware, wl: Workload) -> dict[str, Any]:
-    return _measure(llm, cost, hw, wl)[0]
+def run_zllm(llm, cost: ModelCost, hw: Hardware, wl: Workload, structured=None) -> dict[str, Any]:
+    """The workload's figures; `structured` (a StructuredOutputs) constrains every request."""
+    return _measure(llm, cost, hw, wl, structured)[0]
 
 
-def _measure(llm, cost: ModelCost, hw: Hardware, wl: Workload) -> tuple[dict[str, Any], StepLog]:
+def _measure(llm, cost: ModelCost, hw: Hardware, wl: Workload,
+             structured=None) -> tuple[dict[str, Any], StepLog]:
     from zllm.sampling_params import SamplingParams
 
-    params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for o in wl.output_lens]
+    params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True,
+                             structured_outputs=structured) for o in wl.output_lens]
     llm.engine.call("step_log"), llm.engine.call("host_times")  # start both afresh
     t0 = time.perf_counter()
     outs = llm.generate(wl.prompts, params, use_tqdm=False)

@@ -80,8 +80,9 @@ class GrammarMatchers:
     def remove(self, req_id: str) -> None:
         self.requests.pop(req_id, None)
 
-    def __contains__(self, req_id: str) -> bool:
-        return req_id in self.requests
+    def constrains(self, req_ids: list[str]) -> bool:
+        """Whether any of these requests is under a grammar (cheap: no matcher is touched)."""
+        return bool(self.requests) and any(r in self.requests for r in req_ids)
 
     def _make_compiler(self):
         import xgrammar as xgr
@@ -128,7 +129,9 @@ class GrammarMatchers:
             free = np.ones(len(req_ids), dtype=bool)
             free[rows] = False
             host.numpy()[free] = -1  # every bit set: any token
-        self._batch.batch_fill_next_token_bitmask(matchers, host, rows)
+            self._batch.batch_fill_next_token_bitmask(matchers, host, rows)
+        else:  # (indices cost xgrammar a little even when they are 0..n-1)
+            self._batch.batch_fill_next_token_bitmask(matchers, host)
         bitmask = host.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             self._copied = torch.cuda.Event()
@@ -149,24 +152,42 @@ class GrammarMatchers:
         return self._bitmask[:num_rows]
 
     def accept(self, req_ids: list[str], tokens: list[int]) -> None:
-        """Advance the matchers of these requests by the tokens they sampled."""
+        """Advance the matchers of these requests by the tokens they sampled (one call into
+        xgrammar for the batch)."""
+        import xgrammar as xgr
+
         t0 = time.perf_counter()
+        advancing, matchers, taken = [], [], []
         for req_id, token in zip(req_ids, tokens):
             request = self.requests.get(req_id)
-            if request is not None and request.active and request.matcher is not None:
-                self._advance(request, token)
+            if request is None or not request.active or request.matcher is None:
+                continue
+            if request.matcher.is_terminated():
+                request.active = False  # ended (and with ignore_eos, went on): unconstrained
+                continue
+            advancing.append(request)
+            matchers.append(request.matcher)
+            taken.append(token)
+        if matchers:
+            accepted = xgr.BatchGrammarMatcher.batch_accept_token(matchers, taken)
+            for request, ok, token in zip(advancing, accepted, taken):
+                if not ok:
+                    self._rejected(request, token)
         self._accept_s += time.perf_counter() - t0
 
     def _advance(self, request: _Request, token: int) -> None:
-        matcher = request.matcher
-        if matcher.is_terminated():
-            request.active = False  # ended (and with ignore_eos, went on): unconstrained
-        elif not matcher.accept_token(token):
-            # Only when the grammar's own tokens were all forbidden (min_tokens banning the end
-            # token of a finished grammar): the request goes on unconstrained.
-            logger.warning("a constrained request sampled token %d outside its grammar; it "
-                           "continues unconstrained", token)
+        if request.matcher.is_terminated():
             request.active = False
+        elif not request.matcher.accept_token(token):
+            self._rejected(request, token)
+
+    @staticmethod
+    def _rejected(request: _Request, token: int) -> None:
+        # Only when the grammar's own tokens were all forbidden (min_tokens banning the end
+        # token of a finished grammar): the request goes on unconstrained.
+        logger.warning("a constrained request sampled token %d outside its grammar; it "
+                       "continues unconstrained", token)
+        request.active = False
 
     def take_step_times(self) -> list[tuple[float, float, int]]:
         times = list(self.step_times)

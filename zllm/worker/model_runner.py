@@ -15,7 +15,8 @@ A step is launched (`launch`) and its sampled tokens are read back later (`colle
 the next step may be launched: its decodes read the tokens they continue from the previous
 step's device tensor, so the host prepares step N+1 while the GPU still runs step N. Requests
 whose sampling needs their token history on the host (penalties, min_tokens, seeded sampling)
-wait for the previous step first.
+wait for the previous step first. Constrained requests (structured outputs) wait for it too, but
+only once their forward is queued: their grammar, not their input, needs the previous token.
 """
 
 from __future__ import annotations
@@ -57,11 +58,9 @@ class RequestState:
 
     def __post_init__(self) -> None:
         p = self.params
-        # Sampling that reads the token history (or the output count) on the host; a grammar
-        # must have accepted the previous token before it can say what may follow.
+        # Sampling that reads the token history (or the output count) on the host.
         self.needs_history = bool(p.temperature > 0 or p.repetition_penalty != 1 or p.presence_penalty
-                                  or p.frequency_penalty or p.min_tokens
-                                  or p.structured_outputs is not None)
+                                  or p.frequency_penalty or p.min_tokens)
 
     @property
     def num_output_tokens(self) -> int:
@@ -247,8 +246,13 @@ class ModelRunner:
         if sampled_states:
             logits = self.model.compute_logits(hidden[sample_rows])
             meta = self._sampling_metadata(sampled_states)
-            # Filled on the host while the device runs the forward.
-            meta.token_bitmask = self.grammar.bitmask([s.req_id for s in sampled_states])
+            req_ids = [s.req_id for s in sampled_states]
+            if previous is not None and self.grammar.constrains(req_ids):
+                # A grammar needs the previous token before it says what may follow; the forward
+                # did not, so it is queued already and the device runs it while the host waits
+                # for that token, advances the matchers and fills the bitmask.
+                previous.resolve()
+            meta.token_bitmask = self.grammar.bitmask(req_ids)
             if meta.token_bitmask is not None:
                 step.grammar = self.grammar
             step.tokens, step.logprobs = sample(logits, meta)

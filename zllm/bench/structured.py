@@ -1,0 +1,196 @@
+"""`zllm bench structured`: what structured outputs cost, on the host and in throughput.
+
+Two parts:
+  host  The grammar's host work per step, with no model: B requests under json_object
+        (`--batches 64,256`) walk their grammar by tokens drawn at random among the allowed
+        ones; per step, the median host time to fill the bitmask (xgrammar's batched fill over
+        its threads, and one matcher after another for comparison), to advance the matchers,
+        and to apply the mask to [B, vocab] logits on the device. Runs on a CPU.
+  W1    (`--w1`, on a GPU) zllm bench throughput's W1 (256 requests, 512 prompt tokens, 256
+        greedy output tokens, ignore_eos) on a model shape, unconstrained and then with every
+        request under json_object, in the same run on one engine: output tokens/s of each and
+        their ratio, the worker's host time per decode step at full batch in each, and the
+        grammar's own host time per step. A grammar that ends (the object closed, the end
+        token sampled) leaves its request unconstrained for the rest of its 256 tokens, so the
+        report says what share of tokens were sampled under an active grammar.
+
+The bitmask's cost grows with the vocabulary: give a real tokenizer (`--tokenizer DIR`, the config
+key, e.g. SmolLM2's 49,152 tokens; a model shape's larger vocabulary pads it). Without one, the
+demo tokenizer (384 tokens) makes the grammar look cheaper than it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from zllm.structured_outputs import StructuredOutputs
+
+JSON_OBJECT = StructuredOutputs(json_object=True)
+_DEMO = "demo-llama-v1"
+
+
+def _allowed_tokens(bitmask: np.ndarray, vocab: int, rng: np.random.Generator) -> list[int]:
+    """One token per row, drawn among the row's allowed tokens."""
+    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+    return [int(rng.choice(np.flatnonzero(row))) for row in bits]
+
+
+def host_cost(tokenizer: str, vocab_size: int, eos: list[int], batch: int, steps: int,
+              device: torch.device, threads: Optional[int] = None) -> dict[str, Any]:
+    """Median per-step host time of the grammar at `batch` json_object requests."""
+    from zllm.worker.grammar import GrammarMatchers
+    from zllm.worker.sampler import apply_token_bitmask
+
+    grammar = GrammarMatchers(tokenizer, vocab_size, eos, device, max_threads=threads)
+    ids = [f"r{i}" for i in range(batch)]
+    for req_id in ids:
+        grammar.add(req_id, JSON_OBJECT, [])
+    rng = np.random.default_rng(0)
+    grammar.bitmask(ids)  # compiles, makes the matchers
+    fills, accepts, serial, apply = [], [], [], []
+    logits = torch.zeros(batch, vocab_size, device=device)
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        bitmask = grammar.bitmask(ids)
+        t1 = time.perf_counter()
+        if bitmask is None:
+            break
+        host = bitmask.cpu().numpy()
+        apply.append(_timed(lambda: apply_token_bitmask(logits.clone(), bitmask), device))
+        serial.append(_serial_fill(grammar, ids))
+        tokens = _allowed_tokens(host, vocab_size, rng)
+        t2 = time.perf_counter()
+        grammar.accept(ids, tokens)
+        accepts.append(time.perf_counter() - t2)
+        fills.append(t1 - t0)
+        for req_id in ids:  # a finished object starts again: the batch stays at `batch`
+            matcher = grammar.requests[req_id].matcher
+            if matcher.is_terminated():
+                matcher.reset()
+    grammar.shutdown()
+    ms = lambda xs: round(1e3 * statistics.median(xs), 3) if xs else None  # noqa: E731
+    return {"batch": batch, "vocab_size": vocab_size, "steps": len(fills),
+            "threads": grammar.max_threads, "fill_ms": ms(fills), "serial_fill_ms": ms(serial),
+            "accept_ms": ms(accepts), "apply_ms": ms(apply)}
+
+
+def _serial_fill(grammar, ids: list[str]) -> float:
+    """One matcher after another, into a scratch bitmask: the fill without xgrammar's threads."""
+    import xgrammar as xgr
+
+    scratch = xgr.allocate_token_bitmask(len(ids), grammar.vocab_size)
+    t0 = time.perf_counter()
+    for i, req_id in enumerate(ids):
+        grammar.requests[req_id].matcher.fill_next_token_bitmask(scratch, i)
+    return time.perf_counter() - t0
+
+
+def _timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def run_w1(model: str, tokenizer: Optional[str], num_requests: Optional[int],
+           overrides: dict[str, Any]) -> dict[str, Any]:
+    """W1 unconstrained, then under json_object, on one in-process engine."""
+    from zllm.architecture import ModelArchitecture
+    from zllm.bench.roofline import ModelCost, measure_hardware
+    from zllm.bench.throughput import MODEL_SHAPES, Workload, make_workload, model_dir_for, run_zllm
+    from zllm.llm import LLM
+
+    model_dir = model_dir_for(model)
+    arch = ModelArchitecture.from_model_dir(model_dir)
+    config = {"dtype": "bfloat16", "load_format": "dummy" if model in MODEL_SHAPES else "auto",
+              "async_scheduling": True, "distributed_executor_backend": "uni",
+              "engine_process": False, "record_steps": True, **overrides}
+    if tokenizer:
+        config["tokenizer"] = tokenizer
+    hw = measure_hardware(torch.device("cuda"))
+    llm = LLM(model=model_dir, **config)
+    grammar = llm.engine.engine_core.executor.worker.model_runner.grammar  # (in this process)
+    cost = ModelCost(arch)
+    warm = make_workload("W1", arch.vocab_size, 8)
+    for structured in (None, JSON_OBJECT):  # kernels, CUDA graphs and the grammar compiled
+        run_zllm(llm, cost, hw, Workload("warmup", warm.prompts, [16] * 8), structured)
+    grammar.take_step_times()
+    wl = make_workload("W1", arch.vocab_size, num_requests)
+    plain = run_zllm(llm, cost, hw, wl)
+    constrained = run_zllm(llm, cost, hw, wl, JSON_OBJECT)
+    times = grammar.take_step_times()
+    llm.shutdown()
+    full = max((rows for _, _, rows in times), default=0)
+    at_full = [(fill, accept) for fill, accept, rows in times if rows == full]
+    return {
+        "model": model, "tokenizer": tokenizer or "demo (384 tokens)", "config": config,
+        "plain": {k: v for k, v in plain.items() if k != "steps"},
+        "json_object": {k: v for k, v in constrained.items() if k != "steps"},
+        "throughput_ratio": constrained["output_tok_per_s"] / plain["output_tok_per_s"],
+        "worker_host_ms_added": _difference(constrained["worker_host_ms"], plain["worker_host_ms"]),
+        "grammar_rows_at_full": full,
+        "grammar_fill_ms_at_full": _median_ms([f for f, _ in at_full]),
+        "grammar_accept_ms_at_full": _median_ms([a for _, a in at_full]),
+        "constrained_token_share": sum(r for _, _, r in times) / constrained["output_tokens"],
+    }
+
+
+def _difference(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or b is None else a - b
+
+
+def _median_ms(xs: list[float]) -> Optional[float]:
+    return 1e3 * statistics.median(xs) if xs else None
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from zllm.cli import add_config_flags, config_keys
+
+    parser = argparse.ArgumentParser(prog="zllm bench structured", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="64,256", help="host part: constrained requests")
+    parser.add_argument("--steps", type=int, default=64, help="host part: steps per batch")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="host part: the model's vocabulary (default: the tokenizer's)")
+    parser.add_argument("--w1", action="store_true", help="also run W1 plain vs json_object (GPU)")
+    parser.add_argument("--num-requests", type=int, default=None, help="W1's 256")
+    parser.add_argument("--out", help="write the report as JSON here")
+    add_config_flags(parser)
+    args = parser.parse_args(argv)
+    overrides = {k: getattr(args, k) for k in config_keys() if getattr(args, k, None) is not None}
+    model = overrides.pop("model", None) or "llama-3.1-8b"
+    report: dict[str, Any] = {"host": []}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer, vocab, eos = _tokenizer(overrides.pop("tokenizer", None))
+    for batch in (int(b) for b in args.batches.split(",") if b):
+        row = host_cost(tokenizer, args.vocab_size or vocab, eos, batch, args.steps, device)
+        report["host"].append(row)
+        print("host", json.dumps(row), flush=True)
+    if args.w1:
+        report["w1"] = run_w1(model, None if tokenizer.endswith(_DEMO) else tokenizer,
+                              args.num_requests, overrides)
+        print("w1", json.dumps(report["w1"]), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+def _tokenizer(path: Optional[str]) -> tuple[str, int, list[int]]:
+    """(directory, vocabulary size, end token ids) of the tokenizer to measure with."""
+    from zllm.demo import ensure_demo_model
+    from zllm.tokenizer import load_tokenizer
+
+    path = path or ensure_demo_model()
+    tokenizer = load_tokenizer(path)
+    return path, len(tokenizer), [tokenizer.eos_token_id]
