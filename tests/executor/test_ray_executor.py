@@ -1,6 +1,7 @@
 """The Ray executor on one node: TP=2 greedy parity, failure handling, data-plane hygiene."""
 
 import os
+import re
 import signal
 import time
 
@@ -40,6 +41,26 @@ def test_tp2_on_ray_matches_tp1_and_transformers_under_preemption(tp2_llm, gqa_m
         tp1_llm.shutdown()
     assert tp1 == reference_tokens
     assert tp2 == reference_tokens
+
+
+def test_tp2_ranks_run_the_same_grammars_as_tp1(tp2_llm, gqa_model):
+    # Each rank keeps its own matchers; they agree because every rank samples the same tokens.
+    from zllm.structured_outputs import StructuredOutputs
+
+    specs = [StructuredOutputs(regex=r"[a-z]{2,4}-[0-9]{2}"),
+             StructuredOutputs(json={"type": "array", "items": {"enum": ["x", "y"]}, "maxItems": 4}),
+             StructuredOutputs(choice=["red", "green", "blue"])] * 3
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=40, structured_outputs=spec)
+              for i, spec in enumerate(specs)]
+    prompts = (PROMPTS * 2)[:len(specs)]
+    tp2 = [o.outputs[0].text for o in tp2_llm.generate(prompts, params, use_tqdm=False)]
+    tp1_llm = make_llm(gqa_model, distributed_executor_backend="uni")
+    try:
+        tp1 = [o.outputs[0].text for o in tp1_llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        tp1_llm.shutdown()
+    assert tp2 == tp1
+    assert re.fullmatch(r"[a-z]{2,4}-[0-9]{2}", tp2[0]) and tp2[2] in ("red", "green", "blue")
 
 
 def test_tp4_replicates_kv_heads_and_matches_transformers(ray_session, gqa_model, reference_tokens):
