@@ -4,10 +4,10 @@ context overflow, chat content parts and multi-turn tool conversations, echo, us
 
 from __future__ import annotations
 
-import json
-
 import openai
 import pytest
+
+import zllm
 
 from tests.entrypoints.conftest import MAX_MODEL_LEN, MODEL_NAME
 
@@ -19,10 +19,9 @@ def test_a_batch_of_prompts_with_n_returns_choices_in_openai_order(openai_client
     batch = openai_client.completions.create(model=MODEL_NAME, prompt=PROMPTS, n=2, max_tokens=6,
                                              **GREEDY)
     assert [c.index for c in batch.choices] == list(range(8))
-    one_by_one = []
-    for p in PROMPTS:
-        single = openai_client.completions.create(model=MODEL_NAME, prompt=p, max_tokens=6, **GREEDY)
-        one_by_one += [single.choices[0].text] * 2  # greedy: both samples agree
+    one_by_one = [openai_client.completions.create(model=MODEL_NAME, prompt=p, max_tokens=6,
+                                                   **GREEDY).choices[0].text
+                  for p in PROMPTS for _ in range(2)]  # the same 8 requests, one at a time
     assert [c.text for c in sorted(batch.choices, key=lambda c: c.index)] == one_by_one
     assert batch.usage.completion_tokens == 8 * 6
     # Token-id prompts, streamed: the chunks rebuild the same texts per choice index.
@@ -144,18 +143,18 @@ def test_echo_puts_the_prompt_before_the_completion(openai_client):
     assert "".join(c.choices[0].text for c in streamed) == echoed.choices[0].text
 
 
-def test_tokenize_detokenize_version_and_models(server, openai_client):
+def test_tokenize_detokenize_version_and_models(openai_client):
     tokens = _tokenize(openai_client, prompt="Hello world")
     assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] == MAX_MODEL_LEN
     text = openai_client.post("/../detokenize", body={"tokens": tokens["tokens"]}, cast_to=object)
     assert text["prompt"].endswith("Hello world")
     bare = _tokenize(openai_client, prompt="Hello world", add_special_tokens=False)["tokens"]
     assert tokens["tokens"][-len(bare):] == bare  # (the demo tokenizer adds no BOS itself)
-    status, raw = server.request("GET", "/version")
-    assert status == 200 and json.loads(raw)["version"]
+    assert openai_client.get("/../version", cast_to=object)["version"] == zllm.__version__
     assert openai_client.models.list().data[0].model_extra["max_model_len"] == MAX_MODEL_LEN
-    status, raw = server.request("POST", "/detokenize", json.dumps({"tokens": [10**6]}).encode())
-    assert status == 400 and json.loads(raw)["error"]["param"] == "tokens"
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client.post("/../detokenize", body={"tokens": [10**6]}, cast_to=object)
+    assert err.value.body["param"] == "tokens"
 
 
 @pytest.mark.parametrize("endpoint, fields, param", [

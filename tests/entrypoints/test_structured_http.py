@@ -128,13 +128,18 @@ def test_required_and_named_tool_calls_always_parse_on_a_random_model(openai_cli
     assert streamed == [(c.function.name, c.function.arguments) for c in whole.tool_calls]
 
 
-def test_tool_choice_none_and_auto_on_a_random_model(openai_client, server):
+def test_tool_choice_none_and_auto_on_a_random_model(openai_client):
     none = openai_client.chat.completions.create(model=MODEL_NAME, messages=CHAT, tools=TOOLS,
                                                  tool_choice="none", max_tokens=8, temperature=0)
     plain = openai_client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=8,
                                                   temperature=0)
     assert none.choices[0].message.content == plain.choices[0].message.content
     assert none.choices[0].message.tool_calls is None
+    finish, calls, content = _streamed_calls(openai_client.chat.completions.create(
+        model=MODEL_NAME, messages=CHAT, tools=TOOLS, tool_choice="none", max_tokens=8,
+        temperature=0, stream=True))
+    assert (finish, calls, content) == ([none.choices[0].finish_reason], [],
+                                        none.choices[0].message.content)
     # auto: the tools reach the prompt (the demo template ignores `tools`, so zllm writes them
     # into the system message in the Hermes format), and whatever the model says is parsed.
     auto = dict(model=MODEL_NAME, messages=CHAT, tools=TOOLS, max_tokens=20, seed=1, temperature=1.0)

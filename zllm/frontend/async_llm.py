@@ -103,9 +103,13 @@ class AsyncLLM:
         return self.processor.tokenize(prompt)
 
     async def check_request(self, prompt: Prompt, params: SamplingParams) -> tuple[Optional[str], list[int]]:
-        """Tokenize and validate; (text or None, token ids), or RequestError (a ValueError)."""
+        """Tokenize and validate; (text or None, token ids), or RequestError (a ValueError). A
+        structured-output spec is parsed off the event loop (a large schema takes a while)."""
         text, prompt_ids = await self.tokenize(prompt)
-        self.processor.check(prompt_ids, params)
+        if params.structured_outputs is not None:
+            await asyncio.to_thread(self.processor.check, prompt_ids, params)
+        else:
+            self.processor.check(prompt_ids, params)
         return text, prompt_ids
 
     async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams,

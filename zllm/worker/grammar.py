@@ -46,6 +46,8 @@ class _Request:
 
 
 class GrammarMatchers:
+    """The matchers of a worker's constrained requests, and the bitmask they fill each step."""
+
     def __init__(self, tokenizer_path: str, vocab_size: int, eos_token_ids: list[int],
                  device: torch.device, max_threads: Optional[int] = None) -> None:
         self.tokenizer_path = tokenizer_path

@@ -38,7 +38,7 @@ from zllm.worker.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from zllm.worker.grammar import GrammarMatchers
 from zllm.worker.models.registry import build_model
 from zllm.worker.models.weights import load_weights
-from zllm.worker.sampler import SamplingMetadata, sample
+from zllm.worker.sampler import SamplingMetadata, sample, set_logit_bias
 from zllm.worker.staging import PinnedStaging
 
 logger = logging.getLogger(__name__)
@@ -248,9 +248,8 @@ class ModelRunner:
             meta = self._sampling_metadata(sampled_states)
             req_ids = [s.req_id for s in sampled_states]
             if previous is not None and self.grammar.constrains(req_ids):
-                # A grammar needs the previous token before it says what may follow; the forward
-                # did not, so it is queued already and the device runs it while the host waits
-                # for that token, advances the matchers and fills the bitmask.
+                # The grammar (not the queued forward) needs the previous token: wait for it,
+                # advance the matchers and fill the bitmask while the device runs the forward.
                 previous.resolve()
             meta.token_bitmask = self.grammar.bitmask(req_ids)
             if meta.token_bitmask is not None:
@@ -393,12 +392,7 @@ class ModelRunner:
             counts.index_add_(0, outputs, torch.ones(len(outputs), dtype=torch.float32, device=dev))
             meta.seen_tokens = seen.view(len(states), vocab)
             meta.output_counts = counts.view(len(states), vocab)
-        biased = [(row, t, b) for row, s in enumerate(states) if s.params.logit_bias
-                  for t, b in s.params.logit_bias.items()]
-        if biased:
-            rows, toks, values = zip(*biased)
-            meta.bias_rows, meta.bias_tokens = column(rows, torch.long), column(toks, torch.long)
-            meta.bias_values = column(values)
+        set_logit_bias(meta, [p.logit_bias for p in params], dev)
         banned = [(row, t) for row, s in enumerate(states)
                   if s.num_output_tokens < s.params.min_tokens for t in s.stop_token_ids]
         if banned:

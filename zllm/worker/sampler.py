@@ -73,6 +73,17 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> tuple[torch.Tensor, 
     return tokens, _gather_logprobs(logprobs, tokens, meta.num_logprobs)
 
 
+def set_logit_bias(meta: SamplingMetadata, biases: list[Optional[dict[int, float]]],
+                   device: torch.device) -> None:
+    """The rows' logit_bias (token id -> bias, or None) as (row, token, bias) tensors."""
+    triples = [(row, t, b) for row, bias in enumerate(biases) if bias for t, b in bias.items()]
+    if triples:
+        rows, tokens, values = zip(*triples)
+        meta.bias_rows = torch.tensor(rows, dtype=torch.long, device=device)
+        meta.bias_tokens = torch.tensor(tokens, dtype=torch.long, device=device)
+        meta.bias_values = torch.tensor(values, dtype=torch.float32, device=device)
+
+
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     # Repetition (prompt and output tokens): shrink positive logits, grow negative ones.
     rep = meta.repetition_penalty[:, None]
