@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from zllm import LLM, SamplingParams
-from zllm.worker.sampler import SamplingMetadata, gumbel_noise, sample, uniform_from_bits
+from zllm.worker.sampler import (SamplingMetadata, gumbel_noise, masked_by_bitmask, sample,
+                                 uniform_from_bits)
 from tests.conftest import PROMPTS
 
 
@@ -174,4 +175,17 @@ def test_gumbel_noise_is_finite_for_every_32_bit_draw():
     uniform = uniform_from_bits(bits)
     assert bool(((uniform > 0) & (uniform < 1)).all())
     assert torch.isfinite(-torch.log(-torch.log(uniform))).all()
+
+
+def test_the_device_bitmask_path_masks_exactly_as_xgrammar():
+    import xgrammar as xgr
+
+    generator = torch.Generator().manual_seed(0)
+    for rows, vocab in ((1, 32), (5, 1000), (7, 384)):  # 1000: not a multiple of 32
+        bitmask = torch.randint(-2**31, 2**31 - 1, (rows, -(-vocab // 32)), dtype=torch.int32,
+                                generator=generator)
+        logits = torch.randn(rows, vocab, generator=generator)
+        expected = logits.clone()
+        xgr.apply_token_bitmask_inplace(expected, bitmask, vocab_size=vocab)
+        assert torch.equal(masked_by_bitmask(logits, bitmask), expected)
 

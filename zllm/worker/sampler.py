@@ -96,15 +96,20 @@ def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tenso
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """-inf where a token's bit is 0. On CPU, xgrammar's own kernel (in place); on a device,
-    plain tensor ops: read as bytes (little-endian), bit t of a row is bit t % 8 of byte t // 8,
-    so unpacking takes a few elementwise kernels and nothing compiled at run time."""
-    num_rows, vocab = logits.shape
+    """-inf where a token's bit is 0: xgrammar's own kernel on CPU (in place), plain tensor ops
+    on a device (nothing compiled at run time)."""
     if logits.device.type == "cpu":
         import xgrammar as xgr
 
-        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab)
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1])
         return logits
+    return masked_by_bitmask(logits, bitmask)
+
+
+def masked_by_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """The int32 words read as little-endian bytes: bit t of a row is bit t % 8 of byte t // 8,
+    so unpacking takes a few elementwise kernels."""
+    num_rows, vocab = logits.shape
     shifts = torch.arange(8, dtype=torch.uint8, device=logits.device)
     bits = (bitmask.view(torch.uint8).unsqueeze(-1) >> shifts) & 1
     allowed = bits.view(num_rows, -1)[:, :vocab].bool()
