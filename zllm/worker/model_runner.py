@@ -165,8 +165,8 @@ class ModelRunner:
 
     def _attention_batch(self, query_lens: list[int], seq_lens: list[int], block_table: np.ndarray,
                          slots: np.ndarray, cuda_graph: bool = False) -> AttentionBatch:
-        return AttentionBatch(query_lens, seq_lens, [-(-s // self.block_size) for s in seq_lens],
-                              block_table, slots, cuda_graph)
+        return AttentionBatch.from_lists(query_lens, seq_lens, block_table, slots, self.block_size,
+                                         cuda_graph)
 
     def _swap(self, pairs: np.ndarray, out: bool) -> None:
         """Copy blocks device -> host (out) or host -> device, in every layer; `pairs` is flat
