@@ -137,7 +137,7 @@ class StepRecorder:
     in-process executor it also times the worker's host-side stages (input preparation,
     attention planning, sampling metadata), which the GPU waits for."""
 
-    HOST_STAGES = ("_prepare_inputs", "_sampling_metadata")
+    HOST_STAGES = ("update", "prepare", "stage", "plan", "sampling_metadata")
 
     def __init__(self, engine, cost: ModelCost, hw: Hardware) -> None:
         self.executor = engine.executor
@@ -147,20 +147,17 @@ class StepRecorder:
         self.submitted: collections.deque = collections.deque()
         self.last_done = 0.0
         self.log = StepLog()
-        self.host_s: dict[str, float] = {}
         self.executor.submit, self.executor.collect = self._submit, self._collect
         runner = getattr(getattr(self.executor, "worker", None), "model_runner", None)
-        if runner is not None:
-            for obj, name in [(runner, n) for n in self.HOST_STAGES] + [(runner.attn, "plan")]:
-                setattr(obj, name, self._timed(name.strip("_"), getattr(obj, name)))
+        self.timer = runner.timer if runner is not None else None  # the runner's stage laps
+        if self.timer is not None:
+            self.timer.enabled = True
 
-    def _timed(self, label: str, fn):
-        def timed(*args):
-            t0 = time.perf_counter()
-            out = fn(*args)
-            self.host_s[label] = self.host_s.get(label, 0.0) + time.perf_counter() - t0
-            return out
-        return timed
+    @property
+    def host_s(self) -> dict[str, float]:
+        """Seconds of each host-side stage of the worker, summed over the steps."""
+        laps = self.timer.laps if self.timer is not None else {}
+        return {stage: sum(laps[stage]) for stage in self.HOST_STAGES if stage in laps}
 
     def _submit(self, sched) -> None:
         for req_id in sched.finished_req_ids + sched.preempted_req_ids:
@@ -188,7 +185,8 @@ class StepRecorder:
 
     def reset(self) -> None:
         self.log = StepLog()
-        self.host_s = {}
+        if self.timer is not None:
+            self.timer.reset()
 
 
 # -- runs ------------------------------------------------------------------------------------------
