@@ -1,10 +1,15 @@
-"""`zllm bench control-path`: what one step costs the executor itself, without the model.
+"""`zllm bench control-path`: what one step costs the executor itself, without the model, and
+what it costs the worker's host.
 
 Every executor runs a stub worker (zllm/bench/stub_worker.py) that answers at once, so the time
 from a ready SchedulerOutput to the sampled tokens being back on the driver is all control path:
 encoding, transport to every rank, decoding, the reply, and the thread wake-ups in between. The
 steps are steady decode (every request cached, one token each, a new block every block_size
 steps), the shape of almost every step in serving.
+
+Then (unless --worker off) a real worker runs the same kind of steps in this process and reports
+its host time per stage: the input preparation that the GPU waits for at every step
+(zllm/bench/worker_host.py).
 """
 
 from __future__ import annotations
@@ -77,8 +82,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--requests", default="1,64,256", help="running-request counts")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--worker", choices=("on", "off", "only"), default="on",
+                        help="also time the real worker's host stages (demo model, CPU)")
+    parser.add_argument("--worker-steps", type=int, default=100)
+    parser.add_argument("--worker-model", default="demo",
+                        help="'demo' (CPU) or a benchmark shape such as llama-3.2-1b (GPU, dummy "
+                             "weights)")
+    parser.add_argument("--worker-context", type=int, default=16,
+                        help="prompt tokens per request before the decode steps")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature of the worker's requests")
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.requests.split(",")]
+    if args.worker != "off":
+        from zllm.bench.worker_host import worker_rows
+
+        rows = worker_rows(counts, max(1, args.worker_steps // 10), args.worker_steps,
+                           args.temperature, args.worker_model, args.worker_context)
+        write_results("Worker host time per decode step (zllm bench control-path)",
+                      {"steps": args.worker_steps, "temperature": args.temperature,
+                       "model": args.worker_model, "context": args.worker_context,
+                       "worker": "in process", "workload": "steady decode, async"},
+                      rows, _beside(args.out, "worker"), args.markdown or None)
+        if args.worker == "only":
+            return 0
 
     import ray
 
@@ -107,6 +134,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     write_results("Control path per step (zllm bench control-path)", config, rows, args.out,
                   args.markdown or None)
     return 0
+
+
+def _beside(path: Optional[str], tag: str) -> Optional[str]:
+    """`path` with `tag` before its extension (control_path.json -> control_path.worker.json)."""
+    if not path:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}.{tag}{ext}"
 
 
 if __name__ == "__main__":
