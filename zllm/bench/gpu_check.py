@@ -9,7 +9,9 @@ CI has no GPU, so this is a program to run on one, not a test. It checks, in bf1
      by the light plan (fast_decode_plan);
   2. model: last-token logits of a small random Llama agree between the two backends;
   3. engine: `LLM(...)` with attention_backend flashinfer and torch (and flashinfer with CUDA
-     graphs vs enforce_eager) produce the same greedy tokens for 64 steps.
+     graphs vs enforce_eager) produce the same greedy tokens for 64 steps;
+  4. host stages (reported, not checked): the worker's host time per stage of a decode step at
+     256 running requests of a benchmark shape (--host-model, llama-3.2-1b by default).
 Exits non-zero if a check fails.
 """
 
@@ -230,9 +232,26 @@ def check_engine(path: str, steps: int = 64) -> dict:
             "ok": graph_vs_eager == steps and all(d["near_tie"] for d in parted)}
 
 
+HOST_TARGET_US = 1500  # the worker's host time per decode step at 256 requests (issue 11)
+
+
+def check_host_stages(model: str, num_requests: int = 256, context: int = 512) -> dict:
+    """The worker's host time per stage of one decode step at `num_requests` running requests
+    (dummy weights of a benchmark shape, CUDA graphs, async pattern): zllm/bench/worker_host.py.
+    Reported beside the target; timings do not decide PASS."""
+    from zllm.bench.worker_host import time_worker
+
+    laps = time_worker(num_requests, warmup=20, steps=100, model=model, context=context)
+    return {"model": model, "num_requests": num_requests, "context": context,
+            "median_us": {k: round(v, 1) for k, v in laps.items()},
+            "within_target": laps["host_total"] <= HOST_TARGET_US, "target_us": HOST_TARGET_US}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--host-model", default="llama-3.2-1b",
+                        help="benchmark shape for the host-time stages ('' to skip)")
     args = parser.parse_args()
     device = torch.device("cuda")
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -246,6 +265,9 @@ def main() -> int:
         print(f"[{time.perf_counter() - t0:.0f} s] model logits:", results["model_logits"], flush=True)
         results["engine"] = check_engine(path)
         print(f"[{time.perf_counter() - t0:.0f} s] engine:", results["engine"], flush=True)
+    if args.host_model:
+        results["host_stages"] = check_host_stages(args.host_model)
+        print(f"[{time.perf_counter() - t0:.0f} s] host stages:", results["host_stages"], flush=True)
     ok = all(r["ok"] for r in results["kernels"].values()) and results["model_logits"]["ok"] \
         and results["engine"]["ok"]
     results["ok"] = ok
