@@ -215,14 +215,15 @@ class InputBatch:
         known = self.num_tokens[slots]
         fill = np.flatnonzero(end > known)
         fill_rows, fill_from = starts[fill], self.prev_index[slots[fill]]
-        num_pad = num_rows - num_reqs
+        num_pad = num_rows - num_reqs  # padding rows: one token each, in the scratch block
         attention = AttentionBatch(
-            self._arange[:num_rows + 1] if num_pad else starts,
-            _pad(end.astype(np.int32), num_rows, 1),
-            _pad(((end + bs - 1) // bs).astype(np.int32), num_rows, 1), self.block_table,
-            _pad(slots, num_rows, self.pad_slot), _pad(slot_mapping, num_tokens + num_pad,
-                                                         self.scratch_block * bs),
-            1 if num_tokens == num_reqs else int(num_scheduled.max()), cuda_graph=num_pad > 0)
+            query_start_loc=self._arange[:num_rows + 1] if num_pad else starts,
+            seq_lens=_pad(end.astype(np.int32), num_rows, 1),
+            num_blocks=_pad(((end + bs - 1) // bs).astype(np.int32), num_rows, 1),
+            block_table=self.block_table, table_rows=_pad(slots, num_rows, self.pad_slot),
+            slot_mapping=_pad(slot_mapping, num_tokens + num_pad, self.scratch_block * bs),
+            max_query_len=1 if num_tokens == num_reqs else int(num_scheduled.max()),
+            cuda_graph=num_pad > 0)
         step = StepInputs(_pad(input_ids, num_tokens + num_pad, 0),
                           _pad(positions, num_tokens + num_pad, 0), attention, fill_rows,
                           fill_from, *self._sampled(slots, starts, end, known, num_tokens))
