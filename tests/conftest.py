@@ -81,7 +81,7 @@ def ray_session():
     import ray
 
     # 6 logical CPUs: a module-scoped TP=2 engine and one more TP=4 executor fit side by side.
-    context = ray.init(num_cpus=6, include_dashboard=False, object_store_memory=128 * 2**20,
-                       logging_level=logging.WARNING)
+    context = ray.init(address="local", num_cpus=6, include_dashboard=False,
+                       object_store_memory=128 * 2**20, logging_level=logging.WARNING)
     yield context.address_info["gcs_address"]  # for engine core processes to join
     ray.shutdown()
