@@ -287,12 +287,17 @@ class LlamaArchitecture:
 
     @classmethod
     def from_model_dir(cls, path: str) -> "LlamaArchitecture":
+        from zllm.model_files import meta_vocab_size
+
         hf_config = os.path.join(path, "config.json")
         meta_params = os.path.join(path, "params.json")
         if os.path.isfile(hf_config):
             arch = cls.from_hf_config(_read_json(hf_config))
         elif os.path.isfile(meta_params):
-            arch = cls.from_meta_params(_read_json(meta_params))
+            params = _read_json(meta_params)
+            if params.get("vocab_size", -1) <= 0:  # Llama 2 writes -1
+                params["vocab_size"] = meta_vocab_size(path)
+            arch = cls.from_meta_params(params)
         else:
             raise ValueError(f"model directory {path!r} has neither config.json nor params.json")
         generation_config = os.path.join(path, "generation_config.json")

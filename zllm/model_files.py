@@ -3,9 +3,12 @@ the workers to load."""
 
 from __future__ import annotations
 
+import collections
 import glob
 import json
 import os
+import pickle
+import zipfile
 
 
 def resolve_model_dir(model: str) -> str:
@@ -51,3 +54,36 @@ def safetensors_files(model_dir: str) -> list[str]:
 
 def meta_files(model_dir: str) -> list[str]:
     return sorted(glob.glob(os.path.join(model_dir, "consolidated.*.pth")))
+
+
+def meta_vocab_size(model_dir: str) -> int:
+    """The vocabulary size of a Meta checkpoint, from the shapes of its `output.weight` parts
+    (split over the vocabulary in every Llama generation). Llama 2's params.json says -1."""
+    return sum(pth_tensor_shape(path, "output.weight")[0] for path in meta_files(model_dir))
+
+
+class _ShapeUnpickler(pickle.Unpickler):
+    """Unpickles a torch.save archive's data.pkl into {name: shape}, without torch and without
+    touching the tensor data: each tensor is rebuilt as the tuple of its sizes."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda storage, offset, size, *rest: tuple(size)
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch":  # storage classes and dtypes: only their names are needed
+            return name
+        raise pickle.UnpicklingError(f"unexpected {module}.{name} in a checkpoint's pickle")
+
+    def persistent_load(self, pid):
+        return None  # the tensor's storage, which a shape does not need
+
+
+def pth_tensor_shape(path: str, name: str) -> tuple[int, ...]:
+    with zipfile.ZipFile(path) as archive:
+        pickled = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+        with archive.open(pickled) as f:
+            shapes = _ShapeUnpickler(f).load()
+    if name not in shapes:
+        raise ValueError(f"checkpoint {path!r} has no tensor {name!r}")
+    return shapes[name]

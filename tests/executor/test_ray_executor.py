@@ -1,6 +1,5 @@
 """The Ray executor on one node: TP=2 greedy parity, failure handling, data-plane hygiene."""
 
-import logging
 import os
 import signal
 import time
@@ -14,16 +13,6 @@ from zllm import EngineDeadError, SamplingParams
 from zllm.config import EngineConfig
 from zllm.executor.ray_executor import RayExecutor
 from zllm.protocol import CachedRequestData, SchedulerOutput, encode_scheduler_output
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    """One local Ray instance for the module: executors find it running and leave it up."""
-    # 6 logical CPUs: the module-scoped TP=2 engine and one more TP=4 executor fit side by side.
-    ray.init(num_cpus=6, include_dashboard=False, object_store_memory=128 * 2**20,
-             logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,177 @@
+"""Checkpoint readers: each turns a `Piece` (a Hugging Face tensor name, and optionally a slice of
+it) into a tensor, reading no more of the file than that slice where the format allows.
+
+- safetensors: one file or a sharded index; slices are read from the file directly.
+- meta: Meta's original consolidated.NN.pth, one model-parallel part per file, memory-mapped.
+  Which dimension each tensor is split along is read off the parts' shapes, so every Llama
+  generation's own layout loads (Llama 3 splits tok_embeddings over the vocabulary, Llama 2
+  over the model dimension) from any number of parts into any TP size.
+
+Meta's Llama q/k rows interleave the two rotary halves of each head; the reader returns them in
+the rotate-half layout of Hugging Face checkpoints, which the model uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import torch
+
+from zllm.config import LlamaArchitecture
+from zllm.model_files import meta_files, safetensors_files
+
+
+@dataclass
+class Piece:
+    """Rows (dim 0) or columns (dim 1) [start, end) of one checkpoint tensor; None: all of it."""
+
+    name: str
+    dim: int | None = None
+    start: int = 0
+    end: int = 0
+
+
+class CheckpointReader(Protocol):
+    def read(self, piece: Piece) -> torch.Tensor: ...
+
+
+def make_reader(model_path: str, load_format: str, arch: LlamaArchitecture) -> CheckpointReader:
+    """The reader for a detected load format (see zllm.model_files.detect_load_format)."""
+    if load_format == "safetensors":
+        return SafetensorsReader(model_path)
+    if load_format == "meta":
+        return MetaReader(model_path, arch)
+    raise ValueError(f"load_format {load_format!r} has no checkpoint reader")
+
+
+def _slice(tensor, piece: Piece) -> torch.Tensor:
+    if piece.dim is None:
+        return tensor[:]
+    return tensor[piece.start:piece.end] if piece.dim == 0 else tensor[:, piece.start:piece.end]
+
+
+def swap_rotary_layout(w: torch.Tensor, head_dim: int, interleaved: bool) -> torch.Tensor:
+    """Within each head, reorder q/k rows between the interleaved rotary pairs (x0, x1), (x2,
+    x3)... of Meta (interleaved=True: from that layout) and the rotate-half layout
+    (x0, x2, ..., x1, x3...). Works on any slice of whole heads."""
+    rows, cols = w.shape
+    pairs = (head_dim // 2, 2) if interleaved else (2, head_dim // 2)
+    return w.reshape(rows // head_dim, *pairs, cols).transpose(1, 2).reshape(rows, cols)
+
+
+# The Hugging Face tensors whose rows Meta stores in interleaved rotary order.
+ROTARY_WEIGHTS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
+
+
+def rotate_half_rows(read_interleaved, piece: Piece, head_dim: int) -> torch.Tensor:
+    """q/k rows in the rotate-half layout, from a function reading them interleaved. A row slice
+    that cuts a head is widened to whole heads, reordered, then cut back."""
+    if piece.dim != 0:
+        return swap_rotary_layout(read_interleaved(piece), head_dim, interleaved=True)
+    lo, hi = piece.start // head_dim * head_dim, -(-piece.end // head_dim) * head_dim
+    heads = read_interleaved(Piece(piece.name, 0, lo, hi))
+    return swap_rotary_layout(heads, head_dim, interleaved=True)[piece.start - lo:piece.end - lo]
+
+
+class SafetensorsReader:
+    """Reads tensor slices from *.safetensors files without loading whole tensors."""
+
+    def __init__(self, model_dir: str) -> None:
+        from safetensors import safe_open
+
+        self.files = {}
+        self.location: dict[str, str] = {}
+        for path in safetensors_files(model_dir):
+            handle = safe_open(path, framework="pt")
+            self.files[path] = handle
+            for key in handle.keys():
+                self.location[key] = path
+
+    def read(self, piece: Piece) -> torch.Tensor:
+        path = self.location.get(piece.name)
+        if path is None:
+            raise ValueError(f"checkpoint has no tensor {piece.name!r}")
+        return _slice(self.files[path].get_slice(piece.name), piece)
+
+
+# Hugging Face name (after "model.layers.N." for a layer's tensors) -> Meta's name.
+_META_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "self_attn.q_proj.weight": "attention.wq.weight",
+    "self_attn.k_proj.weight": "attention.wk.weight",
+    "self_attn.v_proj.weight": "attention.wv.weight",
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+
+
+def meta_name(hf_name: str) -> str:
+    if hf_name.startswith("model.layers."):
+        _, _, layer, rest = hf_name.split(".", 3)
+        return f"layers.{layer}.{_META_NAMES[rest]}"
+    return _META_NAMES[hf_name]
+
+
+def hf_shape(hf_name: str, arch: LlamaArchitecture) -> tuple[int, ...]:
+    """The full shape of a Hugging Face Llama tensor (norms: [hidden])."""
+    h, i, v = arch.hidden_size, arch.intermediate_size, arch.vocab_size
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    shapes = {"embed_tokens": (v, h), "lm_head": (v, h), "q_proj": (q, h), "k_proj": (kv, h),
+              "v_proj": (kv, h), "o_proj": (h, q), "gate_proj": (i, h), "up_proj": (i, h),
+              "down_proj": (h, i)}
+    return shapes.get(hf_name.split(".")[-2], (h,))
+
+
+def split_dim(part_shapes: list[tuple[int, ...]], full: tuple[int, ...], name: str) -> Optional[int]:
+    """The dimension a tensor's model-parallel parts are concatenated along; None: replicated."""
+    if all(shape == full for shape in part_shapes):
+        return None
+    for dim in range(len(full)):
+        rest = full[:dim] + full[dim + 1:]
+        if (all(s[:dim] + s[dim + 1:] == rest for s in part_shapes)
+                and sum(s[dim] for s in part_shapes) == full[dim]):
+            return dim
+    raise ValueError(f"checkpoint tensor {name!r}: parts of shapes {part_shapes} do not join into "
+                     f"the model's shape {full} along any dimension")
+
+
+class MetaReader:
+    """Reads Meta's original checkpoint: consolidated.NN.pth, each one model-parallel part.
+
+    Files are memory-mapped, so only the slices read are paged in. A slice along a tensor's split
+    dimension reads only the parts it overlaps; a slice across it reads that slice of each part.
+    """
+
+    def __init__(self, model_dir: str, arch: LlamaArchitecture) -> None:
+        self.parts = [torch.load(p, map_location="cpu", mmap=True, weights_only=True)
+                      for p in meta_files(model_dir)]
+        self.arch = arch
+
+    def read(self, piece: Piece) -> torch.Tensor:
+        if piece.name.endswith(ROTARY_WEIGHTS):
+            return rotate_half_rows(self._read, piece, self.arch.head_dim)
+        return self._read(piece)
+
+    def _read(self, piece: Piece) -> torch.Tensor:
+        name = meta_name(piece.name)
+        parts = [part[name] for part in self.parts]
+        split = split_dim([tuple(p.shape) for p in parts], hf_shape(piece.name, self.arch), name)
+        if split is None:
+            return _slice(parts[0], piece)
+        if piece.dim != split:  # the same slice of every part, joined along the split
+            return torch.cat([_slice(part, piece) for part in parts], dim=split)
+        chunks, offset = [], 0  # the overlapping range of each part
+        for part in parts:
+            size = part.shape[split]
+            lo, hi = max(piece.start, offset), min(piece.end, offset + size)
+            if lo < hi:
+                chunks.append(_slice(part, Piece(name, split, lo - offset, hi - offset)))
+            offset += size
+        return torch.cat(chunks, dim=split)
