@@ -17,19 +17,19 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-LOAD_FORMATS = ("auto", "safetensors", "meta", "dummy")
+LOAD_FORMATS = ("auto", "safetensors", "meta", "gguf", "dummy")
 PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 
 
 @dataclass
 class ModelConfig:
-    """What to run: a Hugging Face or Meta Llama directory, or the built-in demo model."""
+    """What to run: a Hugging Face or Meta Llama directory, a GGUF file, or the built-in demo model."""
 
-    model: str = "demo"  # a directory, or "demo" for the built-in tiny random Llama
+    model: str = "demo"  # a directory or .gguf file, or "demo" for the built-in tiny random Llama
     tokenizer: Optional[str] = None  # defaults to the model directory
     dtype: str = "auto"  # auto: the checkpoint's dtype on GPU, float32 on CPU
     max_model_len: Optional[int] = None  # defaults to the model's max_position_embeddings
-    load_format: str = "auto"  # auto: safetensors if present, else Meta's consolidated.*.pth
+    load_format: str = "auto"  # auto: safetensors, else Meta's consolidated.*.pth, else .gguf
     seed: int = 0  # seeds dummy weights and requests without their own seed
 
 
@@ -287,6 +287,9 @@ class LlamaArchitecture:
 
     @classmethod
     def from_model_dir(cls, path: str) -> "LlamaArchitecture":
+        """From config.json, Meta's params.json, or a GGUF file's metadata (`path` may be the
+        .gguf file itself)."""
+        from zllm.gguf_file import find_gguf_file, gguf_hf_config
         from zllm.model_files import meta_vocab_size
 
         hf_config = os.path.join(path, "config.json")
@@ -298,8 +301,11 @@ class LlamaArchitecture:
             if params.get("vocab_size", -1) <= 0:  # Llama 2 writes -1
                 params["vocab_size"] = meta_vocab_size(path)
             arch = cls.from_meta_params(params)
+        elif find_gguf_file(path):
+            return cls.from_hf_config(gguf_hf_config(find_gguf_file(path)))
         else:
-            raise ValueError(f"model directory {path!r} has neither config.json nor params.json")
+            raise ValueError(f"model directory {path!r} has none of config.json, params.json "
+                             f"or a .gguf file")
         generation_config = os.path.join(path, "generation_config.json")
         if os.path.isfile(generation_config):
             eos = _read_json(generation_config).get("eos_token_id")

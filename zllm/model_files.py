@@ -10,36 +10,37 @@ import os
 import pickle
 import zipfile
 
+from zllm.gguf_file import find_gguf_file
 
-def resolve_model_dir(model: str) -> str:
-    """The directory to load: the demo model (built on first use) or a local path."""
+def resolve_model_path(model: str) -> str:
+    """What to load: the demo model (built on first use), or a local directory or .gguf file."""
     if model == "demo":
         from zllm.demo import ensure_demo_model
 
         return ensure_demo_model()
-    if not os.path.isdir(model):
-        raise ValueError(f"model directory {model!r} does not exist (give a local Hugging Face or "
-                         f"Meta Llama directory, or 'demo')")
+    if not os.path.exists(model):
+        raise ValueError(f"model path {model!r} does not exist (give a local Hugging Face or Meta "
+                         f"Llama directory, a .gguf file, or 'demo')")
     return model
 
 
-def detect_load_format(model_dir: str, load_format: str) -> str:
-    """safetensors, meta or dummy; raises if the directory holds no weights of that format."""
+def detect_load_format(model_path: str, load_format: str) -> str:
+    """safetensors, meta, gguf or dummy; raises if the path holds no weights of that format."""
     if load_format == "dummy":
         return "dummy"
-    has_safetensors = bool(safetensors_files(model_dir))
-    has_meta = bool(meta_files(model_dir))
+    found = {"safetensors": bool(safetensors_files(model_path)), "meta": bool(meta_files(model_path)),
+             "gguf": find_gguf_file(model_path) is not None}
     if load_format == "auto":
-        if has_safetensors:
-            return "safetensors"
-        if has_meta:
-            return "meta"
-        raise ValueError(f"model directory {model_dir!r} has no weights: expected *.safetensors "
-                         f"(or model.safetensors.index.json) or consolidated.*.pth")
-    if load_format == "safetensors" and not has_safetensors:
-        raise ValueError(f"model directory {model_dir!r} has no *.safetensors weights")
-    if load_format == "meta" and not has_meta:
-        raise ValueError(f"model directory {model_dir!r} has no consolidated.*.pth weights")
+        for fmt in ("safetensors", "meta", "gguf"):  # a .gguf beside safetensors is a side copy
+            if found[fmt]:
+                return fmt
+        raise ValueError(f"model path {model_path!r} has no weights: expected *.safetensors "
+                         f"(or model.safetensors.index.json), consolidated.*.pth or a .gguf file")
+    if not found[load_format]:
+        expected = {"safetensors": "*.safetensors", "meta": "consolidated.*.pth",
+                    "gguf": "a .gguf file"}[load_format]
+        raise ValueError(f"model path {model_path!r} has no {expected} weights "
+                         f"(load_format {load_format!r})")
     return load_format
 
 

@@ -21,7 +21,7 @@ from zllm.engine.output_processor import OutputProcessor
 from zllm.engine.request import Request, RequestStatus
 from zllm.engine.scheduler import Scheduler, StepStats
 from zllm.executor import Executor, make_executor
-from zllm.model_files import detect_load_format, resolve_model_dir
+from zllm.model_files import detect_load_format, resolve_model_path
 from zllm.outputs import CompletionOutput, RequestOutput
 from zllm.sampling_params import SamplingParams
 from zllm.tokenizer import load_tokenizer
@@ -67,7 +67,7 @@ class _Group:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         config = copy.deepcopy(config)
-        config.model.model = resolve_model_dir(config.model.model)
+        config.model.model = resolve_model_path(config.model.model)
         config.model.load_format = detect_load_format(config.model.model, config.model.load_format)
         self.arch = LlamaArchitecture.from_model_dir(config.model.model)
         self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)

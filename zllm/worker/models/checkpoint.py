@@ -6,9 +6,11 @@ it) into a tensor, reading no more of the file than that slice where the format 
   Which dimension each tensor is split along is read off the parts' shapes, so every Llama
   generation's own layout loads (Llama 3 splits tok_embeddings over the vocabulary, Llama 2
   over the model dimension) from any number of parts into any TP size.
+- gguf: llama.cpp's format, memory-mapped through the `gguf` package (llama.cpp's own reader).
+  Only the rows a rank needs are dequantised: rows are independent in every GGUF block format.
 
-Meta's Llama q/k rows interleave the two rotary halves of each head; the reader returns them in
-the rotate-half layout of Hugging Face checkpoints, which the model uses.
+Meta's and llama.cpp's Llama q/k rows interleave the two rotary halves of each head; readers
+return them in the rotate-half layout of Hugging Face checkpoints, which the model uses.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
+import numpy as np
 import torch
 
 from zllm.config import LlamaArchitecture
+from zllm.gguf_file import find_gguf_file, metadata_value, open_gguf
 from zllm.model_files import meta_files, safetensors_files
 
 
@@ -42,6 +46,8 @@ def make_reader(model_path: str, load_format: str, arch: LlamaArchitecture) -> C
         return SafetensorsReader(model_path)
     if load_format == "meta":
         return MetaReader(model_path, arch)
+    if load_format == "gguf":
+        return GGUFReader(find_gguf_file(model_path), arch)
     raise ValueError(f"load_format {load_format!r} has no checkpoint reader")
 
 
@@ -53,14 +59,14 @@ def _slice(tensor, piece: Piece) -> torch.Tensor:
 
 def swap_rotary_layout(w: torch.Tensor, head_dim: int, interleaved: bool) -> torch.Tensor:
     """Within each head, reorder q/k rows between the interleaved rotary pairs (x0, x1), (x2,
-    x3)... of Meta (interleaved=True: from that layout) and the rotate-half layout
+    x3)... of Meta and llama.cpp (interleaved=True: from that layout) and the rotate-half layout
     (x0, x2, ..., x1, x3...). Works on any slice of whole heads."""
     rows, cols = w.shape
     pairs = (head_dim // 2, 2) if interleaved else (2, head_dim // 2)
     return w.reshape(rows // head_dim, *pairs, cols).transpose(1, 2).reshape(rows, cols)
 
 
-# The Hugging Face tensors whose rows Meta stores in interleaved rotary order.
+# The Hugging Face tensors whose rows Meta and llama.cpp store in interleaved rotary order.
 ROTARY_WEIGHTS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
 
 
@@ -175,3 +181,64 @@ class MetaReader:
                 chunks.append(_slice(part, Piece(name, split, lo - offset, hi - offset)))
             offset += size
         return torch.cat(chunks, dim=split)
+
+
+class GGUFReader:
+    """Reads llama.cpp's GGUF file, dequantising (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K,
+    Q6_K and whatever else the `gguf` package dequantises) only what a piece asks for.
+
+    Names map through the `gguf` package's own table (the one llama.cpp's converter writes
+    with). llama.cpp's converter permutes the q/k rows of Llama (only) into the interleaved
+    rotary layout; that is undone here.
+    """
+
+    def __init__(self, path: str, arch: LlamaArchitecture) -> None:
+        import gguf
+
+        reader = open_gguf(path)
+        self.path = path
+        self.tensors = {t.name: t for t in reader.tensors}
+        arch_name = metadata_value(reader, "general.architecture")
+        model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name)
+        self.names = gguf.get_tensor_name_map(model_arch, arch.num_layers)
+        self.unpermute = arch_name == "llama"
+        self.head_dim = arch.head_dim
+
+    def read(self, piece: Piece) -> torch.Tensor:
+        if self.unpermute and piece.name.endswith(ROTARY_WEIGHTS):
+            return rotate_half_rows(self._read, piece, self.head_dim)
+        return self._read(piece)
+
+    def _read(self, piece: Piece) -> torch.Tensor:
+        base, suffix = piece.name.rsplit(".", 1)
+        gguf_base = self.names.get_name(base)
+        tensor = self.tensors.get(f"{gguf_base}.{suffix}") if gguf_base else None
+        if tensor is None:
+            raise ValueError(f"GGUF file {self.path!r} has no tensor for {piece.name!r} "
+                             f"(llama.cpp name {gguf_base}.{suffix})")
+        w = dequantize_piece(tensor, piece)
+        return torch.from_numpy(w if w.flags.writeable else w.copy())
+
+
+def dequantize_piece(tensor, piece: Piece) -> np.ndarray:
+    """float32 rows [start, end) (dim 0) or columns (dim 1) of a GGUF tensor. Rows are
+    independent in every GGUF format, so a row slice dequantises only its own bytes; a column
+    slice does too when it starts and ends on quantisation-block boundaries."""
+    from gguf import GGML_QUANT_SIZES, dequantize
+
+    data = tensor.data  # [rows, bytes per row] for block formats, [rows, cols] for F32/F16
+    block, block_bytes = GGML_QUANT_SIZES[tensor.tensor_type] if data.dtype == np.uint8 else (1, 1)
+    columns = None
+    if piece.dim == 0:
+        data = data[piece.start:piece.end]
+    elif piece.dim == 1:
+        if piece.start % block == 0 and piece.end % block == 0:
+            data = data[:, piece.start // block * block_bytes:piece.end // block * block_bytes]
+        else:
+            columns = slice(piece.start, piece.end)
+    try:
+        w = dequantize(data, tensor.tensor_type)
+    except NotImplementedError as e:
+        raise ValueError(f"GGUF tensor {tensor.name!r} is {tensor.tensor_type.name}, which the "
+                         f"gguf package cannot dequantise: {e}") from e
+    return w if columns is None else w[:, columns]

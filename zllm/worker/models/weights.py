@@ -2,7 +2,7 @@
 
 Every parameter is described in Hugging Face terms: which checkpoint tensors, along which dim,
 which range. A reader (zllm/worker/models/checkpoint.py) turns that into I/O for the format:
-safetensors or Meta's consolidated.NN.pth. `dummy` fills random weights of the right shapes.
+safetensors, Meta's consolidated.NN.pth or GGUF. `dummy` fills random weights of the right shapes.
 """
 
 from __future__ import annotations
