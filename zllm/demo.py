@@ -1,9 +1,11 @@
-"""The built-in demo model: a tiny Llama with random weights and a locally trained tokenizer.
+"""The built-in `tiny-random` model: a tiny Llama with random weights and a locally trained
+tokenizer.
 
 Nothing is downloaded. The model is written on first use into ~/.cache/zllm (or $ZLLM_CACHE_DIR)
 as an ordinary Hugging Face directory, so every loading path is the real one. Its text is random:
-it exists so that zllm runs end to end on a fresh machine. Tests build their own variants with the
-same functions.
+it exists so that every part of zllm runs end to end with nothing to download or install. Tests
+build their own variants with the same functions. (The default model, `smollm2`, is a real one:
+see zllm/model_files.py.)
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def cache_dir() -> str:
 
 
 def ensure_demo_model() -> str:
-    """Path of the demo model, building it on first use (atomically, so parallel runs agree)."""
+    """Path of the tiny-random model, building it on first use (atomically, so parallel runs
+    agree)."""
     path = os.path.join(cache_dir(), f"demo-llama-v{DEMO_VERSION}")
     if os.path.isfile(os.path.join(path, "model.safetensors")):
         return path

