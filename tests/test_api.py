@@ -67,7 +67,20 @@ def test_serve_configs_load():
     from zllm import EngineConfig
 
     demo = EngineConfig.from_yaml("configs/serve-cpu-demo.yaml", port=9000)
-    assert demo.server.port == 9000 and demo.server.served_model_name == "smollm2"
+    assert demo.server.port == 9000 and demo.model.model == "smollm2"
     gpu = EngineConfig.from_yaml("configs/serve-gpu-llama.yaml")
     assert gpu.parallel.tensor_parallel_size == 2 and gpu.server.host == "0.0.0.0"
 
+
+def test_served_model_name_follows_a_model_flag_unless_named_too():
+    from zllm.cli import build_parser, serve_config
+
+    def served_name(*flags: str) -> str:
+        config = serve_config(build_parser().parse_args(["serve", *flags]))
+        return config.server.served_model_name or config.model.model
+
+    gpu = "configs/serve-gpu-llama.yaml"
+    assert served_name(gpu) == "llama-3.1-8b-instruct"
+    assert served_name(gpu, "--model", "/models/other") == "/models/other"
+    assert served_name(gpu, "--model", "/models/other", "--served-model-name", "x") == "x"
+    assert served_name("configs/serve-cpu-demo.yaml") == "smollm2"

@@ -74,18 +74,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from zllm.entrypoints.server import serve
 
+    asyncio.run(serve(serve_config(args)))
+    return 0
+
+
+def serve_config(args: argparse.Namespace) -> EngineConfig:
     if args.config_file and args.config:
         raise ValueError("give the config file once: as CONFIG or as --config")
     args.config = args.config or args.config_file
     config = config_from_args(args)
+    if args.model is not None and args.served_model_name is None:
+        config.set("served_model_name", None)  # the file's name was for the file's model
     # The one place zllm reads the environment for a setting: a key kept out of YAML files.
     if config.server.api_key is None and os.environ.get("ZLLM_API_KEY"):
         config.set("api_key", os.environ["ZLLM_API_KEY"])
-    asyncio.run(serve(config))
-    return 0
+    return config
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zllm", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
     gen = verbs.add_parser("generate", help="generate text for one or more prompts")
@@ -107,7 +113,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     bench = verbs.add_parser("bench", help="run a benchmark program (zllm bench NAME --help)")
     bench.add_argument("name", choices=sorted(BENCHMARKS))
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.verb == "bench":
