@@ -69,10 +69,17 @@ class HFReference:
         key = (model_dir, gguf_file, tuple(prompt_ids), max_new_tokens)
         if key not in self.cache:
             ids = torch.tensor([prompt_ids])
-            with torch.no_grad():
-                out = self.model(model_dir, gguf_file).generate(
-                    ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                    max_new_tokens=max_new_tokens)
+            # One thread: a batch-1 decode's small matmuls gain little from two, and each op's
+            # thread handoff stalls for many milliseconds when other processes share the cores.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with torch.no_grad():
+                    out = self.model(model_dir, gguf_file).generate(
+                        ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                        max_new_tokens=max_new_tokens)
+            finally:
+                torch.set_num_threads(threads)
             self.cache[key] = out[0, len(prompt_ids):].tolist()
         return self.cache[key]
 
