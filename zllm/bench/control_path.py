@@ -111,11 +111,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--worker", choices=("on", "off", "only"), default="on",
-                        help="also time the real worker's host stages (demo model, CPU); only: "
+                        help="also time the real worker's host stages (tiny model, CPU); only: "
                              "just those")
     parser.add_argument("--worker-steps", type=int, default=100)
-    parser.add_argument("--worker-model", default="demo",
-                        help="'demo' (CPU) or a benchmark shape such as llama-3.2-1b (GPU, dummy "
+    parser.add_argument("--worker-model", default="tiny-random",
+                        help="'tiny-random' (CPU) or a benchmark shape such as llama-3.2-1b (GPU, dummy "
                              "weights)")
     parser.add_argument("--worker-context", type=int, default=16,
                         help="prompt tokens per request before the decode steps")

@@ -27,7 +27,7 @@ import statistics
 import numpy as np
 
 from zllm.config import EngineConfig
-from zllm.model_files import detect_load_format, resolve_model_dir
+from zllm.model_files import detect_load_format, resolve_model_path
 from zllm.protocol import CachedRequestData, NewRequestData, SchedulerOutput
 from zllm.sampling_params import SamplingParams
 
@@ -80,19 +80,19 @@ class DecodeWorkload:
 
 
 def make_worker(num_requests: int, num_blocks: int, model: str):
-    """A Worker on the default device: the demo model (float32 on a CPU) or a shape from
+    """A Worker on the default device: the tiny random model (float32 on a CPU) or a shape from
     zllm.bench.throughput.MODEL_SHAPES with dummy weights."""
     from zllm.worker.worker import Worker
 
     settings = dict(block_size=BLOCK_SIZE, max_num_seqs=num_requests, num_kv_blocks=num_blocks)
-    if model == "demo":
-        settings.update(device="cpu", dtype="float32")
+    if model == "tiny-random":
+        settings.update(model="tiny-random", device="cpu", dtype="float32")
     else:
         from zllm.bench.throughput import model_dir_for
 
         settings.update(model=model_dir_for(model), load_format="dummy", max_model_len=8192)
     config = EngineConfig.from_dict({}, **settings)
-    config.model.model = resolve_model_dir(config.model.model)
+    config.model.model = resolve_model_path(config.model.model)
     config.model.load_format = detect_load_format(config.model.model, config.model.load_format)
     worker = Worker(config, rank=0, distributed_init_method=None)
     worker.init_distributed_environment()
@@ -102,7 +102,7 @@ def make_worker(num_requests: int, num_blocks: int, model: str):
 
 
 def time_worker(num_requests: int, warmup: int, steps: int, temperature: float = 0.0,
-                model: str = "demo", context: int = BLOCK_SIZE) -> dict[str, float]:
+                model: str = "tiny-random", context: int = BLOCK_SIZE) -> dict[str, float]:
     """Median microseconds per stage over `steps` decode steps, after `warmup`."""
     workload = DecodeWorkload(num_requests, warmup + steps, temperature, context)
     worker = make_worker(num_requests, workload.num_blocks, model)
@@ -126,7 +126,7 @@ def time_worker(num_requests: int, warmup: int, steps: int, temperature: float =
 
 
 def worker_rows(counts: list[int], warmup: int, steps: int, temperature: float,
-                model: str = "demo", context: int = BLOCK_SIZE) -> list[dict]:
+                model: str = "tiny-random", context: int = BLOCK_SIZE) -> list[dict]:
     rows = []
     for n in counts:
         laps = time_worker(n, warmup, steps, temperature, model, context)
