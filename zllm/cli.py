@@ -16,6 +16,7 @@ from zllm.config import SECTIONS, EngineConfig, field_types
 BENCHMARKS = {
     "control-path": "zllm.bench.control_path",
     "scheduling": "zllm.bench.scheduling",
+    "serve": "zllm.bench.serve",
     "throughput": "zllm.bench.throughput",
 }
 

@@ -63,6 +63,9 @@ class GenerateRequest:
     stream: bool
     include_usage: bool
     chat_logprobs: bool = False
+    # vLLM's extension: each choice (and each stream chunk's) carries its new token ids, so a
+    # client counts tokens exactly even where they make no text yet.
+    return_token_ids: bool = False
 
 
 def _sampling_params(body: dict[str, Any], max_tokens: int, logprobs: Optional[int]) -> SamplingParams:
@@ -120,7 +123,8 @@ def parse_completion(body: dict[str, Any]) -> GenerateRequest:
     logprobs = _field(body, "logprobs", "integer|null")
     params = _sampling_params(body, 16 if max_tokens is None else max_tokens, logprobs)
     stream, include_usage = _stream_flags(body)
-    return GenerateRequest(model, prompt, None, params, stream, include_usage)
+    return GenerateRequest(model, prompt, None, params, stream, include_usage,
+                           return_token_ids=_field(body, "return_token_ids", "boolean|null", False))
 
 
 def parse_chat(body: dict[str, Any], max_model_len: int) -> GenerateRequest:
@@ -143,7 +147,8 @@ def parse_chat(body: dict[str, Any], max_model_len: int) -> GenerateRequest:
     params = _sampling_params(body, max_model_len if max_tokens is None else max_tokens, logprobs)
     stream, include_usage = _stream_flags(body)
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return GenerateRequest(model, None, messages, params, stream, include_usage, want_logprobs)
+    return GenerateRequest(model, None, messages, params, stream, include_usage, want_logprobs,
+                           _field(body, "return_token_ids", "boolean|null", False))
 
 
 # -- responses -----------------------------------------------------------------------------------

@@ -172,6 +172,8 @@ class _Choices:
                 choice["message"] = {"role": "assistant", "content": c.text}
             else:
                 choice["text"] = c.text
+            if self.parsed.return_token_ids:
+                choice["token_ids"] = c.token_ids
             choices.append(choice)
         return choices
 
@@ -185,7 +187,8 @@ class _Choices:
             self.num_tokens[i] += len(c.token_ids)
             self.unsent_ids[i] += c.token_ids
             self.unsent_logprobs[i] += c.logprobs or []
-            if not c.text and not c.finished and self.started[i]:
+            if not c.text and not c.finished and self.started[i] and not (
+                    self.parsed.return_token_ids and c.token_ids):
                 continue  # no text yet (half a character, or text held back at a stop string)
             logprobs = self.logprobs(self.unsent_ids[i], self.unsent_logprobs[i],
                                      self.text_offset[i]) if c.logprobs is not None else None
@@ -196,6 +199,8 @@ class _Choices:
                     "role": "assistant", "content": c.text}
             else:
                 choice["text"] = c.text
+            if self.parsed.return_token_ids:
+                choice["token_ids"] = self.unsent_ids[i]
             choices.append(choice)
             self.started[i], self.done[i] = True, c.finished
             self.text_offset[i] += len(c.text)
