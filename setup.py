@@ -24,12 +24,17 @@ setup(
         # zllm serve and zllm.AsyncClient: one library that is both an asyncio HTTP server and
         # client (see the commit that added it).
         "aiohttp>=3.9",
+        # GGUF checkpoints, the default model's format: llama.cpp's own reader and
+        # (de)quantiser, the format's reference implementation (numpy only, no native code).
+        "gguf>=0.17",
         # Structured outputs (JSON schema, regex, choice, EBNF): grammars compiled against the
         # vocabulary and token bitmasks filled in parallel; vLLM's and SGLang's default backend.
         "xgrammar>=0.2.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "openai>=1.0", "jsonschema>=4"],
+        # accelerate: transformers loads GGUF files (the tests' reference) only with it.
+        # jsonschema: structured-output tests validate outputs against their schemas.
+        "test": ["pytest>=8", "openai>=1.0", "accelerate>=1.0", "jsonschema>=4"],
         "gpu": ["flashinfer-python>=0.6"],
     },
     entry_points={"console_scripts": ["zllm=zllm.cli:main"]},

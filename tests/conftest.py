@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Optional
 
 import pytest
 import torch
@@ -48,26 +49,54 @@ def tied_model(tmp_path_factory) -> str:
 
 
 class HFReference:
-    """Greedy generations of Hugging Face transformers, cached per (model, prompt, length)."""
+    """Greedy generations of Hugging Face transformers, cached per (model, prompt, length). A
+    GGUF model is `model_dir` with its `gguf_file` name (transformers' own GGUF loading)."""
 
     def __init__(self) -> None:
         self.models = {}
         self.cache = {}
 
-    def greedy(self, model_dir: str, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    def model(self, model_dir: str, gguf_file: Optional[str] = None):
         from transformers import AutoModelForCausalLM
 
-        key = (model_dir, tuple(prompt_ids), max_new_tokens)
+        if (model_dir, gguf_file) not in self.models:
+            extra = {"gguf_file": gguf_file} if gguf_file else {}
+            self.models[model_dir, gguf_file] = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=torch.float32, **extra).eval()
+        return self.models[model_dir, gguf_file]
+
+    def greedy(self, model_dir: str, prompt_ids: list[int], max_new_tokens: int,
+               gguf_file: Optional[str] = None) -> list[int]:
+        key = (model_dir, gguf_file, tuple(prompt_ids), max_new_tokens)
         if key not in self.cache:
-            if model_dir not in self.models:
-                self.models[model_dir] = AutoModelForCausalLM.from_pretrained(
-                    model_dir, dtype=torch.float32).eval()
             ids = torch.tensor([prompt_ids])
-            with torch.no_grad():
-                out = self.models[model_dir].generate(ids, attention_mask=torch.ones_like(ids),
-                                                      do_sample=False, max_new_tokens=max_new_tokens)
+            # One thread: a batch-1 decode's small matmuls gain little from two, and each op's
+            # thread handoff stalls for many milliseconds when other processes share the cores.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with torch.no_grad():
+                    out = self.model(model_dir, gguf_file).generate(
+                        ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                        max_new_tokens=max_new_tokens)
+            finally:
+                torch.set_num_threads(threads)
             self.cache[key] = out[0, len(prompt_ids):].tolist()
         return self.cache[key]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray instance for a module's TP > 1 engines, which find it running and leave it up."""
+    import logging
+
+    import ray
+
+    # 6 logical CPUs: a module-scoped TP=2 engine and one more TP=4 executor fit side by side.
+    ray.init(num_cpus=6, include_dashboard=False, object_store_memory=128 * 2**20,
+             logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +110,7 @@ def ray_session():
     import ray
 
     # 6 logical CPUs: a module-scoped TP=2 engine and one more TP=4 executor fit side by side.
-    context = ray.init(num_cpus=6, include_dashboard=False, object_store_memory=128 * 2**20,
-                       logging_level=logging.WARNING)
+    context = ray.init(address="local", num_cpus=6, include_dashboard=False,
+                       object_store_memory=128 * 2**20, logging_level=logging.WARNING)
     yield context.address_info["gcs_address"]  # for engine core processes to join
     ray.shutdown()

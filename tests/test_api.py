@@ -1,4 +1,4 @@
-"""The user-facing entry points: chat, YAML, the demo model and the command line."""
+"""The user-facing entry points: chat, YAML, the built-in models and the command line."""
 
 from __future__ import annotations
 
@@ -26,11 +26,13 @@ def test_from_config_reads_yaml_with_overrides(gqa_model, tmp_path):
         assert llm.generate("Hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
 
 
-def test_demo_model_runs_from_the_command_line():
-    result = subprocess.run([sys.executable, "-m", "zllm", "generate", "Hello", "--max-tokens", "5",
-                             "--device", "cpu"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "5 tokens, finish_reason=length" in result.stdout
+def test_tiny_random_model_runs_from_the_command_line_with_and_without_chat():
+    for flags, label in (([], "--- user: 'Hello'"), (["--raw"], "--- prompt: 'Hello'")):
+        result = subprocess.run([sys.executable, "-m", "zllm", "generate", "Hello", "--max-tokens",
+                                 "5", "--device", "cpu", "--model", "tiny-random", *flags],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert label in result.stdout and "5 tokens, finish_reason=length" in result.stdout
 
 
 def test_command_line_reports_bad_config_values():
@@ -65,6 +67,20 @@ def test_serve_configs_load():
     from zllm import EngineConfig
 
     demo = EngineConfig.from_yaml("configs/serve-cpu-demo.yaml", port=9000)
-    assert demo.server.port == 9000 and demo.server.served_model_name == "demo"
+    assert demo.server.port == 9000 and demo.model.model == "smollm2"
     gpu = EngineConfig.from_yaml("configs/serve-gpu-llama.yaml")
     assert gpu.parallel.tensor_parallel_size == 2 and gpu.server.host == "0.0.0.0"
+
+
+def test_served_model_name_follows_a_model_flag_unless_named_too():
+    from zllm.cli import build_parser, serve_config
+
+    def served_name(*flags: str) -> str:
+        config = serve_config(build_parser().parse_args(["serve", *flags]))
+        return config.server.served_model_name or config.model.model
+
+    gpu = "configs/serve-gpu-llama.yaml"
+    assert served_name(gpu) == "llama-3.1-8b-instruct"
+    assert served_name(gpu, "--model", "/models/other") == "/models/other"
+    assert served_name(gpu, "--model", "/models/other", "--served-model-name", "x") == "x"
+    assert served_name("configs/serve-cpu-demo.yaml") == "smollm2"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from zllm import LLM, SamplingParams
-from zllm.worker.models.weights import write_meta_checkpoint
 from tests.conftest import PROMPTS
 
 MAX_TOKENS = 24
@@ -47,29 +46,6 @@ def test_split_token_budget_keeps_greedy_output(gqa_model, hf):
 def test_tied_embeddings_without_gqa_match_hf(tied_model, hf):
     with LLM(tied_model, device="cpu") as llm:
         _check_against_hf(llm, tied_model, hf)
-
-
-def test_meta_original_format_gives_the_same_tokens(tmp_path_factory, hf):
-    """The same weights in Meta's consolidated.NN.pth layout (split in two model-parallel parts,
-    interleaved rotary rows) give Hugging Face's tokens."""
-    from safetensors.torch import load_file
-
-    from zllm.demo import build_tiny_llama
-
-    # Meta's use_scaled_rope means these llama3 constants.
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    hf_dir = str(tmp_path_factory.mktemp("meta-src"))
-    build_tiny_llama(hf_dir, rope_scaling=scaling, max_position_embeddings=4096, seed=3)
-    # Meta's FFN sizing: int(0.75 * int(8 * 64 / 3)) = 127, rounded up to a multiple of 32: 128.
-    params = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 384,
-              "multiple_of": 32, "ffn_dim_multiplier": 0.75, "norm_eps": 1e-5,
-              "rope_theta": 500000.0, "use_scaled_rope": True, "max_seq_len": 4096}
-    meta_dir = str(tmp_path_factory.mktemp("meta"))
-    write_meta_checkpoint(load_file(f"{hf_dir}/model.safetensors"), params, meta_dir, num_parts=2)
-    with LLM(meta_dir, tokenizer=hf_dir, device="cpu") as llm:
-        assert llm.engine.config.model.load_format == "meta"
-        _check_against_hf(llm, hf_dir, hf)
 
 
 def test_sharded_safetensors_index_loads(gqa_model, tmp_path, hf):

@@ -144,18 +144,31 @@ def test_penalties_push_away_from_seen_tokens():
 
 
 def test_runner_builds_penalty_statistics_per_request(llm):
-    with LLM(llm.engine.config.model.model, device="cpu", engine_process=False) as inproc:
-        _check_penalty_statistics(inproc.engine.engine_core.executor.worker.model_runner,
-                                  inproc.engine.arch.vocab_size)
+    import numpy as np
+    from types import SimpleNamespace
 
+    from zllm.protocol import CachedRequestData, NewRequestData, SchedulerOutput
+    from zllm.worker.input_batch import InputBatch
+    from zllm.worker.sampler import make_sampling_metadata
+    from zllm.worker.staging import PinnedStaging
 
-def _check_penalty_statistics(runner, vocab):
-    from zllm.worker.model_runner import RequestState
-
-    states = [RequestState("a", [5, 6, 7, 6, 9, 9, 9], 3, 7, [0], SamplingParams(temperature=0, presence_penalty=0.5), []),
-              RequestState("b", [1, 2], 2, 2, [1], SamplingParams(temperature=0, frequency_penalty=1.0), []),
-              RequestState("c", [4, 4, 8], 1, 3, [2], SamplingParams(temperature=0, repetition_penalty=1.3), [])]
-    meta = runner._sampling_metadata(states)
+    vocab = llm.engine.arch.vocab_size
+    states = [SimpleNamespace(token_ids=[5, 6, 7, 6, 9, 9, 9], num_prompt_tokens=3,
+                              params=SamplingParams(temperature=0, presence_penalty=0.5)),
+              SimpleNamespace(token_ids=[1, 2], num_prompt_tokens=2,
+                              params=SamplingParams(temperature=0, frequency_penalty=1.0)),
+              SimpleNamespace(token_ids=[4, 4, 8], num_prompt_tokens=1,
+                              params=SamplingParams(temperature=0, repetition_penalty=1.3))]
+    # Each request computes its last token this step, so each samples.
+    batch = InputBatch(4, 64, 16, vocab, scratch_block=0)
+    new = [NewRequestData(f"r{i}", np.array(s.token_ids[:s.num_prompt_tokens], np.int32),
+                          np.array(s.token_ids[s.num_prompt_tokens:], np.int32), s.params,
+                          np.zeros(0, np.int32), np.array([i], np.int32), len(s.token_ids) - 1)
+           for i, s in enumerate(states)]
+    slots = batch.update(SchedulerOutput(new, CachedRequestData(), np.ones(3, np.int32), 3, []))
+    step = batch.prepare(slots, np.ones(3, np.int64), 3, 3)
+    meta = make_sampling_metadata(batch.sampling_inputs(step), vocab,
+                                  PinnedStaging(torch.device("cpu")))
     for row, s in enumerate(states):
         seen = torch.zeros(vocab, dtype=torch.bool)
         seen[s.token_ids] = True

@@ -99,7 +99,7 @@ def test_every_shipped_config_loads():
 
 
 def test_missing_model_directory_or_weights(tmp_path):
-    with pytest.raises(ValueError, match="model directory '/nonexistent/llama' does not exist"):
+    with pytest.raises(ValueError, match="model path '/nonexistent/llama' does not exist"):
         LLM("/nonexistent/llama", device="cpu")
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="has no weights"):

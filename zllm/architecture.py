@@ -101,14 +101,25 @@ class ModelArchitecture:
 
     @classmethod
     def from_model_dir(cls, path: str) -> "ModelArchitecture":
+        """From config.json, Meta's params.json, or a GGUF file's metadata (`path` may be the
+        .gguf file itself)."""
+        from zllm.gguf_file import find_gguf_file, gguf_hf_config
+        from zllm.model_files import meta_vocab_size
+
         hf_config = os.path.join(path, "config.json")
         meta_params = os.path.join(path, "params.json")
         if os.path.isfile(hf_config):
             arch = cls.from_hf_config(_read_json(hf_config))
         elif os.path.isfile(meta_params):
-            arch = cls.from_meta_params(_read_json(meta_params))
+            params = _read_json(meta_params)
+            if params.get("vocab_size", -1) <= 0:  # Llama 2 writes -1
+                params["vocab_size"] = meta_vocab_size(path)
+            arch = cls.from_meta_params(params)
+        elif find_gguf_file(path):
+            return cls.from_hf_config(gguf_hf_config(find_gguf_file(path)))
         else:
-            raise ValueError(f"model directory {path!r} has neither config.json nor params.json")
+            raise ValueError(f"model directory {path!r} has none of config.json, params.json "
+                             f"or a .gguf file")
         generation_config = os.path.join(path, "generation_config.json")
         if os.path.isfile(generation_config):
             eos = _read_json(generation_config).get("eos_token_id")

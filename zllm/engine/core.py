@@ -30,7 +30,7 @@ from zllm.engine.request import Request, RequestStatus
 from zllm.engine.scheduler import Scheduler, StepStats
 from zllm.executor import Executor, make_executor
 from zllm.metrics import EngineMetrics
-from zllm.model_files import detect_load_format, resolve_model_dir
+from zllm.model_files import detect_load_format, resolve_model_path
 from zllm.protocol import (EngineCoreOutputs, EngineCoreRequest, EngineStats, FinishedRequest,
                            LogprobsRows, ModelRunnerOutput)
 
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         config = copy.deepcopy(config)
-        config.model.model = resolve_model_dir(config.model.model)
+        config.model.model = resolve_model_path(config.model.model)
         config.model.load_format = detect_load_format(config.model.model, config.model.load_format)
         self.arch = ModelArchitecture.from_model_dir(config.model.model)
         self.arch.check_tensor_parallel(config.parallel.tensor_parallel_size)

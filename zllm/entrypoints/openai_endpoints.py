@@ -115,7 +115,8 @@ async def generate(request: web.Request, parsed: GenerateRequest, prompts: list[
             "created": proto.now(), "model": request.app[MODEL_NAME]}
     choices = [Choices(llm.tokenizer, n, chat, parsed.params.logprobs, index_base=k * n,
                        echo_text=_echo_text(llm, text, ids) if parsed.echo else None,
-                       parser=parser) for k, (text, ids) in enumerate(prompts)]
+                       parser=parser, token_ids=parsed.return_token_ids)
+               for k, (text, ids) in enumerate(prompts)]
     ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{k}" for k in range(len(prompts))]
     streams = [llm.generate(rid, text, parsed.params, stream=parsed.stream, prompt_ids=prompt_ids)
                for rid, (text, prompt_ids) in zip(ids, prompts)]

@@ -86,6 +86,9 @@ class GenerateRequest:
     tools: Optional[ToolRequest] = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    # vLLM's extension: each choice (and each stream chunk's) carries its new token ids, so a
+    # client counts tokens exactly even where they make no text yet.
+    return_token_ids: bool = False
 
 
 def _sampling_params(body: dict[str, Any], max_tokens: Optional[int], logprobs: Optional[int],
@@ -223,7 +226,7 @@ def parse_completion(body: dict[str, Any]) -> GenerateRequest:
         raise bad_request("'echo' with 'logprobs' needs the prompt's log-probabilities, which "
                           "zllm does not compute yet", "echo", "unsupported")
     return GenerateRequest(model, params, stream, include_usage, continuous, constraint_param,
-                           prompts=prompts, echo=echo)
+                           prompts=prompts, echo=echo, return_token_ids=_return_token_ids(body))
 
 
 def _prompts(prompt: Any) -> list[Prompt]:
@@ -268,7 +271,12 @@ def parse_chat(body: dict[str, Any]) -> GenerateRequest:
     return GenerateRequest(model, params, stream, include_usage, continuous, constraint_param,
                            messages=messages, tools=tools,
                            add_generation_prompt=add_generation_prompt and not continue_final,
-                           continue_final_message=continue_final)
+                           continue_final_message=continue_final,
+                           return_token_ids=_return_token_ids(body))
+
+
+def _return_token_ids(body: dict[str, Any]) -> bool:
+    return json_field(body, "return_token_ids", "boolean|null", False)
 
 
 _ROLES = ("system", "developer", "user", "assistant", "tool")

@@ -34,9 +34,10 @@ class Choices:
 
     def __init__(self, tokenizer, n: int, chat: bool, num_top_logprobs: Optional[int],
                  index_base: int = 0, echo_text: Optional[str] = None,
-                 parser: Optional[Callable[[], Any]] = None) -> None:
+                 parser: Optional[Callable[[], Any]] = None, token_ids: bool = False) -> None:
         self.tokenizer, self.chat, self.num_top = tokenizer, chat, num_top_logprobs
         self.index_base, self.echo_text = index_base, echo_text
+        self.token_ids = token_ids  # vLLM's return_token_ids: each choice carries its token ids
         self.parsers = [parser() for _ in range(n)] if parser is not None else None
         self.text_offset, self.num_tokens = [0] * n, [0] * n
         self.started, self.done = [False] * n, [False] * n
@@ -66,6 +67,8 @@ class Choices:
             else:
                 choice["text"] = (self.echo_text or "") + c.text
                 choice["finish_reason"] = c.finish_reason
+            if self.token_ids:
+                choice["token_ids"] = c.token_ids
             choices.append(choice)
         return choices
 
@@ -91,6 +94,8 @@ class Choices:
             else:
                 choice["text"] = delta["content"]
                 choice["finish_reason"] = c.finish_reason
+            if self.token_ids:
+                choice["token_ids"] = self.unsent_ids[i]
             choices.append(choice)
             self.started[i], self.done[i] = True, c.finished
             self.text_offset[i] += len(c.text)
@@ -102,7 +107,7 @@ class Choices:
         content, calls = self._parse(i, c.text, c.finished)
         if first and self.echo_text:
             content = self.echo_text + content
-        if not (content or calls or c.finished or first):
+        if not (content or calls or c.finished or first or (self.token_ids and c.token_ids)):
             return None
         delta: dict[str, Any] = {"role": "assistant"} if first and self.chat else {}
         if content or not calls:

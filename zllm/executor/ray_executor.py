@@ -119,8 +119,9 @@ class RayExecutor(Executor):
             ray.init(address=p.ray_address, **common)
         else:
             # A CPU bundle per rank must fit even when TP exceeds the core count (tests, demos).
-            ray.init(num_cpus=max(os.cpu_count() or 1, self.tp_size), include_dashboard=False,
-                     object_store_memory=128 * 2**20, **common)
+            # address="local": a fresh instance, never a cluster someone else left running.
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, self.tp_size),
+                     include_dashboard=False, object_store_memory=128 * 2**20, **common)
         self.owns_ray = True
 
     # -- control path --------------------------------------------------------------------------------

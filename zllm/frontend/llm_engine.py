@@ -21,7 +21,7 @@ from zllm.config import EngineConfig
 from zllm.frontend.core_client import CoreHandle, InprocClient, MPClient, start_engine_core
 from zllm.frontend.output_processor import OutputProcessor
 from zllm.frontend.processor import Processor, Prompt
-from zllm.model_files import detect_load_format, resolve_model_dir
+from zllm.model_files import detect_load_format, resolve_model_path
 from zllm.outputs import RequestOutput
 from zllm.protocol import EngineStats
 from zllm.sampling_params import SamplingParams
@@ -32,7 +32,7 @@ def resolve_model(config: EngineConfig) -> tuple[EngineConfig, ModelArchitecture
     """A copy of config whose model is a checked local directory with a known weight format, and
     the model's architecture, checked against the tensor-parallel size before any worker starts."""
     config = copy.deepcopy(config)
-    config.model.model = resolve_model_dir(config.model.model)
+    config.model.model = resolve_model_path(config.model.model)
     config.model.load_format = detect_load_format(config.model.model, config.model.load_format)
     arch = ModelArchitecture.from_model_dir(config.model.model)
     arch.check_tensor_parallel(config.parallel.tensor_parallel_size)
@@ -55,6 +55,11 @@ class LLMEngine:
         self.max_model_len: int = self.client.ready["max_model_len"]
         self.processor = Processor(self.tokenizer, self.arch, self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """The tokens that end a request unless it sets ignore_eos."""
+        return self.processor.eos_token_ids.tolist()
 
     @property
     def engine_core(self):

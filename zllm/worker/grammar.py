@@ -1,10 +1,11 @@
 """Structured outputs on a worker: one xgrammar matcher per constrained request.
 
 Each step, for the requests that sample, the matchers fill a token bitmask on the host (one bit
-per vocabulary id: may this token come next?), in one call across the batch that xgrammar spreads
-over threads. The bitmask travels to the device (pinned memory on CUDA) and the sampler sets the
-logits of forbidden tokens to -inf, so constrained and unconstrained requests share one batch.
-When a step's tokens reach the host, each matcher advances by its request's token.
+per vocabulary id: may this token come next?), in one call across the batch that xgrammar
+spreads over threads. The bitmask travels to the device (from pinned memory on CUDA) and the
+sampler sets the logits of forbidden tokens to -inf, so constrained and unconstrained requests
+share one batch. When a step's tokens reach the host, each matcher advances by its request's
+token.
 
 A grammar is compiled against the model's vocabulary (xgrammar's TokenizerInfo, built once from
 the tokenizer files, with the model's vocabulary size and end tokens) in a background thread as
@@ -30,6 +31,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from zllm.protocol import SchedulerOutput
 from zllm.structured_outputs import StructuredOutputs, build_grammar
 
 logger = logging.getLogger(__name__)
@@ -61,8 +63,6 @@ class GrammarMatchers:
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar")
         self._compiler: Optional[concurrent.futures.Future] = None
         self._batch = None  # xgrammar.BatchGrammarMatcher
-        self._bitmask: Optional[torch.Tensor] = None  # host, [rows, ceil(vocab / 32)] int32
-        self._copied: Optional[torch.cuda.Event] = None  # after the last copy out of it
         # Per step with constrained rows: host seconds filling the bitmask, host seconds
         # advancing matchers since the previous fill, constrained rows (for benchmarks).
         self.step_times: collections.deque = collections.deque(maxlen=8192)
@@ -79,8 +79,16 @@ class GrammarMatchers:
             self.compiled[key] = self.pool.submit(self._compile, spec)
         self.requests[req_id] = _Request(self.compiled[key], list(output_token_ids))
 
-    def remove(self, req_id: str) -> None:
-        self.requests.pop(req_id, None)
+    def update(self, sched: SchedulerOutput) -> None:
+        """A step's deltas: forget finished and preempted requests, start compiling the
+        grammars of new constrained ones (a resumed one replays its output tokens)."""
+        if self.requests:
+            for req_id in sched.finished_req_ids + sched.preempted_req_ids:
+                self.requests.pop(req_id, None)
+        for new in sched.new_requests:
+            spec = new.sampling_params.structured_outputs
+            if spec is not None:
+                self.add(new.req_id, spec, new.output_token_ids.tolist())
 
     def constrains(self, req_ids: list[str]) -> bool:
         """Whether any of these requests is under a grammar (cheap: no matcher is touched)."""
@@ -112,9 +120,11 @@ class GrammarMatchers:
 
     # -- per step --------------------------------------------------------------------------------
 
-    def bitmask(self, req_ids: list[str]) -> Optional[torch.Tensor]:
+    def bitmask(self, req_ids: list[str], staging) -> Optional[torch.Tensor]:
         """The bitmask [rows, ceil(vocab / 32)] int32 of a step's sampling rows, on the device
-        (all ones for unconstrained rows); None if no row is constrained."""
+        (all ones for unconstrained rows); None if no row is constrained. It is filled in place
+        in the step's pinned staging memory (`staging`, a PinnedStaging), so the copy does not
+        wait for the device."""
         t0 = time.perf_counter()
         rows, matchers = [], []
         for i, req_id in enumerate(req_ids):
@@ -126,7 +136,7 @@ class GrammarMatchers:
                     matchers.append(matcher)
         if not rows:
             return None
-        host = self._host_bitmask(len(req_ids))
+        host = staging.alloc((len(req_ids), -(-self.vocab_size // 32)), np.int32)
         if len(rows) < len(req_ids):
             free = np.ones(len(req_ids), dtype=bool)
             free[rows] = False
@@ -135,23 +145,9 @@ class GrammarMatchers:
         else:  # (indices cost xgrammar a little even when they are 0..n-1)
             self._batch.batch_fill_next_token_bitmask(matchers, host)
         bitmask = host.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            self._copied = torch.cuda.Event()
-            self._copied.record()
         self.step_times.append((time.perf_counter() - t0, self._accept_s, len(rows)))
         self._accept_s = 0.0
         return bitmask
-
-    def _host_bitmask(self, num_rows: int) -> torch.Tensor:
-        """The host buffer's first num_rows rows, pinned on CUDA so the copy does not stall the
-        host; before it is refilled, the previous step's copy out of it must have happened."""
-        width = -(-self.vocab_size // 32)
-        if self._bitmask is None or len(self._bitmask) < num_rows:
-            self._bitmask = torch.empty((max(num_rows, 64), width), dtype=torch.int32,
-                                        pin_memory=self.device.type == "cuda")
-        elif self._copied is not None:
-            self._copied.synchronize()
-        return self._bitmask[:num_rows]
 
     def accept(self, req_ids: list[str], tokens: list[int]) -> None:
         """Advance the matchers of these requests by the tokens they sampled (one call into

@@ -1,29 +1,32 @@
-"""One step on one rank: keep the batch's request state, flatten it, run the model, sample.
+"""One step on one rank: update the persistent batch, flatten it, run the model, sample.
 
-The scheduler output only says what changed; this class holds the rest (each request's tokens,
-progress and block table). A step flattens every scheduled request's new tokens into one
-sequence (mixed prefill chunks and decodes), writes their K/V into the paged cache inside the
+The scheduler output only says what changed; the input batch (zllm/worker/input_batch.py) holds
+the rest (each request's tokens, progress, block table and sampling settings) in preallocated
+arrays. A step flattens every scheduled request's new tokens into one sequence (mixed prefill
+chunks and decodes) with vectorized numpy, writes their K/V into the paged cache inside the
 attention backend, and computes logits only for the last token of requests that reach their end.
 On CUDA with flashinfer, pure-decode steps replay a captured CUDA graph (zllm/worker/cuda_graphs.py)
 unless enforce_eager is set.
 
-Host work per step is kept small: per-request arithmetic for decodes is plain Python on ints,
-and index arrays travel to the device from pinned memory: the token ids and positions in one
-copy here, the attention layout in the backend's plan (only what its kernels read).
+Host work per step is a few array operations, whatever the batch size, and index arrays travel
+to the device from pinned memory: the token ids, positions and sampled rows in one copy here,
+the attention layout in one copy in the backend's plan, the sampling settings in at most two.
 
 A step is launched (`launch`) and its sampled tokens are read back later (`collect`). In between,
 the next step may be launched: its decodes read the tokens they continue from the previous
-step's device tensor, so the host prepares step N+1 while the GPU still runs step N. Requests
-whose sampling needs their token history on the host (penalties, min_tokens, seeded sampling)
-wait for the previous step first. Constrained requests (structured outputs) wait for it too, but
-only once their forward is queued: their grammar, not their input, needs the previous token.
+step's device tensor, so the host prepares step N+1 while the GPU still runs step N. Only
+requests with penalties, whose statistics come from their token history on the host, wait for
+the previous step first (seeded sampling and min_tokens need only the count of tokens, which the
+host knows). Constrained requests (structured outputs, zllm/worker/grammar.py) wait for it too,
+but only once the forward is queued: their grammar, not their input, needs the previous token.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -31,74 +34,43 @@ import torch
 
 from zllm.architecture import ModelArchitecture
 from zllm.config import EngineConfig
-from zllm.protocol import Logprobs, ModelRunnerOutput, SchedulerOutput
-from zllm.sampling_params import SamplingParams
+from zllm.protocol import ModelRunnerOutput, SchedulerOutput
 from zllm.worker.attention.base import AttentionBatch, make_attention_backend
 from zllm.worker.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from zllm.worker.grammar import GrammarMatchers
+from zllm.worker.host_timer import HostTimer
+from zllm.worker.input_batch import InputBatch, StepInputs
 from zllm.worker.models.registry import build_model
 from zllm.worker.models.weights import load_weights
-from zllm.worker.sampler import SamplingMetadata, sample, set_logit_bias
+from zllm.worker.sampler import GREEDY, SampledLogprobs, make_sampling_metadata, sample
 from zllm.worker.staging import PinnedStaging
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RequestState:
-    req_id: str
-    token_ids: list[int]  # prompt then output
-    num_prompt_tokens: int
-    num_computed_tokens: int
-    block_ids: list[int]
-    params: SamplingParams
-    stop_token_ids: list[int]
-    _block_array: np.ndarray = None  # block_ids as int32, rebuilt when blocks are added
-    num_pending: int = 0  # sampled by a launched step, not appended to token_ids yet
-
-    def __post_init__(self) -> None:
-        p = self.params
-        # Sampling that reads the token history (or the output count) on the host.
-        self.needs_history = bool(p.temperature > 0 or p.repetition_penalty != 1 or p.presence_penalty
-                                  or p.frequency_penalty or p.min_tokens)
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def block_array(self) -> np.ndarray:
-        if self._block_array is None or len(self._block_array) != len(self.block_ids):
-            self._block_array = np.asarray(self.block_ids, dtype=np.int32)
-        return self._block_array
-
-
-@dataclass
 class LaunchedStep:
     """A step whose tokens may still be on the device."""
-    states: list[RequestState]
-    tokens: Optional[torch.Tensor]  # [len(states)] on the device
-    logprobs: Optional[Logprobs] = None
-    rows: dict[str, int] = field(default_factory=dict)  # req_id -> index in tokens
+    req_ids: list[str]  # of the requests it samples
+    slots: np.ndarray  # their input-batch slots
+    tokens: Optional[torch.Tensor]  # [len(req_ids)] on the device
+    logprobs: Optional[SampledLogprobs] = None
+    host_tokens: Optional[torch.Tensor] = None  # pinned copy of tokens, in flight (CUDA)
     output: Optional[ModelRunnerOutput] = None  # once read back
     done_event: Optional[torch.cuda.Event] = None  # recorded after the step's last kernel
-    grammar: Optional[GrammarMatchers] = None  # advanced by the tokens, if any row is constrained
+    constrained: bool = False  # some rows sampled under a grammar: their tokens advance it
 
     def done(self) -> bool:
         return self.done_event is None or self.done_event.query()
 
-    def resolve(self) -> ModelRunnerOutput:
-        """Read the tokens back (waits for the GPU) and append them to their requests."""
-        if self.output is None:
-            token_list = self.tokens.tolist() if self.states else []
-            for state, token in zip(self.states, token_list):
-                state.token_ids.append(token)
-                state.num_pending -= 1
-            if self.grammar is not None:
-                self.grammar.accept([s.req_id for s in self.states], token_list)
-            self.output = ModelRunnerOutput([s.req_id for s in self.states],
-                                            np.asarray(token_list, dtype=np.int32), self.logprobs)
-        return self.output
+    def read_tokens(self) -> np.ndarray:
+        """The sampled tokens on the host (waits for the GPU)."""
+        if self.tokens is None:
+            return np.zeros(0, np.int64)
+        if self.host_tokens is not None:
+            self.done_event.synchronize()
+            return self.host_tokens.numpy()
+        return self.tokens.numpy()
 
 
 class ModelRunner:
@@ -119,10 +91,11 @@ class ModelRunner:
             self.model.attention_spec, self.block_size, self.staging)
         self.kv_caches: list[torch.Tensor] = []
         self.swap_caches: list[torch.Tensor] = []
-        self.requests: dict[str, RequestState] = {}
+        self.input_batch: InputBatch | None = None  # made with the cache, which sizes it
         self.scratch_block = 0  # padding rows of a CUDA-graph step write here (set with the cache)
         self.graphs: DecodeGraphs | None = None
         self.launched: collections.deque[LaunchedStep] = collections.deque()  # not collected yet
+        self.timer = HostTimer()
         self.grammar = GrammarMatchers(config.model.tokenizer or config.model.model,
                                        arch.vocab_size, arch.eos_token_ids, device)
 
@@ -147,6 +120,10 @@ class ModelRunner:
         """Blocks 0..num_blocks-1 for the block manager, plus one scratch block at the end."""
         self.kv_caches = self._allocate_kv(num_blocks + 1, self.device)
         self.scratch_block = num_blocks
+        max_len = min(self.config.model.max_model_len or self.arch.max_position_embeddings,
+                      num_blocks * self.block_size)
+        self.input_batch = InputBatch(self.config.scheduler.max_num_seqs, max_len, self.block_size,
+                                      self.arch.vocab_size, self.scratch_block)
         # Host copies of swapped-out blocks; pinned so device copies can run asynchronously.
         self.swap_caches = (self._allocate_kv(num_swap_blocks, torch.device("cpu"),
                                               pin=self.device.type == "cuda")
@@ -164,15 +141,11 @@ class ModelRunner:
 
     def _padding_batch(self, num_rows: int) -> AttentionBatch:
         """A decode batch of padding rows only (for capturing graphs)."""
-        ones = [1] * num_rows
-        return self._attention_batch(
+        ones = np.ones(num_rows, np.int32)
+        return AttentionBatch.from_lists(
             ones, ones, np.full((num_rows, 1), self.scratch_block, dtype=np.int32),
-            np.full(num_rows, self.scratch_block * self.block_size, dtype=np.int64), cuda_graph=True)
-
-    def _attention_batch(self, query_lens: list[int], seq_lens: list[int], block_table: np.ndarray,
-                         slots: np.ndarray, cuda_graph: bool = False) -> AttentionBatch:
-        return AttentionBatch(query_lens, seq_lens, [-(-s // self.block_size) for s in seq_lens],
-                              block_table, slots, cuda_graph)
+            np.full(num_rows, self.scratch_block * self.block_size, dtype=np.int64),
+            self.block_size, cuda_graph=True)
 
     def _swap(self, pairs: np.ndarray, out: bool) -> None:
         """Copy blocks device -> host (out) or host -> device, in every layer; `pairs` is flat
@@ -203,7 +176,7 @@ class ModelRunner:
             slots.append(np.arange(first * bs, first * bs + n))
             first += nb
         dev = self.device
-        batch = self._attention_batch(lens, lens, block_table, np.concatenate(slots))
+        batch = AttentionBatch.from_lists(lens, lens, block_table, np.concatenate(slots), bs)
         input_ids = torch.zeros(num_tokens, dtype=torch.long, device=dev)
         positions = torch.cat([torch.arange(n) for n in lens]).to(dev)
         self.attn.plan(batch)
@@ -216,7 +189,8 @@ class ModelRunner:
 
     def collect(self) -> ModelRunnerOutput:
         """The oldest launched step's sampled tokens."""
-        return self.launched.popleft().resolve()
+        self._read_back(self.launched[0])
+        return self.launched.popleft().output
 
     def step_done(self) -> bool:
         return not self.launched or self.launched[0].done()
@@ -224,178 +198,115 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput) -> None:
         """Queue one step's work on the device; `collect` returns its tokens."""
+        self.timer.start()
         # Swaps first: blocks swapped out this step may be handed to other requests below.
         self._swap(sched.blocks_to_swap_out, out=True)
         self._swap(sched.blocks_to_swap_in, out=False)
-        self._update_states(sched)
+        batch = self.input_batch
+        slots = batch.update(sched)
+        self.grammar.update(sched)
+        self.timer.lap("update")
         if sched.total_num_scheduled_tokens == 0:
-            self.launched.append(LaunchedStep([], None))
+            batch.forget_previous()
+            self.launched.append(LaunchedStep([], slots[:0], None))
             return
         self.staging.next_step()
+        num_scheduled = sched.num_scheduled_tokens
+        num_tokens, num_rows = sched.total_num_scheduled_tokens, len(slots)
+        if self.launched and batch.needs_sampled_tokens(slots, num_scheduled, num_tokens):
+            self._resolve_launched()
         previous = self.launched[-1] if self.launched else None
-        if previous is not None and any(self.requests[r].needs_history
-                                        for r in sched.scheduled_req_ids):
-            previous.resolve()
-        input_ids, positions, batch, sample_rows, sampled_states = self._prepare_inputs(sched, previous)
-        self.attn.plan(batch)
-        if batch.cuda_graph:
+        if self.graphs is not None and num_tokens == num_rows:  # decodes: pad to a graph's size
+            num_rows = self.graphs.padded_size(num_rows) or num_rows
+        step = batch.prepare(slots, num_scheduled, num_tokens, num_rows)
+        self.timer.lap("prepare")
+        input_ids, positions, sample_rows = self._device_inputs(step, previous)
+        self.timer.lap("stage")
+        self.attn.plan(step.attention)
+        self.timer.lap("plan")
+        if step.attention.cuda_graph:
             hidden = self.graphs.replay(input_ids, positions)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, self.attn)
-        step = LaunchedStep(sampled_states, None)
-        if sampled_states:
+        self.timer.lap("forward")
+        self.launched.append(self._sample(sched, step, hidden, sample_rows, previous))
+
+    def _device_inputs(self, step: StepInputs, previous: Optional[LaunchedStep]):
+        """Token ids, positions and sampled rows on the device, in one copy. Tokens that the
+        previous step sampled are filled in from its device tensor: one copy when the whole
+        batch continues in the same order (steady decoding), else a gather."""
+        num_fill = len(step.fill_rows)
+        # fill_rows rises strictly, so ending at num_fill - 1 means it is 0, 1, ..., num_fill - 1.
+        in_order = (num_fill > 0 and step.fill_rows[-1] == num_fill - 1
+                    and np.array_equal(step.fill_rows, step.fill_from))
+        arrays = [step.input_ids, step.positions]
+        if num_fill and not in_order:
+            arrays += [step.fill_rows, step.fill_from]
+        if step.sample_rows is not None:
+            arrays.append(step.sample_rows)
+        tensors = self.staging.to_device_all(arrays, np.int64)
+        input_ids, positions = tensors[0], tensors[1]
+        if in_order:
+            input_ids[:num_fill].copy_(previous.tokens[:num_fill])
+        elif num_fill:
+            input_ids[tensors[2]] = previous.tokens[tensors[3]]
+        rows = slice(0, len(step.sampled_slots)) if step.sample_rows is None else tensors[-1]
+        return input_ids, positions, rows
+
+    def _sample(self, sched: SchedulerOutput, step: StepInputs, hidden: torch.Tensor,
+                sample_rows, previous: Optional[LaunchedStep]) -> LaunchedStep:
+        """Sample the requests that reached their end; their tokens are copied to pinned host
+        memory behind the step, to be read back without another sync."""
+        slots = step.sampled_slots
+        launched = LaunchedStep([], slots, None)
+        if len(slots):
             logits = self.model.compute_logits(hidden[sample_rows])
-            meta = self._sampling_metadata(sampled_states)
-            req_ids = [s.req_id for s in sampled_states]
-            if previous is not None and self.grammar.constrains(req_ids):
-                # The grammar (not the queued forward) needs the previous token: wait for it,
-                # advance the matchers and fill the bitmask while the device runs the forward.
-                previous.resolve()
-            meta.token_bitmask = self.grammar.bitmask(req_ids)
-            if meta.token_bitmask is not None:
-                step.grammar = self.grammar
-            step.tokens, step.logprobs = sample(logits, meta)
-            for i, state in enumerate(sampled_states):
-                state.num_pending += 1
-                step.rows[state.req_id] = i
+            self.timer.lap("logits")
+            inputs = self.input_batch.sampling_inputs(step)
+            meta = (GREEDY if inputs is None
+                    else make_sampling_metadata(inputs, self.arch.vocab_size, self.staging))
+            self.timer.lap("sampling_metadata")
+            ids = sched.scheduled_req_ids
+            launched.req_ids = (ids if step.sampled is None
+                                else [ids[i] for i in step.sampled.tolist()])
+            if self.grammar.constrains(launched.req_ids):
+                meta = self._constrain(meta, launched, previous)
+            launched.tokens, launched.logprobs = sample(logits, meta)
         if self.device.type == "cuda":
-            step.done_event = torch.cuda.Event()
-            step.done_event.record()
-        self.launched.append(step)
+            if launched.tokens is not None:
+                launched.host_tokens = torch.empty(len(slots), dtype=torch.long, pin_memory=True)
+                launched.host_tokens.copy_(launched.tokens, non_blocking=True)
+            launched.done_event = torch.cuda.Event()
+            launched.done_event.record()
+        self.timer.lap("sample")
+        return launched
 
-    def _update_states(self, sched: SchedulerOutput) -> None:
-        for req_id in sched.finished_req_ids + sched.preempted_req_ids:
-            self.requests.pop(req_id, None)
-            self.grammar.remove(req_id)
-        for new in sched.new_requests:
-            if new.sampling_params.structured_outputs is not None:
-                self.grammar.add(new.req_id, new.sampling_params.structured_outputs,
-                                 new.output_token_ids.tolist())
-            self.requests[new.req_id] = RequestState(
-                new.req_id, new.prompt_token_ids.tolist() + new.output_token_ids.tolist(),
-                len(new.prompt_token_ids), new.num_computed_tokens, new.block_ids.tolist(),
-                new.sampling_params, new.stop_token_ids.tolist())
-        cached = sched.cached_requests
-        for owner, block in zip(cached.new_block_owners.tolist(), cached.new_block_ids.tolist()):
-            self.requests[cached.req_ids[owner]].block_ids.append(block)
+    def _constrain(self, meta, launched: LaunchedStep, previous: Optional[LaunchedStep]):
+        """The grammar (not the queued forward) needs the previous step's tokens: wait for
+        them, advance the matchers and fill the bitmask while the device runs the forward."""
+        if previous is not None:
+            self._read_back(previous)
+        bitmask = self.grammar.bitmask(launched.req_ids, self.staging)
+        self.timer.lap("grammar")
+        if bitmask is None:  # every constrained row's grammar has ended
+            return meta
+        launched.constrained = True
+        return dataclasses.replace(meta, token_bitmask=bitmask)  # (GREEDY is shared)
 
-    def _prepare_inputs(self, sched: SchedulerOutput, previous: Optional[LaunchedStep]):
-        bs = self.block_size
-        scheduled = [(self.requests[r], n) for r, n in zip(sched.scheduled_req_ids,
-                                                            sched.num_scheduled_tokens.tolist())]
-        num_reqs = len(scheduled)
-        # A pure-decode step small enough for a captured graph is padded to the graph's size.
-        graph_size = None
-        if self.graphs is not None and sched.total_num_scheduled_tokens == num_reqs:
-            graph_size = self.graphs.padded_size(num_reqs)
-        num_rows = graph_size or num_reqs
-        tokens, positions, slots, query_lens, seq_lens = [], [], [], [], []
-        sample_rows, sampled_states = [], []
-        fill_rows, fill_from = [], []  # rows whose token is still on the device: previous.tokens[i]
-        for state, n in scheduled:
-            start = state.num_computed_tokens
-            end = start + n
-            if end > len(state.token_ids) and (n > 1 or previous is None
-                                               or state.req_id not in previous.rows):
-                self._resolve_launched()  # not a plain continuation: read the tokens back first
-            if n == 1:  # decode: plain integer arithmetic
-                if start < len(state.token_ids):
-                    tokens.append(state.token_ids[start])
-                else:  # continues from the token the previous step sampled
-                    fill_rows.append(len(tokens))
-                    fill_from.append(previous.rows[state.req_id])
-                    tokens.append(0)
-                positions.append(start)
-                slots.append(state.block_ids[start // bs] * bs + start % bs)
-            else:
-                pos = np.arange(start, end)
-                tokens.extend(state.token_ids[start:end])
-                positions.extend(range(start, end))
-                slots.extend((state.block_array[pos // bs].astype(np.int64) * bs + pos % bs).tolist())
-            state.num_computed_tokens = end
-            query_lens.append(n)
-            seq_lens.append(end)
-            if end == len(state.token_ids) + state.num_pending:  # reached its end: sample
-                sample_rows.append(len(tokens) - 1)
-                sampled_states.append(state)
-        num_pad = num_rows - num_reqs
-        if num_pad:
-            tokens += [0] * num_pad
-            positions += [0] * num_pad
-            slots += [self.scratch_block * bs] * num_pad
-            query_lens += [1] * num_pad
-            seq_lens += [1] * num_pad
-        max_blocks = max(-(-s // bs) for s in seq_lens)
-        block_table = np.full((num_rows, max_blocks), self.scratch_block, dtype=np.int32)
-        for i, (state, _) in enumerate(scheduled):
-            blocks = state.block_array
-            block_table[i, :len(blocks)] = blocks
-        batch = self._attention_batch(query_lens, seq_lens, block_table,
-                                      np.asarray(slots, dtype=np.int64), graph_size is not None)
-        num_tokens, num_fill = len(tokens), len(fill_rows)
-        longs = self.staging.to_device(np.asarray(tokens + positions + fill_rows + fill_from,
-                                                  dtype=np.int64))
-        input_ids, positions_t = longs[:2 * num_tokens].view(2, num_tokens)
-        if num_fill:
-            fill = longs[2 * num_tokens:].view(2, num_fill)
-            input_ids[fill[0]] = previous.tokens[fill[1]]
-        if sample_rows == list(range(len(sample_rows))):  # decodes: the first rows, no gather
-            rows = slice(0, len(sample_rows))
-        else:
-            rows = self.staging.to_device(np.asarray(sample_rows, dtype=np.int64))
-        return input_ids, positions_t, batch, rows, sampled_states
+    def _read_back(self, last: LaunchedStep) -> None:
+        """Read the tokens of launched steps, oldest first, up to `last`, into the batch."""
+        for step in self.launched:
+            if step.output is None:
+                tokens = step.read_tokens()
+                self.timer.start()  # the wait for the GPU is not host work
+                self.input_batch.append_sampled(step.slots, tokens)
+                if step.constrained:
+                    self.grammar.accept(step.req_ids, tokens.tolist())
+                logprobs = step.logprobs.to_host() if step.logprobs is not None else None
+                step.output = ModelRunnerOutput(step.req_ids, tokens.astype(np.int32), logprobs)
+                self.timer.lap("read_back")
+            if step is last:
+                return
 
     def _resolve_launched(self) -> None:
-        for step in self.launched:
-            step.resolve()
-
-    def _sampling_metadata(self, states: list[RequestState]) -> SamplingMetadata:
-        dev = self.device
-        params = [s.params for s in states]
-        vocab = self.arch.vocab_size
-
-        def column(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype, device=dev)
-
-        if all(p.temperature == 0 for p in params):  # greedy: argmax needs no per-row tensors
-            meta = SamplingMetadata(temperature=None, all_greedy=True, top_k=None, top_p=None,
-                                    min_p=None, seeds=None, output_positions=None)
-        else:
-            top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
-            meta = SamplingMetadata(
-                temperature=column([p.temperature for p in params]),
-                all_greedy=False,
-                top_k=column(top_k, torch.long) if any(k < vocab for k in top_k) else None,
-                top_p=column([p.top_p for p in params]) if any(p.top_p < 1 for p in params) else None,
-                min_p=column([p.min_p for p in params]) if any(p.min_p > 0 for p in params) else None,
-                seeds=column([p.seed & (2**63 - 1) for p in params], torch.long),
-                output_positions=column([s.num_output_tokens for s in states], torch.long),
-            )
-        logprob_counts = [p.logprobs for p in params if p.logprobs is not None]
-        meta.num_logprobs = max(logprob_counts) if logprob_counts else None
-        if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params):
-            meta.repetition_penalty = column([p.repetition_penalty for p in params])
-            meta.presence_penalty = column([p.presence_penalty for p in params])
-            meta.frequency_penalty = column([p.frequency_penalty for p in params])
-            # Token statistics from flat (row * vocab + token) indices: one scatter each, not a
-            # loop of device ops per request.
-            lengths = np.array([len(s.token_ids) for s in states])
-            rows = np.repeat(np.arange(len(states)), lengths)
-            flat = rows * vocab + np.fromiter((t for s in states for t in s.token_ids), np.int64,
-                                              int(lengths.sum()))
-            is_output = np.concatenate([np.arange(n) >= s.num_prompt_tokens
-                                        for n, s in zip(lengths, states)])
-            seen = torch.zeros(len(states) * vocab, dtype=torch.bool, device=dev)
-            seen[self.staging.to_device(flat)] = True
-            counts = torch.zeros(len(states) * vocab, dtype=torch.float32, device=dev)
-            outputs = self.staging.to_device(flat[is_output])
-            counts.index_add_(0, outputs, torch.ones(len(outputs), dtype=torch.float32, device=dev))
-            meta.seen_tokens = seen.view(len(states), vocab)
-            meta.output_counts = counts.view(len(states), vocab)
-        set_logit_bias(meta, [p.logit_bias for p in params], dev)
-        banned = [(row, t) for row, s in enumerate(states)
-                  if s.num_output_tokens < s.params.min_tokens for t in s.stop_token_ids]
-        if banned:
-            rows, toks = zip(*banned)
-            meta.banned_rows, meta.banned_tokens = column(rows, torch.long), column(toks, torch.long)
-        return meta
+        self._read_back(self.launched[-1])

@@ -2,9 +2,10 @@
 
 Order (as in vLLM): raw log-probabilities for `logprobs`; logit bias; penalties; min_tokens
 masking; the structured-output bitmask; then greedy rows take the argmax, and the others are
-scaled by temperature, filtered by top-k, top-p and min-p, and sampled with the Gumbel-max trick. The Gumbel noise is a hash of (request seed,
-output position, token id), not a stateful generator: a request draws the same tokens whatever
-else is in the batch, on every tensor-parallel rank, after preemption, with no per-request loop.
+scaled by temperature, filtered by top-k, top-p and min-p, and sampled with the Gumbel-max
+trick. The Gumbel noise is a hash of (request seed, output position, token id), not a stateful
+generator: a request draws the same tokens whatever else is in the batch, on every
+tensor-parallel rank, after preemption, with no per-request loop.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from zllm.protocol import Logprobs
@@ -47,7 +49,77 @@ class SamplingMetadata:
     token_bitmask: Optional[torch.Tensor] = None
 
 
-def sample(logits: torch.Tensor, meta: SamplingMetadata) -> tuple[torch.Tensor, Optional[Logprobs]]:
+# A batch that only samples greedily, with no penalties, bans or log-probabilities.
+GREEDY = SamplingMetadata(temperature=None, all_greedy=True, top_k=None, top_p=None, min_p=None,
+                          seeds=None, output_positions=None)
+
+
+@dataclass
+class SamplingInputs:
+    """A step's sampling settings on the host, one entry per sampled row (None: unused by all).
+    `SamplingMetadata.from_inputs` moves them to the device."""
+
+    num_rows: int
+    temperature: Optional[np.ndarray] = None  # float32; set when any row samples at random
+    top_p: Optional[np.ndarray] = None  # float32
+    min_p: Optional[np.ndarray] = None  # float32
+    repetition_penalty: Optional[np.ndarray] = None  # float32; the three penalties come together
+    presence_penalty: Optional[np.ndarray] = None
+    frequency_penalty: Optional[np.ndarray] = None
+    top_k: Optional[np.ndarray] = None  # int64
+    seeds: Optional[np.ndarray] = None  # int64
+    output_positions: Optional[np.ndarray] = None  # int64
+    # Penalty statistics as flat (row * vocab + token) indices: every token, output tokens.
+    seen_flat: Optional[np.ndarray] = None
+    output_flat: Optional[np.ndarray] = None
+    banned_rows: Optional[np.ndarray] = None  # int64, with banned_tokens
+    banned_tokens: Optional[np.ndarray] = None
+    bias_rows: Optional[np.ndarray] = None  # int64; logit_bias as (row, token, bias) triples
+    bias_tokens: Optional[np.ndarray] = None  # int64
+    bias_values: Optional[np.ndarray] = None  # float32
+    num_logprobs: Optional[int] = None
+
+
+_FLOAT_COLUMNS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty")
+_INT_COLUMNS = ("top_k", "seeds", "output_positions")
+
+
+def make_sampling_metadata(inputs: SamplingInputs, vocab_size: int, staging) -> SamplingMetadata:
+    """Device tensors for `sample`: the float columns in one copy, the integer ones in another,
+    penalty statistics by one scatter each. An all-greedy batch with no extras copies nothing.
+    `staging` is the step's PinnedStaging."""
+    to_device, to_device_all = staging.to_device, staging.to_device_all
+    meta = SamplingMetadata(temperature=None, all_greedy=inputs.temperature is None, top_k=None,
+                            top_p=None, min_p=None, seeds=None, output_positions=None,
+                            num_logprobs=inputs.num_logprobs)
+    for names, dtype in ((_FLOAT_COLUMNS, np.float32), (_INT_COLUMNS, np.int64)):
+        present = [n for n in names if getattr(inputs, n) is not None]
+        if present:
+            columns = to_device_all([getattr(inputs, n) for n in present], dtype)
+            for name, column in zip(present, columns):
+                setattr(meta, name, column)
+    if inputs.seen_flat is not None:
+        rows, device = inputs.num_rows, meta.repetition_penalty.device
+        seen = torch.zeros(rows * vocab_size, dtype=torch.bool, device=device)
+        seen[to_device(inputs.seen_flat)] = True
+        counts = torch.zeros(rows * vocab_size, dtype=torch.float32, device=device)
+        outputs = to_device(inputs.output_flat)
+        counts.index_add_(0, outputs, torch.ones(len(outputs), dtype=torch.float32, device=device))
+        meta.seen_tokens = seen.view(rows, vocab_size)
+        meta.output_counts = counts.view(rows, vocab_size)
+    if inputs.banned_rows is not None and len(inputs.banned_rows):
+        banned = to_device(np.stack((inputs.banned_rows, inputs.banned_tokens)))
+        meta.banned_rows, meta.banned_tokens = banned[0], banned[1]
+    if inputs.bias_rows is not None:
+        biased = to_device(np.stack((inputs.bias_rows, inputs.bias_tokens)))
+        meta.bias_rows, meta.bias_tokens = biased[0], biased[1]
+        meta.bias_values = to_device(inputs.bias_values)
+    return meta
+
+
+def sample(logits: torch.Tensor,
+           meta: SamplingMetadata) -> tuple[torch.Tensor, Optional[SampledLogprobs]]:
     """logits [B, V] float32 -> (token ids [B], log-probabilities if any row asked)."""
     logprobs = None
     if meta.num_logprobs is not None:
@@ -71,17 +143,6 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> tuple[torch.Tensor, 
         sampled = (scaled + noise).argmax(dim=-1)
         tokens = torch.where(greedy, tokens, sampled)
     return tokens, _gather_logprobs(logprobs, tokens, meta.num_logprobs)
-
-
-def set_logit_bias(meta: SamplingMetadata, biases: list[Optional[dict[int, float]]],
-                   device: torch.device) -> None:
-    """The rows' logit_bias (token id -> bias, or None) as (row, token, bias) tensors."""
-    triples = [(row, t, b) for row, bias in enumerate(biases) if bias for t, b in bias.items()]
-    if triples:
-        rows, tokens, values = zip(*triples)
-        meta.bias_rows = torch.tensor(rows, dtype=torch.long, device=device)
-        meta.bias_tokens = torch.tensor(tokens, dtype=torch.long, device=device)
-        meta.bias_values = torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -163,10 +224,23 @@ def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
     return ((bits >> 9).float() + 0.5) / float(1 << 23)
 
 
+@dataclass
+class SampledLogprobs:
+    """Log-probabilities of a step's sampled tokens, still on the device: read back (`to_host`)
+    with the tokens, after the step, so that sampling never waits for the GPU."""
+
+    sampled: torch.Tensor  # [B]
+    top_ids: torch.Tensor  # [B, N]
+    top_logprobs: torch.Tensor  # [B, N]
+
+    def to_host(self) -> Logprobs:
+        return Logprobs(self.sampled.tolist(), self.top_ids.tolist(), self.top_logprobs.tolist())
+
+
 def _gather_logprobs(logprobs: Optional[torch.Tensor], tokens: torch.Tensor,
-                     num: Optional[int]) -> Optional[Logprobs]:
+                     num: Optional[int]) -> Optional[SampledLogprobs]:
     if logprobs is None:
         return None
     sampled = logprobs.gather(-1, tokens[:, None])[:, 0]
     top_values, top_ids = logprobs.topk(num, dim=-1) if num else (logprobs[:, :0], tokens[:, None][:, :0])
-    return Logprobs(sampled.tolist(), top_ids.tolist(), top_values.tolist())
+    return SampledLogprobs(sampled, top_ids, top_values)

@@ -39,17 +39,43 @@ class PinnedStaging:
         if self.events[self.current] is not None:
             self.events[self.current].synchronize()
 
-    def host(self, array: np.ndarray) -> torch.Tensor:
-        """A CPU tensor holding `array`, pinned on CUDA (an ordinary one if the buffer is full)."""
-        array = np.ascontiguousarray(array)
+    def alloc(self, shape: int | tuple[int, ...], dtype) -> torch.Tensor:
+        """An uninitialised CPU tensor to fill in place (through `.numpy()`) and then copy to the
+        device: pinned on CUDA (an ordinary one if the buffer is full), so filling it costs the
+        one write and the copy does not wait for the GPU."""
+        dtype = np.dtype(dtype)
+        shape = (shape,) if isinstance(shape, int) else shape
+        nbytes = int(np.prod(shape)) * dtype.itemsize
         start = -(-self.offset // _ALIGN) * _ALIGN
-        if not self.pinned or start + array.nbytes > len(self.buffers[self.current]):
-            return torch.from_numpy(array)
-        self.offset = start + array.nbytes
-        out = self.buffers[self.current][start:self.offset].view(
-            torch.from_numpy(array[:0]).dtype).view(array.shape)
+        if not self.pinned or start + nbytes > len(self.buffers[self.current]):
+            return torch.from_numpy(np.empty(shape, dtype=dtype))
+        self.offset = start + nbytes
+        return self.buffers[self.current][start:self.offset].view(_TORCH_DTYPES[dtype]).view(shape)
+
+    def host(self, array: np.ndarray) -> torch.Tensor:
+        """A CPU tensor holding `array`, pinned on CUDA; off CUDA, `array` itself."""
+        if not self.pinned:
+            return torch.from_numpy(np.ascontiguousarray(array))
+        out = self.alloc(array.shape, array.dtype)
         out.numpy()[...] = array
         return out
 
     def to_device(self, array: np.ndarray) -> torch.Tensor:
         return self.host(array).to(self.device, non_blocking=True)
+
+    def to_device_all(self, arrays: list[np.ndarray], dtype) -> list[torch.Tensor]:
+        """Several arrays of one dtype on the device in one copy (views of one tensor); off
+        CUDA, the arrays themselves, wrapped."""
+        if not self.pinned:
+            return [torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)) for a in arrays]
+        ends = np.cumsum([len(a) for a in arrays]).tolist()
+        packed = self.alloc(ends[-1] if ends else 0, dtype)
+        host = packed.numpy()
+        for a, start, end in zip(arrays, [0] + ends, ends):
+            host[start:end] = a
+        device = packed.to(self.device, non_blocking=True)
+        return [device[start:end] for start, end in zip([0] + ends, ends)]
+
+
+_TORCH_DTYPES = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64,
+                 np.dtype(np.float32): torch.float32, np.dtype(np.bool_): torch.bool}

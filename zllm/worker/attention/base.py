@@ -22,31 +22,69 @@ import torch
 
 @dataclass
 class AttentionBatch:
-    """Where each request's tokens are, in the flattened step. All on the host: planning needs no
-    device sync, and each backend copies to the device only what its kernels read.
+    """Where each request's tokens are, in the flattened step: numpy arrays on the host, so
+    planning needs no device sync and each backend copies to the device only what its kernels
+    read, built with vectorized numpy (no loop over requests).
 
     Request i owns query tokens query_start_loc[i]:query_start_loc[i+1]; after this step its
-    cache holds seq_lens[i] tokens, in blocks block_table[i, :num_blocks[i]]. Token t is written
-    to cache slot slot_mapping[t] (block id * block_size + offset).
+    cache holds seq_lens[i] tokens, in blocks block_table[table_rows[i], :num_blocks[i]]. Token t
+    is written to cache slot slot_mapping[t] (block id * block_size + offset). `block_table` is
+    the worker's persistent table, shared and read only: rows are named, not copied.
     """
 
-    query_lens: list[int]
-    seq_lens: list[int]
-    num_blocks: list[int]
-    block_table: np.ndarray  # [num_reqs, max_blocks] int32
-    slot_mapping: np.ndarray  # [num_tokens] int64
+    query_start_loc: np.ndarray  # [R + 1] int32
+    seq_lens: np.ndarray  # [R] int32
+    num_blocks: np.ndarray  # [R] int32: ceil(seq_lens / block_size)
+    block_table: np.ndarray  # [rows, max_blocks_per_req] int32, C-contiguous
+    table_rows: np.ndarray  # [R] int64
+    slot_mapping: np.ndarray  # [T] int64
+    max_query_len: int
     # A pure-decode step padded to a captured batch size, about to replay its CUDA graph.
     cuda_graph: bool = False
 
-    @property
-    def is_decode_only(self) -> bool:
-        return all(q == 1 for q in self.query_lens)
+    @classmethod
+    def from_lists(cls, query_lens, seq_lens, block_table: np.ndarray, slot_mapping: np.ndarray,
+                   block_size: int, cuda_graph: bool = False) -> "AttentionBatch":
+        """A batch from per-request lengths and its own [R, blocks] table (tests, profiling)."""
+        query_lens = np.asarray(query_lens, dtype=np.int32)
+        seq_lens = np.asarray(seq_lens, dtype=np.int32)
+        starts = np.zeros(len(query_lens) + 1, dtype=np.int32)
+        np.cumsum(query_lens, out=starts[1:])
+        return cls(starts, seq_lens, (seq_lens + block_size - 1) // block_size,
+                   np.ascontiguousarray(block_table, dtype=np.int32),
+                   np.arange(len(query_lens), dtype=np.int64),
+                   np.asarray(slot_mapping, dtype=np.int64), int(query_lens.max()), cuda_graph)
 
     @property
-    def query_start_loc(self) -> np.ndarray:
-        out = np.zeros(len(self.query_lens) + 1, dtype=np.int64)
-        np.cumsum(self.query_lens, out=out[1:])
-        return out
+    def num_reqs(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.slot_mapping)
+
+    @property
+    def query_lens(self) -> np.ndarray:
+        return np.diff(self.query_start_loc)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+    def page_indptr(self) -> np.ndarray:
+        """[R + 1] int32: request i's pages are page_indices()[indptr[i]:indptr[i + 1]]."""
+        indptr = np.zeros(self.num_reqs + 1, dtype=np.int32)
+        np.cumsum(self.num_blocks, out=indptr[1:])
+        return indptr
+
+    def page_indices(self, indptr: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Each request's live blocks, concatenated in batch order, by one gather from the flat
+        table: request i's j-th block is entry table_rows[i] * width + j, that is a per-request
+        base repeated, plus a running count."""
+        base = self.table_rows * self.block_table.shape[1] - indptr[:-1]
+        flat = np.repeat(base, self.num_blocks)
+        flat += np.arange(len(flat))
+        return np.take(self.block_table.reshape(-1), flat, out=out)
 
 
 @dataclass(frozen=True)

@@ -5,25 +5,30 @@ longer than one token (prefill chunks, possibly mixed with decodes) runs the bat
 causal and bottom-right aligned, so a chunk sees the cached prefix and itself; a step of pure
 decodes runs the batch-decode kernel, which is faster for one query row per request.
 
-The page table flashinfer wants (indptr / indices / last_page_len) and the K/V store's rows are
-built on the host from the step's host arrays (flashinfer reads indptr there to choose its
-split-k schedule) and copied from pinned memory (zllm/worker/staging.py), so planning step N+1
-never waits for step N to finish on the GPU.
+Everything the kernels read about the step's layout (the page table as indptr / indices /
+last_page_len, and each new token's request and position for the K/V store) is built on the host
+with vectorized numpy from the step's arrays, packed into one pinned int32 buffer
+(zllm/worker/staging.py) and copied to the device in one transfer, so planning step N+1 never
+waits for step N to finish on the GPU. flashinfer reads indptr on the host to choose its split-k
+schedule. Each layer stores its new K and V with one kernel (flashinfer's append_paged_kv_cache).
 
 CUDA graphs: a captured decode step replays fixed kernels on fixed buffers, so for each captured
-batch size there is a decode wrapper in flashinfer's CUDA-graph mode, whose page table lives in
-buffers that `plan` refills each step, and the K/V store reads its destination rows from a static
-buffer too. flashinfer is imported here only, so CPU installs never need it.
+batch size there is a decode wrapper in flashinfer's CUDA-graph mode whose page table lives in
+one device region (`_TableLayout`) that `plan` refills with its one copy; after each wrapper's
+first full `plan()`, a step re-plans it with flashinfer's `fast_decode_plan`, which only reruns
+the split-k scheduler (no tensor copies, no sequence-length arithmetic in Python).
+flashinfer is imported here only, so CPU installs never need it.
 
 Sliding windows: flashinfer takes a window in `plan` (window_left, the number of keys a query
 sees before its own position: Hugging Face's window W is window_left = W - 1) and binds the
 kernel to it, so each distinct window of the model's layers has its own wrappers, planned
 together, each with its own plan data (int workspace); they share the float workspace, which
-only the running kernel uses.
+only the running kernel uses. Scores are soft-capped in the kernel when the model says so.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -34,6 +39,55 @@ from zllm.worker.staging import PinnedStaging
 
 FLOAT_WORKSPACE_BYTES = 256 * 2**20
 INT_WORKSPACE_BYTES = 8 * 2**20  # flashinfer's own default for its plan data
+_ALIGN = 16  # int32 entries (64 bytes) between sections of the packed table
+
+
+@dataclass
+class _TableViews:
+    indptr: torch.Tensor  # [R + 1] pages per request, as offsets into indices
+    last_page_len: torch.Tensor  # [R]
+    batch_indices: torch.Tensor  # [T] request of each new token
+    positions: torch.Tensor  # [T] position of each new token in its sequence
+    qo_indptr: torch.Tensor  # [R + 1]
+    indices: torch.Tensor  # [pages]
+
+
+class _TableLayout:
+    """Offsets of the sections of one packed int32 page table, sized for up to `max_reqs`
+    requests, `max_tokens` new tokens and `max_pages` pages."""
+
+    def __init__(self, max_reqs: int, max_tokens: int, max_pages: int) -> None:
+        sizes = (max_reqs + 1, max_reqs, max_tokens, max_tokens, max_reqs + 1, max_pages)
+        self.offsets = []
+        offset = 0
+        for size in sizes:
+            self.offsets.append(offset)
+            offset += -(-size // _ALIGN) * _ALIGN
+        self.size = self.offsets[-1] + max_pages
+
+    def views(self, table: torch.Tensor | np.ndarray, num_reqs: int, num_tokens: int,
+              num_pages: int) -> _TableViews:
+        lengths = (num_reqs + 1, num_reqs, num_tokens, num_tokens, num_reqs + 1, num_pages)
+        return _TableViews(*(table[o:o + n] for o, n in zip(self.offsets, lengths)))
+
+
+def fill_table(views: _TableViews, batch: AttentionBatch, indptr: np.ndarray,
+               block_size: int) -> None:
+    """Write the step's page table and K/V store positions into host (numpy) views."""
+    num_blocks, seq_lens, starts = batch.num_blocks, batch.seq_lens, batch.query_start_loc
+    views.indptr[:] = indptr
+    views.last_page_len[:] = seq_lens - (num_blocks - 1) * block_size
+    views.qo_indptr[:] = starts
+    batch.page_indices(indptr, out=views.indices)
+    if batch.is_decode_only:
+        views.batch_indices[:] = np.arange(batch.num_reqs)
+        views.positions[:] = seq_lens - 1
+    else:
+        # Token t of request i sits at position t + seq_lens[i] - query_start_loc[i + 1].
+        query_lens = batch.query_lens
+        views.batch_indices[:] = np.repeat(np.arange(batch.num_reqs), query_lens)
+        views.positions[:] = np.repeat(seq_lens - starts[1:], query_lens)
+        views.positions[:] += np.arange(batch.num_tokens, dtype=np.int32)
 
 
 class FlashInferBackend(AttentionBackend):
@@ -57,9 +111,17 @@ class FlashInferBackend(AttentionBackend):
             self.workspace, "NHD", use_tensor_cores=self._decode_tensor_cores()), w)
             for w in self.windows}
         self.graph_decode: dict[int, dict] = {}  # batch size -> window -> CUDA-graph decode wrapper
-        # Rows of each new token's K and V in the cache viewed as [blocks * 2 * block_size, KVH, D].
-        self.kv_rows = torch.zeros(2, max_num_tokens, dtype=torch.long, device=device)
+        self.graph_layout: _TableLayout | None = None
+        self.graph_table: torch.Tensor | None = None  # the region graph wrappers read
+        self._planned: set[int] = set()  # graph wrappers that had their first, full plan()
         self._wrappers: dict = {}  # window -> the wrapper planned for this step
+        self._table: _TableViews | None = None  # this step's device views
+        try:
+            from flashinfer.decode import fast_decode_plan
+        except ImportError:  # older flashinfer: every step takes the full plan()
+            fast_decode_plan = None
+        self._fast_decode_plan = fast_decode_plan
+        self._append_kv = flashinfer.append_paged_kv_cache
 
     def _decode_tensor_cores(self) -> bool:
         # Tensor-core decode pays off for wide GQA groups (vLLM uses the same cut-off).
@@ -71,57 +133,86 @@ class FlashInferBackend(AttentionBackend):
 
     def enable_cuda_graphs(self, batch_sizes: list[int], max_pages: int) -> None:
         """Make a CUDA-graph decode wrapper for each batch size and window; their page-table
-        buffers are views of one set (a step plans only the wrappers it replays)."""
+        buffers are views of one device region (a step plans only the wrappers it replays)."""
         import flashinfer
 
         largest = max(batch_sizes)
-        indptr = torch.zeros(largest + 1, dtype=torch.int32, device=self.device)
-        indices = torch.zeros(max_pages, dtype=torch.int32, device=self.device)
-        last_page_len = torch.zeros(largest, dtype=torch.int32, device=self.device)
+        self.graph_layout = _TableLayout(largest, largest, max_pages)
+        self.graph_table = torch.zeros(self.graph_layout.size, dtype=torch.int32,
+                                       device=self.device)
         for bs in batch_sizes:
+            views = self.graph_layout.views(self.graph_table, bs, bs, max_pages)
             self.graph_decode[bs] = {w: self._share(flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 self.workspace, "NHD", use_cuda_graph=True,
                 use_tensor_cores=self._decode_tensor_cores(),
-                paged_kv_indptr_buffer=indptr[:bs + 1], paged_kv_indices_buffer=indices,
-                paged_kv_last_page_len_buffer=last_page_len[:bs]), w) for w in self.windows}
+                paged_kv_indptr_buffer=views.indptr, paged_kv_indices_buffer=views.indices,
+                paged_kv_last_page_len_buffer=views.last_page_len), w) for w in self.windows}
 
     def plan(self, batch: AttentionBatch) -> None:
-        bs, st = self.block_size, self.staging
-        num_blocks = np.asarray(batch.num_blocks, dtype=np.int64)
-        seq_lens = np.asarray(batch.seq_lens, dtype=np.int32)
-        kv_indptr = np.zeros(len(num_blocks) + 1, dtype=np.int32)
-        np.cumsum(num_blocks, out=kv_indptr[1:])
-        # Each request's live blocks, from its row of the [R, max_blocks] block table.
-        rows = np.repeat(np.arange(len(num_blocks)), num_blocks)
-        cols = np.arange(kv_indptr[-1]) - np.repeat(kv_indptr[:-1], num_blocks)
-        indices = st.to_device(batch.block_table[rows, cols])
-        last_page_len = st.host((seq_lens - 1) % bs + 1)
-        kv_indptr = st.host(kv_indptr)
+        host, indptr = self._pack_table(batch)
         common = dict(num_qo_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                      page_size=bs, sm_scale=self.scale, q_data_type=self.dtype,
+                      page_size=self.block_size, sm_scale=self.scale, q_data_type=self.dtype,
                       kv_data_type=self.dtype, logits_soft_cap=self.spec.logits_soft_cap)
-        if batch.is_decode_only:
-            self._wrappers = self.graph_decode[len(num_blocks)] if batch.cuda_graph else self.decode
-            for w, wrapper in self._wrappers.items():
-                wrapper.plan(kv_indptr, indices, last_page_len, head_dim=self.head_dim,
-                             window_left=_window_left(w), **common)
+        seq_lens = self.staging.host(batch.seq_lens)  # given, so flashinfer need not derive it
+        if batch.cuda_graph:
+            self._wrappers = self.graph_decode[batch.num_reqs]
         else:
-            qo_indptr, seq_lens = st.host(batch.query_start_loc.astype(np.int32)), st.host(seq_lens)
-            self._wrappers = self.prefill
-            for w, wrapper in self._wrappers.items():
-                wrapper.plan(qo_indptr, kv_indptr, indices, last_page_len, head_dim_qk=self.head_dim,
-                             causal=True, seq_lens=seq_lens, window_left=_window_left(w), **common)
-        # K/V store: slot s = block * bs + offset is row block * 2 * bs + offset for K, + bs for V.
-        slots = batch.slot_mapping
-        k_rows = slots + slots // bs * bs
-        self.kv_rows[:, :len(slots)].copy_(st.host(np.stack([k_rows, k_rows + bs])), non_blocking=True)
+            self._wrappers = self.decode if batch.is_decode_only else self.prefill
+        for window, wrapper in self._wrappers.items():
+            kw = dict(common, window_left=_window_left(window))
+            if batch.cuda_graph:
+                self._plan_graph(wrapper, host, seq_lens, kw)
+            elif batch.is_decode_only:
+                wrapper.plan(host.indptr, self._table.indices, host.last_page_len,
+                             head_dim=self.head_dim, seq_lens=seq_lens, **kw)
+            else:
+                wrapper.plan(host.qo_indptr, host.indptr, self._table.indices, host.last_page_len,
+                             head_dim_qk=self.head_dim, causal=True, seq_lens=seq_lens,
+                             max_token_per_sequence=batch.max_query_len, **kw)
+
+    def _plan_graph(self, wrapper, host: _TableViews, seq_lens: torch.Tensor,
+                    kw: dict) -> None:
+        if self._fast_decode_plan is not None and id(wrapper) in self._planned:
+            # Buffers are filled already: only the split-k schedule is recomputed.
+            self._fast_decode_plan(wrapper, host.indptr, self._table.indices, host.last_page_len,
+                                   head_dim=self.head_dim, **kw)
+        else:
+            # plan() copies indices into the wrapper's buffer, which is this very region:
+            # hand it a copy rather than the region itself.
+            wrapper.plan(host.indptr, self._table.indices.clone(), host.last_page_len,
+                         head_dim=self.head_dim, seq_lens=seq_lens, **kw)
+            self._planned.add(id(wrapper))
+
+    def _pack_table(self, batch: AttentionBatch) -> tuple[_TableViews, np.ndarray]:
+        """Fill the step's page table in pinned memory and copy it to the device in one transfer:
+        into the graph region for a graph step, else into a fresh device tensor. Returns the
+        host views (pinned tensors, which flashinfer's plan reads) and sets `_table` to the
+        device views."""
+        num_reqs, num_tokens = batch.num_reqs, batch.num_tokens
+        indptr = batch.page_indptr()
+        num_pages = int(indptr[-1])
+        if batch.cuda_graph:
+            layout = self.graph_layout
+            used = layout.offsets[-1] + num_pages
+        else:
+            layout = _TableLayout(num_reqs, num_tokens, num_pages)
+            used = layout.size
+        packed = self.staging.alloc(used, np.int32)
+        fill_table(layout.views(packed.numpy(), num_reqs, num_tokens, num_pages), batch, indptr,
+                   self.block_size)
+        if batch.cuda_graph:
+            self.graph_table[:used].copy_(packed, non_blocking=True)
+            device = self.graph_table
+        else:
+            device = packed.to(self.device, non_blocking=True)
+        self._table = layout.views(device, num_reqs, num_tokens, num_pages)
+        return layout.views(packed, num_reqs, num_tokens, num_pages), indptr
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 window: Optional[int] = None) -> torch.Tensor:
-        num_tokens = q.shape[0]
-        rows = kv_cache.view(-1, self.num_kv_heads, self.head_dim)
-        rows[self.kv_rows[0, :num_tokens]] = k
-        rows[self.kv_rows[1, :num_tokens]] = v
+        t = self._table
+        self._append_kv(k, v, t.batch_indices, t.positions, kv_cache, t.indices, t.indptr,
+                        t.last_page_len, "NHD")
         return self._wrappers[window].run(q.contiguous(), kv_cache)
 
 

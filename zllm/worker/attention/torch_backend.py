@@ -1,12 +1,17 @@
 """Paged attention in plain PyTorch: the reference, and the CPU path.
 
-Each step, `plan` builds padded index tensors once, in two groups: decodes (one new token each)
-and prefills (several). Padding within a group stays small: a step that mixes a long prompt
-chunk with many decodes does not pad every decode to the chunk's length. For each request the
-plan holds the cache slots of its whole sequence and, per sliding window of the model's layers,
-a mask that is causal over its new tokens and hides keys outside the window; `forward` gathers
-K/V from the paged cache and runs scaled_dot_product_attention per group (or the same arithmetic
-written out, when scores are soft-capped, which SDPA cannot do).
+Each step, `plan` builds padded index arrays once, with vectorized numpy on the host, in two
+groups: decodes (one new token each) and prefills (several). Padding within a group stays small:
+a step that mixes a long prompt chunk with many decodes does not pad every decode to the chunk's
+length. For each request the plan holds the blocks of its whole sequence and, per sliding window
+of the model's layers, a mask that is causal over its new tokens and hides keys outside the
+window. `forward` stores the step's K/V with one indexed write, gathers each group's blocks, and
+runs scaled_dot_product_attention (or the same arithmetic written out, when scores are
+soft-capped, which SDPA cannot do).
+
+For the store, the cache of a layer, [blocks, 2, block_size, KVH, D], is addressed as rows of
+[KVH, D]: the K of slot (block, offset) is row block * 2 * block_size + offset and its V is
+block_size rows later.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,9 +30,19 @@ from zllm.worker.attention.base import AttentionBackend, AttentionBatch, Attenti
 class _PaddedGroup:
     token_index: torch.Tensor  # [tokens in the group]: rows of the flat step
     q_valid: torch.Tensor  # [R, max_q] bool: real (not padding) query slots
-    kv_block: torch.Tensor  # [R, max_s]: cache block of each sequence position
-    kv_offset: torch.Tensor  # [R, max_s]: offset in that block
-    masks: dict[Optional[int], torch.Tensor]  # window -> [R, 1, max_q, max_s] bool
+    pages: torch.Tensor  # [R, P]: the cache blocks of each request's sequence, in order
+    masks: dict[Optional[int], torch.Tensor]  # window -> [R, 1, max_q, P * block_size] bool
+
+
+def kv_pair(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """k and v [T, KVH, D] as one [T, 2, KVH, D] tensor, for a single store. When v directly
+    follows k in every row (views of a fused qkv projection's output), that is a view; otherwise
+    a stacked copy."""
+    num_tokens, heads, dim = k.shape
+    if (k.stride() == v.stride() and k.stride(1) == dim and k.stride(2) == 1
+            and v.data_ptr() - k.data_ptr() == heads * dim * k.element_size()):
+        return k.as_strided((num_tokens, 2, heads, dim), (k.stride(0), heads * dim, dim, 1))
+    return torch.stack((k, v), dim=1)
 
 
 class TorchPagedBackend(AttentionBackend):
@@ -34,55 +50,62 @@ class TorchPagedBackend(AttentionBackend):
         super().__init__(spec, block_size)
         self.device = device
 
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device, non_blocking=True)
+
     def plan(self, batch: AttentionBatch) -> None:
-        decodes = [i for i, q in enumerate(batch.query_lens) if q == 1]
-        prefills = [i for i, q in enumerate(batch.query_lens) if q > 1]
-        starts = batch.query_start_loc
-        self.groups = [self._plan_group(batch, starts, rows) for rows in (decodes, prefills) if rows]
-        slots = torch.from_numpy(batch.slot_mapping).to(self.device)
-        self.slot_block = slots // self.block_size
-        self.slot_offset = slots % self.block_size
+        query_lens = batch.query_lens
+        self.groups = []
+        if batch.is_decode_only:
+            self.groups.append(self._plan_group(batch, query_lens, None))
+        else:
+            for rows in (np.flatnonzero(query_lens == 1), np.flatnonzero(query_lens > 1)):
+                if len(rows):
+                    self.groups.append(self._plan_group(batch, query_lens, rows))
+        slots = batch.slot_mapping
+        k_rows = slots + slots // self.block_size * self.block_size
+        self.store_rows = self._tensor(np.stack((k_rows, k_rows + self.block_size), axis=1))
 
-    def _plan_group(self, batch: AttentionBatch, starts, rows: list[int]) -> _PaddedGroup:
-        device = self.device
-        q_lens_cpu = [batch.query_lens[i] for i in rows]
-        seq_lens_cpu = [batch.seq_lens[i] for i in rows]
-        max_q, max_s = max(q_lens_cpu), max(seq_lens_cpu)
-        q_lens = torch.tensor(q_lens_cpu, device=device)
-        seq_lens = torch.tensor(seq_lens_cpu, device=device)
-
-        # Request i's j-th new token is flat token query_start_loc[i] + j.
-        j = torch.arange(max_q, device=device)
-        q_valid = j[None, :] < q_lens[:, None]  # [R, max_q]
-        token_index = (torch.from_numpy(starts[rows]).to(device)[:, None] + j[None, :])[q_valid]
-
-        # Cache slots of each request's sequence, position by position.
-        pos = torch.arange(max_s, device=device)
-        table = torch.from_numpy(batch.block_table[rows]).to(device)
-        kv_block = table[:, (pos // self.block_size).clamp(max=table.shape[1] - 1)].long()
-        kv_offset = (pos % self.block_size).expand(len(rows), -1)
-
-        # Query j of request i sits at position seq_len - q_len + j and sees positions up to it,
-        # and with a window W only the W positions ending there (Hugging Face's sliding window).
-        q_pos = (seq_lens - q_lens)[:, None, None] + j[None, :, None]  # [R, max_q, 1]
-        causal = pos <= q_pos  # [R, max_q, max_s]
+    def _plan_group(self, batch: AttentionBatch, query_lens: np.ndarray,
+                    rows: np.ndarray | None) -> _PaddedGroup:
+        """Padded index arrays for the requests `rows` (None: all of them)."""
+        pick = slice(None) if rows is None else rows
+        q_lens, seq_lens = query_lens[pick], batch.seq_lens[pick]
+        max_q = int(q_lens.max())
+        num_pages = int(batch.num_blocks[pick].max())
+        # Each request's blocks, padded with its table's later (masked) entries.
+        cols = np.minimum(np.arange(num_pages), batch.block_table.shape[1] - 1)
+        pages = batch.block_table[batch.table_rows[pick][:, None], cols]
+        # Request i's j-th new token is flat token query_start_loc[i] + j; it sits at position
+        # seq_len - q_len + j and sees positions up to it, and with a window W only the W
+        # positions ending there (Hugging Face's sliding window).
+        j = np.arange(max_q)
+        q_valid = j < q_lens[:, None]  # [R, max_q]
+        token_index = (batch.query_start_loc[:-1][pick][:, None] + j)[q_valid]
+        q_pos = ((seq_lens - q_lens)[:, None] + j)[:, :, None]  # [R, max_q, 1]
+        pos = np.arange(num_pages * self.block_size)
+        causal = pos <= q_pos  # [R, max_q, S]
         padding = ~q_valid[:, :, None] & (pos == 0)  # padded query rows see one key, not none (NaN)
-        masks = {w: ((causal if w is None else causal & (pos > q_pos - w)) | padding)[:, None]
+        masks = {w: self._tensor(((causal if w is None else causal & (pos > q_pos - w))
+                                  | padding)[:, None])
                  for w in self.spec.sliding_windows}
-        return _PaddedGroup(token_index, q_valid, kv_block, kv_offset, masks)
+        return _PaddedGroup(self._tensor(token_index), self._tensor(q_valid),
+                            self._tensor(pages.astype(np.int64)), masks)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 window: Optional[int] = None) -> torch.Tensor:
-        kv_cache[self.slot_block, 0, self.slot_offset] = k
-        kv_cache[self.slot_block, 1, self.slot_offset] = v
+        rows = kv_cache.view(-1, self.num_kv_heads, self.head_dim)
+        rows[self.store_rows] = kv_pair(k, v)
         out = torch.empty_like(q)
         for g in self.groups:
-            keys = kv_cache[g.kv_block, 0, g.kv_offset]  # [R, max_s, KVH, D]
-            values = kv_cache[g.kv_block, 1, g.kv_offset]
+            # [R, P, 2, bs, KVH, D] -> K and V as [R, 2, P * bs, KVH, D]: a gather and a copy.
+            num_reqs, num_pages = g.pages.shape
+            kv = kv_cache[g.pages].transpose(1, 2).reshape(
+                num_reqs, 2, num_pages * self.block_size, self.num_kv_heads, self.head_dim)
             queries = q.new_zeros(*g.q_valid.shape, self.num_heads, self.head_dim)
             queries[g.q_valid] = q[g.token_index]
-            attn = self._attend(queries.transpose(1, 2), keys.transpose(1, 2),
-                                values.transpose(1, 2), g.masks[window])
+            attn = self._attend(queries.transpose(1, 2), kv[:, 0].transpose(1, 2),
+                                kv[:, 1].transpose(1, 2), g.masks[window])
             out[g.token_index] = attn.transpose(1, 2)[g.q_valid]
         return out
 
