@@ -11,7 +11,9 @@ import re
 import jsonschema
 import pytest
 
+from tests.test_default_model import needs_smollm2
 from zllm import LLM, SamplingParams
+from zllm.frontend.chat_template import render_chat
 from zllm.structured_outputs import StructuredOutputs, build_grammar
 
 MAX_TOKENS = 400  # far beyond what the bounded shapes below need
@@ -198,3 +200,29 @@ def test_invalid_specs_are_refused_where_they_enter(llm, spec, message):
                      use_tqdm=False)
     with pytest.raises(ValueError, match="exactly one of"):
         StructuredOutputs(regex="a", choice=["a"])
+
+
+@needs_smollm2
+def test_the_default_model_keeps_to_schemas_regexes_and_choices():
+    # SmolLM2-135M-Instruct, sampled: a sample of the shapes above in one batch (all 200
+    # schemas, 50 regexes and the choices held when run once, as docs/serving.md says).
+    rng, regex_rng = random.Random(2026), random.Random(7)
+    schemas = [_schema(rng) for _ in range(12)]
+    regexes = [_regex(regex_rng) for _ in range(6)]
+    choices = [["positive", "negative", "neutral"], ["Paris", "London", "東京"]] * 3
+    specs = ([StructuredOutputs(json=s) for s in schemas]
+             + [StructuredOutputs(regex=r) for r in regexes]
+             + [StructuredOutputs(choice=c) for c in choices])
+    with LLM(device="cpu", max_model_len=1024, num_kv_blocks=1024) as smollm2:
+        prompt = render_chat(smollm2.tokenizer, [{"role": "user", "content": "Answer briefly."}])
+        params = [SamplingParams(temperature=1.0, seed=i, max_tokens=MAX_TOKENS,
+                                 structured_outputs=s) for i, s in enumerate(specs)]
+        outputs = [o.outputs[0] for o in smollm2.generate([prompt] * len(specs), params,
+                                                          use_tqdm=False)]
+    assert all(o.finish_reason == "stop" for o in outputs), [o.text for o in outputs]
+    for schema, out in zip(schemas, outputs):
+        jsonschema.validate(json.loads(out.text), schema)
+    for regex, out in zip(regexes, outputs[12:]):
+        assert re.fullmatch(regex, out.text), (regex, out.text)
+    for choice, out in zip(choices, outputs[18:]):
+        assert out.text in choice
