@@ -37,5 +37,10 @@ def test_padded_decode_batches_keep_greedy_output(gqa_model, hf):
         # Five running decodes ran as batches of 8 (and fewer as requests stopped).
         assert 8 in runner.graphs.replayed
         assert not runner.kv_caches[0][runner.scratch_block].equal(scratch)  # padding wrote there
+        # Four decodes fit the graph of 4 exactly: it replays, with no padding row.
+        runner.graphs.replayed.clear()
+        outputs += llm.generate(PROMPTS[4:8], SamplingParams(temperature=0, max_tokens=12),
+                                use_tqdm=False)
+        assert runner.graphs.replayed.count(4) >= 10
     for out in outputs:
         assert out.outputs[0].token_ids == hf.greedy(gqa_model, out.prompt_token_ids, 12)

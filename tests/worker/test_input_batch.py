@@ -13,6 +13,7 @@ import pytest
 
 from zllm.protocol import CachedRequestData, NewRequestData, SchedulerOutput
 from zllm.sampling_params import SamplingParams
+from zllm.worker.cuda_graphs import graph_batch_sizes, graph_size_for
 from zllm.worker.input_batch import InputBatch
 
 BLOCK_SIZE = 4
@@ -141,8 +142,9 @@ class Simulation:
         if needs:
             self._read_back_all()
         num_tokens = int(counts.sum())
-        pad = self.rng.choice([0, 0, 3]) if num_tokens == len(order) else 0
-        step = batch.prepare(slots, counts, num_tokens, len(order) + pad)
+        # Decodes may replay a CUDA graph of their exact size (pad 0) or of a larger one.
+        pad = self.rng.choice([None, 0, 3]) if num_tokens == len(order) else None
+        step = batch.prepare(slots, counts, num_tokens, None if pad is None else len(order) + pad)
         expect = expected_step(order, counts, last_reqs)
         _assert_step(step, expect, len(order), pad)
         # Launch: the sampled requests get a token, in flight until read back.
@@ -216,7 +218,9 @@ def expected_step(order: list[Req], counts: np.ndarray, last_reqs: list[Req]) ->
                 pages=pages, seq_lens=seq_lens)
 
 
-def _assert_step(step, expect: dict, num_reqs: int, pad: int) -> None:
+def _assert_step(step, expect: dict, num_reqs: int, pad: int | None) -> None:
+    """`pad`: padding rows of a CUDA-graph step (None: not a graph step)."""
+    graph, pad = pad is not None, pad or 0
     num_tokens = len(expect["ids"])
     got_ids = step.input_ids[:num_tokens].tolist()
     assert [g if e is not None else None for g, e in zip(got_ids, expect["ids"])] == expect["ids"]
@@ -234,8 +238,9 @@ def _assert_step(step, expect: dict, num_reqs: int, pad: int) -> None:
     indptr = attn.page_indptr()
     pages = attn.page_indices(indptr).tolist()
     assert pages[:indptr[num_reqs]] == expect["pages"]
+    assert attn.cuda_graph == graph
     if pad:  # padding rows: token 0 at position 0, one page, the scratch block
-        assert attn.cuda_graph and len(step.input_ids) == num_tokens + pad
+        assert len(step.input_ids) == num_tokens + pad
         assert step.input_ids[num_tokens:].tolist() == [0] * pad
         assert step.positions[num_tokens:].tolist() == [0] * pad
         assert attn.seq_lens[num_reqs:].tolist() == [1] * pad
@@ -278,3 +283,12 @@ def test_steady_decode_continues_from_the_previous_step_on_the_device():
     batch.append_sampled(second.sampled_slots, np.array([20, 21, 22]))
     assert r1_slot in batch.free_slots
     assert batch.token_ids[batch.slot_of["r0"], :5].tolist() == [5, 6, 7, 10, 20]
+
+
+def test_decode_steps_of_a_captured_size_replay_its_graph():
+    """A decode step replays the smallest captured graph that holds it, an exact fit included
+    (a step of exactly 8 or 256 requests must not run eagerly); longer queries run eagerly."""
+    sizes = graph_batch_sizes(256)
+    assert [graph_size_for(sizes, n, n) for n in (1, 3, 8, 9, 256)] == [1, 4, 8, 16, 256]
+    assert graph_size_for(sizes, 257, 257) is None
+    assert graph_size_for(sizes, 9, 8) is None

@@ -149,13 +149,16 @@ class StepLog:
         return out
 
 
-def step_log(entries: list[list], cost: ModelCost, hw: Hardware) -> StepLog:
-    """The engine core's step log (zllm.engine.core.StepLog) as times and floors. A step's time
-    runs from when the workers could start it (its submission, or the previous step's completion
-    if that came later, as with async scheduling) to its completion."""
+def step_log(entries: list[list], cost: ModelCost, hw: Hardware, since: float = 0.0) -> StepLog:
+    """The engine core's step log (zllm.engine.core.StepLog) as times and floors, for the steps
+    submitted after `since` (time.perf_counter(), one clock for every process on the host): an
+    earlier run's last step, scheduled ahead with async scheduling, completes in the next one's
+    log. A step's time runs from when the workers could start it (its submission, or the
+    previous step's completion if that came later, as with async scheduling) to its
+    completion."""
     log, last_done = StepLog(), 0.0
     for submit, done, contexts, new, num_sampled in entries:
-        if not new:
+        if not new or submit < since:
             continue
         log.times.append(done - max(submit, last_done))
         log.floors.append(cost.floor_s(hw, list(zip(contexts, new)), num_sampled))
@@ -188,7 +191,7 @@ def _measure(llm, cost: ModelCost, hw: Hardware, wl: Workload,
     t0 = time.perf_counter()
     outs = llm.generate(wl.prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
-    log = step_log(llm.engine.call("step_log"), cost, hw)
+    log = step_log(llm.engine.call("step_log"), cost, hw, since=t0)
     host = llm.engine.call("host_times")
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     steps = log.summary()

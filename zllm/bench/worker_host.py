@@ -118,10 +118,13 @@ def time_worker(num_requests: int, warmup: int, steps: int, temperature: float =
             worker.collect()  # the step before: step N+1 was launched before it was read
         worker.collect()
         laps = {stage: statistics.median(times) * 1e6 for stage, times in timer.laps.items()}
+        graphs = worker.model_runner.graphs
+        replays = graphs.num_replays if graphs is not None else 0
     finally:
         worker.shutdown()
     laps["input_prep"] = sum(laps.get(stage, 0.0) for stage in PREP_STAGES)
     laps["host_total"] = sum(v for k, v in laps.items() if k != "input_prep")
+    laps["graph_steps"] = replays / (warmup + steps + 1)  # decode steps that replayed a graph
     return laps
 
 
@@ -131,11 +134,12 @@ def worker_rows(counts: list[int], warmup: int, steps: int, temperature: float,
     for n in counts:
         laps = time_worker(n, warmup, steps, temperature, model, context)
         rows.append({"executor": f"worker ({model})", "num_requests": n,
+                     "graph_steps": laps.pop("graph_steps"),
                      "input_prep_us": laps["input_prep"], "host_total_us": laps["host_total"],
                      **{f"{stage}_us": v for stage, v in laps.items()
                         if stage not in ("input_prep", "host_total")}})
         print(f"worker   {n:>4} requests: input prep {laps['input_prep']:7.0f} µs, all host stages "
-              f"{laps['host_total']:7.0f} µs (" + ", ".join(
+              f"{laps['host_total']:7.0f} µs, graph steps {rows[-1]['graph_steps']:.0%} (" + ", ".join(
                   f"{stage} {v:.0f}" for stage, v in laps.items()
                   if stage not in ("input_prep", "host_total")) + ")")
     return rows

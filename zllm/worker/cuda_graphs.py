@@ -28,6 +28,16 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sorted({s for s in (1, 2, 4, 8) if s <= largest} | set(range(8, largest + 1, 8)))
 
 
+def graph_size_for(batch_sizes: list[int], num_tokens: int, num_reqs: int) -> int | None:
+    """The captured size a step runs at: the smallest one >= num_reqs for a step of decodes
+    only (an exact fit included), None (run eagerly) for a step with a longer query or with
+    more requests than the largest graph. `batch_sizes` rises."""
+    if num_tokens != num_reqs:
+        return None
+    i = bisect.bisect_left(batch_sizes, num_reqs)
+    return batch_sizes[i] if i < len(batch_sizes) else None
+
+
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], attn,
                  batch_sizes: list[int], device: torch.device) -> None:
@@ -39,11 +49,10 @@ class DecodeGraphs:
         self.positions = torch.zeros(largest, dtype=torch.long, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.hidden: dict[int, torch.Tensor] = {}
+        self.num_replays = 0  # for checks that the graph path is really taken
 
-    def padded_size(self, num_reqs: int) -> int | None:
-        """The captured size a decode batch of num_reqs runs at (None: too big, run eagerly)."""
-        i = bisect.bisect_left(self.batch_sizes, num_reqs)
-        return self.batch_sizes[i] if i < len(self.batch_sizes) else None
+    def size_for(self, num_tokens: int, num_reqs: int) -> int | None:
+        return graph_size_for(self.batch_sizes, num_tokens, num_reqs)
 
     @torch.inference_mode()
     def capture(self, plan_padding_batch: Callable[[int], None]) -> None:
@@ -74,4 +83,5 @@ class DecodeGraphs:
         self.input_ids[:bs].copy_(input_ids, non_blocking=True)
         self.positions[:bs].copy_(positions, non_blocking=True)
         self.graphs[bs].replay()
+        self.num_replays += 1
         return self.hidden[bs]

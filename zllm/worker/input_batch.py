@@ -191,11 +191,12 @@ class InputBatch:
     # -- a step's inputs ---------------------------------------------------------------------------
 
     def prepare(self, slots: np.ndarray, num_scheduled: np.ndarray, num_tokens: int,
-                num_rows: int) -> StepInputs:
-        """Flatten a step of `num_tokens` tokens and advance its requests' progress. `num_rows` >
-        len(slots) pads a one-token-each step to a CUDA graph's size with rows that read token 0
-        at position 0 and write their K/V into the scratch block."""
+                graph_size: Optional[int] = None) -> StepInputs:
+        """Flatten a step of `num_tokens` tokens and advance its requests' progress. A step of
+        decodes that replays the CUDA graph of `graph_size` rows is padded to that size with rows
+        that read token 0 at position 0 and write their K/V into the scratch block."""
         num_reqs, bs = len(slots), self.block_size
+        num_rows = num_reqs if graph_size is None else graph_size
         start = self.num_computed_tokens[slots]
         end = start + num_scheduled
         if num_tokens == num_reqs:  # one token each: the decode fast path, no repeat
@@ -223,7 +224,7 @@ class InputBatch:
             block_table=self.block_table, table_rows=_pad(slots, num_rows, self.pad_slot),
             slot_mapping=_pad(slot_mapping, num_tokens + num_pad, self.scratch_block * bs),
             max_query_len=1 if num_tokens == num_reqs else int(num_scheduled.max()),
-            cuda_graph=num_pad > 0)
+            cuda_graph=graph_size is not None)
         step = StepInputs(_pad(input_ids, num_tokens + num_pad, 0),
                           _pad(positions, num_tokens + num_pad, 0), attention, fill_rows,
                           fill_from, *self._sampled(slots, starts, end, known, num_tokens))

@@ -212,13 +212,12 @@ class ModelRunner:
             return
         self.staging.next_step()
         num_scheduled = sched.num_scheduled_tokens
-        num_tokens, num_rows = sched.total_num_scheduled_tokens, len(slots)
+        num_tokens = sched.total_num_scheduled_tokens
         if self.launched and batch.needs_sampled_tokens(slots, num_scheduled, num_tokens):
             self._resolve_launched()
         previous = self.launched[-1] if self.launched else None
-        if self.graphs is not None and num_tokens == num_rows:  # decodes: pad to a graph's size
-            num_rows = self.graphs.padded_size(num_rows) or num_rows
-        step = batch.prepare(slots, num_scheduled, num_tokens, num_rows)
+        graph_size = None if self.graphs is None else self.graphs.size_for(num_tokens, len(slots))
+        step = batch.prepare(slots, num_scheduled, num_tokens, graph_size)
         self.timer.lap("prepare")
         input_ids, positions, sample_rows = self._device_inputs(step, previous)
         self.timer.lap("stage")
