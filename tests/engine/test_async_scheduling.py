@@ -40,3 +40,22 @@ def test_async_scheduling_keeps_one_step_ahead_with_the_same_tokens(gqa_model, h
     assert [len(o.outputs[0].token_ids) for o in outputs] == [p.max_tokens for p in params]
     for prompt, out in list(zip(prompts, outputs))[:3]:
         assert out.outputs[0].token_ids == hf.greedy(gqa_model, prompt, len(out.outputs[0].token_ids))
+
+
+def test_a_request_id_reused_right_after_an_abort_gets_only_its_own_tokens(gqa_model, hf):
+    """Aborting a running request leaves steps in flight that carry its next tokens; a new
+    request under the same id, added at once, must not take them (nor stall the scheduler)."""
+    old, new = [7] * 40, [11, 12, 13, 14, 15]
+    with LLM(gqa_model, device="cpu", async_scheduling=True, engine_process=False) as llm:
+        engine = llm.engine
+        engine.add_request("r", old, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+        for _ in range(4):
+            engine.step()
+        assert engine.engine_core.in_flight == 2
+        engine.abort_request("r")
+        engine.add_request("r", new, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        finished = []
+        while engine.has_unfinished_requests():
+            finished += [o for o in engine.step() if o.finished]
+    assert [o.request_id for o in finished] == ["r"]
+    assert finished[0].outputs[0].token_ids == hf.greedy(gqa_model, new, 8)

@@ -239,13 +239,16 @@ def profile_decode(llm, arch: ModelArchitecture, hw: Hardware, batch: int,
     from zllm.sampling_params import SamplingParams
 
     engine = llm.engine
+    core = engine.engine_core  # (the engine core runs in this process)
     wl = make_workload("W1", arch.vocab_size, batch)
-    params = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True)
+    # As many tokens as the context allows: the requests are aborted after the profile.
+    params = SamplingParams(max_tokens=core.max_model_len - len(wl.prompts[0]), temperature=0.0,
+                            ignore_eos=True)
     for i, prompt in enumerate(wl.prompts):
         engine.add_request(f"profile-{i}", prompt, params)
     for _ in range(8):  # past the prefill
         engine.step()
-    scheduler = engine.engine_core.scheduler  # (the engine core runs in this process)
+    scheduler = core.scheduler
     while not all(r.num_computed_tokens >= r.num_prompt_tokens for r in scheduler.running):
         engine.step()
     for _ in range(4):

@@ -72,6 +72,10 @@ class EngineCore:
         self.stats = EngineStats(num_blocks=num_blocks)  # totals; engine_stats() adds the state
         self.metrics = EngineMetrics()
         self.in_flight = 0  # steps submitted to the executor and not collected yet
+        self.num_submitted = 0  # steps submitted so far; the k-th is step k
+        # Requests that ended while steps that may carry a token of theirs were in flight: id ->
+        # the last such step. A new request reusing the id takes no token from those steps.
+        self.retired: dict[str, int] = {}
         self.pipeline_depth = 2 if config.scheduler.async_scheduling else 1
         # Per step() call: (this process's time outside collect(), running requests, all decodes).
         self.host_times: collections.deque[tuple[float, int, bool]] = collections.deque(maxlen=8192)
@@ -129,10 +133,16 @@ class EngineCore:
 
     def abort(self, request_ids: list[str]) -> None:
         """End requests at once and free their blocks (unknown or finished ids are ignored)."""
-        reqs = [r for r in map(self.requests.pop, request_ids, [None] * len(request_ids)) if r]
+        reqs = [self._retire(r) for r in request_ids if r in self.requests]
         self.scheduler.finish_requests(reqs, RequestStatus.FINISHED_ABORTED)
         for _ in reqs:
             self.metrics.count_finished("abort")
+
+    def _retire(self, req_id: str) -> Request:
+        """Forget a request that ends; steps in flight may still carry a token of it."""
+        if self.in_flight:
+            self.retired[req_id] = self.num_submitted
+        return self.requests.pop(req_id)
 
     def has_work(self) -> bool:
         return self.scheduler.has_unfinished() or self.in_flight > 0
@@ -149,10 +159,13 @@ class EngineCore:
         t1 = time.perf_counter()
         runner_output = self.executor.collect()
         t2 = time.perf_counter()
+        step_number = self.num_submitted - self.in_flight + 1
         self.in_flight -= 1
         if self.step_log is not None:
             self.step_log.done(t2, len(runner_output.req_ids))
-        outputs = self._apply(runner_output)
+        outputs = self._apply(runner_output, step_number)
+        if not self.in_flight:
+            self.retired.clear()
         self._fill_pipeline()
         last = self.scheduler.last_stats
         self.host_times.append((time.perf_counter() - t2 + t1 - t0, last.num_running,
@@ -181,6 +194,7 @@ class EngineCore:
                 self.step_log.submitted(sched, self.requests)
             self.executor.submit(sched)
             self.in_flight += 1
+            self.num_submitted += 1
 
     def _record(self, step: StepStats) -> None:
         s = self.stats
@@ -190,8 +204,9 @@ class EngineCore:
         s.num_preemptions += step.num_preemptions
         s.num_cache_hit_tokens += step.num_cache_hit_tokens
 
-    def _apply(self, out: ModelRunnerOutput) -> EngineCoreOutputs:
-        """Append each sampled token to its request and end the requests that must stop."""
+    def _apply(self, out: ModelRunnerOutput, step_number: int) -> EngineCoreOutputs:
+        """Append each sampled token of step `step_number` to its request and end the requests
+        that must stop."""
         now = time.monotonic()
         requests, max_len = self.requests, self.max_model_len
         ids, tokens, cached, itls, ttfts = [], [], [], [], []
@@ -199,7 +214,7 @@ class EngineCore:
         logprob_rows: list[tuple[int, int, int]] = []  # (index in ids, row in out, top-N)
         for row, (req_id, token) in enumerate(zip(out.req_ids, out.sampled_token_ids.tolist())):
             req = requests.get(req_id)
-            if req is None:
+            if req is None or self.retired.get(req_id, 0) >= step_number:
                 continue  # finished or aborted while the step ran: an extra token, dropped
             status = req.append_output_token(token, max_len)
             if req.last_token_time is None:
@@ -215,7 +230,7 @@ class EngineCore:
             cached.append(req.num_cached_prompt_tokens)
             if status is not None:
                 finished.append(FinishedRequest(req_id, status.value, req.stop_reason))
-                self.scheduler.finish_requests([requests.pop(req_id)], status)
+                self.scheduler.finish_requests([self._retire(req_id)], status)
         self.metrics.count_tokens(len(ids), ttfts, itls)
         for f in finished:
             self.metrics.count_finished(f.finish_reason)
