@@ -123,9 +123,12 @@ def run_w1(model: str, tokenizer: Optional[str], num_requests: Optional[int],
         model = _shape_with_vocabulary(model, tokenizer)
     model_dir = model_dir_for(model)
     arch = ModelArchitecture.from_model_dir(model_dir)
+    # Prefix caching off: the three runs share W1's prompts, and the later ones must not find
+    # them cached, or they would skip the prefill that the first one paid for.
     config = {"dtype": "bfloat16", "load_format": "dummy" if shape else "auto",
               "async_scheduling": True, "distributed_executor_backend": "uni",
-              "engine_process": False, "record_steps": True, **overrides}
+              "engine_process": False, "record_steps": True, "enable_prefix_caching": False,
+              **overrides}
     if tokenizer:
         config["tokenizer"] = tokenizer
     hw = measure_hardware(torch.device("cuda"))

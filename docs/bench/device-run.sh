@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The device runs behind docs/benchmarks.md's GPU sections, one stage per `device` call:
+#   bash docs/bench/device-run.sh STAGE     (on the GPU machine, .device carried; results in $OUT)
+# Stages: offline (issue 11: 1B and 8B throughput), serve (issue 11: zllm bench serve),
+#         families (issue 12: Qwen3-8B, Mistral-7B; sliding-window check), structured (issue 14).
+set -uo pipefail
+bash .device/install.sh || exit 1
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+export PATH=/tmp/site/bin:$PATH
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+z() { python3 -m zllm "$@"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/log.txt"
+case "$1" in
+  offline)
+    for m in llama-3.2-1b llama-3.1-8b; do
+      timeout 330 python3 -m zllm bench throughput --model $m --executors ray --workload W1,W2,latency \
+        --max-model-len 2304 --out "$OUT/$m.json" --markdown "$OUT/$m.md" 2>&1 | tee -a "$OUT/log.txt"
+    done ;;
+  serve)
+    timeout 330 python3 -m zllm bench serve --model llama-3.1-8b --workload W1 --client-procs 4 \
+      --log "$OUT/serve-8b.log" --out "$OUT/serve-8b.json" --markdown "$OUT/serve-8b.md" 2>&1 | tee -a "$OUT/log.txt"
+    timeout 230 python3 -m zllm bench serve --model llama-3.2-1b --workload W1 --client-procs 4 --ready-runs 1 \
+      --log "$OUT/serve-1b.log" --out "$OUT/serve-1b.json" --markdown "$OUT/serve-1b.md" 2>&1 | tee -a "$OUT/log.txt" ;;
+  families)
+    for m in qwen3-8b mistral-7b; do
+      timeout 200 python3 -m zllm bench throughput --model $m --executors ray --workload W1,latency \
+        --max-model-len 2304 --out "$OUT/$m.json" --markdown "$OUT/$m.md" 2>&1 | tee -a "$OUT/log.txt"
+    done
+    timeout 150 python3 -m zllm.bench.gpu_check --models mistral,gemma2 --out "$OUT/gpu-check.json" 2>&1 | tail -60 | tee -a "$OUT/log.txt" ;;
+  structured)
+    timeout 400 python3 -m zllm bench structured --w1 --model llama-3.1-8b --out "$OUT/structured.json" \
+      --markdown "$OUT/structured.md" 2>&1 | tee -a "$OUT/log.txt" ;;
+esac
