@@ -103,6 +103,7 @@ class RayExecutor(Executor):
         single_node = all(ip == driver_ip for _, ip in nodes)
         rank0_ip = "127.0.0.1" if single_node else nodes[0][1]
         init_method = f"tcp://{rank0_ip}:{ray.get(self.actors[0].free_port.remote())}"
+        self.distributed_init_method = init_method  # rank 0's TCPStore listens there only
         ray.get([a.init_worker.remote(init_method) for a in self.actors])
         self.collective_rpc("init_distributed_environment")
         self.collective_rpc("init_model")
