@@ -12,6 +12,7 @@ import pytest
 import zmq
 
 from tests.entrypoints.conftest import wait_until
+from tests.executor.conftest import stranger_socket
 from zllm.executor.data_plane import DriverEndpoint, PlaneKeys, WorkerEndpoint, wait_for_subscribers
 
 
@@ -48,17 +49,6 @@ def hmac_plane():
         yield endpoints
 
 
-def _socket(context: zmq.Context, kind: int, address: str, server_key: bytes = b"") -> zmq.Socket:
-    """A stranger's socket: CURVE with a key pair of its own if server_key is given, else NULL."""
-    sock = context.socket(kind)
-    sock.setsockopt(zmq.LINGER, 0)
-    if server_key:
-        sock.curve_serverkey = server_key
-        sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
-    sock.connect(address)
-    return sock
-
-
 def test_each_rank_reaches_the_driver_tagged_with_its_rank(plane):
     keys, driver, workers = plane
     driver.publish(b"step")
@@ -74,12 +64,12 @@ def test_strangers_read_nothing_and_their_replies_never_arrive_with_curve(curve_
     assert keys.mechanism == "curve"
     context = zmq.Context()
     try:
-        spies = [_socket(context, zmq.SUB, driver.sched_address),
-                 _socket(context, zmq.SUB, driver.sched_address, keys.server_public)]
+        spies = [stranger_socket(context, zmq.SUB, driver.sched_address),
+                 stranger_socket(context, zmq.SUB, driver.sched_address, keys.server_public)]
         for spy in spies:
             spy.setsockopt(zmq.SUBSCRIBE, b"")
-        forgers = [_socket(context, zmq.PUSH, driver.reply_address),
-                   _socket(context, zmq.PUSH, driver.reply_address, keys.server_public)]
+        forgers = [stranger_socket(context, zmq.PUSH, driver.reply_address),
+                   stranger_socket(context, zmq.PUSH, driver.reply_address, keys.server_public)]
         for forger in forgers:
             with contextlib.suppress(zmq.Again):  # Again: refused before a message could queue
                 forger.send(b"forged", zmq.NOBLOCK)
@@ -110,7 +100,7 @@ def test_hmac_replies_that_do_not_verify_are_dropped_and_counted(hmac_plane):
     assert keys.mechanism == "hmac"
     context = zmq.Context()
     try:
-        forger = _socket(context, zmq.PUSH, driver.reply_address)
+        forger = stranger_socket(context, zmq.PUSH, driver.reply_address)
         rank1 = keys.ranks[1]
         forged = [[b"garbage"],                                     # not [rank, tag, message]
                   [b"\x00\x00", b"\x00" * 32, b"tokens"],           # claims rank 0, no key

@@ -13,7 +13,7 @@ import pytest
 import ray
 import zmq
 
-from tests.executor.conftest import PROMPTS, greedy_tokens, make_llm
+from tests.executor.conftest import PROMPTS, greedy_tokens, make_llm, stranger_socket
 from zllm import EngineDeadError, SamplingParams
 from zllm.config import EngineConfig
 from zllm.executor.data_plane import WorkerEndpoint
@@ -161,18 +161,6 @@ def test_killed_worker_makes_generate_raise_engine_dead(ray_session, gqa_model):
     assert not mine & set(zllm_actor_names())
 
 
-def _stranger(context: zmq.Context, kind: int, address: str, server_key: bytes = b"") -> zmq.Socket:
-    """A socket of someone with no rank's key: NULL security, or CURVE with a key pair of its own
-    (and the driver's public key, as if it had leaked)."""
-    sock = context.socket(kind)
-    sock.setsockopt(zmq.LINGER, 0)
-    if server_key:
-        sock.curve_serverkey = server_key
-        sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
-    sock.connect(address)
-    return sock
-
-
 def _send_raw(address: str, data: bytes) -> None:
     host, port = address[len("tcp://"):].rsplit(":", 1)
     with socket.create_connection((host, int(port))) as raw:
@@ -191,12 +179,12 @@ def test_hostile_frames_on_the_data_plane_change_no_output(tp2_llm, reference_to
         for address in (endpoint.sched_address, endpoint.reply_address):
             _send_raw(address, b"GET / HTTP/1.1\r\nHost: zllm\r\n\r\n" + bytes(range(256)))
             _send_raw(address, b"\xff\x00\x00\x00\x00\x00\x00\x00\x01\x7f" + os.urandom(512))
-        spies = [_stranger(context, zmq.SUB, endpoint.sched_address),
-                 _stranger(context, zmq.SUB, endpoint.sched_address, keys.server_public)]
+        spies = [stranger_socket(context, zmq.SUB, endpoint.sched_address),
+                 stranger_socket(context, zmq.SUB, endpoint.sched_address, keys.server_public)]
         for spy in spies:
             spy.setsockopt(zmq.SUBSCRIBE, b"")
         for server_key in (b"", keys.server_public):
-            forger = _stranger(context, zmq.PUSH, endpoint.reply_address, server_key)
+            forger = stranger_socket(context, zmq.PUSH, endpoint.reply_address, server_key)
             with contextlib.suppress(zmq.Again):  # Again: refused before the frame could queue
                 forger.send(forged, zmq.NOBLOCK)
         # Authenticated ranks sending what they may not: rank 1 posing as rank 0 (tokens, and an
