@@ -62,9 +62,10 @@ class PlaneKeys:
         """Fresh keys; CURVE where libzmq has it (use_curve=False forces HMAC, for tests)."""
         if use_curve is None:
             use_curve = zmq.has("curve")
+            if not use_curve:
+                logger.warning("data plane: this libzmq has no CURVE; replies are authenticated "
+                               "with HMAC-SHA256, and scheduler outputs travel unencrypted")
         if not use_curve:
-            logger.warning("data plane: this libzmq has no CURVE; replies are authenticated with "
-                           "HMAC-SHA256, and scheduler outputs travel unencrypted")
             return cls("hmac", b"", b"", tuple(RankKeys(r, "hmac", mac_key=secrets.token_bytes(32))
                                                for r in range(num_ranks)))
         server_public, server_secret = zmq.curve_keypair()

@@ -44,6 +44,7 @@ class RayExecutor(Executor):
         self.data_plane_host = "127.0.0.1"  # the driver node's address when ranks span nodes
         # This run's data-plane authentication: made once, handed to every (re)started rank.
         self.plane_keys = PlaneKeys.generate(self.tp_size)
+        self._num_rejected_earlier = 0  # frames dropped by data-plane sockets since closed
         self.placement_group: Any = None
         self.owns_ray = False
         self._dead: Optional[str] = None
@@ -114,10 +115,13 @@ class RayExecutor(Executor):
                     len(set(self.node_ids)), self.endpoint.sched_address, self.plane_keys.mechanism)
 
     def _start_data_plane(self) -> None:
-        """Bind the driver's sockets (once) and start every actor's step loop with its rank's
-        keys; a restarted group calls this again and joins the same sockets with the same keys."""
-        if self.endpoint is None:
-            self.endpoint = DriverEndpoint(self.data_plane_host, self.plane_keys)
+        """Bind the driver's sockets and start every actor's step loop with its rank's keys. A
+        restarted group calls this again: fresh sockets (no stale subscription or reply of the
+        old group), the same keys."""
+        if self.endpoint is not None:
+            self._num_rejected_earlier += self.endpoint.num_rejected
+            self.endpoint.close()
+        self.endpoint = DriverEndpoint(self.data_plane_host, self.plane_keys)
         self.loop_refs = [a.run_loop.remote(self.endpoint.sched_address, self.endpoint.reply_address,
                                             self.plane_keys.ranks[rank])
                           for rank, a in enumerate(self.actors)]
@@ -196,7 +200,7 @@ class RayExecutor(Executor):
     @property
     def num_rejected_frames(self) -> int:
         """Data-plane frames dropped so far: unauthenticated, malformed or from the wrong rank."""
-        return self.endpoint.rejects.count if self.endpoint is not None else 0
+        return self._num_rejected_earlier + (self.endpoint.num_rejected if self.endpoint else 0)
 
     # -- failure -----------------------------------------------------------------------------------------
 
