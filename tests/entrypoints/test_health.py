@@ -21,6 +21,7 @@ def test_health_turns_503_when_an_idle_ray_worker_is_killed(gqa_model, tmp_path)
         assert status == 200, body
         (worker,) = [p for p in descendants(running.proc.pid) if "ray::RayWorker" in cmdline(p)]
         assert server.request("GET", "/health", api_key=None)[0] == 200
+        assert server.metrics()["zllm_data_plane_rejected_frames_total"] == 0
         os.kill(worker, signal.SIGKILL)
         killed = time.monotonic()
         last: list[tuple[int, bytes]] = []
