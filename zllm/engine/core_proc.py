@@ -2,8 +2,9 @@
 
 Frontends connect DEALER sockets to the core's ROUTER socket (ipc, in a private directory) and send
 typed msgpack messages (`zllm.protocol.CORE_INPUTS`); the core answers each frontend with the
-outputs of its own requests and with replies to its calls. A frame that does not decode is
-dropped, counted and logged (rate-limited); a request the core cannot serve ends with finish reason "error".
+outputs of its own requests and with replies to its calls. The socket's directory (mode 0700) is
+its access control. A frame that does not decode is dropped, counted and logged (rate-limited);
+a request the core cannot serve ends with finish reason "error".
 
 Lifecycle, with no polling of pids:
 - the frontend reads one line from the *status pipe*: `{"ready": {...}}` or `{"error": ...}`;

@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -75,20 +76,25 @@ class PlaneKeys:
 
 
 class RejectLog:
-    """Counts dropped frames; logs the first at once, then one line per interval at most."""
+    """Counts dropped frames; logs the first at once, then one line per interval at most (a
+    flood of garbage must not flood the log too). Thread-safe: the ZAP handler's thread counts
+    refused connections."""
 
     def __init__(self, what: str, interval_s: float = 10.0) -> None:
         self.what, self.interval_s = what, interval_s
         self.count = 0
         self._logged_count, self._logged_at = 0, float("-inf")
+        self._lock = threading.Lock()
 
     def reject(self, why: str) -> None:
-        self.count += 1
-        now = time.monotonic()
-        if now - self._logged_at >= self.interval_s:
-            logger.warning("%s: dropped %d frame(s) since the last report (%d in all); latest: %s",
-                           self.what, self.count - self._logged_count, self.count, why[:200])
-            self._logged_count, self._logged_at = self.count, now
+        with self._lock:
+            self.count += 1
+            now = time.monotonic()
+            if now - self._logged_at >= self.interval_s:
+                logger.warning("%s: dropped %d frame(s) since the last report (%d in all); "
+                               "latest: %s", self.what, self.count - self._logged_count,
+                               self.count, why[:200])
+                self._logged_count, self._logged_at = self.count, now
 
 
 class _RankKeyring:

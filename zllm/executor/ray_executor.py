@@ -1,9 +1,11 @@
 """Runs one Worker per tensor-parallel rank as Ray actors, on one node or many.
 
 Start-up (Ray calls, once): connect to or start Ray, reserve one placement-group bundle per rank,
-start the actors, rendezvous torch.distributed at rank 0's node, load the model. Each step (no
-Ray calls): publish the msgpack scheduler output on the data plane and wait for rank 0's reply,
-checking between polls that every actor's step loop is still running. Any failure turns the
+start the actors, rendezvous torch.distributed at rank 0's node, load the model, hand each rank
+its data-plane keys (made once per executor). Each step (no Ray calls): publish the msgpack
+scheduler output on the data plane and wait for rank 0's reply, checking between polls that every
+actor's step loop is still running. A reply that does not authenticate, does not fit the schema
+or comes from a rank that may not send it is dropped and counted. Any failure turns the
 executor dead: that call and every later one raise EngineDeadError.
 """
 
