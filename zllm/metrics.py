@@ -93,7 +93,10 @@ def render_prometheus(snap: dict[str, Any]) -> str:
              + gauge("zllm_prompt_tokens_total", "counter", "Prompt tokens prefilled.",
                      snap["prompt_tokens"])
              + gauge("zllm_generation_tokens_total", "counter", "Tokens generated.",
-                     snap["generation_tokens"]))
+                     snap["generation_tokens"])
+             + gauge("zllm_data_plane_rejected_frames_total", "counter",
+                     "Worker replies dropped: unauthenticated, malformed or from the wrong rank.",
+                     snap.get("rejected_frames", 0)))
     lines += ["# HELP zllm_request_finished_total Requests finished, by reason.",
               "# TYPE zllm_request_finished_total counter"]
     lines += [f'zllm_request_finished_total{{finished_reason="{r}"}} {n}'

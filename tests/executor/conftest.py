@@ -1,8 +1,9 @@
-"""Greedy-parity helpers shared by the executor tests."""
+"""Greedy-parity and data-plane helpers shared by the executor tests."""
 
 from typing import Any
 
 import pytest
+import zmq
 
 from zllm import LLM, SamplingParams
 
@@ -29,3 +30,16 @@ def reference_tokens(gqa_model: str, hf) -> list[list[int]]:
 
 def make_llm(model: str, **overrides: Any) -> LLM:
     return LLM(model=model, **{**PRESSURE, **overrides})
+
+
+def stranger_socket(context: zmq.Context, kind: int, address: str,
+                    server_key: bytes = b"") -> zmq.Socket:
+    """A socket of someone with no rank's key: NULL security, or (given the driver's public key,
+    as if it had leaked) CURVE with a key pair of its own."""
+    sock = context.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    if server_key:
+        sock.curve_serverkey = server_key
+        sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+    sock.connect(address)
+    return sock

@@ -1,26 +1,35 @@
 """The Ray executor on one node: TP=2 greedy parity, failure handling, data-plane hygiene."""
 
+import contextlib
 import os
 import re
 import signal
+import socket
 import time
 
 import msgpack
+import numpy as np
 import pytest
 import ray
+import zmq
 
-from tests.executor.conftest import PROMPTS, greedy_tokens, make_llm
+from tests.executor.conftest import PROMPTS, greedy_tokens, make_llm, stranger_socket
 from zllm import EngineDeadError, SamplingParams
 from zllm.config import EngineConfig
+from zllm.executor.data_plane import WorkerEndpoint
 from zllm.executor.ray_executor import RayExecutor
 from zllm.codec import encode
-from zllm.protocol import CachedRequestData, ModelRunnerOutput, SchedulerOutput
+from zllm.protocol import CachedRequestData, ModelRunnerOutput, SchedulerOutput, WorkerError
+
+API_KEY = "frontend-only-secret"
 
 
 @pytest.fixture(scope="module")
 def tp2_llm(ray_session, gqa_model):
     # The engine core in this process, to look at its executor; it joins this Ray session.
-    llm = make_llm(gqa_model, tensor_parallel_size=2, execute_timeout_s=30, engine_process=False)
+    # An API key in the config: it must not reach the workers.
+    llm = make_llm(gqa_model, tensor_parallel_size=2, execute_timeout_s=30, engine_process=False,
+                   api_key=API_KEY)
     yield llm
     llm.shutdown()
 
@@ -150,3 +159,86 @@ def test_killed_worker_makes_generate_raise_engine_dead(ray_session, gqa_model):
     finally:
         llm.shutdown()
     assert not mine & set(zllm_actor_names())
+
+
+def _send_raw(address: str, data: bytes) -> None:
+    host, port = address[len("tcp://"):].rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as raw:
+        raw.sendall(data)
+
+
+def test_hostile_frames_on_the_data_plane_change_no_output(tp2_llm, reference_tokens):
+    executor = tp2_llm.engine.engine_core.executor
+    endpoint, keys = executor.endpoint, executor.plane_keys
+    assert keys.mechanism == "curve"
+    before = executor.num_rejected_frames
+    # A reply of the right schema that, if taken, would be the next step's result.
+    forged = encode(ModelRunnerOutput(["0", "1"], np.asarray([5, 6], dtype=np.int32)))
+    context = zmq.Context()
+    try:
+        for address in (endpoint.sched_address, endpoint.reply_address):
+            _send_raw(address, b"GET / HTTP/1.1\r\nHost: zllm\r\n\r\n" + bytes(range(256)))
+            _send_raw(address, b"\xff\x00\x00\x00\x00\x00\x00\x00\x01\x7f" + os.urandom(512))
+        spies = [stranger_socket(context, zmq.SUB, endpoint.sched_address),
+                 stranger_socket(context, zmq.SUB, endpoint.sched_address, keys.server_public)]
+        for spy in spies:
+            spy.setsockopt(zmq.SUBSCRIBE, b"")
+        for server_key in (b"", keys.server_public):
+            forger = stranger_socket(context, zmq.PUSH, endpoint.reply_address, server_key)
+            with contextlib.suppress(zmq.Again):  # Again: refused before the frame could queue
+                forger.send(forged, zmq.NOBLOCK)
+        # Authenticated ranks sending what they may not: rank 1 posing as rank 0 (tokens, and an
+        # error that would kill the engine), rank 0 sending bytes of the wrong schema.
+        insiders = [(1, forged), (1, encode(WorkerError(0, "forged"))),
+                    (0, msgpack.packb(["ModelRunnerOutput", "x"])), (0, b"\xc1 not msgpack")]
+        for rank, message in insiders:
+            insider = WorkerEndpoint(endpoint.sched_address, endpoint.reply_address,
+                                     keys.ranks[rank])
+            insider.send(message)
+            insider.close()  # LINGER: the frame has left when close returns
+        assert greedy_tokens(tp2_llm) == reference_tokens
+        assert not any(spy.poll(100) for spy in spies), "a stranger read a scheduler output"
+        # The insiders' frames, and at least one refused CURVE handshake, were counted.
+        assert executor.num_rejected_frames >= before + len(insiders) + 1
+        metrics = tp2_llm.engine.engine_core.metrics_snapshot()
+        assert metrics["rejected_frames"] == executor.num_rejected_frames
+    finally:
+        context.destroy(linger=0)
+
+
+def test_workers_get_no_api_key(tp2_llm):
+    executor = tp2_llm.engine.engine_core.executor
+    assert executor.config.server.api_key == API_KEY  # the driver had one to hold back
+    keys = ray.get([a.__ray_call__.remote(lambda worker: worker.config.server.api_key)
+                    for a in executor.actors])
+    assert keys == [None, None]
+
+
+def _listening_addresses(pid: int) -> set[tuple[str, int]]:
+    """(IPv4 address, port) of every TCP socket process `pid` listens on (IPv6: '::' style hex)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).readlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                address, port = fields[1].split(":")
+                if len(address) == 8:  # IPv4, little-endian hex
+                    address = socket.inet_ntoa(bytes.fromhex(address)[::-1])
+                found.add((address, int(port, 16)))
+    return found
+
+
+def test_rendezvous_store_and_data_plane_listen_on_loopback_only(tp2_llm):
+    executor = tp2_llm.engine.engine_core.executor
+    store_port = int(executor.distributed_init_method.rsplit(":", 1)[1])
+    rank0_pid = executor.collective_rpc("get_pid")[0]
+    store = [a for a in _listening_addresses(rank0_pid) if a[1] == store_port]
+    assert store == [("127.0.0.1", store_port)]  # torch's own would listen on every interface
+    for address in (executor.endpoint.sched_address, executor.endpoint.reply_address):
+        assert address.startswith("tcp://127.0.0.1:")

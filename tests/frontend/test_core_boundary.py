@@ -1,17 +1,23 @@
-"""What crosses from the frontend to the engine core: token ids and numbers, never text."""
+"""What crosses from the frontend to the engine core: token ids and numbers, never text; and
+what the core does with frames that are not a well-formed message."""
 
 from __future__ import annotations
 
+import os
+import socket
+import stat
 import threading
 
+import msgpack
 import numpy as np
 import zmq
 
-from zllm import EngineConfig, SamplingParams
-from zllm.codec import decode
+from zllm import LLM, EngineConfig, SamplingParams
+from zllm.codec import decode, encode
 from zllm.frontend.core_client import CoreHandle, start_engine_core
 from zllm.frontend.llm_engine import LLMEngine
-from zllm.protocol import CORE_INPUTS, CORE_OUTPUTS, EngineCoreRequest
+from zllm.protocol import (CORE_INPUTS, CORE_OUTPUTS, EngineCoreAbort, EngineCoreCall,
+                           EngineCoreRequest)
 
 PROMPT_MARK, STOP_MARK = "Zebrafish", "Quokka"
 
@@ -67,3 +73,42 @@ def test_the_engine_core_receives_only_token_ids(gqa_model, tmp_path):
         if r.request_id != "b":
             assert r.prompt_token_ids.tolist() == tokenizer.encode(prompt)
     assert [r.sampling_params.seed for r in requests if r.request_id != "b"] == [1, 2]
+
+
+def test_hostile_frames_on_the_core_socket_are_dropped_and_the_core_serves_on(gqa_model):
+    params = SamplingParams(max_tokens=8, temperature=0)
+    with LLM(gqa_model, device="cpu", num_kv_blocks=128) as llm:
+        baseline = [o.outputs[0].token_ids for o in llm.generate(["Hello", "Once"], params,
+                                                                 use_tqdm=False)]
+        address = llm.engine.client.handle.address
+        path = address[len("ipc://"):]
+        # The socket's directory is the access control: no other user can reach the core.
+        directory = os.stat(os.path.dirname(path))
+        assert stat.S_IMODE(directory.st_mode) == 0o700 and directory.st_uid == os.getuid()
+        context = zmq.Context()
+        hostile = context.socket(zmq.DEALER)
+        hostile.setsockopt(zmq.LINGER, 0)
+        hostile.connect(address)
+        malformed = [[b"\xc1 not msgpack"],
+                     [msgpack.packb(["EngineCoreRequest", "id", 1])],  # the wrong schema
+                     [msgpack.packb(["EngineCoreOutputs"])],           # an output sent inwards
+                     [b"one", b"frame", b"too many"]]
+        try:
+            hostile.send(encode(EngineCoreCall(6, "rejected_frames")))
+            before = decode(hostile.recv(), *CORE_OUTPUTS).result
+            for frames in malformed:
+                hostile.send_multipart(frames)
+            hostile.send(encode(EngineCoreAbort(["no-such-request"])))
+            hostile.send(encode(EngineCoreCall(7, "no_such_call")))
+            reply = decode(hostile.recv(), *CORE_OUTPUTS)
+            assert reply.call_id == 7 and "unknown engine core call" in reply.error
+            hostile.send(encode(EngineCoreCall(8, "rejected_frames")))
+            assert decode(hostile.recv(), *CORE_OUTPUTS).result == before + len(malformed)
+        finally:
+            context.destroy(linger=0)
+        with socket.socket(socket.AF_UNIX) as raw:  # no ZeroMQ greeting at all
+            raw.connect(path)
+            raw.sendall(b"GET / HTTP/1.1\r\n\r\n" + bytes(range(256)))
+        again = [o.outputs[0].token_ids for o in llm.generate(["Hello", "Once"], params,
+                                                              use_tqdm=False)]
+        assert again == baseline

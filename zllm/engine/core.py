@@ -36,6 +36,10 @@ from zllm.protocol import (EngineCoreOutputs, EngineCoreRequest, EngineStats, Fi
 
 logger = logging.getLogger(__name__)
 
+# The engine core asks the executor whether every worker lives at most this often (seconds);
+# /health may be polled much more often than that.
+HEALTH_CHECK_INTERVAL_S = 1.0
+
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
@@ -80,6 +84,8 @@ class EngineCore:
         # Per step() call: (this process's time outside collect(), running requests, all decodes).
         self.host_times: collections.deque[tuple[float, int, bool]] = collections.deque(maxlen=8192)
         self.step_log: Optional[StepLog] = StepLog() if config.scheduler.record_steps else None
+        self._health: dict[str, Any] = {"status": "ok"}
+        self._health_checked_at = float("-inf")
 
     def _resolve_max_model_len(self, kv_capacity: int) -> int:
         requested = self.config.model.max_model_len
@@ -244,6 +250,7 @@ class EngineCore:
         """A frontend's control call by name; raises ValueError for an unknown one."""
         handlers = {
             "ready": self.ready_info,
+            "health": self.health,
             "stats": lambda: dataclasses.asdict(self.engine_stats()),
             "metrics": self.metrics_snapshot,
             "host_times": self._host_times,
@@ -252,6 +259,19 @@ class EngineCore:
         if method not in handlers:
             raise ValueError(f"unknown engine core call {method!r} (known: {sorted(handlers)})")
         return handlers[method](*args)
+
+    def health(self) -> dict[str, Any]:
+        """{"status": "ok"}, or {"status": "error", "error": why} once a worker is gone: the
+        executor's answer, asked at most once per HEALTH_CHECK_INTERVAL_S."""
+        now = time.monotonic()
+        if now - self._health_checked_at >= HEALTH_CHECK_INTERVAL_S:
+            self._health_checked_at = now
+            try:
+                self.executor.check_health()
+                self._health = {"status": "ok"}
+            except Exception as e:
+                self._health = {"status": "error", "error": f"{type(e).__name__}: {e}"}
+        return self._health
 
     def charge_host_time(self, seconds: float) -> None:
         """Add work done for the last step outside step() (sending its outputs) to its host time."""
@@ -276,7 +296,7 @@ class EngineCore:
     def metrics_snapshot(self) -> dict[str, Any]:
         s = self.scheduler
         self.metrics.set_state(len(s.running), len(s.waiting), self.block_manager.usage)
-        return self.metrics.snapshot()
+        return {**self.metrics.snapshot(), "rejected_frames": self.executor.num_rejected_frames}
 
     def shutdown(self) -> None:
         self.executor.shutdown()

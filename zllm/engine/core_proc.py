@@ -2,8 +2,9 @@
 
 Frontends connect DEALER sockets to the core's ROUTER socket (ipc, in a private directory) and send
 typed msgpack messages (`zllm.protocol.CORE_INPUTS`); the core answers each frontend with the
-outputs of its own requests and with replies to its calls. A frame that does not decode is
-logged, counted and dropped; a request the core cannot serve ends with finish reason "error".
+outputs of its own requests and with replies to its calls. The socket's directory (mode 0700) is
+its access control. A frame that does not decode is dropped, counted and logged (rate-limited);
+a request the core cannot serve ends with finish reason "error".
 
 Lifecycle, with no polling of pids:
 - the frontend reads one line from the *status pipe*: `{"ready": {...}}` or `{"error": ...}`;
@@ -30,6 +31,7 @@ import zmq
 
 from zllm.codec import decode, encode
 from zllm.config import EngineConfig
+from zllm.executor.data_plane import RejectLog
 from zllm.protocol import (CORE_INPUTS, EngineCoreAbort, EngineCoreCall, EngineCoreDead,
                            EngineCoreOutputs, EngineCoreReply, EngineCoreRequest, FinishedRequest)
 
@@ -50,7 +52,7 @@ class EngineCoreProc:
         self.socket.bind(address)
         self.owners: dict[str, bytes] = {}  # request id -> the frontend that sent it
         self.frontends: set[bytes] = set()
-        self.num_rejected_frames = 0
+        self.rejects = RejectLog("engine core")
         self.core = None
 
     # -- start and run -------------------------------------------------------------------------------
@@ -129,9 +131,7 @@ class EngineCoreProc:
         return True
 
     def _reject(self, why: str) -> bool:
-        self.num_rejected_frames += 1
-        logger.warning("engine core: dropped a malformed frame (%d so far): %s",
-                       self.num_rejected_frames, why[:200])
+        self.rejects.reject(why)
         return True
 
     def _add(self, frontend: bytes, request: EngineCoreRequest) -> None:
@@ -145,7 +145,7 @@ class EngineCoreProc:
 
     def _call(self, call: EngineCoreCall) -> EngineCoreReply:
         if call.method == "rejected_frames":
-            return EngineCoreReply(call.call_id, self.num_rejected_frames)
+            return EngineCoreReply(call.call_id, self.rejects.count)
         try:
             return EngineCoreReply(call.call_id, self.core.call(call.method, *call.args))
         except Exception as e:

@@ -38,6 +38,9 @@ from zllm.metrics import render_prometheus
 
 logger = logging.getLogger(__name__)
 
+# How long /health waits for the engine core (busy with a step, at most) before answering 503.
+HEALTH_TIMEOUT_S = 5.0
+
 SERVER_CONFIG = web.AppKey("server_config", ServerConfig)
 
 _STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -103,10 +106,19 @@ def with_json(handler: Callable[[web.Request, dict[str, Any]], Awaitable[web.Str
 
 
 async def health(request: web.Request) -> web.Response:
+    """200 only while the engine core answers and every worker is alive (the core asks the
+    executor at most once a second, so polling this is cheap)."""
     llm = request.app[LLM]
     if not llm.is_running:
         return web.json_response({"status": "error", "error": llm.error}, status=503)
-    return web.json_response({"status": "ok"})
+    try:
+        state = await asyncio.wait_for(llm.call("health"), HEALTH_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        state = {"status": "error",
+                 "error": f"the engine core did not answer within {HEALTH_TIMEOUT_S:.0f} s"}
+    except EngineDeadError as e:
+        state = {"status": "error", "error": str(e)}
+    return web.json_response(state, status=200 if state["status"] == "ok" else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

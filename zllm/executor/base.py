@@ -14,6 +14,8 @@ from zllm.protocol import ModelRunnerOutput, SchedulerOutput
 
 
 class Executor(ABC):
+    num_rejected_frames = 0  # data-plane frames dropped (unauthenticated, malformed, wrong rank)
+
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
 

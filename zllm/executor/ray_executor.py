@@ -1,9 +1,11 @@
 """Runs one Worker per tensor-parallel rank as Ray actors, on one node or many.
 
 Start-up (Ray calls, once): connect to or start Ray, reserve one placement-group bundle per rank,
-start the actors, rendezvous torch.distributed at rank 0's node, load the model. Each step (no
-Ray calls): publish the msgpack scheduler output on the data plane and wait for rank 0's reply,
-checking between polls that every actor's step loop is still running. Any failure turns the
+start the actors, rendezvous torch.distributed at rank 0's node, load the model, hand each rank
+its data-plane keys (made once per executor). Each step (no Ray calls): publish the msgpack
+scheduler output on the data plane and wait for rank 0's reply, checking between polls that every
+actor's step loop is still running. A reply that does not authenticate, does not fit the schema
+or comes from a rank that may not send it is dropped and counted. Any failure turns the
 executor dead: that call and every later one raise EngineDeadError.
 """
 
@@ -16,10 +18,10 @@ import time
 import uuid
 from typing import Any, Optional
 
-from zllm.config import EngineConfig
+from zllm.config import EngineConfig, ServerConfig
 from zllm.errors import EngineDeadError
 from zllm.executor.base import Executor
-from zllm.executor.data_plane import DriverEndpoint, wait_for_subscribers
+from zllm.executor.data_plane import DriverEndpoint, PlaneKeys, wait_for_subscribers
 from zllm.executor.ray_worker import RayWorker
 from zllm.codec import decode, encode
 from zllm.protocol import WORKER_REPLIES, ModelRunnerOutput, SchedulerOutput, WorkerError
@@ -41,6 +43,10 @@ class RayExecutor(Executor):
         self.actors: list[Any] = []
         self.loop_refs: list[Any] = []
         self.endpoint: Optional[DriverEndpoint] = None
+        self.data_plane_host = "127.0.0.1"  # the driver node's address when ranks span nodes
+        # This run's data-plane authentication: made once, handed to every (re)started rank.
+        self.plane_keys = PlaneKeys.generate(self.tp_size)
+        self._num_rejected_earlier = 0  # frames dropped by data-plane sockets since closed
         self.placement_group: Any = None
         self.owns_ray = False
         self._dead: Optional[str] = None
@@ -65,6 +71,7 @@ class RayExecutor(Executor):
             self.config.device.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
         worker_config = copy.deepcopy(self.config)
         worker_config.device.device = "cuda" if use_gpu else "cpu"
+        worker_config.server = ServerConfig()  # no secret (api_key) goes to the workers
 
         bundle = {"GPU": 1} if use_gpu else {"CPU": 1}
         self.placement_group = placement_group([dict(bundle)] * self.tp_size,
@@ -99,16 +106,29 @@ class RayExecutor(Executor):
         single_node = all(ip == driver_ip for _, ip in nodes)
         rank0_ip = "127.0.0.1" if single_node else nodes[0][1]
         init_method = f"tcp://{rank0_ip}:{ray.get(self.actors[0].free_port.remote())}"
+        self.distributed_init_method = init_method  # rank 0's TCPStore listens there only
         ray.get([a.init_worker.remote(init_method) for a in self.actors])
         self.collective_rpc("init_distributed_environment")
         self.collective_rpc("init_model")
 
-        self.endpoint = DriverEndpoint("127.0.0.1" if single_node else driver_ip)
-        self.loop_refs = [a.run_loop.remote(self.endpoint.sched_address, self.endpoint.reply_address)
-                          for a in self.actors]
-        wait_for_subscribers(self.endpoint, self.tp_size, p.placement_timeout_s, self._check_loops)
-        logger.info("ray executor: %d ranks on %d node(s), data plane %s", self.tp_size,
-                    len(set(self.node_ids)), self.endpoint.sched_address)
+        self.data_plane_host = "127.0.0.1" if single_node else driver_ip
+        self._start_data_plane()
+        logger.info("ray executor: %d ranks on %d node(s), data plane %s (%s)", self.tp_size,
+                    len(set(self.node_ids)), self.endpoint.sched_address, self.plane_keys.mechanism)
+
+    def _start_data_plane(self) -> None:
+        """Bind the driver's sockets and start every actor's step loop with its rank's keys. A
+        restarted group calls this again: fresh sockets (no stale subscription or reply of the
+        old group), the same keys."""
+        if self.endpoint is not None:
+            self._num_rejected_earlier += self.endpoint.num_rejected
+            self.endpoint.close()
+        self.endpoint = DriverEndpoint(self.data_plane_host, self.plane_keys)
+        self.loop_refs = [a.run_loop.remote(self.endpoint.sched_address, self.endpoint.reply_address,
+                                            self.plane_keys.ranks[rank])
+                          for rank, a in enumerate(self.actors)]
+        wait_for_subscribers(self.endpoint, self.tp_size, self.config.parallel.placement_timeout_s,
+                             self._check_loops)
 
     def _init_ray(self) -> None:
         import ray
@@ -154,18 +174,35 @@ class RayExecutor(Executor):
         deadline = time.monotonic() + timeout
         while True:
             reply = self.endpoint.receive(_LIVENESS_POLL_S)
-            if reply is not None:
-                try:
-                    result = decode(reply, *WORKER_REPLIES)
-                except ValueError as e:
-                    raise self._die(0, f"sent a malformed reply: {e}") from None
-                if isinstance(result, WorkerError):
-                    self._blame_dead_rank(result)
-                    raise self._die(result.rank, f"raised {result.message}")
+            result = self._accept(*reply) if reply is not None else None
+            if isinstance(result, WorkerError):
+                self._blame_dead_rank(result)
+                raise self._die(result.rank, f"raised {result.message}")
+            if result is not None:
                 return result
             self._check_loops()
             if time.monotonic() > deadline:
                 raise self._die(0, f"sent no result within {timeout:.0f} s (execute_timeout_s)")
+
+    def _accept(self, rank: int, reply: bytes) -> Optional[ModelRunnerOutput | WorkerError]:
+        """An authenticated reply if it fits the schema and its sender may send it: tokens come
+        from rank 0 only, and an error names its own rank. Anything else is dropped and counted."""
+        try:
+            result = decode(reply, *WORKER_REPLIES)
+        except ValueError as e:
+            self.endpoint.rejects.reject(f"rank {rank} sent a malformed reply: {e}")
+            return None
+        claimed = result.rank if isinstance(result, WorkerError) else 0
+        if claimed != rank:
+            self.endpoint.rejects.reject(f"rank {rank} sent a {type(result).__name__} of rank "
+                                         f"{claimed}")
+            return None
+        return result
+
+    @property
+    def num_rejected_frames(self) -> int:
+        """Data-plane frames dropped so far: unauthenticated, malformed or from the wrong rank."""
+        return self._num_rejected_earlier + (self.endpoint.num_rejected if self.endpoint else 0)
 
     # -- failure -----------------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from zllm.config import EngineConfig
 from zllm.executor.base import worker_class
-from zllm.executor.data_plane import WorkerEndpoint
+from zllm.executor.data_plane import RankKeys, RejectLog, WorkerEndpoint
 from zllm.codec import decode, encode
 from zllm.protocol import SchedulerOutput, WorkerError
 
@@ -34,7 +34,7 @@ class RayWorker:
         self.config = config
         self.rank = rank
         self.worker: Any = None
-        self.num_rejected_messages = 0
+        self.rejects = RejectLog(f"data plane (rank {rank})")
         self.num_steps = 0
 
     def node_info(self) -> tuple[str, str]:
@@ -62,12 +62,12 @@ class RayWorker:
         return getattr(self.worker, method)(*args)
 
     def stats(self) -> dict[str, int]:
-        return {"num_rejected_messages": self.num_rejected_messages, "num_steps": self.num_steps}
+        return {"num_rejected_messages": self.rejects.count, "num_steps": self.num_steps}
 
-    def run_loop(self, sched_address: str, reply_address: str) -> None:
+    def run_loop(self, sched_address: str, reply_address: str, keys: RankKeys) -> None:
         """Serve steps until the actor is killed. Bad messages are dropped; a failed step is
-        reported to the driver."""
-        endpoint = WorkerEndpoint(sched_address, reply_address)
+        reported to the driver. `keys`: this rank's data-plane keys, handed over by Ray."""
+        endpoint = WorkerEndpoint(sched_address, reply_address, keys)
         pending = 0  # launched steps not collected yet (0 or 1)
         try:
             while True:
@@ -82,9 +82,7 @@ class RayWorker:
                     except ValueError as e:
                         # Executing a half-understood step would desynchronise the ranks'
                         # state; dropping it leaves the driver to time out: the safe failure.
-                        self.num_rejected_messages += 1
-                        logger.error("rank %d: rejected a malformed message (%d bytes): %s",
-                                     self.rank, len(message), e)
+                        self.rejects.reject(f"a malformed message ({len(message)} bytes): {e}")
                         continue
                     if not self._run(endpoint, self.worker.launch, sched):
                         pending = 0  # the error reply stands for the pending step too

@@ -12,7 +12,9 @@ import contextlib
 import io
 import logging
 import os
+import socket
 import time
+import urllib.parse
 from typing import Optional
 
 import torch
@@ -72,11 +74,26 @@ class Worker:
         elif self.distributed_init_method is None:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         else:
-            dist.init_process_group(backend, init_method=self.distributed_init_method,
-                                    rank=self.rank, world_size=self.tp_size)
+            dist.init_process_group(backend, store=self._rendezvous_store(), rank=self.rank,
+                                    world_size=self.tp_size)
         if not fs_init.model_parallel_is_initialized():
             with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints its group sizes
                 fs_init.initialize_model_parallel(self.tp_size)
+
+    def _rendezvous_store(self) -> dist.TCPStore:
+        """The TCPStore of `tcp://host:port`. torch's own tcp:// rendezvous listens on every
+        interface; here rank 0 listens on `host` only (loopback on one node, the chosen interface
+        across nodes), through a socket it binds itself."""
+        url = urllib.parse.urlsplit(self.distributed_init_method)
+        if url.scheme != "tcp":
+            raise ValueError(f"distributed_init_method must be tcp://host:port, got "
+                             f"{self.distributed_init_method!r}")
+        if self.rank != 0:
+            return dist.TCPStore(url.hostname, url.port, self.tp_size, is_master=False)
+        listener = socket.create_server((url.hostname, url.port), backlog=128)
+        # The store owns the descriptor from here (detach: Python must not close it too).
+        return dist.TCPStore(url.hostname, url.port, self.tp_size, is_master=True,
+                             wait_for_workers=False, master_listen_fd=listener.detach())
 
     def init_model(self) -> None:
         t0 = time.perf_counter()
