@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import random
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -27,7 +27,9 @@ from zllm.architecture import ModelArchitecture
 from zllm.config import EngineConfig
 from zllm.engine.block_manager import BlockManager
 from zllm.engine.request import Request, RequestStatus
+from zllm.engine.restart_budget import RestartBudget
 from zllm.engine.scheduler import Scheduler, StepStats
+from zllm.errors import EngineDeadError, WorkerLostError
 from zllm.executor import Executor, make_executor
 from zllm.metrics import EngineMetrics
 from zllm.model_files import detect_load_format, resolve_model_path
@@ -38,7 +40,10 @@ logger = logging.getLogger(__name__)
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig,
+                 on_state: Optional[Callable[[str, str], None]] = None) -> None:
+        """`on_state(state, message)` hears the core's state changes: "recovering" while a lost
+        worker group is rebuilt, then "running" (a frontend's /health reports them)."""
         config = copy.deepcopy(config)
         config.model.model = resolve_model_path(config.model.model)
         config.model.load_format = detect_load_format(config.model.model, config.model.load_format)
@@ -53,9 +58,7 @@ class EngineCore:
         t0 = time.perf_counter()
         self.executor: Executor = make_executor(config)
         try:
-            num_blocks = self.executor.determine_num_available_blocks()
-            num_swap_blocks = self.executor.determine_num_swap_blocks()
-            self.executor.init_kv_cache(num_blocks, num_swap_blocks)
+            num_blocks, num_swap_blocks = self._init_kv_cache()
             self.max_model_len = self._resolve_max_model_len(num_blocks * config.cache.block_size)
         except BaseException:
             self.executor.shutdown()
@@ -64,8 +67,7 @@ class EngineCore:
                     "max_model_len %d", time.perf_counter() - t0, num_blocks,
                     config.cache.block_size, num_blocks * config.cache.block_size, self.max_model_len)
 
-        self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.watermark,
-                                          config.cache.enable_prefix_caching, num_swap_blocks)
+        self.block_manager = self._new_block_manager(num_blocks, num_swap_blocks)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, config.cache.preemption_mode)
         self.requests: dict[str, Request] = {}
         self._seed_rng = random.Random(config.model.seed)
@@ -80,6 +82,22 @@ class EngineCore:
         # Per step() call: (this process's time outside collect(), running requests, all decodes).
         self.host_times: collections.deque[tuple[float, int, bool]] = collections.deque(maxlen=8192)
         self.step_log: Optional[StepLog] = StepLog() if config.scheduler.record_steps else None
+        self.on_state = on_state
+        self.state, self.state_message = "running", ""
+        self.restarts = RestartBudget(config.parallel.max_worker_restarts,
+                                      config.parallel.worker_restart_window_s)
+
+    def _init_kv_cache(self) -> tuple[int, int]:
+        """Size and allocate the workers' KV cache and swap space; (device, CPU) blocks."""
+        num_blocks = self.executor.determine_num_available_blocks()
+        num_swap_blocks = self.executor.determine_num_swap_blocks()
+        self.executor.init_kv_cache(num_blocks, num_swap_blocks)
+        return num_blocks, num_swap_blocks
+
+    def _new_block_manager(self, num_blocks: int, num_swap_blocks: int) -> BlockManager:
+        c = self.config.cache
+        return BlockManager(num_blocks, c.block_size, c.watermark, c.enable_prefix_caching,
+                            num_swap_blocks)
 
     def _resolve_max_model_len(self, kv_capacity: int) -> int:
         requested = self.config.model.max_model_len
@@ -151,11 +169,22 @@ class EngineCore:
 
     def step(self) -> Optional[EngineCoreOutputs]:
         """Collect the oldest step in flight and apply its tokens (None if none was in flight);
-        the next step is scheduled and submitted before this returns."""
+        the next step is scheduled and submitted before this returns. If a worker is lost, the
+        group is rebuilt here (see `_recover`) and the tokens applied before, if any, returned."""
+        outputs: list[EngineCoreOutputs] = []
+        try:
+            self._step(outputs)
+        except WorkerLostError as e:
+            self._recover(e)
+        return outputs[0] if outputs else None
+
+    def _step(self, outputs: list[EngineCoreOutputs]) -> None:
+        """The step; its outputs go in `outputs` as soon as they are applied, so that a worker
+        lost afterwards (at the next submit) cannot lose them."""
         t0 = time.perf_counter()
         self._fill_pipeline()
         if not self.in_flight:
-            return None
+            return
         t1 = time.perf_counter()
         runner_output = self.executor.collect()
         t2 = time.perf_counter()
@@ -163,7 +192,7 @@ class EngineCore:
         self.in_flight -= 1
         if self.step_log is not None:
             self.step_log.done(t2, len(runner_output.req_ids))
-        outputs = self._apply(runner_output, step_number)
+        outputs.append(self._apply(runner_output, step_number))
         if not self.in_flight:
             self.retired.clear()
         self._fill_pipeline()
@@ -176,7 +205,49 @@ class EngineCore:
             while self.in_flight:
                 self.executor.collect()
                 self.in_flight -= 1
-        return outputs
+
+    # -- recovery from a lost worker -------------------------------------------------------------
+
+    def _recover(self, error: WorkerLostError) -> None:
+        """Rebuild the worker group (model, KV cache sized again) and preempt every running and
+        swapped request by recompute; the steps in flight are discarded (their tokens were never
+        applied, so nothing already sent is sent again). Raises EngineDeadError when the restart
+        budget is used up, or RuntimeError if the cluster no longer fits the group."""
+        self._take_restart(error)
+        logger.error("worker lost (%s); rebuilding the worker group", error)
+        self._set_state("recovering", f"rebuilding the worker group: {error}")
+        t0 = time.perf_counter()
+        self.in_flight = 0
+        self.retired.clear()
+        while True:
+            try:
+                self.executor.restart()
+                num_blocks, num_swap_blocks = self._init_kv_cache()
+                break
+            except WorkerLostError as again:  # died again while starting: another restart
+                self._take_restart(again)
+        capacity = num_blocks * self.config.cache.block_size
+        if capacity < self.max_model_len:
+            raise EngineDeadError(f"after a worker restart the KV cache holds {capacity} tokens, "
+                                  f"fewer than max_model_len ({self.max_model_len})")
+        self.block_manager = self._new_block_manager(num_blocks, num_swap_blocks)
+        num_preempted = self.scheduler.recompute_all(self.block_manager)
+        self.stats.num_blocks = num_blocks
+        self.stats.num_preemptions += num_preempted
+        self.stats.num_worker_restarts += 1
+        logger.warning("worker group rebuilt in %.1f s: %d KV blocks; %d requests to recompute",
+                       time.perf_counter() - t0, num_blocks, num_preempted)
+        self._set_state("running", "")
+
+    def _take_restart(self, error: WorkerLostError) -> None:
+        if not self.restarts.take():
+            raise EngineDeadError(f"{error}; not restarting: used up {self.restarts.describe()}") \
+                from error
+
+    def _set_state(self, state: str, message: str) -> None:
+        self.state, self.state_message = state, message
+        if self.on_state is not None:
+            self.on_state(state, message)
 
     def _fill_pipeline(self) -> None:
         while self.in_flight < self.pipeline_depth and self.scheduler.has_unfinished():
@@ -248,6 +319,7 @@ class EngineCore:
             "metrics": self.metrics_snapshot,
             "host_times": self._host_times,
             "step_log": lambda: self.step_log.take() if self.step_log is not None else [],
+            "state": lambda: {"state": self.state, "message": self.state_message},
         }
         if method not in handlers:
             raise ValueError(f"unknown engine core call {method!r} (known: {sorted(handlers)})")

@@ -106,6 +106,8 @@ async def health(request: web.Request) -> web.Response:
     llm = request.app[LLM]
     if not llm.is_running:
         return web.json_response({"status": "error", "error": llm.error}, status=503)
+    if llm.recovering is not None:  # requests wait, and resume once the workers are back
+        return web.json_response({"status": "recovering", "message": llm.recovering}, status=503)
     return web.json_response({"status": "ok"})
 
 
