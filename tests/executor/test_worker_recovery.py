@@ -4,7 +4,7 @@ A 32-request greedy batch is interrupted five times by SIGKILL of worker process
 random steps of given kinds: during a prefill, during a decode-only step, during a swap-in, two
 ranks at once, and any step. The test steps the engine itself (`LLMEngine.step`) and, between
 steps, kills the ranks of the step just submitted: the engine core finds the death while that
-step is in flight. Every request must end with exactly the tokens of an undisturbed run on the
+step (and, with async scheduling, the one before it) is in flight. Every request must end with exactly the tokens of an undisturbed run on the
 same engine, each token delivered once.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import time
 
 import pytest
 
@@ -25,10 +24,11 @@ KILL_KINDS = ("prefill", "decode", "swap_in", "two_ranks", "any")
 
 # Small KV cache (64 blocks of 4 tokens for 32 requests of up to ~44 tokens) and preemption by
 # swap, so that requests are swapped out and back in throughout; a small token budget, so that
-# prefills take several steps.
+# prefills take several steps. Async scheduling: two steps are in flight when a rank dies.
 CHAOS_CONFIG = dict(tensor_parallel_size=2, device="cpu", dtype="float32", block_size=4,
                     num_kv_blocks=64, preemption_mode="swap", swap_space_gib=0.01,
-                    max_num_batched_tokens=48, max_num_seqs=32, execute_timeout_s=30,
+                    max_num_batched_tokens=48, max_num_seqs=32, async_scheduling=True,
+                    execute_timeout_s=30,
                     max_worker_restarts=len(KILL_KINDS), engine_process=False)
 
 
@@ -71,7 +71,8 @@ class Killer:
         self.skips["swap_in"] = 0  # swap-ins are the rarest steps: take the first
         self.num_swapped = 0
         self.killed: list[tuple[str, int]] = []  # (kind, restarts before the kill)
-        self.kill_times: list[float] = []
+        self.pids: list[int] = []
+        self.pids_of_restart = -1  # the worker group the pids belong to
 
     def qualifies(self, kind: str, swapped_in: bool) -> bool:
         step = self.core.scheduler.last_stats
@@ -89,7 +90,14 @@ class Killer:
         # the swapped queue in a greedy batch with no aborts).
         swapped_in = swapped < self.num_swapped
         self.num_swapped = swapped
-        if not self.core.in_flight or self.core.stats.num_worker_restarts < len(self.killed):
+        restarts = self.core.stats.num_worker_restarts
+        if restarts < len(self.killed):
+            return  # the last kill is not noticed yet
+        if self.pids_of_restart != restarts:
+            # Asked now, not when killing, so that the kill follows the submit at once.
+            self.pids, self.pids_of_restart = self.core.executor.collective_rpc("get_pid"), restarts
+            return
+        if not self.core.in_flight:
             return
         for kind in KILL_KINDS:
             if kind in dict(self.killed) or not self.qualifies(kind, swapped_in):
@@ -101,10 +109,8 @@ class Killer:
             return
 
     def kill(self, kind: str) -> None:
-        pids = self.core.executor.collective_rpc("get_pid")
-        victims = pids if kind == "two_ranks" else [self.rng.choice(pids)]
+        victims = self.pids if kind == "two_ranks" else [self.rng.choice(self.pids)]
         self.killed.append((kind, self.core.stats.num_worker_restarts))
-        self.kill_times.append(time.monotonic())
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
 
