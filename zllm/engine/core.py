@@ -219,6 +219,8 @@ class EngineCore:
         t0 = time.perf_counter()
         self.in_flight = 0
         self.retired.clear()
+        if self.step_log is not None:
+            self.step_log.discard_pending()
         while True:
             try:
                 self.executor.restart()
@@ -390,6 +392,12 @@ class StepLog:
     def done(self, when: float, num_sampled: int) -> None:
         entry = self.pending.popleft()
         entry[1], entry[4] = when, num_sampled
+
+    def discard_pending(self) -> None:
+        """Forget the steps in flight: they were lost with a worker and never complete."""
+        lost = {id(e) for e in self.pending}
+        self.entries = [e for e in self.entries if id(e) not in lost]
+        self.pending.clear()
 
     def take(self) -> list[list]:
         """The completed entries so far (removed from the log)."""
