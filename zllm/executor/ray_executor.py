@@ -113,7 +113,9 @@ class RayExecutor(Executor):
                     self.placement_group, placement_group_bundle_index=rank),
             ).remote(worker_config, rank))
 
-        nodes = self._ray_get([a.node_info.remote() for a in self.actors], "node_info")
+        # Bounded: a kept placement group whose node has just left may not be placed again.
+        nodes = self._ray_get([a.node_info.remote() for a in self.actors], "node_info",
+                              timeout_s=self.config.parallel.placement_timeout_s)
         self.node_ids = [node_id for node_id, _ in nodes]
         driver_ip = ray.util.get_node_ip_address()
         self.single_node = all(ip == driver_ip for _, ip in nodes)
@@ -172,12 +174,16 @@ class RayExecutor(Executor):
         self._raise_if_dead()
         return self._ray_get([a.execute_method.remote(method, *args) for a in self.actors], method)
 
-    def _ray_get(self, refs: list[Any], what: str) -> list[Any]:
+    def _ray_get(self, refs: list[Any], what: str, timeout_s: Optional[float] = None) -> list[Any]:
         """The results of actor calls; WorkerLostError naming the rank if an actor died."""
         import ray
 
         try:
-            return ray.get(refs)
+            return ray.get(refs, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"the worker actors did not answer {what} within {timeout_s:.0f} s "
+                               f"(placement_timeout_s); cluster resources: "
+                               f"{ray.cluster_resources()}") from None
         except ray.exceptions.RayActorError as e:
             dead_id = getattr(e, "actor_id", None)  # a hex string, when Ray knows it
             rank = next((r for r, a in enumerate(self.actors) if a._actor_id.hex() == dead_id), -1)
