@@ -15,6 +15,7 @@ from zllm.config import SECTIONS, EngineConfig, field_types
 # `zllm bench NAME ARGS...` runs the main(argv) of these modules.
 BENCHMARKS = {
     "control-path": "zllm.bench.control_path",
+    "recovery": "zllm.bench.recovery",
     "scheduling": "zllm.bench.scheduling",
     "serve": "zllm.bench.serve",
     "structured": "zllm.bench.structured",

@@ -78,6 +78,12 @@ class ParallelConfig:
     placement_strategy: str = "STRICT_PACK"  # one bundle per rank: STRICT_PACK | PACK | SPREAD | STRICT_SPREAD
     placement_timeout_s: float = 60.0  # how long to wait for the cluster to fit the placement group
     execute_timeout_s: float = 300.0  # a step with no result for this long means the workers are dead
+    # When a rank dies or a step times out, the engine rebuilds the whole worker group and
+    # recomputes every running request, at most this many times per worker_restart_window_s
+    # (rolling); past that, or if the cluster no longer fits the group, the engine fails (0: never
+    # restart).
+    max_worker_restarts: int = 3
+    worker_restart_window_s: float = 3600.0
     # The engine core (scheduler, KV block manager, executor) runs in its own process, so the
     # frontend's tokenization, HTTP and detokenization never compete with the step loop. false:
     # in the frontend's process (LLM: a plain object; zllm serve: a thread), for debugging.
@@ -208,6 +214,9 @@ class EngineConfig:
               p.placement_strategy in PLACEMENT_STRATEGIES, f"one of {PLACEMENT_STRATEGIES}")
         check("placement_timeout_s", p.placement_timeout_s, p.placement_timeout_s > 0, "> 0")
         check("execute_timeout_s", p.execute_timeout_s, p.execute_timeout_s > 0, "> 0")
+        check("max_worker_restarts", p.max_worker_restarts, p.max_worker_restarts >= 0, ">= 0")
+        check("worker_restart_window_s", p.worker_restart_window_s, p.worker_restart_window_s > 0,
+              "> 0")
         check("device", d.device, d.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda")
         check("attention_backend", d.attention_backend,
               d.attention_backend in ("auto", "torch", "flashinfer"), "auto, torch or flashinfer")

@@ -5,8 +5,15 @@ class EngineDeadError(RuntimeError):
     """The workers can no longer run steps (a rank died, raised, or went silent).
 
     Raised by the executor for the step that found the failure and, at once, for every later
-    call: the engine's state and the workers' state no longer agree, so nothing can resume.
+    call: the engine's state and the workers' state no longer agree, so nothing can resume on
+    these workers (the engine core may rebuild them: see WorkerLostError).
     """
+
+
+class WorkerLostError(EngineDeadError):
+    """A rank died or went silent (Ray reports its actor dead, or a step timed out). Unlike a
+    rank that raised, this says nothing about the requests: the engine core rebuilds the worker
+    group (`Executor.restart`) and recomputes them, while `max_worker_restarts` allows."""
 
 
 class RequestError(ValueError):

@@ -260,6 +260,7 @@ class EngineStats:
     num_free_blocks: int = 0
     num_blocks: int = 0
     num_used_cpu_blocks: int = 0  # holding swapped-out requests
+    num_worker_restarts: int = 0  # worker groups rebuilt after a rank died or went silent
 
     def __str__(self) -> str:
         return self.summary()
@@ -277,7 +278,16 @@ class EngineCoreDead:
     message: str
 
 
+@dataclass
+class EngineCoreState:
+    """The engine core's state changed: "recovering" (a lost worker group is being rebuilt;
+    requests wait, and `message` says why) or "running" again."""
+
+    state: str
+    message: str
+
+
 # The messages each end accepts.
 CORE_INPUTS = (EngineCoreRequest, EngineCoreAbort, EngineCoreCall)
-CORE_OUTPUTS = (EngineCoreOutputs, EngineCoreReply, EngineCoreDead)
+CORE_OUTPUTS = (EngineCoreOutputs, EngineCoreReply, EngineCoreDead, EngineCoreState)
 WORKER_REPLIES = (ModelRunnerOutput, WorkerError)

@@ -70,3 +70,33 @@ def test_preemption_takes_the_newest_and_requeues_it_first():
     out3 = sched.schedule()
     assert [r.req_id for r in out3.new_requests] == ["r1"]
     assert out3.new_requests[0].output_token_ids.tolist() == [7]  # resumes with its generated token
+
+
+def test_recompute_all_requeues_running_and_swapped_by_arrival_on_a_new_block_manager():
+    # What the engine core does after the worker group is rebuilt: nothing is in any KV cache.
+    bm = BlockManager(num_blocks=4, block_size=4, watermark=0.0, num_cpu_blocks=8)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=100), bm, "swap")
+    reqs = [Request(f"r{i}", list(range(1, 9)), SamplingParams(max_tokens=100), [], float(i))
+            for i in range(3)]
+    for r in reqs:
+        sched.add_request(r)
+    out = sched.schedule()  # r0 and r1 fill the 4 blocks; r2 waits
+    _decode(reqs, out)
+    sched.schedule()  # r0 and r1 need a block each: r1 is swapped out, r0's token is pending
+    assert [r.status for r in reqs] == [RequestStatus.RUNNING, RequestStatus.SWAPPED,
+                                        RequestStatus.WAITING]
+    assert reqs[0].num_pending_tokens == 1
+
+    fresh = BlockManager(num_blocks=16, block_size=4, watermark=0.0, num_cpu_blocks=8)
+    assert sched.recompute_all(fresh) == 2
+    assert [r.req_id for r in sched.waiting] == ["r0", "r1", "r2"]  # arrival order kept
+    assert not sched.running and not sched.swapped and sched.block_manager is fresh
+    assert all(r.num_computed_tokens == r.num_pending_tokens == 0 for r in reqs)
+    assert [r.num_preemptions for r in reqs] == [1, 2, 0]
+
+    out = sched.schedule()  # everything starts again in full: prompt and generated tokens
+    assert [r.req_id for r in out.new_requests] == ["r0", "r1", "r2"]
+    assert [r.output_token_ids.tolist() for r in out.new_requests] == [[7], [7], []]
+    assert out.num_scheduled_by_id() == {"r0": 9, "r1": 9, "r2": 8}
+    assert not out.preempted_req_ids and not len(out.blocks_to_swap_in)
+    assert fresh.num_free_blocks == 16 - (3 + 3 + 2)

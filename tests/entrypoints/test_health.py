@@ -1,5 +1,5 @@
 """/health tells the truth: it turns 503 when a worker dies, even with no request in flight to
-notice it."""
+notice it, and the group found dead is rebuilt before the next request comes."""
 
 from __future__ import annotations
 
@@ -33,6 +33,12 @@ def test_health_turns_503_when_an_idle_ray_worker_is_killed(gqa_model, tmp_path)
         wait_until(unhealthy, 30, "/health to answer 503 after the worker was killed")
         print(f"/health turned 503 {time.monotonic() - killed:.2f} s after SIGKILL")
         reply = json.loads(last[0][1])
-        assert reply["status"] == "error" and "rank 0" in reply["error"], reply
+        assert reply["status"] == "recovering" and "rank 0" in reply["message"], reply
+        # Found dead while idle, the group is rebuilt at once, not at the next request.
+        wait_until(lambda: server.request("GET", "/health", api_key=None)[0] == 200, 120,
+                   "/health to answer 200 once the worker group is rebuilt")
+        status, again = server.post_json("/v1/completions", {
+            "model": MODEL_NAME, "prompt": "Hello", "max_tokens": 4, "temperature": 0})
+        assert status == 200 and again["choices"][0]["text"] == body["choices"][0]["text"]
     finally:
         running.stop()

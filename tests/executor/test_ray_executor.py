@@ -129,11 +129,12 @@ def test_worker_exception_raises_engine_dead_naming_the_rank(ray_session, gqa_mo
     assert not mine & set(zllm_actor_names())
 
 
-def test_killed_worker_makes_generate_raise_engine_dead(ray_session, gqa_model):
+def test_killed_worker_with_no_restarts_makes_generate_raise_engine_dead(ray_session, gqa_model):
     others = set(zllm_actor_names())
-    # execute_timeout_s bounds the test even if death went unnoticed.
+    # execute_timeout_s bounds the test even if death went unnoticed. With restarts allowed the
+    # engine would rebuild the workers (tests/executor/test_worker_recovery.py).
     llm = make_llm(gqa_model, tensor_parallel_size=2, num_kv_blocks=256, execute_timeout_s=20,
-                   engine_process=False)
+                   engine_process=False, max_worker_restarts=0)
     pids = llm.engine.engine_core.executor.collective_rpc("get_pid")
     mine = set(zllm_actor_names()) - others
     assert len(mine) == 2

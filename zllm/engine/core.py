@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import random
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -27,7 +27,9 @@ from zllm.architecture import ModelArchitecture
 from zllm.config import EngineConfig
 from zllm.engine.block_manager import BlockManager
 from zllm.engine.request import Request, RequestStatus
+from zllm.engine.restart_budget import RestartBudget
 from zllm.engine.scheduler import Scheduler, StepStats
+from zllm.errors import EngineDeadError, WorkerLostError
 from zllm.executor import Executor, make_executor
 from zllm.metrics import EngineMetrics
 from zllm.model_files import detect_load_format, resolve_model_path
@@ -42,7 +44,10 @@ HEALTH_CHECK_INTERVAL_S = 1.0
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig,
+                 on_state: Optional[Callable[[str, str], None]] = None) -> None:
+        """`on_state(state, message)` hears the core's state changes: "recovering" while a lost
+        worker group is rebuilt, then "running" (a frontend's /health reports them)."""
         config = copy.deepcopy(config)
         config.model.model = resolve_model_path(config.model.model)
         config.model.load_format = detect_load_format(config.model.model, config.model.load_format)
@@ -57,9 +62,7 @@ class EngineCore:
         t0 = time.perf_counter()
         self.executor: Executor = make_executor(config)
         try:
-            num_blocks = self.executor.determine_num_available_blocks()
-            num_swap_blocks = self.executor.determine_num_swap_blocks()
-            self.executor.init_kv_cache(num_blocks, num_swap_blocks)
+            num_blocks, num_swap_blocks = self._init_kv_cache()
             self.max_model_len = self._resolve_max_model_len(num_blocks * config.cache.block_size)
         except BaseException:
             self.executor.shutdown()
@@ -68,8 +71,7 @@ class EngineCore:
                     "max_model_len %d", time.perf_counter() - t0, num_blocks,
                     config.cache.block_size, num_blocks * config.cache.block_size, self.max_model_len)
 
-        self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.watermark,
-                                          config.cache.enable_prefix_caching, num_swap_blocks)
+        self.block_manager = self._new_block_manager(num_blocks, num_swap_blocks)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, config.cache.preemption_mode)
         self.requests: dict[str, Request] = {}
         self._seed_rng = random.Random(config.model.seed)
@@ -86,6 +88,23 @@ class EngineCore:
         self.step_log: Optional[StepLog] = StepLog() if config.scheduler.record_steps else None
         self._health: dict[str, Any] = {"status": "ok"}
         self._health_checked_at = float("-inf")
+        self._lost: Optional[WorkerLostError] = None  # a death that health() found between steps
+        self.on_state = on_state
+        self.state, self.state_message = "running", ""
+        self.restarts = RestartBudget(config.parallel.max_worker_restarts,
+                                      config.parallel.worker_restart_window_s)
+
+    def _init_kv_cache(self) -> tuple[int, int]:
+        """Size and allocate the workers' KV cache and swap space; (device, CPU) blocks."""
+        num_blocks = self.executor.determine_num_available_blocks()
+        num_swap_blocks = self.executor.determine_num_swap_blocks()
+        self.executor.init_kv_cache(num_blocks, num_swap_blocks)
+        return num_blocks, num_swap_blocks
+
+    def _new_block_manager(self, num_blocks: int, num_swap_blocks: int) -> BlockManager:
+        c = self.config.cache
+        return BlockManager(num_blocks, c.block_size, c.watermark, c.enable_prefix_caching,
+                            num_swap_blocks)
 
     def _resolve_max_model_len(self, kv_capacity: int) -> int:
         requested = self.config.model.max_model_len
@@ -151,17 +170,30 @@ class EngineCore:
         return self.requests.pop(req_id)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_unfinished() or self.in_flight > 0
+        return self.scheduler.has_unfinished() or self.in_flight > 0 or self._lost is not None
 
     # -- the step ----------------------------------------------------------------------------------
 
     def step(self) -> Optional[EngineCoreOutputs]:
         """Collect the oldest step in flight and apply its tokens (None if none was in flight);
-        the next step is scheduled and submitted before this returns."""
+        the next step is scheduled and submitted before this returns. If a worker is lost, the
+        group is rebuilt here (see `_recover`) and the tokens applied before, if any, returned."""
+        outputs: list[EngineCoreOutputs] = []
+        try:
+            if self._lost is not None:  # a worker found dead between steps (see health)
+                raise self._lost
+            self._step(outputs)
+        except WorkerLostError as e:
+            self._recover(e)
+        return outputs[0] if outputs else None
+
+    def _step(self, outputs: list[EngineCoreOutputs]) -> None:
+        """The step; its outputs go in `outputs` as soon as they are applied, so that a worker
+        lost afterwards (at the next submit) cannot lose them."""
         t0 = time.perf_counter()
         self._fill_pipeline()
         if not self.in_flight:
-            return None
+            return
         t1 = time.perf_counter()
         runner_output = self.executor.collect()
         t2 = time.perf_counter()
@@ -169,7 +201,7 @@ class EngineCore:
         self.in_flight -= 1
         if self.step_log is not None:
             self.step_log.done(t2, len(runner_output.req_ids))
-        outputs = self._apply(runner_output, step_number)
+        outputs.append(self._apply(runner_output, step_number))
         if not self.in_flight:
             self.retired.clear()
         self._fill_pipeline()
@@ -182,7 +214,53 @@ class EngineCore:
             while self.in_flight:
                 self.executor.collect()
                 self.in_flight -= 1
-        return outputs
+
+    # -- recovery from a lost worker -------------------------------------------------------------
+
+    def _recover(self, error: WorkerLostError) -> None:
+        """Rebuild the worker group (model, KV cache sized again) and preempt every running and
+        swapped request by recompute; the steps in flight are discarded (their tokens were never
+        applied, so nothing already sent is sent again). Raises EngineDeadError when the restart
+        budget is used up, or RuntimeError if the cluster no longer fits the group."""
+        self._lost = None
+        self._take_restart(error)
+        logger.error("worker lost (%s); rebuilding the worker group", error)
+        self._set_state("recovering", f"rebuilding the worker group: {error}")
+        t0 = time.perf_counter()
+        self.in_flight = 0
+        self.retired.clear()
+        if self.step_log is not None:
+            self.step_log.discard_pending()
+        while True:
+            try:
+                self.executor.restart()
+                num_blocks, num_swap_blocks = self._init_kv_cache()
+                break
+            except WorkerLostError as again:  # died again while starting: another restart
+                self._take_restart(again)
+        capacity = num_blocks * self.config.cache.block_size
+        if capacity < self.max_model_len:
+            raise EngineDeadError(f"after a worker restart the KV cache holds {capacity} tokens, "
+                                  f"fewer than max_model_len ({self.max_model_len})")
+        self.block_manager = self._new_block_manager(num_blocks, num_swap_blocks)
+        num_preempted = self.scheduler.recompute_all(self.block_manager)
+        self.stats.num_blocks = num_blocks
+        self.stats.num_preemptions += num_preempted
+        self.stats.num_worker_restarts += 1
+        logger.warning("worker group rebuilt in %.1f s: %d KV blocks; %d requests to recompute",
+                       time.perf_counter() - t0, num_blocks, num_preempted)
+        self._set_state("running", "")
+
+    def _take_restart(self, error: WorkerLostError) -> None:
+        if not self.restarts.take():
+            raise EngineDeadError(f"{error}; not restarting: used up {self.restarts.describe()}") \
+                from error
+
+    def _set_state(self, state: str, message: str) -> None:
+        self.state, self.state_message = state, message
+        self._health_checked_at = float("-inf")  # the next /health asks the new group
+        if self.on_state is not None:
+            self.on_state(state, message)
 
     def _fill_pipeline(self) -> None:
         while self.in_flight < self.pipeline_depth and self.scheduler.has_unfinished():
@@ -255,20 +333,26 @@ class EngineCore:
             "metrics": self.metrics_snapshot,
             "host_times": self._host_times,
             "step_log": lambda: self.step_log.take() if self.step_log is not None else [],
+            "state": lambda: {"state": self.state, "message": self.state_message},
         }
         if method not in handlers:
             raise ValueError(f"unknown engine core call {method!r} (known: {sorted(handlers)})")
         return handlers[method](*args)
 
     def health(self) -> dict[str, Any]:
-        """{"status": "ok"}, or {"status": "error", "error": why} once a worker is gone: the
-        executor's answer, asked at most once per HEALTH_CHECK_INTERVAL_S."""
+        """{"status": "ok"}; {"status": "recovering", "message": why} once a worker is found dead
+        (the next step rebuilds the group); {"status": "error", "error": why} if the group failed
+        otherwise. The executor is asked at most once per HEALTH_CHECK_INTERVAL_S."""
         now = time.monotonic()
         if now - self._health_checked_at >= HEALTH_CHECK_INTERVAL_S:
             self._health_checked_at = now
             try:
                 self.executor.check_health()
                 self._health = {"status": "ok"}
+            except WorkerLostError as e:  # found idle: the loop rebuilds the group (has_work)
+                self._lost = e
+                self._health = {"status": "recovering",
+                                "message": f"rebuilding the worker group: {e}"}
             except Exception as e:
                 self._health = {"status": "error", "error": f"{type(e).__name__}: {e}"}
         return self._health
@@ -338,6 +422,12 @@ class StepLog:
     def done(self, when: float, num_sampled: int) -> None:
         entry = self.pending.popleft()
         entry[1], entry[4] = when, num_sampled
+
+    def discard_pending(self) -> None:
+        """Forget the steps in flight: they were lost with a worker and never complete."""
+        lost = {id(e) for e in self.pending}
+        self.entries = [e for e in self.entries if id(e) not in lost]
+        self.pending.clear()
 
     def take(self) -> list[list]:
         """The completed entries so far (removed from the log)."""

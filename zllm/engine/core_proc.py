@@ -12,8 +12,10 @@ Lifecycle, with no polling of pids:
   core is gone;
 - the core reads its *parent pipe* (stdin of the process); EOF means the frontend died or shut
   it down, and the core stops its workers and exits.
-If a step fails (a worker died), the core tells every frontend it has heard from
-(`EngineCoreDead`), stops its workers and exits non-zero.
+If a worker dies, the core rebuilds the worker group (telling every frontend it has heard from
+`EngineCoreState("recovering")`, then "running") and resumes. If a step fails for good (a
+worker raised, or the restarts are used up), the core tells every frontend (`EngineCoreDead`),
+stops its workers and exits non-zero.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from zllm.codec import decode, encode
 from zllm.config import EngineConfig
 from zllm.executor.data_plane import RejectLog
 from zllm.protocol import (CORE_INPUTS, EngineCoreAbort, EngineCoreCall, EngineCoreDead,
-                           EngineCoreOutputs, EngineCoreReply, EngineCoreRequest, FinishedRequest)
+                           EngineCoreOutputs, EngineCoreReply, EngineCoreRequest, EngineCoreState,
+                           FinishedRequest)
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ class EngineCoreProc:
         from zllm.engine.core import EngineCore
 
         try:
-            self.core = EngineCore(self.config)
+            self.core = EngineCore(self.config, on_state=self._broadcast_state)
         except Exception as e:
             logger.exception("engine core failed to start")
             self._status({"error": str(e), "type": type(e).__name__})
@@ -163,6 +166,12 @@ class EngineCoreProc:
                 self._send(frontend, part)
         for finished in outputs.finished:
             self.owners.pop(finished.request_id, None)
+
+    def _broadcast_state(self, state: str, message: str) -> None:
+        """Tell every frontend (they say hello when they connect) that the core is recovering
+        from a lost worker, or running again."""
+        for frontend in self.frontends:
+            self._send(frontend, EngineCoreState(state, message))
 
     def _send(self, frontend: bytes, message: Any) -> None:
         self.socket.send_multipart([frontend, encode(message)], copy=False)

@@ -257,6 +257,29 @@ class Scheduler:
         logger.debug("preempted %s (%d tokens); %d blocks free", req.req_id, req.num_tokens,
                      self.block_manager.num_free_blocks)
 
+    def recompute_all(self, block_manager: BlockManager) -> int:
+        """The workers were rebuilt, with a new (empty) KV cache and swap space: take
+        `block_manager` for it, and preempt every running and swapped request by recompute
+        (their prompt and generated tokens are computed again). Waiting requests keep their
+        places. Whatever the old workers were still to be told is moot. Returns how many requests
+        were preempted."""
+        now = time.monotonic()
+        victims = list(self.running) + list(self.swapped)
+        self.running.items.clear()
+        self.swapped.items.clear()
+        self.block_manager = block_manager
+        self._swap_out, self._finished_req_ids, self._preempted_req_ids = [], [], []
+        for req in self.waiting:
+            _forget_progress(req)  # a waiting request may still expect a token of a lost step
+        for req in victims:
+            _forget_progress(req)
+            req.num_preemptions += 1
+            req.waiting_since = now
+            req.status = RequestStatus.WAITING
+            self.waiting.add(req, now)
+        self.num_preemptions += len(victims)
+        return len(victims)
+
     def finish_requests(self, reqs: Iterable[Request], status: RequestStatus) -> None:
         """End requests (stopped, length or aborted) and free their blocks at once."""
         for req in reqs:
@@ -272,3 +295,10 @@ class Scheduler:
                 self.waiting.remove(req)
             req.status = status
             self.block_manager.free(req)
+
+
+def _forget_progress(req: Request) -> None:
+    """Nothing of req is in any KV cache and no sampled token of it is on its way."""
+    req.num_computed_tokens = 0
+    req.num_pending_tokens = 0
+    req.num_cached_blocks = 0

@@ -107,10 +107,13 @@ def with_json(handler: Callable[[web.Request, dict[str, Any]], Awaitable[web.Str
 
 async def health(request: web.Request) -> web.Response:
     """200 only while the engine core answers and every worker is alive (the core asks the
-    executor at most once a second, so polling this is cheap)."""
+    executor at most once a second, so polling this is cheap); 503 "recovering" while a lost
+    worker group is rebuilt, 503 "error" once the engine cannot go on."""
     llm = request.app[LLM]
     if not llm.is_running:
         return web.json_response({"status": "error", "error": llm.error}, status=503)
+    if llm.recovering is not None:  # requests wait, and resume once the workers are back
+        return web.json_response({"status": "recovering", "message": llm.recovering}, status=503)
     try:
         state = await asyncio.wait_for(llm.call("health"), HEALTH_TIMEOUT_S)
     except asyncio.TimeoutError:

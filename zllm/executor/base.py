@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from zllm.config import EngineConfig
+from zllm.errors import EngineDeadError
 from zllm.protocol import ModelRunnerOutput, SchedulerOutput
 
 
@@ -49,6 +50,11 @@ class Executor(ABC):
 
     def check_health(self) -> None:
         """Raise if a worker is gone."""
+
+    def restart(self) -> None:
+        """Rebuild every worker from scratch after WorkerLostError: model loaded, no KV cache
+        yet (the engine sizes it again). Executors whose workers cannot die alone cannot."""
+        raise EngineDeadError(f"the {type(self).__name__} cannot restart its workers")
 
     @abstractmethod
     def shutdown(self) -> None:

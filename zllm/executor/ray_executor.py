@@ -5,8 +5,9 @@ start the actors, rendezvous torch.distributed at rank 0's node, load the model,
 its data-plane keys (made once per executor). Each step (no Ray calls): publish the msgpack
 scheduler output on the data plane and wait for rank 0's reply, checking between polls that every
 actor's step loop is still running. A reply that does not authenticate, does not fit the schema
-or comes from a rank that may not send it is dropped and counted. Any failure turns the
-executor dead: that call and every later one raise EngineDeadError.
+or comes from a rank that may not send it is dropped and counted. Any failure turns the executor
+dead: that call and every later one raise EngineDeadError, or WorkerLostError when a rank died or
+went silent; then `restart` rebuilds the whole group through the start-up path (same keys).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import uuid
 from typing import Any, Optional
 
 from zllm.config import EngineConfig, ServerConfig
-from zllm.errors import EngineDeadError
+from zllm.errors import EngineDeadError, WorkerLostError
 from zllm.executor.base import Executor
 from zllm.executor.data_plane import DriverEndpoint, PlaneKeys, wait_for_subscribers
 from zllm.executor.ray_worker import RayWorker
@@ -32,6 +33,10 @@ logger = logging.getLogger(__name__)
 # the bound on how late a dead rank is noticed, not a cost on steps that answer in time.
 _LIVENESS_POLL_S = 0.2
 _ACTOR_NAME_PREFIX = "zllm-worker-"
+# How long a rank's error waits for Ray to report a peer's death (which makes the error a lost
+# worker, recoverable, not a rank that raised). Ray usually knows within ~0.1 s; this bound is
+# for a loaded host, and only a genuine worker exception pays all of it.
+_BLAME_WAIT_S = 3.0
 
 
 class RayExecutor(Executor):
@@ -49,7 +54,9 @@ class RayExecutor(Executor):
         self._num_rejected_earlier = 0  # frames dropped by data-plane sockets since closed
         self.placement_group: Any = None
         self.owns_ray = False
-        self._dead: Optional[str] = None
+        self._dead: Optional[tuple[str, type]] = None  # (message, EngineDeadError or a subclass)
+        self.single_node = True
+        self.node_ids: list[str] = []
         self._closed = False
         try:
             self._start()
@@ -60,22 +67,27 @@ class RayExecutor(Executor):
     # -- start-up ----------------------------------------------------------------------------------
 
     def _start(self) -> None:
+        """The start-up path, for the first start and for every restart: Ray, the placement
+        group, the actors (model loaded), the data plane."""
         import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        p = self.config.parallel
         if not ray.is_initialized():
             self._init_ray()
         use_gpu = self.config.device.device == "cuda" or (
             self.config.device.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-        worker_config = copy.deepcopy(self.config)
-        worker_config.device.device = "cuda" if use_gpu else "cpu"
-        worker_config.server = ServerConfig()  # no secret (api_key) goes to the workers
+        self._reserve_placement_group({"GPU": 1} if use_gpu else {"CPU": 1})
+        self._start_actors(use_gpu)
+        self._connect_data_plane()
 
-        bundle = {"GPU": 1} if use_gpu else {"CPU": 1}
-        self.placement_group = placement_group([dict(bundle)] * self.tp_size,
-                                               strategy=p.placement_strategy)
+    def _reserve_placement_group(self, bundle: dict[str, int]) -> None:
+        """One bundle per rank; a placement group kept from before a restart is reused."""
+        import ray
+        from ray.util.placement_group import placement_group
+
+        p = self.config.parallel
+        if self.placement_group is None:
+            self.placement_group = placement_group([dict(bundle)] * self.tp_size,
+                                                   strategy=p.placement_strategy)
         try:
             ray.get(self.placement_group.ready(), timeout=p.placement_timeout_s)
         except ray.exceptions.GetTimeoutError:
@@ -84,6 +96,14 @@ class RayExecutor(Executor):
                 f"{p.placement_strategy} within {p.placement_timeout_s:.0f} s (placement_timeout_s); "
                 f"cluster resources: {ray.cluster_resources()}") from None
 
+    def _start_actors(self, use_gpu: bool) -> None:
+        """One actor per rank in its bundle; torch.distributed joined and the model loaded."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        worker_config = copy.deepcopy(self.config)
+        worker_config.device.device = "cuda" if use_gpu else "cpu"
+        worker_config.server = ServerConfig()  # no secret (api_key) goes to the workers
         # NVLink SHARP (NVLS) multicast is off: it needs fabric support that is not always there.
         env = {"NCCL_NVLS_ENABLE": "0"} if use_gpu else {}
         actor_cls = ray.remote(RayWorker)
@@ -100,23 +120,22 @@ class RayExecutor(Executor):
                     self.placement_group, placement_group_bundle_index=rank),
             ).remote(worker_config, rank))
 
-        nodes = ray.get([a.node_info.remote() for a in self.actors])
+        # Bounded: a kept placement group whose node has just left may not be placed again.
+        nodes = self._ray_get([a.node_info.remote() for a in self.actors], "node_info",
+                              timeout_s=self.config.parallel.placement_timeout_s)
         self.node_ids = [node_id for node_id, _ in nodes]
         driver_ip = ray.util.get_node_ip_address()
-        single_node = all(ip == driver_ip for _, ip in nodes)
-        rank0_ip = "127.0.0.1" if single_node else nodes[0][1]
-        init_method = f"tcp://{rank0_ip}:{ray.get(self.actors[0].free_port.remote())}"
+        self.single_node = all(ip == driver_ip for _, ip in nodes)
+        rank0_ip = "127.0.0.1" if self.single_node else nodes[0][1]
+        port = self._ray_get([self.actors[0].free_port.remote()], "free_port")[0]
+        init_method = f"tcp://{rank0_ip}:{port}"
         self.distributed_init_method = init_method  # rank 0's TCPStore listens there only
-        ray.get([a.init_worker.remote(init_method) for a in self.actors])
+        self._ray_get([a.init_worker.remote(init_method) for a in self.actors], "init_worker")
         self.collective_rpc("init_distributed_environment")
         self.collective_rpc("init_model")
+        self.data_plane_host = "127.0.0.1" if self.single_node else driver_ip
 
-        self.data_plane_host = "127.0.0.1" if single_node else driver_ip
-        self._start_data_plane()
-        logger.info("ray executor: %d ranks on %d node(s), data plane %s (%s)", self.tp_size,
-                    len(set(self.node_ids)), self.endpoint.sched_address, self.plane_keys.mechanism)
-
-    def _start_data_plane(self) -> None:
+    def _connect_data_plane(self) -> None:
         """Bind the driver's sockets and start every actor's step loop with its rank's keys. A
         restarted group calls this again: fresh sockets (no stale subscription or reply of the
         old group), the same keys."""
@@ -129,6 +148,24 @@ class RayExecutor(Executor):
                           for rank, a in enumerate(self.actors)]
         wait_for_subscribers(self.endpoint, self.tp_size, self.config.parallel.placement_timeout_s,
                              self._check_loops)
+        logger.info("ray executor: %d ranks on %d node(s), data plane %s (%s)", self.tp_size,
+                    len(set(self.node_ids)), self.endpoint.sched_address, self.plane_keys.mechanism)
+
+    def restart(self) -> None:
+        """Tear the group down (every actor killed, so its communicators and KV cache go with it;
+        the data plane's sockets closed) and start it again through the start-up path. The
+        placement group is kept while Ray still has it placed (a node that left makes Ray
+        reschedule it: then a new one is made, and placement_timeout_s bounds the wait)."""
+        import ray
+
+        self._stop_group()
+        if self.placement_group is not None and _placement_state(self.placement_group) != "CREATED":
+            ray.util.remove_placement_group(self.placement_group)
+            self.placement_group = None
+        self._dead = None
+        t0 = time.perf_counter()
+        self._start()
+        logger.warning("ray executor: worker group restarted in %.1f s", time.perf_counter() - t0)
 
     def _init_ray(self) -> None:
         import ray
@@ -147,15 +184,23 @@ class RayExecutor(Executor):
     # -- control path --------------------------------------------------------------------------------
 
     def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        self._raise_if_dead()
+        return self._ray_get([a.execute_method.remote(method, *args) for a in self.actors], method)
+
+    def _ray_get(self, refs: list[Any], what: str, timeout_s: Optional[float] = None) -> list[Any]:
+        """The results of actor calls; WorkerLostError naming the rank if an actor died."""
         import ray
 
-        self._raise_if_dead()
         try:
-            return ray.get([a.execute_method.remote(method, *args) for a in self.actors])
+            return ray.get(refs, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"the worker actors did not answer {what} within {timeout_s:.0f} s "
+                               f"(placement_timeout_s); cluster resources: "
+                               f"{ray.cluster_resources()}") from None
         except ray.exceptions.RayActorError as e:
             dead_id = getattr(e, "actor_id", None)  # a hex string, when Ray knows it
             rank = next((r for r, a in enumerate(self.actors) if a._actor_id.hex() == dead_id), -1)
-            raise self._die(rank, f"actor died during {method}: {_first_line(e)}") from e
+            raise self._die(rank, f"actor died during {what}: {_first_line(e)}", lost=True) from e
 
     def check_health(self) -> None:
         self._raise_if_dead()
@@ -182,7 +227,8 @@ class RayExecutor(Executor):
                 return result
             self._check_loops()
             if time.monotonic() > deadline:
-                raise self._die(0, f"sent no result within {timeout:.0f} s (execute_timeout_s)")
+                raise self._die(0, f"sent no result within {timeout:.0f} s (execute_timeout_s)",
+                                lost=True)
 
     def _accept(self, rank: int, reply: bytes) -> Optional[ModelRunnerOutput | WorkerError]:
         """An authenticated reply if it fits the schema and its sender may send it: tokens come
@@ -214,36 +260,41 @@ class RayExecutor(Executor):
         if not done:
             return
         rank = self.loop_refs.index(done[0])
+        lost = False
         try:
             ray.get(done[0])
             cause = "stopped its step loop unexpectedly"
         except ray.exceptions.RayActorError as e:
-            cause = f"died: {_first_line(e)}"
+            cause, lost = f"died: {_first_line(e)}", True
         except Exception as e:
             cause = f"step loop failed: {_first_line(e)}"
-        raise self._die(rank, cause)
+        raise self._die(rank, cause, lost)
 
     def _blame_dead_rank(self, error: WorkerError) -> None:
         """A rank whose peer died fails in its next collective, often before Ray reports the
         death; give Ray a moment so the error names the rank that died, not its survivor."""
         import ray
 
-        ray.wait(self.loop_refs, num_returns=1, timeout=1.0)
+        ray.wait(self.loop_refs, num_returns=1, timeout=_BLAME_WAIT_S)
         try:
             self._check_loops()
         except EngineDeadError:
             logger.error("rank %d also failed: %s", error.rank, error.message)
             raise
 
-    def _die(self, rank: int, cause: str) -> EngineDeadError:
+    def _die(self, rank: int, cause: str, lost: bool = False) -> EngineDeadError:
+        """Mark the group dead; the error for this call and every later one (WorkerLostError
+        when the rank died or went silent: a restart can bring the group back)."""
         if self._dead is None:
-            self._dead = f"worker rank {rank} {cause}"
-            logger.error("engine dead: %s", self._dead)
-        return EngineDeadError(self._dead)
+            self._dead = (f"worker rank {rank} {cause}", WorkerLostError if lost else EngineDeadError)
+            logger.error("worker group dead: %s", self._dead[0])
+        message, error_cls = self._dead
+        return error_cls(message)
 
     def _raise_if_dead(self) -> None:
         if self._dead is not None:
-            raise EngineDeadError(self._dead)
+            message, error_cls = self._dead
+            raise error_cls(message)
         if self._closed:
             raise EngineDeadError("the executor was shut down")
 
@@ -257,18 +308,33 @@ class RayExecutor(Executor):
 
         if not ray.is_initialized():
             return
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        # A loop ref fails once Ray has recorded its actor's death (and dropped its name), so
-        # waiting for all of them means no actor of ours is left when shutdown returns.
-        if self.loop_refs:
-            ray.wait(self.loop_refs, num_returns=len(self.loop_refs), timeout=10)
-        if self.endpoint is not None:
-            self.endpoint.close()
+        self._stop_group()
         if self.placement_group is not None:
             ray.util.remove_placement_group(self.placement_group)
         if self.owns_ray:
             ray.shutdown()
+
+    def _stop_group(self) -> None:
+        """Kill every actor and close the data plane (the placement group stays)."""
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        # A loop ref fails once Ray has recorded its actor's death (and dropped its name), so
+        # waiting for all of them means no actor of ours is left when this returns.
+        if self.loop_refs:
+            ray.wait(self.loop_refs, num_returns=len(self.loop_refs), timeout=10)
+        if self.endpoint is not None:
+            self._num_rejected_earlier += self.endpoint.num_rejected
+            self.endpoint.close()
+        self.actors, self.loop_refs, self.endpoint = [], [], None
+
+
+def _placement_state(group: Any) -> str:
+    """CREATED while every bundle is placed; RESCHEDULING after a node left, REMOVED, ..."""
+    from ray.util import placement_group_table
+
+    return placement_group_table(group).get("state", "UNKNOWN")
 
 
 def _first_line(e: BaseException) -> str:

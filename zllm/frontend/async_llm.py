@@ -96,6 +96,12 @@ class AsyncLLM:
     def is_running(self) -> bool:
         return self.error is None
 
+    @property
+    def recovering(self) -> Optional[str]:
+        """Why the engine core is rebuilding its worker group (requests wait meanwhile), or None."""
+        state = self.client.state if self.client is not None else None
+        return state.message if state is not None and state.state == "recovering" else None
+
     async def tokenize(self, prompt: Prompt) -> tuple[Optional[str], list[int]]:
         """Tokenize off the event loop when the prompt is long, so other streams keep flowing."""
         if isinstance(prompt, str) and len(prompt) > 4096:

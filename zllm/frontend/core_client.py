@@ -34,7 +34,8 @@ from zllm.codec import decode, encode
 from zllm.config import EngineConfig
 from zllm.errors import EngineDeadError
 from zllm.protocol import (CORE_OUTPUTS, EngineCoreAbort, EngineCoreCall, EngineCoreDead,
-                           EngineCoreOutputs, EngineCoreReply, EngineCoreRequest, FinishedRequest)
+                           EngineCoreOutputs, EngineCoreReply, EngineCoreRequest, EngineCoreState,
+                           FinishedRequest)
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ def _close(fd: int) -> None:
 
 
 CORE_EXITED = "the engine core exited; requests in flight are lost"
+_HELLO_CALL_ID = -1  # the call an AsyncMPClient makes when it connects; no one awaits its reply
 
 
 class MPClient:
@@ -172,6 +174,7 @@ class MPClient:
         self.replies: dict[int, EngineCoreReply] = {}
         self.call_ids = itertools.count()
         self.dead: Optional[str] = None
+        self.state = EngineCoreState("running", "")
 
     def add_requests(self, requests: list[EngineCoreRequest]) -> None:
         for request in requests:
@@ -215,6 +218,8 @@ class MPClient:
                 self.pending.append(message)
             elif isinstance(message, EngineCoreReply):
                 self.replies[message.call_id] = message
+            elif isinstance(message, EngineCoreState):
+                self.state = message
             else:
                 self.dead = f"the engine core failed: {message.message}"
             return True
@@ -282,6 +287,7 @@ class AsyncMPClient:
         self.replies: dict[int, asyncio.Future] = {}
         self.call_ids = itertools.count()
         self.dead: Optional[str] = None
+        self.state = EngineCoreState("running", "")  # "recovering" while workers are rebuilt
         self._task: Optional[asyncio.Task] = None
         self._on_dead: Optional[Callable[[str], None]] = None
 
@@ -291,6 +297,9 @@ class AsyncMPClient:
         self._on_dead = on_dead
         self._task = loop.create_task(self._receive_loop(on_outputs))
         loop.add_reader(self.status_fd, self._status_readable)
+        # Say hello, so that the core tells this frontend of state changes (a worker group being
+        # rebuilt) even before its first request; the reply updates the state too.
+        self.send(EngineCoreCall(_HELLO_CALL_ID, "state", []))
 
     def send(self, message: Any) -> None:
         if self.dead is not None:
@@ -313,9 +322,13 @@ class AsyncMPClient:
             if isinstance(message, EngineCoreOutputs):
                 on_outputs(message)
             elif isinstance(message, EngineCoreReply):
+                if message.call_id == _HELLO_CALL_ID and message.error is None:
+                    self.state = EngineCoreState(**message.result)
                 future = self.replies.pop(message.call_id, None)
                 if future is not None and not future.done():
                     future.set_result(message)
+            elif isinstance(message, EngineCoreState):
+                self.state = message
             elif isinstance(message, EngineCoreDead):
                 self._die(f"the engine core failed: {message.message}")
                 return
