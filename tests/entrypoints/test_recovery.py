@@ -82,7 +82,8 @@ def test_sixteen_streams_resume_after_a_rank_is_killed(ray_session, gqa_model, t
             health.append((code, json.loads(body)))
             return code == status
         wait_until(lambda: health_is(503), 30, "/health to report recovering")
-        assert health[-1][1]["status"] == "recovering" and "rank 1" in health[-1][1]["message"]
+        assert health[-1][1]["status"] == "recovering" and "rank 1" in health[-1][1]["message"], \
+            health[-1]
         wait_until(lambda: health_is(200), 120, "/health to be ok again")
         runner.join(120)
         assert not runner.is_alive()

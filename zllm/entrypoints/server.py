@@ -121,6 +121,8 @@ async def health(request: web.Request) -> web.Response:
                  "error": f"the engine core did not answer within {HEALTH_TIMEOUT_S:.0f} s"}
     except EngineDeadError as e:
         state = {"status": "error", "error": str(e)}
+    if state["status"] != "ok" and llm.recovering is not None:  # began while we waited
+        state = {"status": "recovering", "message": llm.recovering}
     return web.json_response(state, status=200 if state["status"] == "ok" else 503)
 
 

@@ -259,16 +259,27 @@ class RayExecutor(Executor):
         done, _ = ray.wait(self.loop_refs, num_returns=1, timeout=0)
         if not done:
             return
-        rank = self.loop_refs.index(done[0])
-        lost = False
-        try:
-            ray.get(done[0])
-            cause = "stopped its step loop unexpectedly"
-        except ray.exceptions.RayActorError as e:
-            cause, lost = f"died: {_first_line(e)}", True
-        except Exception as e:
-            cause = f"step loop failed: {_first_line(e)}"
+        rank, cause, lost = self._loop_end(done[0])
+        if not lost:
+            # A rank whose peer died can fail in a collective before Ray reports the death: give
+            # Ray a moment, and blame a rank that died rather than its survivor.
+            done, _ = ray.wait(self.loop_refs, num_returns=len(self.loop_refs), timeout=_BLAME_WAIT_S)
+            rank, cause, lost = next((end for end in map(self._loop_end, done) if end[2]),
+                                     (rank, cause, lost))
         raise self._die(rank, cause, lost)
+
+    def _loop_end(self, ref: Any) -> tuple[int, str, bool]:
+        """(rank, why its step loop ended, whether the actor died) for a finished loop ref."""
+        import ray
+
+        rank = self.loop_refs.index(ref)
+        try:
+            ray.get(ref)
+            return rank, "stopped its step loop unexpectedly", False
+        except ray.exceptions.RayActorError as e:
+            return rank, f"died: {_first_line(e)}", True
+        except Exception as e:
+            return rank, f"step loop failed: {_first_line(e)}", False
 
     def _blame_dead_rank(self, error: WorkerError) -> None:
         """A rank whose peer died fails in its next collective, often before Ray reports the
