@@ -55,6 +55,7 @@ class SchedulerConfig:
 
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
+    max_n: int = 128  # samples one request may ask for (its n), as vLLM's default cap
     enable_chunked_prefill: bool = True  # off: a prompt must fit in one step's budget
     long_prefill_token_threshold: int = 0  # > 0: at most this many prompt tokens per request per step
     policy: str = "fcfs"  # fcfs | priority (lower `priority` first)
@@ -200,6 +201,7 @@ class EngineConfig:
         check("swap_space_gib", c.swap_space_gib, c.swap_space_gib >= 0, ">= 0")
         check("max_num_seqs", s.max_num_seqs, s.max_num_seqs >= 1, ">= 1")
         check("max_num_batched_tokens", s.max_num_batched_tokens, s.max_num_batched_tokens >= 1, ">= 1")
+        check("max_n", s.max_n, s.max_n >= 1, ">= 1")
         check("long_prefill_token_threshold", s.long_prefill_token_threshold,
               s.long_prefill_token_threshold >= 0, ">= 0 (0: no cap)")
         check("policy", s.policy, s.policy in ("fcfs", "priority"), "fcfs or priority")

@@ -97,8 +97,8 @@ async def _checked(llm: AsyncLLM, prompt, parsed: GenerateRequest, prompt_param:
     try:
         return await llm.check_request(prompt, parsed.params)
     except RequestError as e:
-        param = {"prompt": prompt_param, "structured_outputs": parsed.constraint_param}.get(
-            e.param, e.param)
+        param = {"prompt": prompt_param, "structured_outputs": parsed.constraint_param,
+                 "max_tokens": parsed.max_tokens_param}.get(e.param, e.param)
         raise bad_request(str(e), param, e.code) from None
 
 

@@ -58,8 +58,7 @@ async def errors_and_auth(request: web.Request, handler) -> web.StreamResponse:
     config = request.app[SERVER_CONFIG]
     try:
         if config.api_key is not None and request.path != "/health":
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+            if not authorized(request.headers.get("Authorization", ""), config.api_key):
                 raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer KEY'",
                                type="authentication_error", code="invalid_api_key")
         return await handler(request)
@@ -83,19 +82,62 @@ async def errors_and_auth(request: web.Request, handler) -> web.StreamResponse:
                                        type="internal_server_error"))
 
 
+def authorized(header: str, api_key: str) -> bool:
+    """`Bearer KEY`, the scheme in any case (RFC 9110: schemes are case-insensitive)."""
+    scheme, _, given = header.strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(errors="replace"),
+                                                              api_key.encode())
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
     limit = request.app[SERVER_CONFIG].max_request_bytes
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
     raw = await request.read()  # aiohttp enforces client_max_size when there is no length
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    body = parse_json(raw)
     if not isinstance(body, dict):
         raise APIError(400, f"request body must be a JSON object, got {type(body).__name__}",
                        code="invalid_json")
     return body
+
+
+def parse_json(raw: bytes) -> Any:
+    """Strict JSON, or a 400 that says why: not NaN or Infinity (not JSON), not an integer of
+    more than 4300 digits (Python's limit), not nested deeper than the parser's recursion, not a
+    lone UTF-16 surrogate ("\\ud800": no tokenizer takes it) in any string."""
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON value")
+    try:
+        body = json.loads(raw, parse_constant=no_constant)
+    except RecursionError:
+        raise APIError(400, "request body is not valid JSON: it is nested too deeply",
+                       code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, too many digits, NaN
+        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    if b"\\ud" in raw.lower():  # only a \u escape can make a surrogate: skip the walk otherwise
+        try:
+            _reject_surrogates(body, "")
+        except RecursionError:
+            raise APIError(400, "request body is nested too deeply", code="invalid_json") from None
+    return body
+
+
+def _reject_surrogates(value: Any, where: str) -> None:
+    """400 naming the field (`messages[0].content`) of the first string with a lone surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, f"'{where}' holds a lone UTF-16 surrogate (\\ud800-\\udfff), "
+                                f"which is not a character", param=where or None,
+                           code="invalid_value") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _reject_surrogates(key, where)
+            _reject_surrogates(item, f"{where}.{key}" if where else key)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _reject_surrogates(item, f"{where}[{i}]")
 
 
 def with_json(handler: Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]):
