@@ -112,7 +112,12 @@ class ServerConfig:
     max_request_bytes: int = 1 << 20  # larger request bodies get 413
     log_stats_interval: float = 5.0  # seconds between throughput / KV usage log lines; 0: off
     api_server_count: int = 1  # HTTP server processes in front of the one engine core
-    shutdown_timeout_s: float = 30.0  # how long SIGTERM waits for streams to end before closing them
+    # How long SIGTERM takes at most, whatever the clients do: streams get a quarter of it to end
+    # before they are cancelled, the engine core the last half to stop before it is killed.
+    shutdown_timeout_s: float = 30.0
+    # Generated tokens a stream may have waiting for its client; past that the client is taken
+    # to have stopped reading: its request is aborted (KV blocks freed) and its connection closed.
+    stream_buffer_tokens: int = 4096
     # If the engine core dies: fail every request in flight, answer /health with 503, and exit
     # non-zero within a few seconds so that a supervisor restarts the server (false: stay up).
     exit_on_engine_death: bool = True
@@ -228,6 +233,7 @@ class EngineConfig:
         check("log_stats_interval", srv.log_stats_interval, srv.log_stats_interval >= 0, ">= 0")
         check("api_server_count", srv.api_server_count, 1 <= srv.api_server_count <= 64, "in [1, 64]")
         check("shutdown_timeout_s", srv.shutdown_timeout_s, srv.shutdown_timeout_s > 0, "> 0")
+        check("stream_buffer_tokens", srv.stream_buffer_tokens, srv.stream_buffer_tokens >= 1, ">= 1")
         check("tool_call_parser", srv.tool_call_parser, srv.tool_call_parser in TOOL_CALL_PARSERS,
               f"one of {TOOL_CALL_PARSERS}")
         if srv.api_key is not None:

@@ -30,7 +30,7 @@ from aiohttp import web
 
 from zllm.config import EngineConfig, ServerConfig
 from zllm.entrypoints import openai_endpoints as openai
-from zllm.entrypoints.openai_endpoints import LLM, MODEL_NAME, TOOL_PARSER
+from zllm.entrypoints.openai_endpoints import LLM, MODEL_NAME, STREAM_BUFFER_TOKENS, TOOL_PARSER
 from zllm.entrypoints.openai_protocol import APIError
 from zllm.errors import EngineDeadError
 from zllm.frontend.async_llm import AsyncLLM
@@ -179,6 +179,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str,
     app = web.Application(middlewares=[errors_and_auth], client_max_size=config.max_request_bytes)
     app[LLM], app[SERVER_CONFIG], app[MODEL_NAME] = llm, config, model_name
     app[TOOL_PARSER] = config.tool_call_parser
+    app[STREAM_BUFFER_TOKENS] = config.stream_buffer_tokens
     if index is not None:  # say which of several API servers answered (debugging, tests)
         async def name_server(request: web.Request, response: web.StreamResponse) -> None:
             response.headers["X-Zllm-Api-Server"] = str(index)
@@ -210,6 +211,16 @@ async def log_stats(llm: AsyncLLM, interval: float) -> None:
         last, last_time = snap, now
 
 
+async def close_http(runner: web.AppRunner, timeout: float) -> None:
+    """Stop listening, let streams end, then cancel those still running (a client that stopped
+    reading holds its handler in a write): all within `timeout` seconds, whatever the handlers
+    do (aiohttp waits its shutdown_timeout for them to end, and as long again once cancelled)."""
+    try:
+        await asyncio.wait_for(runner.cleanup(), timeout)
+    except asyncio.TimeoutError:
+        logger.warning("HTTP connections still open after %.1f s; exiting anyway", timeout)
+
+
 def served_model_name(config: EngineConfig) -> str:
     return config.server.served_model_name or config.model.model
 
@@ -222,7 +233,10 @@ async def run_api_server(llm: AsyncLLM, config: EngineConfig, started: float, en
     model_name = served_model_name(config)
     llm.start()
     app = build_app(llm, server, model_name, index)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # SIGTERM: streams get a quarter of shutdown_timeout_s to end, then aiohttp cancels them
+    # (and waits as long again at most); the engine core gets the other half.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=server.shutdown_timeout_s / 4)
     stop, exit_code = asyncio.Event(), [0]
     loop = asyncio.get_running_loop()
 
@@ -253,8 +267,9 @@ async def run_api_server(llm: AsyncLLM, config: EngineConfig, started: float, en
     finally:
         if stats is not None:
             stats.cancel()
-        await runner.cleanup()
-        llm.shutdown()
+        deadline = loop.time() + server.shutdown_timeout_s
+        await close_http(runner, server.shutdown_timeout_s / 2)
+        llm.shutdown(timeout=max(1.0, deadline - loop.time()))
     return exit_code[0]
 
 
