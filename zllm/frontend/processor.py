@@ -119,7 +119,7 @@ class Processor:
             seed = None if params.seed is None else sample_seed(params.seed, i)
             child = dataclasses.replace(params, n=1, seed=seed, stop=[], max_tokens=max_tokens)
             requests.append(EngineCoreRequest(core_id, ids, child, self.eos_token_ids, arrival,
-                                              priority))
+                                              priority, sample_index=i))
         return requests
 
 
