@@ -255,3 +255,20 @@ def test_special_tokens_typed_in_chat_text_stay_plain_text(hostile_server):
         assert status == 200 and body["tokens"].count(eot[0]) == 1, body  # the template's own
     status, body = hostile_server.post_json(H, _chat(messages=typed, ignore_eos=True))
     assert status == 200 and body["usage"]["completion_tokens"] == 2, body
+
+
+def test_streams_with_stop_strings_equal_the_full_text(hostile_server):
+    """Stop strings cut out of the greedy text at several places (mostly across token
+    boundaries): the streamed deltas add up to the non-streamed text, which ends before it."""
+    body = _cmpl(max_tokens=24)
+    text = hostile_server.post_json(C, body)[1]["choices"][0]["text"]
+    stops = {text[i:i + k] for k in (2, 3) for i in range(1, len(text) - k, 5)} - {""}
+    assert len(stops) >= 4, text
+    for stop in sorted(stops):
+        full = hostile_server.post_json(C, {**body, "stop": [stop]})[1]["choices"][0]["text"]
+        assert full == text[:text.find(stop)]
+        status, raw = hostile_server.request("POST", C, json.dumps({**body, "stop": [stop],
+                                                                    "stream": True}).encode())
+        events = [json.loads(line[6:]) for line in raw.decode().split("\n")
+                  if line.startswith("data: {")]
+        assert status == 200 and "".join(e["choices"][0]["text"] for e in events) == full, stop
