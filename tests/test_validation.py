@@ -52,11 +52,58 @@ def test_generate_validates_every_prompt_before_queueing_any(llm):
     (dict(max_tokens=0), "max_tokens = 0 is out of range: must be >= 1"),
     (dict(logprobs=21), "logprobs = 21 is out of range: must be in [0, 20]"),
     (dict(min_tokens=20, max_tokens=10), "min_tokens = 20"),
+    (dict(seed=2**63), "seed = 9223372036854775808 is out of range: must be a signed 64-bit"),
+    (dict(seed=-2**63 - 1), "seed = -9223372036854775809 is out of range"),
+    (dict(temperature=float("inf")), "temperature = inf is out of range: must be >= 0 and finite"),
+    (dict(top_p=float("nan")), "top_p = nan"),
+    (dict(stop=["x"] * 17), "stop = '17 strings' is out of range: must be at most 16 strings"),
+    (dict(stop=["x" * 257]), "must be non-empty strings of at most 256 characters"),
+    (dict(stop_token_ids=["2"]), "stop_token_ids = ['2'] is out of range"),
+    (dict(n=True), "n = True"),
 ])
 def test_bad_sampling_params_name_value_and_limit(kwargs, message):
     with pytest.raises(ValueError) as err:
         SamplingParams(**kwargs)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n=129), "n = 129 is larger than max_n = 128 samples per request"),
+    (dict(top_k=385), "top_k = 385 is larger than the vocabulary (384 tokens)"),
+    (dict(max_tokens=2**64), "max_tokens = 18446744073709551616 must be less than this model's "
+                             "maximum context length, 64 tokens"),
+    (dict(max_tokens=None, min_tokens=2**64), "min_tokens = 18446744073709551616 must be less"),
+    (dict(stop_token_ids=[2**64]), "stop token id 18446744073709551616 is outside the vocabulary"),
+    (dict(logit_bias={2**64: 1.0}), "logit_bias token id 18446744073709551616 is outside"),
+])
+def test_limits_of_the_model_and_config_are_checked_before_queueing(llm, kwargs, message):
+    with pytest.raises(ValueError) as err:
+        llm.generate(["Hello"], SamplingParams(**kwargs), use_tqdm=False)
+    assert message in str(err.value)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_every_number_validation_lets_through_survives_the_wire(llm):
+    """The largest accepted values travel to the engine core and the workers as msgpack: the
+    last sample's seed wraps around instead of leaving the signed 64-bit range."""
+    params = SamplingParams(n=2, seed=2**63 - 1, top_k=384, max_tokens=3, ignore_eos=True,
+                            logprobs=20, stop_token_ids=[383], logit_bias={383: -100.0})
+    (out,) = llm.generate(["Hello"], params, use_tqdm=False)
+    assert [len(o.token_ids) for o in out.outputs] == [3, 3]
+    low = llm.generate(["Hello"], SamplingParams(seed=-2**63, max_tokens=2), use_tqdm=False)
+    assert len(low[0].outputs[0].token_ids) >= 1
+    with pytest.raises(ValueError, match="priority = 9223372036854775808 must be a signed 64-bit"):
+        llm.engine.add_request("p", "Hello", SamplingParams(), priority=2**63)
+
+
+def test_max_n_is_a_config_key(gqa_model):
+    with LLM(gqa_model, device="cpu", max_model_len=64, max_n=2, num_kv_blocks=16) as small:
+        with pytest.raises(ValueError, match="n = 3 is larger than max_n = 2"):
+            small.generate(["Hello"], SamplingParams(n=3), use_tqdm=False)
+        assert len(small.generate(["Hello"], SamplingParams(n=2, max_tokens=2),
+                                  use_tqdm=False)[0].outputs) == 2
+    with pytest.raises(ValueError, match="'max_n' = 0 is not allowed: must be >= 1"):
+        EngineConfig.from_dict({"max_n": 0})
 
 
 def test_unknown_yaml_key_is_rejected(tmp_path):

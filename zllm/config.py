@@ -55,6 +55,7 @@ class SchedulerConfig:
 
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
+    max_n: int = 128  # samples one request may ask for (its n), as vLLM's default cap
     enable_chunked_prefill: bool = True  # off: a prompt must fit in one step's budget
     long_prefill_token_threshold: int = 0  # > 0: at most this many prompt tokens per request per step
     policy: str = "fcfs"  # fcfs | priority (lower `priority` first)
@@ -111,7 +112,12 @@ class ServerConfig:
     max_request_bytes: int = 1 << 20  # larger request bodies get 413
     log_stats_interval: float = 5.0  # seconds between throughput / KV usage log lines; 0: off
     api_server_count: int = 1  # HTTP server processes in front of the one engine core
-    shutdown_timeout_s: float = 30.0  # how long SIGTERM waits for streams to end before closing them
+    # How long SIGTERM takes at most, whatever the clients do: streams get a quarter of it to end
+    # before they are cancelled, the engine core the last half to stop before it is killed.
+    shutdown_timeout_s: float = 30.0
+    # Generated tokens a stream may have waiting for its client; past that the client is taken
+    # to have stopped reading: its request is aborted (KV blocks freed) and its connection closed.
+    stream_buffer_tokens: int = 4096
     # If the engine core dies: fail every request in flight, answer /health with 503, and exit
     # non-zero within a few seconds so that a supervisor restarts the server (false: stay up).
     exit_on_engine_death: bool = True
@@ -200,6 +206,7 @@ class EngineConfig:
         check("swap_space_gib", c.swap_space_gib, c.swap_space_gib >= 0, ">= 0")
         check("max_num_seqs", s.max_num_seqs, s.max_num_seqs >= 1, ">= 1")
         check("max_num_batched_tokens", s.max_num_batched_tokens, s.max_num_batched_tokens >= 1, ">= 1")
+        check("max_n", s.max_n, s.max_n >= 1, ">= 1")
         check("long_prefill_token_threshold", s.long_prefill_token_threshold,
               s.long_prefill_token_threshold >= 0, ">= 0 (0: no cap)")
         check("policy", s.policy, s.policy in ("fcfs", "priority"), "fcfs or priority")
@@ -226,6 +233,7 @@ class EngineConfig:
         check("log_stats_interval", srv.log_stats_interval, srv.log_stats_interval >= 0, ">= 0")
         check("api_server_count", srv.api_server_count, 1 <= srv.api_server_count <= 64, "in [1, 64]")
         check("shutdown_timeout_s", srv.shutdown_timeout_s, srv.shutdown_timeout_s > 0, "> 0")
+        check("stream_buffer_tokens", srv.stream_buffer_tokens, srv.stream_buffer_tokens >= 1, ">= 1")
         check("tool_call_parser", srv.tool_call_parser, srv.tool_call_parser in TOOL_CALL_PARSERS,
               f"one of {TOOL_CALL_PARSERS}")
         if srv.api_key is not None:

@@ -24,3 +24,8 @@ class RequestError(ValueError):
     def __init__(self, message: str, param: str, code: str = "invalid_value") -> None:
         super().__init__(message)
         self.param, self.code = param, code
+
+
+class SlowReaderError(RuntimeError):
+    """A streaming client fell further behind its request than the server buffers for it (it
+    stopped reading); the request was aborted and its KV blocks freed."""

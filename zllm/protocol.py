@@ -133,6 +133,7 @@ class EngineCoreRequest:
     eos_token_ids: Int32Array  # the model's end tokens: a stop unless sampling_params.ignore_eos
     arrival_time: float  # time.monotonic() in the frontend: TTFT counts from here
     priority: int = 0
+    sample_index: int = 0  # which of its request's n samples (the queue takes turns by it)
 
 
 @dataclass

@@ -100,3 +100,69 @@ def test_recompute_all_requeues_running_and_swapped_by_arrival_on_a_new_block_ma
     assert out.num_scheduled_by_id() == {"r0": 9, "r1": 9, "r2": 8}
     assert not out.preempted_req_ids and not len(out.blocks_to_swap_in)
     assert fresh.num_free_blocks == 16 - (3 + 3 + 2)
+
+
+def _sample(name: str, index: int, arrival: float, max_tokens: int = 4) -> Request:
+    return Request(f"{name}#{index}", [1, 2, 3], SamplingParams(max_tokens=max_tokens), [],
+                   arrival, sample_index=index)
+
+
+def _run_until_done(sched: Scheduler, reqs: list[Request], arrivals: dict[int, list[Request]],
+                    max_steps: int = 200) -> list[str]:
+    """Step the scheduler (adding `arrivals[step]` before each step) until every request has
+    finished; the request ids in the order they finished."""
+    finished = []
+    for step in range(max_steps):
+        for req in arrivals.get(step, []):
+            reqs.append(req)
+            sched.add_request(req)
+        if not sched.has_unfinished():
+            break
+        out = sched.schedule()
+        done = []
+        for req in reqs:
+            if req.req_id in out.scheduled_req_ids and req.num_pending_tokens:
+                if req.append_output_token(7, max_model_len=10**6) is not None:
+                    done.append(req)
+        sched.finish_requests(done, RequestStatus.FINISHED_LENGTH)
+        finished += [r.req_id for r in done]
+    return finished
+
+
+def test_a_large_n_request_takes_turns_with_later_requests():
+    """Four seats, a request of 16 samples, then a one-sample request: the later one runs in
+    the first step (FCFS by arrival alone would put it behind all 16 samples, 16 steps later),
+    and a stream of later single requests does not starve the big one's samples either."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=100),
+                      BlockManager(num_blocks=200, block_size=4, watermark=0.0))
+    big = [_sample("big", i, 0.0) for i in range(16)]
+    arrivals = {0: [*big, _sample("small", 0, 1.0, max_tokens=1)]}
+    # Then one more single request per step, for as long as the big one runs.
+    arrivals.update({step: [_sample(f"late{step}", 0, 1.0 + step)] for step in range(1, 40)})
+    order = _run_until_done(sched, [], arrivals)
+    assert order.index("small#0") == 0  # done after its first step, before any of big's
+    big_done = [order.index(f"big#{i}") for i in range(16)]
+    assert big_done == sorted(big_done)  # the samples in their own order
+    # big finishes while late requests still arrive, not after all of them.
+    assert max(big_done) < order.index("late39#0")
+
+
+def test_the_frontend_sends_sample_indexes_and_a_small_request_overtakes_large_n(gqa_model):
+    """Through LLMEngine and the engine core process: with 4 seats, a one-token request added
+    after a 16-sample request ends before any of the 16 samples does."""
+    from zllm import LLM
+
+    with LLM(gqa_model, device="cpu", max_num_seqs=4, num_kv_blocks=64) as llm:
+        engine = llm.engine
+        engine.add_request("big", "Hello", SamplingParams(n=16, max_tokens=6, ignore_eos=True,
+                                                          seed=1), stream=True)
+        engine.add_request("small", "Hi", SamplingParams(max_tokens=1, ignore_eos=True))
+        big_finished_before_small, small_done = 0, False
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.request_id == "small":
+                    small_done = True
+                elif not small_done:
+                    big_finished_before_small += sum(o.finish_reason is not None
+                                                     for o in out.outputs)
+        assert small_done and big_finished_before_small == 0

@@ -28,9 +28,10 @@ class Server:
     log_path: str
 
     def request(self, method: str, path: str, body: Optional[bytes] = None,
-                api_key: Optional[str] = API_KEY) -> tuple[int, bytes]:
+                api_key: Optional[str] = API_KEY,
+                headers: Optional[dict[str, str]] = None) -> tuple[int, bytes]:
         """(status, body) of a raw HTTP request; never raises for HTTP errors."""
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", **(headers or {})}
         if api_key is not None:
             headers["Authorization"] = f"Bearer {api_key}"
         req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)

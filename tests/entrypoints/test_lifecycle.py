@@ -80,15 +80,17 @@ def test_killing_the_engine_core_fails_requests_and_the_server_exits_nonzero(gqa
         assert stream.status == 200 and stream.readline().startswith(b"data: ")
         wait_until(lambda: server.metrics()["zllm_num_requests_running"] == 2, 30, "both requests")
         os.kill(core_pid, signal.SIGKILL)
-        health = set()
+        health, metrics = set(), set()
         while running.proc.poll() is None:
             try:
                 health.add(server.request("GET", "/health", api_key=None)[0])
+                metrics.add(server.request("GET", "/metrics")[0])
             except OSError:
                 pass
             wait_until(lambda: True, 0.05, "")
         assert running.proc.returncode != 0
         assert 503 in health
+        assert metrics <= {503}, metrics  # no stale gauge of the dead core's running requests
         events = [line for line in stream.read().split(b"\n") if line.startswith(b"data: ")]
         assert b'"error"' in events[-2] and events[-1] == b"data: [DONE]"
         plain.join(30)

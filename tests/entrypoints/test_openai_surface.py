@@ -48,8 +48,12 @@ def test_context_overflow_gets_vllms_400_and_no_max_tokens_uses_the_rest(openai_
     messages = [{"role": "user", "content": "Hello " * 200}]
     with pytest.raises(openai.BadRequestError) as err:
         openai_client.chat.completions.create(model=MODEL_NAME, messages=messages,
-                                              max_tokens=MAX_MODEL_LEN)
+                                              max_tokens=MAX_MODEL_LEN - 100)
     assert err.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as err:  # too long whatever the prompt
+        openai_client.chat.completions.create(model=MODEL_NAME, messages=messages,
+                                              max_tokens=MAX_MODEL_LEN)
+    assert err.value.body["param"] == "max_tokens"
     count = _tokenize(openai_client, messages=messages)["count"]
     out = openai_client.chat.completions.create(model=MODEL_NAME, messages=messages, **GREEDY)
     assert out.usage.prompt_tokens == count

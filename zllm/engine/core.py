@@ -152,7 +152,7 @@ class EngineCore:
         if not params.ignore_eos:
             stop_ids += [t for t in request.eos_token_ids.tolist() if t not in stop_ids]
         req = Request(req_id, prompt.tolist(), params, stop_ids, request.arrival_time,
-                      priority=request.priority)
+                      priority=request.priority, sample_index=request.sample_index)
         self.requests[req_id] = req
         self.scheduler.add_request(req)
 

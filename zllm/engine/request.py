@@ -36,7 +36,8 @@ class Request:
     """
 
     def __init__(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 stop_token_ids: list[int], arrival: float, priority: int = 0) -> None:
+                 stop_token_ids: list[int], arrival: float, priority: int = 0,
+                 sample_index: int = 0) -> None:
         self.req_id = req_id
         self.prompt_token_ids = prompt_token_ids
         self.output_token_ids: list[int] = []
@@ -48,6 +49,8 @@ class Request:
         self.arrival = arrival
         self.waiting_since = arrival  # arrival, or the last preemption (starvation counts from it)
         self.priority = priority
+        self.sample_index = sample_index  # which of its request's n samples this is
+        self.turn = sample_index  # its place in the queue's rounds (the scheduler sets it)
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_pending_tokens = 0

@@ -1,6 +1,9 @@
 """Queue policy: in which order the scheduler serves requests, and whom it preempts first.
 
-"fcfs" orders by arrival. "priority" orders by (priority, arrival), lower values first; a request
+"fcfs" orders by turn, then arrival: a request's sample i takes its turn after i more admissions
+(the scheduler sets `turn`), so a request with a large `n` shares the queue with later ones
+instead of going first with all of its samples; for single samples this is arrival order.
+"priority" orders by (priority, turn, arrival), lower values first; a request
 that has been *waiting* (since it arrived, or since it was last preempted) for longer than
 `starvation_timeout_s` is served as if it had the best priority, so low priorities are delayed,
 never starved. Time spent running does not count: a long-running low-priority request keeps its
@@ -29,10 +32,10 @@ class RequestQueue:
 
     def key(self, req: Request, now: float) -> tuple:
         if not self.by_priority:
-            return (0, req.arrival)
+            return (0, req.turn, req.arrival)
         if self.waiting and now - req.waiting_since > self.starvation_timeout_s:
-            return (_STARVING, req.arrival)
-        return (req.priority, req.arrival)
+            return (_STARVING, 0, req.arrival)
+        return (req.priority, req.turn, req.arrival)
 
     def add(self, req: Request, now: float) -> None:
         """Insert at the place the order gives it (after equals: a stable order)."""

@@ -82,9 +82,14 @@ class Scheduler:
         self._finished_req_ids: list[str] = []  # finished or aborted
         self._preempted_req_ids: list[str] = []
         self.num_preemptions = 0
+        self.num_admitted = 0  # requests admitted for the first time: the clock of turns
         self.last_stats = StepStats()
 
     def add_request(self, req: Request) -> None:
+        # Samples take turns with other requests: sample i of a request arriving after k
+        # admissions queues as if it came after k + i of them, so a request with a large n
+        # cannot hold every later request back until all of its samples have run.
+        req.turn = self.num_admitted + req.sample_index
         self.waiting.add(req, time.monotonic())
 
     def has_unfinished(self) -> bool:
@@ -166,6 +171,8 @@ class Scheduler:
             if not bm.can_admit(req, prefix, num_new):
                 break
             self.waiting.pop(0)
+            if not req.num_preemptions:
+                self.num_admitted += 1
             bm.admit(req, prefix)
             step.stats.num_cache_hit_tokens += req.num_computed_tokens
             if not req.num_preemptions:  # what usage reports as the prompt's cached tokens

@@ -24,7 +24,7 @@ from zllm.entrypoints.openai_protocol import APIError, GenerateRequest, bad_requ
 from zllm.entrypoints.openai_responses import Choices, usage
 from zllm.entrypoints.tool_calls import pick_parser, prompt_messages
 from zllm.entrypoints.tool_parsers import NamedToolParser, ToolCallParser
-from zllm.errors import EngineDeadError, RequestError
+from zllm.errors import EngineDeadError, RequestError, SlowReaderError
 from zllm.frontend.async_llm import AsyncLLM
 from zllm.frontend.chat_template import render_chat
 from zllm.outputs import RequestOutput
@@ -32,6 +32,7 @@ from zllm.outputs import RequestOutput
 LLM = web.AppKey("llm", AsyncLLM)
 MODEL_NAME = web.AppKey("model_name", str)
 TOOL_PARSER = web.AppKey("tool_call_parser", str)  # the server's setting: auto, hermes, ...
+STREAM_BUFFER_TOKENS = web.AppKey("stream_buffer_tokens", int)  # the server's setting
 
 Checked = tuple[Optional[str], list[int]]  # a prompt's text (or None) and token ids
 
@@ -97,8 +98,8 @@ async def _checked(llm: AsyncLLM, prompt, parsed: GenerateRequest, prompt_param:
     try:
         return await llm.check_request(prompt, parsed.params)
     except RequestError as e:
-        param = {"prompt": prompt_param, "structured_outputs": parsed.constraint_param}.get(
-            e.param, e.param)
+        param = {"prompt": prompt_param, "structured_outputs": parsed.constraint_param,
+                 "max_tokens": parsed.max_tokens_param}.get(e.param, e.param)
         raise bad_request(str(e), param, e.code) from None
 
 
@@ -118,7 +119,9 @@ async def generate(request: web.Request, parsed: GenerateRequest, prompts: list[
                        parser=parser, token_ids=parsed.return_token_ids)
                for k, (text, ids) in enumerate(prompts)]
     ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{k}" for k in range(len(prompts))]
-    streams = [llm.generate(rid, text, parsed.params, stream=parsed.stream, prompt_ids=prompt_ids)
+    limit = request.app[STREAM_BUFFER_TOKENS] if parsed.stream else None
+    streams = [llm.generate(rid, text, parsed.params, stream=parsed.stream, prompt_ids=prompt_ids,
+                            max_pending_tokens=limit, on_slow_reader=_closer(request))
                for rid, (text, prompt_ids) in zip(ids, prompts)]
     if not parsed.stream:
         try:
@@ -130,6 +133,15 @@ async def generate(request: web.Request, parsed: GenerateRequest, prompts: list[
     if chat:
         head["object"] = "chat.completion.chunk"
     return await _stream(request, head, choices, streams, parsed)
+
+
+def _closer(request: web.Request) -> Callable[[], None]:
+    """Close the client's connection: a writer stuck on its full socket then ends, and the
+    handler with it."""
+    def close() -> None:
+        if request.transport is not None:
+            request.transport.abort()
+    return close
 
 
 def _echo_text(llm: AsyncLLM, text: Optional[str], ids: list[int]) -> str:
@@ -177,6 +189,8 @@ async def _stream(request: web.Request, head: dict[str, Any], choices: list[Choi
             await send({**head, "choices": [], "usage": _usage(latest, choices)})
     except EngineDeadError as e:
         await send(APIError(500, str(e), type="internal_server_error").body())
+    except SlowReaderError:  # the request is aborted and the connection closed
+        return response
     await send("[DONE]")
     await response.write_eof()
     return response
@@ -190,16 +204,18 @@ async def _merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[
             async for out in streams[0]:
                 yield 0, out
         return
-    queue: asyncio.Queue = asyncio.Queue()
+    # Bounded: outputs wait in each request's collector (merged, and bounded there) while the
+    # consumer is slow, not here.
+    queue: asyncio.Queue = asyncio.Queue(maxsize=1)
 
     async def pump(k: int, outputs: AsyncIterator[RequestOutput]) -> None:
         try:
             async with contextlib.aclosing(outputs):
                 async for out in outputs:
-                    queue.put_nowait((k, out, None))
+                    await queue.put((k, out, None))
         except Exception as e:  # handed to the consumer
-            queue.put_nowait((k, None, e))
-        queue.put_nowait((k, None, None))
+            await queue.put((k, None, e))
+        await queue.put((k, None, None))
 
     tasks = [asyncio.create_task(pump(k, s)) for k, s in enumerate(streams)]
     try:

@@ -78,6 +78,7 @@ class GenerateRequest:
     include_usage: bool = False  # stream_options.include_usage: a last chunk with usage
     continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage in every chunk
     constraint_param: str = "structured_outputs"  # the field that set params.structured_outputs
+    max_tokens_param: str = "max_tokens"  # the field that set params.max_tokens
     # Completions.
     prompts: list[Prompt] = field(default_factory=list)
     echo: bool = False
@@ -92,7 +93,8 @@ class GenerateRequest:
 
 
 def _sampling_params(body: dict[str, Any], max_tokens: Optional[int], logprobs: Optional[int],
-                     logprobs_param: str) -> tuple[SamplingParams, str]:
+                     logprobs_param: str, max_tokens_param: str = "max_tokens",
+                     ) -> tuple[SamplingParams, str]:
     stop = json_field(body, "stop", "string|array|null")
     if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
         raise bad_request(f"'stop' must be a string or a list of strings, got {stop!r}", "stop",
@@ -128,9 +130,10 @@ def _sampling_params(body: dict[str, Any], max_tokens: Optional[int], logprobs: 
     except ValueError as e:
         # "SamplingParams.top_p = 2 is out of range ..." -> param "top_p"
         name = str(e).split(" ", 1)[0].removeprefix("SamplingParams.")
-        param = logprobs_param if name == "logprobs" else name if name in kwargs else None
-        raise bad_request(str(e).replace("SamplingParams.logprobs", logprobs_param), param,
-                          "out_of_range") from None
+        renamed = {"logprobs": logprobs_param, "max_tokens": max_tokens_param}
+        param = renamed.get(name, name) if name in kwargs else None
+        message = str(e).replace(f"SamplingParams.{name}", param or name)
+        raise bad_request(message, param, "out_of_range") from None
 
 
 def _logit_bias(body: dict[str, Any]) -> Optional[dict[int, float]]:
@@ -251,13 +254,17 @@ def parse_chat(body: dict[str, Any]) -> GenerateRequest:
                                                             required=True))]
     if not messages:
         raise bad_request("'messages' must not be empty", "messages")
-    max_tokens = json_field(body, "max_completion_tokens", "integer|null")
+    max_tokens_param = "max_completion_tokens"
+    max_tokens = json_field(body, max_tokens_param, "integer|null")
     if max_tokens is None:  # left out: the reply may use the rest of the context
-        max_tokens = json_field(body, "max_tokens", "integer|null")
+        max_tokens_param = "max_tokens"
+        max_tokens = json_field(body, max_tokens_param, "integer|null")
     want_logprobs = json_field(body, "logprobs", "boolean|null", False)
-    top = json_field(body, "top_logprobs", "integer|null", 0)
-    params, constraint_param = _sampling_params(body, max_tokens, top if want_logprobs else None,
-                                                "top_logprobs")
+    top = json_field(body, "top_logprobs", "integer|null")
+    if top is not None and not want_logprobs:
+        raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    params, constraint_param = _sampling_params(body, max_tokens, (top or 0) if want_logprobs
+                                                else None, "top_logprobs", max_tokens_param)
     tools = check_tools(body.get("tools"), body.get("tool_choice"),
                         body.get("parallel_tool_calls"), bad_request)
     if tools is not None and tools.constraint() is not None:
@@ -269,7 +276,7 @@ def parse_chat(body: dict[str, Any]) -> GenerateRequest:
     add_generation_prompt = json_field(body, "add_generation_prompt", "boolean|null", True)
     continue_final = json_field(body, "continue_final_message", "boolean|null", False)
     return GenerateRequest(model, params, stream, include_usage, continuous, constraint_param,
-                           messages=messages, tools=tools,
+                           max_tokens_param, messages=messages, tools=tools,
                            add_generation_prompt=add_generation_prompt and not continue_final,
                            continue_final_message=continue_final,
                            return_token_ids=_return_token_ids(body))

@@ -30,7 +30,7 @@ from aiohttp import web
 
 from zllm.config import EngineConfig, ServerConfig
 from zllm.entrypoints import openai_endpoints as openai
-from zllm.entrypoints.openai_endpoints import LLM, MODEL_NAME, TOOL_PARSER
+from zllm.entrypoints.openai_endpoints import LLM, MODEL_NAME, STREAM_BUFFER_TOKENS, TOOL_PARSER
 from zllm.entrypoints.openai_protocol import APIError
 from zllm.errors import EngineDeadError
 from zllm.frontend.async_llm import AsyncLLM
@@ -58,8 +58,7 @@ async def errors_and_auth(request: web.Request, handler) -> web.StreamResponse:
     config = request.app[SERVER_CONFIG]
     try:
         if config.api_key is not None and request.path != "/health":
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+            if not authorized(request.headers.get("Authorization", ""), config.api_key):
                 raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer KEY'",
                                type="authentication_error", code="invalid_api_key")
         return await handler(request)
@@ -83,19 +82,62 @@ async def errors_and_auth(request: web.Request, handler) -> web.StreamResponse:
                                        type="internal_server_error"))
 
 
+def authorized(header: str, api_key: str) -> bool:
+    """`Bearer KEY`, the scheme in any case (RFC 9110: schemes are case-insensitive)."""
+    scheme, _, given = header.strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(errors="replace"),
+                                                              api_key.encode())
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
     limit = request.app[SERVER_CONFIG].max_request_bytes
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
     raw = await request.read()  # aiohttp enforces client_max_size when there is no length
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    body = parse_json(raw)
     if not isinstance(body, dict):
         raise APIError(400, f"request body must be a JSON object, got {type(body).__name__}",
                        code="invalid_json")
     return body
+
+
+def parse_json(raw: bytes) -> Any:
+    """Strict JSON, or a 400 that says why: not NaN or Infinity (not JSON), not an integer of
+    more than 4300 digits (Python's limit), not nested deeper than the parser's recursion, not a
+    lone UTF-16 surrogate ("\\ud800": no tokenizer takes it) in any string."""
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON value")
+    try:
+        body = json.loads(raw, parse_constant=no_constant)
+    except RecursionError:
+        raise APIError(400, "request body is not valid JSON: it is nested too deeply",
+                       code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, too many digits, NaN
+        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    if b"\\ud" in raw.lower():  # only a \u escape can make a surrogate: skip the walk otherwise
+        try:
+            _reject_surrogates(body, "")
+        except RecursionError:
+            raise APIError(400, "request body is nested too deeply", code="invalid_json") from None
+    return body
+
+
+def _reject_surrogates(value: Any, where: str) -> None:
+    """400 naming the field (`messages[0].content`) of the first string with a lone surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, f"'{where}' holds a lone UTF-16 surrogate (\\ud800-\\udfff), "
+                                f"which is not a character", param=where or None,
+                           code="invalid_value") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _reject_surrogates(key, where)
+            _reject_surrogates(item, f"{where}.{key}" if where else key)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _reject_surrogates(item, f"{where}[{i}]")
 
 
 def with_json(handler: Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]):
@@ -139,6 +181,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str,
     app = web.Application(middlewares=[errors_and_auth], client_max_size=config.max_request_bytes)
     app[LLM], app[SERVER_CONFIG], app[MODEL_NAME] = llm, config, model_name
     app[TOOL_PARSER] = config.tool_call_parser
+    app[STREAM_BUFFER_TOKENS] = config.stream_buffer_tokens
     if index is not None:  # say which of several API servers answered (debugging, tests)
         async def name_server(request: web.Request, response: web.StreamResponse) -> None:
             response.headers["X-Zllm-Api-Server"] = str(index)
@@ -170,6 +213,16 @@ async def log_stats(llm: AsyncLLM, interval: float) -> None:
         last, last_time = snap, now
 
 
+async def close_http(runner: web.AppRunner, timeout: float) -> None:
+    """Stop listening, let streams end, then cancel those still running (a client that stopped
+    reading holds its handler in a write): all within `timeout` seconds, whatever the handlers
+    do (aiohttp waits its shutdown_timeout for them to end, and as long again once cancelled)."""
+    try:
+        await asyncio.wait_for(runner.cleanup(), timeout)
+    except asyncio.TimeoutError:
+        logger.warning("HTTP connections still open after %.1f s; exiting anyway", timeout)
+
+
 def served_model_name(config: EngineConfig) -> str:
     return config.server.served_model_name or config.model.model
 
@@ -182,7 +235,10 @@ async def run_api_server(llm: AsyncLLM, config: EngineConfig, started: float, en
     model_name = served_model_name(config)
     llm.start()
     app = build_app(llm, server, model_name, index)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # SIGTERM: streams get a quarter of shutdown_timeout_s to end, then aiohttp cancels them
+    # (and waits as long again at most); the engine core gets the other half.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=server.shutdown_timeout_s / 4)
     stop, exit_code = asyncio.Event(), [0]
     loop = asyncio.get_running_loop()
 
@@ -213,8 +269,9 @@ async def run_api_server(llm: AsyncLLM, config: EngineConfig, started: float, en
     finally:
         if stats is not None:
             stats.cancel()
-        await runner.cleanup()
-        llm.shutdown()
+        deadline = loop.time() + server.shutdown_timeout_s
+        await close_http(runner, server.shutdown_timeout_s / 2)
+        llm.shutdown(timeout=max(1.0, deadline - loop.time()))
     return exit_code[0]
 
 

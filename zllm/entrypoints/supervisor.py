@@ -70,15 +70,18 @@ def serve_multiprocess(config: EngineConfig) -> int:
                          exited[0].pid, exited[0].returncode)
             break
         time.sleep(_POLL_S)
+    # Within shutdown_timeout_s in all: each API server closes its streams within half of it
+    # (zllm.entrypoints.server), and the engine core gets what is left.
+    deadline = time.monotonic() + server.shutdown_timeout_s
     for child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
     for child in children:
         try:
-            child.wait(timeout=server.shutdown_timeout_s)
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
     holder.close()
-    core.stop()
+    core.stop(timeout=max(1.0, deadline - time.monotonic()))
     return code

@@ -7,7 +7,9 @@
 Tokenization, chat templates, detokenization and stop strings run here, in the API server's
 process; the engine core sees token ids only. Outputs reach each request through a collector
 that merges deltas, so a consumer that falls behind gets one larger delta, never a growing
-queue. Leaving the `async for` early (a client that disconnects, a cancelled task) aborts the
+queue; a consumer that falls further behind than `max_pending_tokens` (a client that stopped
+reading) has its request aborted, its KV blocks freed and SlowReaderError raised. Leaving the
+`async for` early (a client that disconnects, a cancelled task) aborts the
 request in the core and frees its KV blocks. If the core dies, every request in flight and every
 later call raises EngineDeadError.
 """
@@ -20,7 +22,7 @@ import logging
 from typing import Any, AsyncIterator, Callable, Optional
 
 from zllm.config import EngineConfig
-from zllm.errors import EngineDeadError
+from zllm.errors import EngineDeadError, SlowReaderError
 from zllm.frontend.core_client import AsyncMPClient, CoreHandle, start_engine_core
 from zllm.frontend.llm_engine import resolve_model
 from zllm.frontend.output_processor import OutputProcessor
@@ -44,20 +46,26 @@ def merge_deltas(old: RequestOutput, new: RequestOutput) -> RequestOutput:
 
 
 class _Collector:
-    """The outputs of one request waiting for its consumer: at most one (merged) output."""
+    """The outputs of one request waiting for its consumer: at most one (merged) output, of at
+    most `max_pending_tokens` tokens (None: no bound)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_pending_tokens: Optional[int] = None) -> None:
         self.output: Optional[RequestOutput] = None
         self.error: Optional[BaseException] = None
         self.ready = asyncio.Event()
+        self.max_pending_tokens = max_pending_tokens
 
-    def put(self, output: RequestOutput) -> None:
+    def put(self, output: RequestOutput) -> bool:
+        """Hold `output` for the consumer; False if that makes more tokens wait than allowed."""
         pending = self.output
         self.output = merge_deltas(pending, output) if pending is not None and output.delta else output
         self.ready.set()
+        limit = self.max_pending_tokens
+        return limit is None or sum(len(c.token_ids) for c in self.output.outputs) <= limit
 
     def fail(self, error: BaseException) -> None:
-        self.error = error
+        """End the consumer's iteration with `error` (what is pending is dropped)."""
+        self.output, self.error = None, error
         self.ready.set()
 
     async def get(self) -> RequestOutput:
@@ -80,10 +88,12 @@ class AsyncLLM:
         self.owns_core = core is None
         self.core = core or start_engine_core(config, in_thread=not config.parallel.engine_process)
         self.max_model_len: int = self.core.ready["max_model_len"]
-        self.processor = Processor(self.tokenizer, self.arch, self.max_model_len)
+        self.processor = Processor(self.tokenizer, self.arch, self.max_model_len,
+                                   config.scheduler.max_n)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.client: Optional[AsyncMPClient] = None
         self.collectors: dict[str, _Collector] = {}
+        self.slow_reader_callbacks: dict[str, Optional[Callable[[], None]]] = {}
         self.error: Optional[str] = None
         self.on_dead: list[Callable[[str], None]] = []  # called once if the engine core dies
 
@@ -120,10 +130,15 @@ class AsyncLLM:
 
     async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams,
                        stream: bool = False, priority: int = 0,
-                       prompt_ids: Optional[list[int]] = None) -> AsyncIterator[RequestOutput]:
-        """Add a request and yield its outputs; raises ValueError (bad request) or EngineDeadError.
-        Given `prompt_ids`, the request has passed `check_request` (`prompt` is its text or
-        None) and is queued as it is."""
+                       prompt_ids: Optional[list[int]] = None,
+                       max_pending_tokens: Optional[int] = None,
+                       on_slow_reader: Optional[Callable[[], None]] = None,
+                       ) -> AsyncIterator[RequestOutput]:
+        """Add a request and yield its outputs; raises ValueError (bad request), EngineDeadError
+        or SlowReaderError. Given `prompt_ids`, the request has passed `check_request` (`prompt`
+        is its text or None) and is queued as it is. When more than `max_pending_tokens` tokens
+        wait for the consumer, the request is aborted at once and `on_slow_reader` is called
+        (the server closes the connection, whose writer may be stuck on a full socket)."""
         if self.error is not None:
             raise EngineDeadError(self.error)
         if prompt_ids is None:
@@ -133,7 +148,8 @@ class AsyncLLM:
         if request_id in self.collectors:
             raise ValueError(f"request id {request_id!r} is already in use")
         requests = self.processor.make_requests(request_id, prompt_ids, params, priority)
-        collector = self.collectors[request_id] = _Collector()
+        collector = self.collectors[request_id] = _Collector(max_pending_tokens)
+        self.slow_reader_callbacks[request_id] = on_slow_reader
         self.output_processor.add_request(request_id, text, prompt_ids, params,
                                           [r.request_id for r in requests], stream)
         finished = False
@@ -146,6 +162,7 @@ class AsyncLLM:
                 yield output
         finally:
             self.collectors.pop(request_id, None)
+            self.slow_reader_callbacks.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
 
@@ -167,8 +184,20 @@ class AsyncLLM:
             self.client.send(EngineCoreAbort(stopped))
         for output in results:
             collector = self.collectors.get(output.request_id)
-            if collector is not None:
-                collector.put(output)
+            if collector is not None and not collector.put(output):
+                self._drop_slow_reader(output.request_id, collector)
+
+    def _drop_slow_reader(self, request_id: str, collector: _Collector) -> None:
+        """A consumer that stopped reading: abort its request (freeing its KV blocks) rather
+        than buffer a whole generation for it."""
+        logger.warning("request %s: more than %d tokens wait for a client that does not read; "
+                       "aborting it", request_id, collector.max_pending_tokens)
+        self.abort(request_id)
+        collector.fail(SlowReaderError(
+            f"the client fell more than {collector.max_pending_tokens} tokens behind"))
+        callback = self.slow_reader_callbacks.get(request_id)
+        if callback is not None:
+            callback()
 
     def _on_dead(self, message: str) -> None:
         logger.error("%s", message)
@@ -179,8 +208,12 @@ class AsyncLLM:
         for callback in self.on_dead:
             callback(message)
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: Optional[float] = None) -> None:
+        """Disconnect, and stop the core if this object started it (killing it after
+        `timeout` seconds; default: core_client's SHUTDOWN_TIMEOUT_S)."""
+        # Handlers still ending (cancelled streams) abort nothing on a closed socket.
+        self.error = self.error or "the server is shutting down"
         if self.client is not None:
             self.client.close()
         if self.owns_core:
-            self.core.stop()
+            self.core.stop() if timeout is None else self.core.stop(timeout)

@@ -16,7 +16,7 @@ import numpy as np
 from zllm.architecture import ModelArchitecture
 from zllm.errors import RequestError
 from zllm.protocol import EngineCoreRequest
-from zllm.sampling_params import SamplingParams
+from zllm.sampling_params import MAX_SEED, MIN_SEED, SamplingParams
 from zllm.structured_outputs import build_grammar
 
 Prompt = Union[str, list[int]]
@@ -28,16 +28,19 @@ def sample_request_ids(request_id: str, n: int) -> list[str]:
 
 
 class Processor:
-    def __init__(self, tokenizer, arch: ModelArchitecture, max_model_len: int) -> None:
+    def __init__(self, tokenizer, arch: ModelArchitecture, max_model_len: int,
+                 max_n: int = 128) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = arch.vocab_size
         self.max_model_len = max_model_len
+        self.max_n = max_n
         eos = arch.eos_token_ids or [tokenizer.eos_token_id]
         self.eos_token_ids = np.asarray([t for t in eos if t is not None], dtype=np.int32)
 
     def tokenize(self, prompt: Prompt) -> tuple[Optional[str], list[int]]:
         """(text or None, token ids) of a prompt given as text or as token ids."""
         if isinstance(prompt, str):
+            check_text(prompt, "prompt")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)):
             return None, list(prompt)
@@ -53,22 +56,37 @@ class Processor:
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         if not prompt_ids:
             raise RequestError("prompt is empty: give at least one token", "prompt")
+        self.check_limits(params)
         self.check_context(len(prompt_ids), params.max_tokens)
         vocab = self.vocab_size
         for pos, t in enumerate(prompt_ids):
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-                raise RequestError(f"prompt token id {t!r} at position {pos} is outside the "
+                raise RequestError(f"prompt token id {t!r:.60} at position {pos} is outside the "
                                    f"vocabulary [0, {vocab})", "prompt")
         for name, what, ids in (("stop_token_ids", "stop token id", params.stop_token_ids),
                                 ("logit_bias", "logit_bias token id", params.logit_bias or ())):
             for t in ids:
                 if not 0 <= t < vocab:
-                    raise RequestError(f"{what} {t} is outside the vocabulary [0, {vocab})", name)
+                    raise RequestError(f"{what} {t!r:.60} is outside the vocabulary [0, {vocab})", name)
         if params.structured_outputs is not None:
             try:
                 build_grammar(params.structured_outputs)
             except ValueError as e:
                 raise RequestError(str(e), "structured_outputs") from None
+
+    def check_limits(self, params: SamplingParams) -> None:
+        """The bounds that depend on the model and the config: n, top_k, max_tokens and
+        min_tokens (SamplingParams has checked the rest)."""
+        if params.n > self.max_n:
+            raise RequestError(f"n = {params.n!r:.100} is larger than max_n = {self.max_n} samples "
+                               f"per request", "n")
+        if params.top_k > self.vocab_size:
+            raise RequestError(f"top_k = {params.top_k!r:.100} is larger than the vocabulary "
+                               f"({self.vocab_size} tokens)", "top_k")
+        for name, value in (("max_tokens", params.max_tokens), ("min_tokens", params.min_tokens)):
+            if value is not None and value >= self.max_model_len:
+                raise RequestError(f"{name} = {value!r:.100} must be less than this model's maximum "
+                                   f"context length, {self.max_model_len} tokens", name)
 
     def check_context(self, num_prompt_tokens: int, max_tokens: Optional[int]) -> None:
         """The prompt and the tokens asked for must fit in max_model_len (vLLM's messages)."""
@@ -90,13 +108,31 @@ class Processor:
         """One engine core request per sample; sample i of a seeded request uses seed + i.
         Stop strings stay here (the frontend matches them), so no text travels to the core.
         max_tokens None becomes the rest of the context."""
+        if not (isinstance(priority, int) and MIN_SEED <= priority <= MAX_SEED):
+            raise RequestError(f"priority = {priority!r:.100} must be a signed 64-bit integer",
+                               "priority")
         ids = np.asarray(prompt_ids, dtype=np.int32)
         max_tokens = params.max_tokens or self.max_model_len - len(prompt_ids)
         arrival = time.monotonic()
         requests = []
         for i, core_id in enumerate(sample_request_ids(request_id, params.n)):
-            seed = None if params.seed is None else params.seed + i
+            seed = None if params.seed is None else sample_seed(params.seed, i)
             child = dataclasses.replace(params, n=1, seed=seed, stop=[], max_tokens=max_tokens)
             requests.append(EngineCoreRequest(core_id, ids, child, self.eos_token_ids, arrival,
-                                              priority))
+                                              priority, sample_index=i))
         return requests
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """Sample `index`'s seed: seed + index, wrapped to stay a signed 64-bit integer."""
+    return (seed + index - MIN_SEED) % 2**64 + MIN_SEED
+
+
+def check_text(text: str, param: str) -> None:
+    """Text must be encodable as UTF-8: JSON's "\\ud800" escape gives a lone surrogate, which no
+    tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{param} holds {text[e.start]!r} at position {e.start}, a lone UTF-16 "
+                           f"surrogate, which is not a character", param) from None
