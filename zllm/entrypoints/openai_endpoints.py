@@ -93,8 +93,10 @@ def _tool_parser(parsed: GenerateRequest, fmt: str) -> Optional[Callable[[], Any
 
 
 async def _checked(llm: AsyncLLM, prompt, parsed: GenerateRequest, prompt_param: str) -> Checked:
-    """Tokenize and validate one prompt; a RequestError becomes a 400 naming the right field."""
+    """Tokenize and validate one prompt (and the request's priority); a RequestError becomes a
+    400 naming the right field."""
     try:
+        llm.processor.check_priority(parsed.priority)
         return await llm.check_request(prompt, parsed.params)
     except RequestError as e:
         param = {"prompt": prompt_param, "structured_outputs": parsed.constraint_param}.get(
@@ -118,7 +120,8 @@ async def generate(request: web.Request, parsed: GenerateRequest, prompts: list[
                        parser=parser, token_ids=parsed.return_token_ids)
                for k, (text, ids) in enumerate(prompts)]
     ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{k}" for k in range(len(prompts))]
-    streams = [llm.generate(rid, text, parsed.params, stream=parsed.stream, prompt_ids=prompt_ids)
+    streams = [llm.generate(rid, text, parsed.params, stream=parsed.stream,
+                            priority=parsed.priority, prompt_ids=prompt_ids)
                for rid, (text, prompt_ids) in zip(ids, prompts)]
     if not parsed.stream:
         try:
