@@ -4,74 +4,31 @@ client and by zllm.Client / AsyncClient; refused under fcfs, obeyed under `polic
 from __future__ import annotations
 
 import asyncio
-import threading
 
-import openai
 import pytest
 
 import zllm
-from tests.entrypoints.conftest import API_KEY, MODEL_NAME, start_server, wait_until
+from tests.entrypoints.conftest import API_KEY, MODEL_NAME, join_all, queue_behind_one, send_long
 from zllm import SamplingParams
 
-# Each prompt fills 20 blocks (block_size 16). The first request grows by 8 more (it runs long
-# enough for the others to queue behind it), the others by 1: 28 blocks hold any one request to its
-# end, but never a second prompt beside it, so the KV cache admits one request at a time.
-PROMPT_LEN, FIRST_TOKENS, MAX_TOKENS, NUM_KV_BLOCKS = 320, 120, 8, 28
+
+def test_priority_request_over_http_overtakes_earlier_low_priority_ones(short_cache_server):
+    """The KV cache holds one request at a time: r0 runs, r1 and r2 (priority 5) wait for its
+    blocks; r3 (priority 1), sent last, is served next."""
+    finished = []
+    threads = queue_behind_one(short_cache_server, [5, 5, 5], finished)
+    threads.append(send_long(short_cache_server, 3, 1, finished))
+    join_all(threads)
+    # fcfs order would be r0, r1, r2, r3.
+    assert finished == ["r0", "r3", "r1", "r2"], finished
 
 
-@pytest.fixture(scope="module")
-def priority_server(gqa_model, tmp_path_factory):
-    running = start_server(gqa_model, tmp_path_factory.mktemp("priority-server"), "",
-                           "--policy", "priority", "--num-kv-blocks", str(NUM_KV_BLOCKS),
-                           "--max-model-len", str(NUM_KV_BLOCKS * 16))
-    try:
-        yield running.server
-    finally:
-        running.stop()
-
-
-def _prompt(i: int) -> list[int]:
-    """A prompt whose first block differs from every other's: no prefix-cache sharing."""
-    return [100 + i] + [7] * (PROMPT_LEN - 1)
-
-
-def test_priority_request_over_http_overtakes_earlier_low_priority_ones(priority_server):
-    client = openai.OpenAI(base_url=priority_server.url + "/v1", api_key=API_KEY, max_retries=0)
-    finished, lock = [], threading.Lock()
-
-    def send(name: str, i: int, priority: int) -> None:
-        max_tokens = FIRST_TOKENS if i == 0 else MAX_TOKENS
-        out = client.completions.create(model=MODEL_NAME, prompt=_prompt(i), max_tokens=max_tokens,
-                                        temperature=0,
-                                        extra_body={"ignore_eos": True, "priority": priority})
-        assert out.usage.completion_tokens == max_tokens
-        with lock:
-            finished.append(name)
-
-    def queue() -> tuple[float, float]:
-        m = priority_server.metrics()
-        return m["zllm_num_requests_running"], m["zllm_num_requests_waiting"]
-
-    threads = []
-    for i in range(3):  # low0 runs; low1 and low2 wait for its blocks
-        threads.append(threading.Thread(target=send, args=(f"low{i}", i, 5)))
-        threads[-1].start()
-        wait_until(lambda: queue() == (1, i), 60, f"low{i} in the queue")
-    threads.append(threading.Thread(target=send, args=("high", 3, 1)))
-    threads[-1].start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads)
-    # fcfs order would be low0, low1, low2, high.
-    assert finished == ["low0", "high", "low1", "low2"], finished
-
-
-def test_priority_reaches_the_server_from_every_client_call(priority_server, server):
+def test_priority_reaches_the_server_from_every_client_call(short_cache_server, server):
     """Under `policy: priority` each Client / AsyncClient call with a priority is served; the
     fcfs server refuses each one, naming the field: so every call really sends it."""
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     chat = [{"role": "user", "content": "Hi"}]
-    for url, refused in ((priority_server.url, False), (server.url, True)):
+    for url, refused in ((short_cache_server.url, False), (server.url, True)):
         client = zllm.Client(url, api_key=API_KEY)
         calls = [lambda: client.generate("Hi", params, priority=2),
                  lambda: client.complete("Hi", params, priority=-3),
@@ -98,7 +55,7 @@ def test_priority_reaches_the_server_from_every_client_call(priority_server, ser
                                         client.chat(chat, params, priority=3), stream(),
                                         stream_chat(), return_exceptions=True)
 
-    assert all(isinstance(r, str) and r for r in asyncio.run(async_calls(priority_server.url)))
+    assert all(isinstance(r, str) and r for r in asyncio.run(async_calls(short_cache_server.url)))
     refused = asyncio.run(async_calls(server.url))
     assert all(isinstance(r, zllm.ServerError) and r.status == 400 and r.param == "priority"
                for r in refused), refused
