@@ -56,7 +56,8 @@ class LLM:
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts")
-        priorities = [priority] * len(prompts) if isinstance(priority, int) else list(priority)
+        many = isinstance(priority, (list, tuple))
+        priorities = list(priority) if many else [priority] * len(prompts)
         if len(priorities) != len(prompts):
             raise ValueError(f"got {len(priorities)} priorities for {len(prompts)} prompts")
         for prio in priorities:
