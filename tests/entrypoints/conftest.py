@@ -189,7 +189,8 @@ def send_long(server: Server, i: int, priority: int, finished: list[str]) -> thr
     return thread
 
 
-def queue_behind_one(server: Server, priorities: list[int], finished: list[str]) -> list[threading.Thread]:
+def queue_behind_one(server: Server, priorities: list[int],
+                     finished: list[str]) -> list[threading.Thread]:
     """Requests 0, 1, ... sent one by one, each once the one before is in the queue: request 0
     runs, the others wait for its blocks (the gauges show it)."""
     threads = []

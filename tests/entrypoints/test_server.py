@@ -78,7 +78,8 @@ def test_streamed_text_equals_non_streamed_with_a_stop_string_across_deltas(open
     def chat_deltas(**extra) -> list[str]:
         stream = openai_client.chat.completions.create(model=MODEL_NAME, messages=CHAT,
                                                        stream=True, **kwargs, **extra)
-        return [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+        return [c.choices[0].delta.content for c in stream
+                if c.choices and c.choices[0].delta.content]
 
     deltas = chat_deltas()
     unstopped, stop = "".join(deltas), _stop_across_deltas(deltas)
