@@ -8,13 +8,23 @@ import sys
 from zllm import LLM, SamplingParams
 
 
-def test_chat_uses_the_chat_template(gqa_model):
-    messages = [{"role": "user", "content": "Hello there"}]
-    with LLM(gqa_model, device="cpu") as llm:
-        chat = llm.chat(messages, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0]
-        ids = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        plain = llm.generate([ids], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0]
-    assert chat.outputs[0].token_ids == plain.outputs[0].token_ids
+def test_chat_uses_the_chat_template(gqa_model, hf):
+    """chat() sends the ids that the Hugging Face tokenizer's apply_chat_template gives (with the
+    generation prompt), and answers them with HF's greedy tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gqa_model)
+    conversations = [[{"role": "user", "content": "Hello there"}],
+                     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                      {"role": "user", "content": "What is a KV cache?"}]]
+    with LLM(gqa_model, device="cpu", engine_process=False) as llm:
+        outputs = llm.chat(conversations, SamplingParams(temperature=0, max_tokens=6),
+                           use_tqdm=False)
+    for messages, out in zip(conversations, outputs):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        assert out.prompt_token_ids == ids
+        assert out.outputs[0].token_ids == hf.greedy(gqa_model, ids, 6)
 
 
 def test_from_config_reads_yaml_with_overrides(gqa_model, tmp_path):

@@ -61,10 +61,20 @@ def test_sharded_safetensors_index_loads(gqa_model, tmp_path, hf):
 
 
 @pytest.mark.parametrize("prompt_as_ids", [False, True])
-def test_token_id_prompts_equal_text_prompts(gqa_model, prompt_as_ids):
-    with LLM(gqa_model, device="cpu") as llm:
-        text_out = llm.generate(PROMPTS[:3], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
-        ids = [o.prompt_token_ids for o in text_out]
-        id_out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in text_out] == [o.outputs[0].token_ids for o in id_out]
-    assert [o.outputs[0].text for o in text_out] == [o.outputs[0].text for o in id_out]
+def test_token_id_prompts_equal_text_prompts(gqa_model, hf, prompt_as_ids):
+    """A prompt given as text or as the Hugging Face tokenizer's ids for it: either way, the same
+    prompt ids, HF's greedy tokens and the tokenizer's decoding of them."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gqa_model)
+    texts = PROMPTS[:3]
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    with LLM(gqa_model, device="cpu", engine_process=False) as llm:
+        outputs = llm.generate(ids if prompt_as_ids else texts,
+                               SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    for out, text, prompt_ids in zip(outputs, texts, ids):
+        assert out.prompt == (None if prompt_as_ids else text)
+        assert out.prompt_token_ids == prompt_ids
+        expected = hf.greedy(gqa_model, prompt_ids, 8)
+        assert out.outputs[0].token_ids == expected
+        assert out.outputs[0].text == tokenizer.decode(expected, skip_special_tokens=True)

@@ -85,5 +85,5 @@ def test_meta_checkpoint_at_tp1_matches_hf(version, parts, hf_llamas, meta_check
 def test_meta_checkpoint_at_tp2_matches_hf(version, parts, hf_llamas, meta_checkpoints, hf,
                                            ray_session):
     with LLM(meta_checkpoints[version, parts], tokenizer=hf_llamas[version], **SMALL_CACHE,
-             tensor_parallel_size=2, execute_timeout_s=60) as llm:
+             tensor_parallel_size=2, execute_timeout_s=60, engine_process=False) as llm:
         _greedy_matches_hf(llm, hf_llamas[version], hf)

@@ -59,6 +59,11 @@ def _params_json(params: Optional[SamplingParams], chat: bool) -> dict[str, Any]
     return body
 
 
+def _priority_json(priority: int) -> dict[str, Any]:
+    """vLLM's `priority` field, sent only when set: a server under fcfs refuses any other than 0."""
+    return {"priority": priority} if priority != 0 else {}
+
+
 _DONE = object()
 
 
@@ -100,13 +105,15 @@ class _Base:
 
     @staticmethod
     def _completion_body(model: str, prompt: Any, params: Optional[SamplingParams],
-                         stream: bool) -> dict[str, Any]:
-        return {"model": model, "prompt": prompt, "stream": stream, **_params_json(params, False)}
+                         stream: bool, priority: int) -> dict[str, Any]:
+        return {"model": model, "prompt": prompt, "stream": stream,
+                **_params_json(params, False), **_priority_json(priority)}
 
     @staticmethod
     def _chat_body(model: str, messages: list[dict[str, str]], params: Optional[SamplingParams],
-                   stream: bool) -> dict[str, Any]:
-        return {"model": model, "messages": messages, "stream": stream, **_params_json(params, True)}
+                   stream: bool, priority: int) -> dict[str, Any]:
+        return {"model": model, "messages": messages, "stream": stream,
+                **_params_json(params, True), **_priority_json(priority)}
 
 
 class Client(_Base):
@@ -145,28 +152,34 @@ class Client(_Base):
     def models(self) -> list[str]:
         return [m["id"] for m in self._json("GET", "/v1/models")["data"]]
 
-    def complete(self, prompt: str | list[int], params: Optional[SamplingParams] = None) -> dict[str, Any]:
-        """The full OpenAI completion response (all `n` choices, usage, logprobs)."""
+    def complete(self, prompt: str | list[int], params: Optional[SamplingParams] = None, *,
+                 priority: int = 0) -> dict[str, Any]:
+        """The full OpenAI completion response (all `n` choices, usage, logprobs). `priority`
+        (lower first) needs a server with `policy: priority`, as in every method here."""
         return self._json("POST", "/v1/completions",
-                          self._completion_body(self.model, prompt, params, False))
+                          self._completion_body(self.model, prompt, params, False, priority))
 
-    def generate(self, prompt: str | list[int], params: Optional[SamplingParams] = None) -> str:
+    def generate(self, prompt: str | list[int], params: Optional[SamplingParams] = None, *,
+                 priority: int = 0) -> str:
         """The generated text (of the first choice)."""
-        return self.complete(prompt, params)["choices"][0]["text"]
+        return self.complete(prompt, params, priority=priority)["choices"][0]["text"]
 
-    def stream(self, prompt: str | list[int], params: Optional[SamplingParams] = None) -> Iterator[str]:
+    def stream(self, prompt: str | list[int], params: Optional[SamplingParams] = None, *,
+               priority: int = 0) -> Iterator[str]:
         """Text deltas as they are generated; closing the iterator early aborts the request."""
-        body = self._completion_body(self.model, prompt, params, True)
+        body = self._completion_body(self.model, prompt, params, True, priority)
         return self._stream("/v1/completions", body)
 
-    def chat(self, messages: list[dict[str, str]], params: Optional[SamplingParams] = None) -> str:
+    def chat(self, messages: list[dict[str, str]], params: Optional[SamplingParams] = None, *,
+             priority: int = 0) -> str:
         """The assistant's reply to a conversation."""
-        body = self._chat_body(self.model, messages, params, False)
+        body = self._chat_body(self.model, messages, params, False, priority)
         return self._json("POST", "/v1/chat/completions", body)["choices"][0]["message"]["content"]
 
-    def stream_chat(self, messages: list[dict[str, str]],
-                    params: Optional[SamplingParams] = None) -> Iterator[str]:
-        return self._stream("/v1/chat/completions", self._chat_body(self.model, messages, params, True))
+    def stream_chat(self, messages: list[dict[str, str]], params: Optional[SamplingParams] = None,
+                    *, priority: int = 0) -> Iterator[str]:
+        body = self._chat_body(self.model, messages, params, True, priority)
+        return self._stream("/v1/chat/completions", body)
 
     def _stream(self, path: str, body: dict[str, Any]) -> Iterator[str]:
         response = self._request("POST", path, body)
@@ -225,28 +238,31 @@ class AsyncClient(_Base):
     async def models(self) -> list[str]:
         return [m["id"] for m in (await self._json("GET", "/v1/models"))["data"]]
 
-    async def complete(self, prompt: str | list[int],
-                       params: Optional[SamplingParams] = None) -> dict[str, Any]:
-        body = self._completion_body(await self.model(), prompt, params, False)
+    async def complete(self, prompt: str | list[int], params: Optional[SamplingParams] = None,
+                       *, priority: int = 0) -> dict[str, Any]:
+        body = self._completion_body(await self.model(), prompt, params, False, priority)
         return await self._json("POST", "/v1/completions", body)
 
-    async def generate(self, prompt: str | list[int], params: Optional[SamplingParams] = None) -> str:
-        return (await self.complete(prompt, params))["choices"][0]["text"]
+    async def generate(self, prompt: str | list[int], params: Optional[SamplingParams] = None,
+                       *, priority: int = 0) -> str:
+        return (await self.complete(prompt, params, priority=priority))["choices"][0]["text"]
 
-    async def chat(self, messages: list[dict[str, str]], params: Optional[SamplingParams] = None) -> str:
-        body = self._chat_body(await self.model(), messages, params, False)
+    async def chat(self, messages: list[dict[str, str]], params: Optional[SamplingParams] = None,
+                   *, priority: int = 0) -> str:
+        body = self._chat_body(await self.model(), messages, params, False, priority)
         return (await self._json("POST", "/v1/chat/completions", body))["choices"][0]["message"]["content"]
 
-    async def stream(self, prompt: str | list[int],
-                     params: Optional[SamplingParams] = None) -> AsyncIterator[str]:
+    async def stream(self, prompt: str | list[int], params: Optional[SamplingParams] = None,
+                     *, priority: int = 0) -> AsyncIterator[str]:
         """Text deltas; `aclose()` the generator (or cancel the task) to abort the request."""
-        body = self._completion_body(await self.model(), prompt, params, True)
+        body = self._completion_body(await self.model(), prompt, params, True, priority)
         async for text in self._stream("/v1/completions", body):
             yield text
 
     async def stream_chat(self, messages: list[dict[str, str]],
-                          params: Optional[SamplingParams] = None) -> AsyncIterator[str]:
-        body = self._chat_body(await self.model(), messages, params, True)
+                          params: Optional[SamplingParams] = None, *,
+                          priority: int = 0) -> AsyncIterator[str]:
+        body = self._chat_body(await self.model(), messages, params, True, priority)
         async for text in self._stream("/v1/chat/completions", body):
             yield text
 

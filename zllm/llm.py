@@ -47,7 +47,8 @@ class LLM:
         """Generate for each prompt (a string or a list of token ids); outputs keep prompt order.
 
         Every prompt is validated before any is queued, so a bad one raises ValueError and
-        leaves nothing half-submitted.
+        leaves nothing half-submitted. `priority` (one for all, or one per prompt; lower is
+        served first) needs `policy: priority`.
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -55,7 +56,12 @@ class LLM:
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts")
-        priorities = [priority] * len(prompts) if isinstance(priority, int) else list(priority)
+        many = isinstance(priority, (list, tuple))
+        priorities = list(priority) if many else [priority] * len(prompts)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"got {len(priorities)} priorities for {len(prompts)} prompts")
+        for prio in priorities:
+            self.engine.processor.check_priority(prio)
         checked = [self.engine.check_request(p, sp) for p, sp in zip(prompts, sampling_params)]
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
         for req_id, (text, prompt_ids), params, prio in zip(ids, checked, sampling_params, priorities):

@@ -127,3 +127,38 @@ def test_starving_request_is_served_first():
     sched.add_request(_req(1, 9, now - 10.0))  # low priority, but waiting for 10 s
     out = sched.schedule()
     assert out.scheduled_req_ids == ["r1"]
+
+
+def _decode_until_preemption(sched, running, max_steps=20):
+    """Schedule steps, each sampled token arriving, until one preempts; (scheduled, preempted)."""
+    for _ in range(max_steps):
+        out = sched.schedule()
+        if out.preempted_req_ids:
+            return out.scheduled_req_ids, out.preempted_req_ids
+        for r in running:
+            if r.req_id in out.scheduled_req_ids:
+                r.append_output_token(9, max_model_len=10**6)
+    raise AssertionError("no preemption happened")
+
+
+def test_long_running_low_priority_request_does_not_displace_a_newer_high_priority_one():
+    """Starvation counts waiting time only (since arrival or the last preemption): a low-priority
+    request that arrived long ago but has been running since is still the victim, and once
+    preempted it has just started waiting, so it does not outrank a newer high priority."""
+    import time
+    bm = BlockManager(num_blocks=6, block_size=4, watermark=0.0, enable_prefix_caching=False)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=100, policy="priority",
+                                      starvation_timeout_s=5.0), bm)
+    now = time.monotonic()
+    low = _req(0, 9, now - 100.0)  # arrived 100 s ago: far past the timeout, but it runs at once
+    sched.add_request(low)
+    assert sched.schedule().scheduled_req_ids == ["r0"]
+    low.append_output_token(9, max_model_len=10**6)
+    high = _req(1, 0, now)
+    sched.add_request(high)
+    scheduled, preempted = _decode_until_preemption(sched, [low, high])
+    assert preempted == ["r0"] and scheduled == ["r1"]
+    newer = _req(2, 0, now + 1.0)  # a newer high priority arrives while low waits again
+    sched.add_request(newer)
+    sched.waiting.reorder(time.monotonic())  # as every step does
+    assert [r.req_id for r in sched.waiting] == ["r2", "r0"]

@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -44,6 +45,11 @@ class Server:
     def post_json(self, path: str, payload: dict, **kwargs) -> tuple[int, dict]:
         status, raw = self.request("POST", path, json.dumps(payload).encode(), **kwargs)
         return status, json.loads(raw)
+
+    def queue_sizes(self) -> tuple[float, float]:
+        """The engine's (running, waiting) request gauges."""
+        m = self.metrics()
+        return m["zllm_num_requests_running"], m["zllm_num_requests_waiting"]
 
     def metrics(self) -> dict[str, float]:
         status, raw = self.request("GET", "/metrics")
@@ -139,3 +145,63 @@ def openai_client(server):
     import openai
 
     return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+
+
+# A server whose KV cache admits one request at a time (policy: priority). Each prompt fills 20
+# blocks (block_size 16); the first request of a test grows by 8 more (it runs long enough for
+# others to queue behind it), the others by 1: 28 blocks hold any one request to its end, but
+# never a second prompt beside it.
+PROMPT_LEN, FIRST_TOKENS, MAX_TOKENS, NUM_KV_BLOCKS = 320, 120, 8, 28
+
+
+def long_prompt(i: int) -> list[int]:
+    """A prompt whose first block differs from every other's: no prefix-cache sharing."""
+    return [100 + i] + [7] * (PROMPT_LEN - 1)
+
+
+@pytest.fixture(scope="session")
+def short_cache_server(gqa_model, tmp_path_factory) -> Server:
+    running = start_server(gqa_model, tmp_path_factory.mktemp("short-cache-server"), "",
+                           "--policy", "priority", "--num-kv-blocks", str(NUM_KV_BLOCKS),
+                           "--max-model-len", str(NUM_KV_BLOCKS * 16))
+    try:
+        yield running.server
+    finally:
+        running.stop()
+
+
+def send_long(server: Server, i: int, priority: int, finished: list[str]) -> threading.Thread:
+    """A thread sending long_prompt(i) to a short_cache_server with the openai client (request 0
+    generates FIRST_TOKENS, others MAX_TOKENS); it appends f"r{i}" to `finished` when done."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+
+    def send() -> None:
+        max_tokens = FIRST_TOKENS if i == 0 else MAX_TOKENS
+        out = client.completions.create(model=MODEL_NAME, prompt=long_prompt(i),
+                                        max_tokens=max_tokens, temperature=0,
+                                        extra_body={"ignore_eos": True, "priority": priority})
+        assert out.usage.completion_tokens == max_tokens
+        finished.append(f"r{i}")  # (list.append is atomic)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    return thread
+
+
+def queue_behind_one(server: Server, priorities: list[int],
+                     finished: list[str]) -> list[threading.Thread]:
+    """Requests 0, 1, ... sent one by one, each once the one before is in the queue: request 0
+    runs, the others wait for its blocks (the gauges show it)."""
+    threads = []
+    for i, priority in enumerate(priorities):
+        threads.append(send_long(server, i, priority, finished))
+        wait_until(lambda: server.queue_sizes() == (1, i), 60, f"request {i} in the queue")
+    return threads
+
+
+def join_all(threads: list[threading.Thread]) -> None:
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)

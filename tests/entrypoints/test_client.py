@@ -23,9 +23,24 @@ def test_client_generate_stream_and_chat_agree_with_openai(server, openai_client
     assert text == reference.choices[0].text
     assert "".join(client.stream("Once upon a time", GREEDY)) == text
     messages = [{"role": "user", "content": "Hi"}]
-    assert "".join(client.stream_chat(messages, GREEDY)) == client.chat(messages, GREEDY)
-    full = client.complete("Hello", SamplingParams(n=2, seed=3, max_tokens=4, logprobs=1))
-    assert len(full["choices"]) == 2 and full["usage"]["completion_tokens"] <= 8
+    chat_reference = openai_client.chat.completions.create(
+        model=MODEL_NAME, messages=messages, max_tokens=10, temperature=0,
+        extra_body={"ignore_eos": True}).choices[0].message.content
+    assert client.chat(messages, GREEDY) == chat_reference
+    assert "".join(client.stream_chat(messages, GREEDY)) == chat_reference
+    # Sampled, n=2, with logprobs: the same choices as the openai client's request.
+    full = client.complete("Hello", SamplingParams(n=2, seed=3, max_tokens=4, logprobs=1,
+                                                   top_k=20))
+    reference = openai_client.completions.create(model=MODEL_NAME, prompt="Hello", n=2, seed=3,
+                                                 max_tokens=4, logprobs=1,
+                                                 extra_body={"top_k": 20}).model_dump()
+    for got, want in zip(full["choices"], reference["choices"], strict=True):
+        assert got["text"] == want["text"] and got["finish_reason"] == want["finish_reason"]
+        assert got["logprobs"]["tokens"] == want["logprobs"]["tokens"]
+        assert got["logprobs"]["token_logprobs"] == pytest.approx(
+            want["logprobs"]["token_logprobs"], abs=1e-5)
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        assert full["usage"][key] == reference["usage"][key]
 
 
 def test_client_raises_server_errors_with_status_and_message(server):
@@ -53,17 +68,26 @@ def test_closing_a_client_stream_aborts_the_request(server):
                and server.metrics()["zllm_kv_cache_usage_ratio"] == 0, 30, "the abort")
 
 
-def test_async_client_runs_concurrent_requests(server):
+def test_async_client_runs_concurrent_requests(server, openai_client):
+    prompts = ["Hello", "The quick brown fox", "Tensor parallelism"]
+    reference = [openai_client.completions.create(model=MODEL_NAME, prompt=p, max_tokens=10,
+                                                  temperature=0, extra_body={"ignore_eos": True})
+                 .choices[0].text for p in prompts]
+    chat_reference = openai_client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=10,
+        temperature=0, extra_body={"ignore_eos": True}).choices[0].message.content
+
     async def run():
         async with zllm.AsyncClient(server.url, api_key=API_KEY) as client:
             assert await client.health()
-            prompts = ["Hello", "The quick brown fox", "Tensor parallelism"]
             texts = await asyncio.gather(*[client.generate(p, GREEDY) for p in prompts])
+            assert texts == reference
             streamed = []
             for p in prompts:
                 streamed.append("".join([d async for d in client.stream(p, GREEDY)]))
             assert streamed == texts
             reply = await client.chat([{"role": "user", "content": "Hi"}], GREEDY)
+            assert reply == chat_reference
             assert reply == "".join([d async for d in client.stream_chat(
                 [{"role": "user", "content": "Hi"}], GREEDY)])
             with pytest.raises(zllm.ServerError) as bad:

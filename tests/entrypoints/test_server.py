@@ -43,9 +43,55 @@ def test_chat_completion_and_n_choices(openai_client):
     assert out.usage.completion_tokens == 15
 
 
+def _stop_across_deltas(deltas: list[str]) -> str:
+    """A stop string of three visible characters that spans two stream deltas (the text of
+    successive steps), so a stream with it must hold back the first part until it knows; the
+    first such after the output's first third, found nowhere earlier."""
+    text, ends = "".join(deltas), []
+    for d in deltas:
+        ends.append((ends[-1] if ends else 0) + len(d))
+    for end in ends[len(ends) // 3:-1]:
+        for k in (end - 1, end - 2):
+            stop = text[k:k + 3]
+            if (len(stop) == 3 and stop.strip() == stop and "\ufffd" not in stop
+                    and text.find(stop) == k):
+                return stop
+    raise AssertionError(f"no stop string to cut from {deltas!r}")
+
+
+def test_streamed_text_equals_non_streamed_with_a_stop_string_across_deltas(openai_client):
+    """A stop string that matches mid-output across two steps' text: the full answer ends just
+    before it, and the streamed deltas join to exactly that text (no part of it leaks)."""
+    kwargs = dict(max_tokens=40, temperature=0.9, top_p=0.95, seed=1234, presence_penalty=0.5)
+    chunks = list(openai_client.completions.create(model=MODEL_NAME, prompt="Once upon a time",
+                                                   stream=True, **kwargs))
+    deltas = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+    unstopped, stop = "".join(deltas), _stop_across_deltas(deltas)
+    full = openai_client.completions.create(model=MODEL_NAME, prompt="Once upon a time", stop=stop,
+                                            **kwargs)
+    assert full.choices[0].finish_reason == "stop"
+    assert full.choices[0].text == unstopped[:unstopped.index(stop)]
+    streamed, chunks = _stream_text(openai_client, prompt="Once upon a time", stop=stop, **kwargs)
+    assert streamed == full.choices[0].text
+    assert chunks[-1].choices[-1].finish_reason == "stop"
+
+    def chat_deltas(**extra) -> list[str]:
+        stream = openai_client.chat.completions.create(model=MODEL_NAME, messages=CHAT,
+                                                       stream=True, **kwargs, **extra)
+        return [c.choices[0].delta.content for c in stream
+                if c.choices and c.choices[0].delta.content]
+
+    deltas = chat_deltas()
+    unstopped, stop = "".join(deltas), _stop_across_deltas(deltas)
+    full_chat = openai_client.chat.completions.create(model=MODEL_NAME, messages=CHAT, stop=stop,
+                                                      **kwargs)
+    assert full_chat.choices[0].message.content == unstopped[:unstopped.index(stop)]
+    assert "".join(chat_deltas(stop=stop)) == full_chat.choices[0].message.content
+
+
 def test_streamed_text_equals_non_streamed_for_the_same_seed(openai_client):
     kwargs = dict(prompt="Once upon a time", max_tokens=40, temperature=0.9, top_p=0.95, seed=1234,
-                  presence_penalty=0.5, frequency_penalty=0.3, stop=["zzz"])
+                  presence_penalty=0.5, frequency_penalty=0.3)
     full = openai_client.completions.create(model=MODEL_NAME, **kwargs)
     streamed, chunks = _stream_text(openai_client, **kwargs, stream_options={"include_usage": True})
     assert streamed == full.choices[0].text

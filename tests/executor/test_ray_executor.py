@@ -106,7 +106,7 @@ def test_malformed_messages_are_rejected_without_executing(tp2_llm, reference_to
 def test_worker_exception_raises_engine_dead_naming_the_rank(ray_session, gqa_model):
     config = EngineConfig.from_dict({}, model=gqa_model, load_format="safetensors",
                                     tensor_parallel_size=2, device="cpu",
-                                    num_kv_blocks=8, block_size=4)
+                                    num_kv_blocks=8, block_size=4, execute_timeout_s=300)
     others = set(zllm_actor_names())
     executor = RayExecutor(config)
     mine = set(zllm_actor_names()) - others
@@ -122,7 +122,8 @@ def test_worker_exception_raises_engine_dead_naming_the_rank(ray_session, gqa_mo
             executor.execute_model(SchedulerOutput.empty())
         with pytest.raises(EngineDeadError):
             executor.collective_rpc("get_pid")
-        assert time.monotonic() - t0 < 0.5, "later calls must fail at once"
+        # A generous bound that still tells "at once" from waiting for execute_timeout_s.
+        assert time.monotonic() - t0 < 60, "later calls must fail at once, not time out"
     finally:
         executor.shutdown()
         executor.shutdown()  # idempotent
@@ -131,9 +132,10 @@ def test_worker_exception_raises_engine_dead_naming_the_rank(ray_session, gqa_mo
 
 def test_killed_worker_with_no_restarts_makes_generate_raise_engine_dead(ray_session, gqa_model):
     others = set(zllm_actor_names())
-    # execute_timeout_s bounds the test even if death went unnoticed. With restarts allowed the
-    # engine would rebuild the workers (tests/executor/test_worker_recovery.py).
-    llm = make_llm(gqa_model, tensor_parallel_size=2, num_kv_blocks=256, execute_timeout_s=20,
+    # execute_timeout_s bounds the test even if death went unnoticed; the death must be noticed
+    # well before it (a generous bound, for loaded machines). With restarts allowed the engine
+    # would rebuild the workers (tests/executor/test_worker_recovery.py).
+    llm = make_llm(gqa_model, tensor_parallel_size=2, num_kv_blocks=256, execute_timeout_s=180,
                    engine_process=False, max_worker_restarts=0)
     pids = llm.engine.engine_core.executor.collective_rpc("get_pid")
     mine = set(zllm_actor_names()) - others
@@ -153,7 +155,7 @@ def test_killed_worker_with_no_restarts_makes_generate_raise_engine_dead(ray_ses
     try:
         with pytest.raises(EngineDeadError, match="rank 1"):
             llm.generate(PROMPTS, SamplingParams(max_tokens=64, ignore_eos=True), use_tqdm=False)
-        assert time.monotonic() - killed_at[0] < 10
+        assert time.monotonic() - killed_at[0] < 60
         with pytest.raises(EngineDeadError):  # at once, not after another timeout
             llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4), use_tqdm=False)
         assert not llm.engine.has_unfinished_requests()

@@ -69,13 +69,22 @@ def test_tp2_on_ray_matches_hf(family, family_checkpoint, hf, ray_session):
         check_matches_hf(llm, path, hf)
 
 
-def test_dummy_weights_are_seeded(family_checkpoint):
-    """load_format dummy (benchmarks of real shapes) fills every parameter from the seed."""
+def test_dummy_weights_are_seeded_and_read_no_checkpoint(family_checkpoint, hf, tmp_path):
+    """load_format dummy (benchmarks of real shapes) fills every parameter from the seed: it runs
+    from a directory that holds no weights at all, and its tokens are not the checkpoint's."""
+    import shutil
+
     path = family_checkpoint("gemma2")
+    shapes_only = tmp_path / "gemma2-no-weights"
+    shutil.copytree(path, shapes_only, ignore=shutil.ignore_patterns("*.safetensors*"))
+    assert not list(shapes_only.glob("*.safetensors"))
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     runs = []
     for seed in (0, 0, 1):
-        with LLM(path, device="cpu", load_format="dummy", seed=seed) as llm:
-            runs.append([o.outputs[0].token_ids for o in llm.generate(PROMPTS[:3], params,
-                                                                      use_tqdm=False)])
+        with LLM(str(shapes_only), device="cpu", load_format="dummy", seed=seed,
+                 engine_process=False) as llm:
+            outputs = llm.generate(PROMPTS[:3], params, use_tqdm=False)
+            runs.append([o.outputs[0].token_ids for o in outputs])
     assert runs[0] == runs[1] != runs[2]
+    real = [hf.greedy(path, o.prompt_token_ids, 8) for o in outputs]
+    assert runs[2] != real

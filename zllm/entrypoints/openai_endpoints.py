@@ -94,8 +94,10 @@ def _tool_parser(parsed: GenerateRequest, fmt: str) -> Optional[Callable[[], Any
 
 
 async def _checked(llm: AsyncLLM, prompt, parsed: GenerateRequest, prompt_param: str) -> Checked:
-    """Tokenize and validate one prompt; a RequestError becomes a 400 naming the right field."""
+    """Tokenize and validate one prompt (and the request's priority); a RequestError becomes a
+    400 naming the right field."""
     try:
+        llm.processor.check_priority(parsed.priority)
         return await llm.check_request(prompt, parsed.params)
     except RequestError as e:
         param = {"prompt": prompt_param, "structured_outputs": parsed.constraint_param,
@@ -120,7 +122,8 @@ async def generate(request: web.Request, parsed: GenerateRequest, prompts: list[
                for k, (text, ids) in enumerate(prompts)]
     ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{k}" for k in range(len(prompts))]
     limit = request.app[STREAM_BUFFER_TOKENS] if parsed.stream else None
-    streams = [llm.generate(rid, text, parsed.params, stream=parsed.stream, prompt_ids=prompt_ids,
+    streams = [llm.generate(rid, text, parsed.params, stream=parsed.stream,
+                            priority=parsed.priority, prompt_ids=prompt_ids,
                             max_pending_tokens=limit, on_slow_reader=_closer(request))
                for rid, (text, prompt_ids) in zip(ids, prompts)]
     if not parsed.stream:

@@ -4,7 +4,7 @@ A bad request gets a 400 that names the field (`param`), the value and what is a
 the engine sees it. Besides OpenAI's fields, vLLM's extensions are read: `top_k`, `min_p`,
 `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`,
 `structured_outputs` (and the older `guided_json`/`guided_regex`/`guided_choice`/
-`guided_grammar`), `add_generation_prompt`, `continue_final_message`.
+`guided_grammar`), `add_generation_prompt`, `continue_final_message`, `priority`.
 """
 
 from __future__ import annotations
@@ -90,6 +90,8 @@ class GenerateRequest:
     # vLLM's extension: each choice (and each stream chunk's) carries its new token ids, so a
     # client counts tokens exactly even where they make no text yet.
     return_token_ids: bool = False
+    # vLLM's extension: the request's priority under `policy: priority` (lower first).
+    priority: int = 0
 
 
 def _sampling_params(body: dict[str, Any], max_tokens: Optional[int], logprobs: Optional[int],
@@ -229,7 +231,8 @@ def parse_completion(body: dict[str, Any]) -> GenerateRequest:
         raise bad_request("'echo' with 'logprobs' needs the prompt's log-probabilities, which "
                           "zllm does not compute yet", "echo", "unsupported")
     return GenerateRequest(model, params, stream, include_usage, continuous, constraint_param,
-                           prompts=prompts, echo=echo, return_token_ids=_return_token_ids(body))
+                           prompts=prompts, echo=echo, return_token_ids=_return_token_ids(body),
+                           priority=json_field(body, "priority", "integer|null", 0))
 
 
 def _prompts(prompt: Any) -> list[Prompt]:
@@ -279,7 +282,8 @@ def parse_chat(body: dict[str, Any]) -> GenerateRequest:
                            max_tokens_param, messages=messages, tools=tools,
                            add_generation_prompt=add_generation_prompt and not continue_final,
                            continue_final_message=continue_final,
-                           return_token_ids=_return_token_ids(body))
+                           return_token_ids=_return_token_ids(body),
+                           priority=json_field(body, "priority", "integer|null", 0))
 
 
 def _return_token_ids(body: dict[str, Any]) -> bool:

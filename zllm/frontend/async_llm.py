@@ -89,7 +89,7 @@ class AsyncLLM:
         self.core = core or start_engine_core(config, in_thread=not config.parallel.engine_process)
         self.max_model_len: int = self.core.ready["max_model_len"]
         self.processor = Processor(self.tokenizer, self.arch, self.max_model_len,
-                                   config.scheduler.max_n)
+                                   config.scheduler.max_n, config.scheduler.policy)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.client: Optional[AsyncMPClient] = None
         self.collectors: dict[str, _Collector] = {}

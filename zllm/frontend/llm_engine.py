@@ -54,7 +54,7 @@ class LLMEngine:
             self.client = InprocClient(config)
         self.max_model_len: int = self.client.ready["max_model_len"]
         self.processor = Processor(self.tokenizer, self.arch, self.max_model_len,
-                                   config.scheduler.max_n)
+                                   config.scheduler.max_n, config.scheduler.policy)
         self.output_processor = OutputProcessor(self.tokenizer)
 
     @property

@@ -27,13 +27,18 @@ def sample_request_ids(request_id: str, n: int) -> list[str]:
     return [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
 
 
+# msgpack carries a priority as a signed 64-bit integer, as it does a seed.
+PRIORITY_RANGE = (MIN_SEED, MAX_SEED)
+
+
 class Processor:
     def __init__(self, tokenizer, arch: ModelArchitecture, max_model_len: int,
-                 max_n: int = 128) -> None:
+                 max_n: int = 128, policy: str = "fcfs") -> None:
         self.tokenizer = tokenizer
         self.vocab_size = arch.vocab_size
         self.max_model_len = max_model_len
         self.max_n = max_n
+        self.policy = policy
         eos = arch.eos_token_ids or [tokenizer.eos_token_id]
         self.eos_token_ids = np.asarray([t for t in eos if t is not None], dtype=np.int32)
 
@@ -103,14 +108,25 @@ class Processor:
                                f"completion). Please reduce the length of the messages or "
                                f"completion.", "prompt", "context_length_exceeded")
 
+    def check_priority(self, priority: int) -> None:
+        """A request's priority is an integer, and only the priority policy takes one other than
+        0: under fcfs it would be silently ignored, so it is refused (as vLLM does)."""
+        lo, hi = PRIORITY_RANGE
+        if not (isinstance(priority, int) and not isinstance(priority, bool)
+                and lo <= priority <= hi):
+            raise RequestError(f"priority {priority!r} must be an integer in [{lo}, {hi}]",
+                               "priority")
+        if priority != 0 and self.policy != "priority":
+            raise RequestError(f"Got priority {priority} but Priority scheduling is not enabled "
+                               f"(scheduler policy is {self.policy!r}; set policy: priority)",
+                               "priority")
+
     def make_requests(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                       priority: int = 0) -> list[EngineCoreRequest]:
         """One engine core request per sample; sample i of a seeded request uses seed + i.
         Stop strings stay here (the frontend matches them), so no text travels to the core.
         max_tokens None becomes the rest of the context."""
-        if not (isinstance(priority, int) and MIN_SEED <= priority <= MAX_SEED):
-            raise RequestError(f"priority = {priority!r:.100} must be a signed 64-bit integer",
-                               "priority")
+        self.check_priority(priority)
         ids = np.asarray(prompt_ids, dtype=np.int32)
         max_tokens = params.max_tokens or self.max_model_len - len(prompt_ids)
         arrival = time.monotonic()
