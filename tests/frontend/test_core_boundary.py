@@ -112,3 +112,54 @@ def test_hostile_frames_on_the_core_socket_are_dropped_and_the_core_serves_on(gq
         again = [o.outputs[0].token_ids for o in llm.generate(["Hello", "Once"], params,
                                                               use_tqdm=False)]
         assert again == baseline
+
+
+def test_the_frontend_drops_bad_frames_and_fails_requests_if_handling_raises(tmp_path):
+    """The test plays the engine core's ROUTER: a frame that does not decode is dropped and the
+    next outputs still arrive; if handling outputs raises, the frontend declares the core lost
+    (its requests then fail) rather than leaving them waiting forever."""
+    import asyncio
+
+    from zllm.frontend.core_client import AsyncMPClient
+    from zllm.protocol import EngineCoreOutputs
+
+    address = f"ipc://{tmp_path}/core.sock"
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.bind(address)
+    status_read, status_write = os.pipe()
+
+    def outputs(req_id: str) -> bytes:
+        return encode(EngineCoreOutputs([req_id], np.array([7], np.int32), np.zeros(1, np.int32)))
+
+    async def run() -> tuple[list[list[str]], list[str]]:
+        client = AsyncMPClient(address, status_read, {})
+        seen: list[list[str]] = []
+        dead: list[str] = []
+
+        def on_outputs(out: EngineCoreOutputs) -> None:
+            seen.append(out.request_ids)
+            if out.request_ids == ["boom"]:
+                raise KeyError("boom")
+
+        client.start(on_outputs, dead.append)
+        loop = asyncio.get_running_loop()
+        frontend, _hello = await loop.run_in_executor(None, router.recv_multipart)
+        for frame in (b"\xc1 not msgpack", msgpack.packb([1, 2, 3]), outputs("a"), outputs("boom")):
+            router.send_multipart([frontend, frame])
+        for _ in range(500):  # until the frontend has handled both good frames (5 s at most)
+            if dead:
+                break
+            await asyncio.sleep(0.01)
+        client.close()
+        return seen, dead
+
+    try:
+        seen, dead = asyncio.run(run())
+    finally:
+        router.close()
+        context.term()
+        os.close(status_read)
+        os.close(status_write)
+    assert seen == [["a"], ["boom"]]
+    assert len(dead) == 1 and "KeyError" in dead[0]

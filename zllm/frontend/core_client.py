@@ -317,21 +317,40 @@ class AsyncMPClient:
         return reply.result
 
     async def _receive_loop(self, on_outputs: Callable[[EngineCoreOutputs], None]) -> None:
+        """Until the core dies. A frame that does not decode is logged and dropped; if handling
+        one raises, the frontend treats the core as lost, so that no request in flight hangs."""
         while True:
-            message = decode(await self.socket.recv(), *CORE_OUTPUTS)
-            if isinstance(message, EngineCoreOutputs):
-                on_outputs(message)
-            elif isinstance(message, EngineCoreReply):
-                if message.call_id == _HELLO_CALL_ID and message.error is None:
-                    self.state = EngineCoreState(**message.result)
-                future = self.replies.pop(message.call_id, None)
-                if future is not None and not future.done():
-                    future.set_result(message)
-            elif isinstance(message, EngineCoreState):
-                self.state = message
-            elif isinstance(message, EngineCoreDead):
-                self._die(f"the engine core failed: {message.message}")
+            frame = await self.socket.recv()
+            try:
+                message = decode(frame, *CORE_OUTPUTS)
+            except ValueError as e:
+                logger.warning("dropped a malformed frame from the engine core: %s", str(e)[:200])
+                continue
+            try:
+                if not self._handle(message, on_outputs):
+                    return
+            except Exception as e:
+                logger.exception("handling the engine core's message failed")
+                self._die(f"the frontend failed on the engine core's outputs: "
+                          f"{type(e).__name__}: {e}")
                 return
+
+    def _handle(self, message: Any, on_outputs: Callable[[EngineCoreOutputs], None]) -> bool:
+        """Act on one message from the core; False once the core has said it is dead."""
+        if isinstance(message, EngineCoreOutputs):
+            on_outputs(message)
+        elif isinstance(message, EngineCoreReply):
+            if message.call_id == _HELLO_CALL_ID and message.error is None:
+                self.state = EngineCoreState(**message.result)
+            future = self.replies.pop(message.call_id, None)
+            if future is not None and not future.done():
+                future.set_result(message)
+        elif isinstance(message, EngineCoreState):
+            self.state = message
+        elif isinstance(message, EngineCoreDead):
+            self._die(f"the engine core failed: {message.message}")
+            return False
+        return True
 
     def _status_readable(self) -> None:
         try:
