@@ -85,20 +85,6 @@ class HFReference:
         return self.cache[key]
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    """A local Ray instance for a module's TP > 1 engines, which find it running and leave it up."""
-    import logging
-
-    import ray
-
-    # 6 logical CPUs: a module-scoped TP=2 engine and one more TP=4 executor fit side by side.
-    ray.init(num_cpus=6, include_dashboard=False, object_store_memory=128 * 2**20,
-             logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture(scope="session")
 def hf() -> HFReference:
     return HFReference()
