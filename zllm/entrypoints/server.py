@@ -156,15 +156,27 @@ async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "error", "error": llm.error}, status=503)
     if llm.recovering is not None:  # requests wait, and resume once the workers are back
         return web.json_response({"status": "recovering", "message": llm.recovering}, status=503)
-    try:
-        state = await asyncio.wait_for(llm.call("health"), HEALTH_TIMEOUT_S)
-    except asyncio.TimeoutError:
+    # The core answers between steps; while it rebuilds a worker group it cannot, but it says
+    # so first: stop waiting at a state change.
+    loop = asyncio.get_running_loop()
+    call, deadline = asyncio.ensure_future(llm.call("health")), loop.time() + HEALTH_TIMEOUT_S
+    while not call.done() and llm.recovering is None and loop.time() < deadline:
+        changed = llm.next_state()
+        try:
+            await asyncio.wait({call, changed}, timeout=deadline - loop.time(),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            changed.cancel()
+    if llm.recovering is not None:
+        state = {"status": "recovering", "message": llm.recovering}
+    elif not call.done():
         state = {"status": "error",
                  "error": f"the engine core did not answer within {HEALTH_TIMEOUT_S:.0f} s"}
-    except EngineDeadError as e:
-        state = {"status": "error", "error": str(e)}
-    if state["status"] != "ok" and llm.recovering is not None:  # began while we waited
-        state = {"status": "recovering", "message": llm.recovering}
+    elif call.exception() is not None:
+        state = {"status": "error", "error": str(call.exception())}
+    else:
+        state = call.result()
+    call.cancel()  # still waiting only if the core is busy; its late reply is dropped
     return web.json_response(state, status=200 if state["status"] == "ok" else 503)
 
 

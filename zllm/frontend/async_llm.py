@@ -172,6 +172,10 @@ class AsyncLLM:
         if core_ids and self.error is None:
             self.client.send(EngineCoreAbort(core_ids))
 
+    def next_state(self) -> asyncio.Future:
+        """Resolves at the core's next state change (see `recovering`)."""
+        return self.client.next_state()
+
     async def call(self, method: str, *args: Any) -> Any:
         """An engine core control call ("stats", "metrics", ...)."""
         if self.error is not None:

@@ -290,6 +290,7 @@ class AsyncMPClient:
         self.state = EngineCoreState("running", "")  # "recovering" while workers are rebuilt
         self._task: Optional[asyncio.Task] = None
         self._on_dead: Optional[Callable[[str], None]] = None
+        self._state_waiters: list[asyncio.Future] = []
 
     def start(self, on_outputs: Callable[[EngineCoreOutputs], None],
               on_dead: Callable[[str], None]) -> None:
@@ -315,6 +316,14 @@ class AsyncMPClient:
         if reply.error is not None:
             raise RuntimeError(f"engine core call {method!r} failed: {reply.error}")
         return reply.result
+
+    def next_state(self) -> asyncio.Future:
+        """A future that resolves with the core's next state change (a worker group being
+        rebuilt, then running again): a caller waiting on the core while it is busy rebuilding
+        hears of it at once."""
+        future = asyncio.get_running_loop().create_future()
+        self._state_waiters.append(future)
+        return future
 
     async def _receive_loop(self, on_outputs: Callable[[EngineCoreOutputs], None]) -> None:
         """Until the core dies. A frame that does not decode is logged and dropped; if handling
@@ -347,6 +356,10 @@ class AsyncMPClient:
                 future.set_result(message)
         elif isinstance(message, EngineCoreState):
             self.state = message
+            waiters, self._state_waiters = self._state_waiters, []
+            for future in waiters:
+                if not future.done():
+                    future.set_result(message)
         elif isinstance(message, EngineCoreDead):
             self._die(f"the engine core failed: {message.message}")
             return False
