@@ -41,6 +41,7 @@ def test_a_silent_rank_raises_engine_dead_after_execute_timeout(ray_session, gqa
         executor.execute_model(SchedulerOutput.empty())  # the data plane answers while all run
         os.kill(pids[0], signal.SIGSTOP)  # rank 0 is alive but answers nothing
         stopped.append(pids[0])
+        _wait_until_stopped(pids[0])  # the signal is delivered asynchronously, thread by thread
         t0 = time.monotonic()
         with pytest.raises(EngineDeadError, match=r"rank 0 sent no result within 2 s "
                                                   r"\(execute_timeout_s\)"):
@@ -52,6 +53,20 @@ def test_a_silent_rank_raises_engine_dead_after_execute_timeout(ray_session, gqa
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
         executor.shutdown()
+
+
+def _wait_until_stopped(pid: int, timeout_s: float = 30) -> None:
+    """Until every thread of `pid` is in the stopped state ("T" in /proc/PID/task/*/stat)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        if all(s in "Tt" for s in states):
+            return
+        assert time.monotonic() < deadline, f"pid {pid} did not stop: thread states {states}"
+        time.sleep(0.01)
 
 
 def test_an_unplaceable_group_fails_after_placement_timeout(ray_session, gqa_model):
