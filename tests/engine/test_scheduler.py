@@ -148,11 +148,14 @@ def test_a_large_n_request_takes_turns_with_later_requests():
 
 
 def test_the_frontend_sends_sample_indexes_and_a_small_request_overtakes_large_n(gqa_model):
-    """Through LLMEngine and the engine core process: with 4 seats, a one-token request added
-    after a 16-sample request ends before any of the 16 samples does."""
+    """Through LLMEngine's frontend (which numbers the samples) and the engine core: with 4
+    seats, a one-token request added after a 16-sample request ends before any of the 16 samples
+    does. The core runs in this process so that both requests are queued before its first step
+    (a core process may start stepping before the second request reaches it)."""
     from zllm import LLM
 
-    with LLM(gqa_model, device="cpu", max_num_seqs=4, num_kv_blocks=64) as llm:
+    with LLM(gqa_model, device="cpu", max_num_seqs=4, num_kv_blocks=64,
+             engine_process=False) as llm:
         engine = llm.engine
         engine.add_request("big", "Hello", SamplingParams(n=16, max_tokens=6, ignore_eos=True,
                                                           seed=1), stream=True)
