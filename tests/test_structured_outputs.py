@@ -144,6 +144,22 @@ def test_constrained_and_plain_requests_share_a_batch_without_changing_the_plain
     assert 11 not in alone[1].outputs[0].token_ids
 
 
+def test_the_engine_core_reports_the_workers_grammar_time_per_constrained_step(llm):
+    """What zllm bench structured reads: rank 0's fill and accept time, and constrained rows."""
+    llm.engine.call("host_times")  # start afresh
+    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] + [
+        SamplingParams(temperature=1.0, seed=i, max_tokens=8, ignore_eos=True,
+                       structured_outputs=StructuredOutputs(regex=r"[a-z]{20}")) for i in range(5)]
+    llm.generate(["Hi"] * 6, params, use_tqdm=False)
+    times = llm.engine.call("host_times")
+    rows = [r for _, _, r in times["grammar"]]
+    # The regex outlasts max_tokens: each of the five samples all its 8 tokens under it (in
+    # steps of up to five rows: the requests may reach the core a few steps apart).
+    assert sum(rows) == 5 * 8 and max(rows) <= 5
+    assert all(fill > 0 and accept >= 0 for fill, accept, _ in times["grammar"])
+    assert times["worker"] and llm.engine.call("host_times")["grammar"] == []
+
+
 def test_logit_bias_moves_greedy_choices(llm):
     base = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
                         use_tqdm=False)[0].outputs[0].token_ids

@@ -2,7 +2,12 @@
 # The device runs behind docs/benchmarks.md's GPU sections, one stage per `device` call:
 #   bash docs/bench/device-run.sh STAGE     (on the GPU machine, .device carried; results in $OUT)
 # Stages: offline (issue 11: 1B and 8B throughput), serve (issue 11: zllm bench serve),
-#         families (issue 12: Qwen3-8B, Mistral-7B; sliding-window check), structured (issue 14).
+#         families (issue 12: Qwen3-8B, Mistral-7B; sliding-window check), structured (issue 14),
+#         recovery (issue 13: a rank killed during W1 on the 1B shape),
+#         serve-sweep (issue 11: zllm bench serve on 1B at api_server_count 2 and 4).
+# structured wants SmolLM2's tokenizer in .device/smollm2-tokenizer (the GGUF is too large to
+# travel; its tokenizer is not): python -c "from zllm.tokenizer import load_tokenizer;
+#   load_tokenizer('PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf').save_pretrained('.device/smollm2-tokenizer')"
 set -uo pipefail
 bash .device/install.sh || exit 1
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -28,6 +33,16 @@ case "$1" in
     done
     timeout 150 python3 -m zllm.bench.gpu_check --models mistral,gemma2 --out "$OUT/gpu-check.json" 2>&1 | tail -60 | tee -a "$OUT/log.txt" ;;
   structured)
-    timeout 400 python3 -m zllm bench structured --w1 --model llama-3.1-8b --out "$OUT/structured.json" \
-      --markdown "$OUT/structured.md" 2>&1 | tee -a "$OUT/log.txt" ;;
+    timeout 560 python3 -m zllm bench structured --w1 --model llama-3.1-8b --tokenizer $PWD/.device/smollm2-tokenizer \
+      --max-model-len 2304 --out "$OUT/structured.json" --markdown "$OUT/structured.md" 2>&1 | tee -a "$OUT/log.txt" ;;
+  recovery)
+    timeout 560 python3 -m zllm bench recovery --model llama-3.2-1b --device cuda --tensor-parallel-size 1 \
+      --workload W1 --trials 1 --kill-after-tokens 64 --max-model-len 2304 \
+      --out "$OUT/recovery.json" --markdown "$OUT/recovery.md" 2>&1 | tee -a "$OUT/log.txt" ;;
+  serve-sweep)
+    for n in 2 4; do
+      timeout 200 python3 -m zllm bench serve --model llama-3.2-1b --workload W1 --client-procs 4 --ready-runs 1 \
+        --api-server-count $n $([ $n = 4 ] && echo --no-offline) --max-model-len 2304 --log "$OUT/serve-1b-$n.log" \
+        --out "$OUT/serve-1b-api$n.json" --markdown "$OUT/serve-1b-api$n.md" 2>&1 | tee -a "$OUT/log.txt"
+    done ;;
 esac

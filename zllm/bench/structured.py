@@ -112,7 +112,10 @@ def _timed(fn, device: torch.device) -> float:
 
 def run_w1(model: str, tokenizer: Optional[str], num_requests: Optional[int],
            overrides: dict[str, Any]) -> dict[str, Any]:
-    """W1 unconstrained, then under json_object, on one in-process engine."""
+    """W1 unconstrained, then under json_object, on one engine deployed as zllm serves: the
+    engine core in its own process, the worker a Ray actor. (With the worker in a process that
+    also runs the frontend, xgrammar's calls, which release the GIL, wait for the frontend's
+    thread each time: on a CPU, a busy Python thread made the fill 40x slower.)"""
     from zllm.architecture import ModelArchitecture
     from zllm.bench.roofline import ModelCost, measure_hardware
     from zllm.bench.throughput import MODEL_SHAPES, Workload, make_workload, model_dir_for, run_zllm
@@ -126,26 +129,24 @@ def run_w1(model: str, tokenizer: Optional[str], num_requests: Optional[int],
     # Prefix caching off: the three runs share W1's prompts, and the later ones must not find
     # them cached, or they would skip the prefill that the first one paid for.
     config = {"dtype": "bfloat16", "load_format": "dummy" if shape else "auto",
-              "async_scheduling": True, "distributed_executor_backend": "uni",
-              "engine_process": False, "record_steps": True, "enable_prefix_caching": False,
+              "async_scheduling": True, "distributed_executor_backend": "ray",
+              "record_steps": True, "enable_prefix_caching": False,
               **overrides}
     if tokenizer:
         config["tokenizer"] = tokenizer
     hw = measure_hardware(torch.device("cuda"))
     llm = LLM(model=model_dir, **config)
-    grammar = llm.engine.engine_core.executor.worker.model_runner.grammar  # (in this process)
     cost = ModelCost(arch)
     warm = make_workload("W1", arch.vocab_size, 8)
     for structured in (None, JSON_OBJECT, SUSTAINED):  # kernels, graphs, grammars compiled
         run_zllm(llm, cost, hw, Workload("warmup", warm.prompts, [16] * 8), structured)
-    grammar.take_step_times()
     wl = make_workload("W1", arch.vocab_size, num_requests)
     plain = run_zllm(llm, cost, hw, wl)
     report: dict[str, Any] = {"model": model, "tokenizer": tokenizer or "demo (384 tokens)",
                               "config": config, "plain": _figures(plain)}
     for name, structured in (("json_object", JSON_OBJECT), ("sustained", SUSTAINED)):
         run = run_zllm(llm, cost, hw, wl, structured)
-        report[name] = {**_figures(run), **_grammar_figures(grammar.take_step_times(), run),
+        report[name] = {**_figures(run), **_grammar_figures(run.pop("grammar_times", []), run),
                         "throughput_ratio": run["output_tok_per_s"] / plain["output_tok_per_s"],
                         "worker_host_ms_added": _difference(run["worker_host_ms"],
                                                             plain["worker_host_ms"])}
@@ -170,7 +171,7 @@ def _shape_with_vocabulary(model: str, tokenizer: str) -> str:
 
 
 def _figures(run: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in run.items() if k != "steps"}
+    return {k: v for k, v in run.items() if k not in ("steps", "grammar_times")}
 
 
 def _grammar_figures(times: list[tuple[float, float, int]], run: dict[str, Any]) -> dict[str, Any]:

@@ -48,8 +48,8 @@ class StubWorker:
     def step_done(self) -> bool:
         return True
 
-    def take_host_times(self) -> list:
-        return []
+    def take_host_times(self) -> dict[str, list]:
+        return {"launch": [], "grammar": []}
 
     def get_pid(self) -> int:
         return os.getpid()

@@ -197,7 +197,8 @@ def _measure(llm, cost: ModelCost, hw: Hardware, wl: Workload,
     steps = log.summary()
     floor = steps["all"]["floor_s"]
     busiest = max((n for _, n, d in host["engine_core"] if d), default=0)
-    return {
+    grammar = {"grammar_times": host["grammar"]} if host["grammar"] else {}
+    return {**grammar,
         "elapsed_s": elapsed, "output_tokens": generated,
         "output_tok_per_s": generated / elapsed,
         "total_tok_per_s": (generated + wl.num_prompt_tokens) / elapsed,

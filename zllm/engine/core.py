@@ -365,10 +365,12 @@ class EngineCore:
 
     def _host_times(self) -> dict[str, list]:
         """Host time per step, (seconds, running requests, all decodes), of the engine core and of
-        the workers' launch (rank 0); cleared as read."""
+        the workers' launch (rank 0); and rank 0's grammar work per constrained step, (fill
+        seconds, accept seconds, constrained rows). Cleared as read."""
         core = list(self.host_times)
         self.host_times.clear()
-        return {"engine_core": core, "worker": self.executor.collective_rpc("take_host_times")[0]}
+        worker = self.executor.collective_rpc("take_host_times")[0]
+        return {"engine_core": core, "worker": worker["launch"], "grammar": worker["grammar"]}
 
     def engine_stats(self) -> EngineStats:
         s, bm = self.scheduler, self.block_manager

@@ -66,6 +66,12 @@ class Request:
         """Tokens the workers hold for this request that are not in the KV cache yet."""
         return self.num_tokens + self.num_pending_tokens - self.num_computed_tokens
 
+    def last_token_pending(self) -> bool:
+        """Whether the token on its way (async scheduling) is its last by max_tokens, so that
+        computing it would only sample a token to throw away."""
+        return (self.num_pending_tokens > 0 and self.num_tokens + self.num_pending_tokens
+                - self.num_prompt_tokens >= self.params.max_tokens)
+
     def append_output_token(self, token: int, max_model_len: int) -> Optional[RequestStatus]:
         """Take the token a step sampled; returns how the request ends, if it must stop now."""
         self.num_pending_tokens -= 1

@@ -125,7 +125,9 @@ class Scheduler:
         while i < len(running) and step.budget > 0:
             req = running[i]
             num_new = req.num_tokens + req.num_pending_tokens - req.num_computed_tokens
-            if num_new > step.budget or (threshold and num_new > threshold):
+            if req.last_token_pending():
+                num_new = 0
+            elif num_new > step.budget or (threshold and num_new > threshold):
                 num_new = self._chunk(num_new, step.budget)
             if num_new == 0:
                 i += 1

@@ -149,11 +149,12 @@ class Worker:
         self.host_times.append((time.perf_counter() - t0, num_reqs,
                                 scheduler_output.total_num_scheduled_tokens == num_reqs))
 
-    def take_host_times(self) -> list[tuple[float, int, bool]]:
-        """Host time of each launch, (seconds, requests, all decodes), since the last call."""
+    def take_host_times(self) -> dict[str, list]:
+        """Since the last call: host time of each launch, (seconds, requests, all decodes), and
+        the grammar's per constrained step, (fill seconds, accept seconds, rows)."""
         times = list(self.host_times)
         self.host_times.clear()
-        return times
+        return {"launch": times, "grammar": self.model_runner.grammar.take_step_times()}
 
     def collect(self) -> ModelRunnerOutput:
         return self.model_runner.collect()
