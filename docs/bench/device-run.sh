@@ -36,12 +36,12 @@ case "$1" in
     timeout 560 python3 -m zllm bench structured --w1 --model llama-3.1-8b --tokenizer $PWD/.device/smollm2-tokenizer \
       --max-model-len 2304 --out "$OUT/structured.json" --markdown "$OUT/structured.md" 2>&1 | tee -a "$OUT/log.txt" ;;
   recovery)
-    timeout 560 python3 -m zllm bench recovery --model llama-3.2-1b --device cuda --tensor-parallel-size 1 \
+    timeout 330 python3 -m zllm bench recovery --model llama-3.2-1b --device cuda --tensor-parallel-size 1 \
       --workload W1 --trials 1 --kill-after-tokens 64 --max-model-len 2304 \
       --out "$OUT/recovery.json" --markdown "$OUT/recovery.md" 2>&1 | tee -a "$OUT/log.txt" ;;
   serve-sweep)
     for n in 2 4; do
-      timeout 200 python3 -m zllm bench serve --model llama-3.2-1b --workload W1 --client-procs 4 --ready-runs 1 \
+      timeout 130 python3 -m zllm bench serve --model llama-3.2-1b --workload W1 --client-procs 4 --ready-runs 1 \
         --api-server-count $n $([ $n = 4 ] && echo --no-offline) --max-model-len 2304 --log "$OUT/serve-1b-$n.log" \
         --out "$OUT/serve-1b-api$n.json" --markdown "$OUT/serve-1b-api$n.md" 2>&1 | tee -a "$OUT/log.txt"
     done ;;

@@ -10,7 +10,8 @@ recomputes every running request; the clock stops at the first token any request
 the kill. Each trial checks that every request got all its tokens, and counts the requests whose
 tokens equal those of an undisturbed run: all of them on CPU in float32. In bf16 on a GPU a
 recomputed request may drift (its tokens come from a prefill instead of decodes), so there the
-count is reported, not asserted.
+count is reported, not asserted, beside the same count for a second undisturbed run (bf16
+results depend on how a batch is laid out) and where the first differing token falls.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _prompts(args: argparse.Namespace, vocab_size: int) -> list[list[int]]:
         return wl.prompts
     rng = random.Random(0)
     return [[0] + [rng.randrange(4, 380) for _ in range(args.prompt_len)]
-            for _ in range(args.num_requests)]
+            for _ in range(args.num_requests or 16)]
 
 
 def _config(args: argparse.Namespace) -> EngineConfig:
@@ -84,6 +85,13 @@ def _run(engine: LLMEngine, prompts: list[list[int]], tag: str, args: argparse.N
     return list(tokens.values()), recovery_s, time.perf_counter() - t0
 
 
+def _median_first_difference(runs: list[list[int]], reference: list[list[int]]):
+    """The median position of the first token that differs, over the requests that differ."""
+    firsts = sorted(next(i for i, (a, b) in enumerate(zip(x, y)) if a != b)
+                    for x, y in zip(runs, reference) if x != y)
+    return firsts[len(firsts) // 2] if firsts else None
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="zllm bench recovery", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,7 +99,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tensor-parallel-size", type=int, default=2)
     parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--num-requests", type=int, default=16)
+    parser.add_argument("--num-requests", type=int, default=None,
+                        help="default: 16, or the workload's (W1: 256)")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--kill-after-tokens", type=int, default=8)
@@ -111,6 +120,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     rows = []
     try:
         undisturbed, _, calm_s = _run(engine, prompts, "calm", args)
+        again, _, _ = _run(engine, prompts, "again", args)
         for trial in range(args.trials):
             tokens, recovery_s, wall_s = _run(engine, prompts, f"kill{trial}", args,
                                               args.kill_rank)
@@ -119,7 +129,11 @@ def main(argv: Optional[list[str]] = None) -> None:
                          "wall_s": wall_s, "undisturbed_wall_s": calm_s,
                          "requests_complete": sum(len(t) == args.output_len for t in tokens),
                          "requests_equal_undisturbed": sum(
-                             a == b for a, b in zip(tokens, undisturbed))})
+                             a == b for a, b in zip(tokens, undisturbed)),
+                         "undisturbed_runs_equal": sum(
+                             a == b for a, b in zip(again, undisturbed)),
+                         "median_first_difference": _median_first_difference(
+                             tokens, undisturbed)})
         restarts = engine.stats().num_worker_restarts
     finally:
         engine.shutdown()
