@@ -141,7 +141,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         f"Recovery from a killed rank, TP={args.tensor_parallel_size} on Ray", {
             "model": args.model, "device": args.device, "requests": len(prompts),
             "workload": args.workload or "random prompts",
-            "prompt": args.prompt_len, "output": args.output_len,
+            "prompt": len(prompts[0]), "output": args.output_len,
             "kill_after_tokens": args.kill_after_tokens, "kill_rank": args.kill_rank,
             "worker_restarts": restarts}, rows, args.out, args.markdown or None)
 
