@@ -32,6 +32,11 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    # With SamplingParams.prompt_logprobs: per prompt token, token id -> log-probability (the
+    # prompt's own token included); None for the first token, which has nothing before it. A
+    # stream carries it in its first update.
+    prompt_logprobs: Optional[list[Optional[dict[int, float]]]] = None
+    prompt_token_ranks: Optional[list[Optional[int]]] = None  # each prompt token's rank (1: top)
     # A streaming update: each output holds only what is new since the previous update (text,
     # token ids, logprobs); otherwise everything so far.
     delta: bool = False

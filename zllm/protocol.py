@@ -101,12 +101,73 @@ class Logprobs:
 
 
 @dataclass
+class PromptLogprobs:
+    """Log-probabilities of prompt tokens (SamplingParams.prompt_logprobs), from the positions a
+    step computed: request_ids[i] gets counts[i] consecutive prompt tokens, from prompt index
+    first_indices[i] (>= 1: the first token has nothing before it); per token, its own
+    log-probability (`logprobs`) and rank in the vocabulary (1: the likeliest), and num_top[i]
+    top (id, log-probability) entries, flat in top_ids / top_logprobs. The same positions may come twice (a request recomputed after
+    preemption); the frontend keeps the first."""
+
+    request_ids: list[str]
+    first_indices: Int32Array
+    counts: Int32Array
+    num_top: Int32Array
+    logprobs: Float32Array
+    ranks: Int32Array
+    top_ids: Int32Array
+    top_logprobs: Float32Array
+
+    def __post_init__(self) -> None:
+        _same_length("first indices", self.first_indices, self.request_ids)
+        _same_length("prompt token ranks", self.ranks, self.logprobs)
+        _same_length("counts", self.counts, self.request_ids)
+        _same_length("top counts", self.num_top, self.request_ids)
+        if int(self.counts.sum()) != len(self.logprobs):
+            raise ValueError("prompt log-probability counts do not add up to the entries")
+        if int((self.counts * self.num_top).sum()) != len(self.top_ids):
+            raise ValueError("prompt top counts do not add up to the top entries")
+        _same_length("top log-probabilities", self.top_logprobs, self.top_ids)
+
+    def entries(self) -> list[tuple[str, int, list[tuple[float, int, dict[int, float]]]]]:
+        """Per request: (id, first prompt index, [(log-probability, rank, {top id: logprob})])."""
+        out, pos, top = [], 0, 0
+        ids, lps = self.top_ids.tolist(), self.top_logprobs.tolist()
+        for req_id, first, count, k in zip(self.request_ids, self.first_indices.tolist(),
+                                           self.counts.tolist(), self.num_top.tolist()):
+            rows = []
+            for lp, rank in zip(self.logprobs[pos:pos + count].tolist(),
+                                self.ranks[pos:pos + count].tolist()):
+                rows.append((lp, rank, dict(zip(ids[top:top + k], lps[top:top + k]))))
+                top += k
+            out.append((req_id, first, rows))
+            pos += count
+        return out
+
+    def select(self, request_ids: set[str]) -> Optional["PromptLogprobs"]:
+        """The entries of these requests; None if none."""
+        keep = [i for i, r in enumerate(self.request_ids) if r in request_ids]
+        if not keep:
+            return None
+        counts, tops = self.counts.astype(np.int64), (self.counts * self.num_top).astype(np.int64)
+        starts, top_starts = np.cumsum(counts) - counts, np.cumsum(tops) - tops
+        rows = np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in keep])
+        top = np.concatenate([np.arange(top_starts[i], top_starts[i] + tops[i]) for i in keep])
+        return PromptLogprobs([self.request_ids[i] for i in keep], self.first_indices[keep],
+                              self.counts[keep], self.num_top[keep],
+                              self.logprobs[rows.astype(np.int64)], self.ranks[rows.astype(np.int64)],
+                              self.top_ids[top.astype(np.int64)],
+                              self.top_logprobs[top.astype(np.int64)])
+
+
+@dataclass
 class ModelRunnerOutput:
     """The tokens sampled this step, for requests whose scheduled tokens reached their end."""
 
     req_ids: list[str]
     sampled_token_ids: Int32Array
     logprobs: Optional[Logprobs] = None  # rows follow req_ids; present if any request asked
+    prompt_logprobs: Optional[PromptLogprobs] = None  # of the prompt positions computed
 
     def __post_init__(self) -> None:
         _same_length("sampled tokens", self.sampled_token_ids, self.req_ids)
@@ -207,6 +268,7 @@ class EngineCoreOutputs:
     num_cached_tokens: Int32Array  # prompt tokens found in the prefix cache
     finished: list[FinishedRequest] = field(default_factory=list)
     logprobs: Optional[LogprobsRows] = None
+    prompt_logprobs: Optional[PromptLogprobs] = None
 
     def __post_init__(self) -> None:
         _same_length("new tokens", self.new_token_ids, self.request_ids)
@@ -226,6 +288,9 @@ class EngineCoreOutputs:
             rows.setdefault(owners.get(req_id), []).append(i)
         for f in self.finished:
             rows.setdefault(owners.get(f.request_id), [])
+        prompt = self.prompt_logprobs
+        for req_id in prompt.request_ids if prompt is not None else ():
+            rows.setdefault(owners.get(req_id), [])
         parts = {}
         for owner, idx in rows.items():
             if owner is None:
@@ -235,7 +300,9 @@ class EngineCoreOutputs:
                 [self.request_ids[i] for i in idx], self.new_token_ids[take],
                 self.num_cached_tokens[take],
                 [f for f in self.finished if owners.get(f.request_id) == owner],
-                self.logprobs.select(take) if self.logprobs is not None else None)
+                self.logprobs.select(take) if self.logprobs is not None else None,
+                prompt.select({r for r in prompt.request_ids if owners.get(r) == owner})
+                if prompt is not None else None)
         return parts
 
 

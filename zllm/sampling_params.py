@@ -48,6 +48,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: Optional[dict[int, float]] = None
     structured_outputs: Optional[StructuredOutputs] = None
+    # top-N log-probabilities at each prompt token after the first (vLLM's extension); such a
+    # request skips the prefix cache, whose positions would have no logits.
+    prompt_logprobs: Optional[int] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -77,10 +80,11 @@ class SamplingParams:
         _require("min_tokens", self.min_tokens, _is_int(self.min_tokens)
                  and 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens),
                  f"in [0, max_tokens={self.max_tokens}]")
-        if self.logprobs is not None:
-            _require("logprobs", self.logprobs,
-                     _is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS,
-                     f"in [0, {MAX_LOGPROBS}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _require(name, value, _is_int(value) and 0 <= value <= MAX_LOGPROBS,
+                         f"in [0, {MAX_LOGPROBS}]")
         self._check_stops()
         if self.logit_bias is not None:
             bad = {t: b for t, b in self.logit_bias.items()

@@ -130,8 +130,8 @@ CASES = [
     # Fields zllm refuses rather than ignores, and wrong types.
     ("best-of", C, _cmpl(best_of=3), 400, "best_of"),
     ("suffix", C, _cmpl(suffix="end"), 400, "suffix"),
-    ("prompt-logprobs", C, _cmpl(prompt_logprobs=1), 400, "prompt_logprobs"),
-    ("echo-with-logprobs", C, _cmpl(echo=True, logprobs=1), 400, "echo"),
+    ("prompt-logprobs-21", C, _cmpl(prompt_logprobs=21), 400, "prompt_logprobs"),
+    ("prompt-logprobs-negative", C, _cmpl(prompt_logprobs=-1), 400, "prompt_logprobs"),
     ("stream-string", C, _cmpl(stream="yes"), 400, "stream"),
     ("stream-options-without-stream", C, _cmpl(stream_options={"include_usage": True}), 400,
      "stream_options"),

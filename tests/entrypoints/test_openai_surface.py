@@ -1,6 +1,7 @@
 """The OpenAI surface beyond the basics, through the official openai client: batched prompts,
-context overflow, chat content parts and multi-turn tool conversations, echo, usage details,
-/tokenize, /detokenize, /version, and the fields zllm refuses rather than ignores."""
+context overflow, chat content parts and multi-turn tool conversations, echo (with logprobs),
+prompt_logprobs, usage details, /tokenize, /detokenize, /version, and the fields zllm refuses
+rather than ignores."""
 
 from __future__ import annotations
 
@@ -153,6 +154,41 @@ def test_echo_puts_the_prompt_before_the_completion(openai_client):
     assert "".join(c.choices[0].text for c in streamed) == echoed.choices[0].text
 
 
+def test_echo_with_logprobs_and_prompt_logprobs_score_the_prompt(openai_client):
+    prompt = "Once upon a time"
+    ids = _tokenize(openai_client, prompt=prompt)["tokens"]
+    out = openai_client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=4, echo=True, logprobs=2, temperature=0,
+        extra_body={"prompt_logprobs": 2, **GREEDY["extra_body"]})
+    choice = out.choices[0]
+    scored = choice.model_extra["prompt_logprobs"]
+    assert len(scored) == len(ids) and scored[0] is None
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) + 4 and lp.token_logprobs[0] is None
+    assert lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+    for i, token in enumerate(ids[1:], start=1):
+        entry = scored[i][str(token)]  # the prompt's own token comes first, with its rank
+        assert next(iter(scored[i])) == str(token) and entry["rank"] >= 1
+        assert lp.token_logprobs[i] == pytest.approx(entry["logprob"])
+        assert all(e["rank"] <= 2 for t, e in scored[i].items() if t != str(token))
+    plain = openai_client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=4,
+                                             logprobs=2, **GREEDY)
+    assert lp.token_logprobs[len(ids):] == plain.choices[0].logprobs.token_logprobs
+    assert "prompt_logprobs" not in plain.choices[0].model_extra
+    # Streamed: the first chunk leads with the prompt's tokens; the chunks add up to the whole.
+    tokens, logprobs = [], []
+    for chunk in openai_client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=4,
+                                                  echo=True, logprobs=2, stream=True, **GREEDY):
+        for c in chunk.choices:
+            tokens += c.logprobs.tokens
+            logprobs += c.logprobs.token_logprobs
+    assert tokens == lp.tokens and logprobs == lp.token_logprobs
+    chat = openai_client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": prompt}], max_tokens=2,
+        extra_body={"prompt_logprobs": 0})
+    assert len(chat.model_extra["prompt_logprobs"]) == chat.usage.prompt_tokens
+
+
 def test_tokenize_detokenize_version_and_models(openai_client):
     tokens = _tokenize(openai_client, prompt="Hello world")
     assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] == MAX_MODEL_LEN
@@ -170,8 +206,8 @@ def test_tokenize_detokenize_version_and_models(openai_client):
 @pytest.mark.parametrize("endpoint, fields, param", [
     ("completions", {"best_of": 3}, "best_of"),
     ("completions", {"suffix": "end"}, "suffix"),
-    ("completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
-    ("completions", {"echo": True, "logprobs": 1}, "echo"),
+    ("completions", {"prompt_logprobs": 21}, "prompt_logprobs"),
+    ("completions", {"echo": True, "logprobs": 21}, "logprobs"),
     ("completions", {"stop_token_ids": [10**6]}, "stop_token_ids"),
     ("completions", {"logit_bias": {"5": 500}}, "logit_bias"),
     ("completions", {"logit_bias": {str(10**6): 1}}, "logit_bias"),

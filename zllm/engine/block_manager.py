@@ -67,8 +67,9 @@ class BlockManager:
 
     def find_cached_prefix(self, req: Request) -> list[int]:
         """Cached blocks holding req's longest known prefix. At least one token is left to
-        compute, so the step that admits the request produces its logits."""
-        if not self.enable_prefix_caching:
+        compute, so the step that admits the request produces its logits. None for a request
+        that wants its prompt's log-probabilities: cached positions would have no logits."""
+        if not self.enable_prefix_caching or req.params.prompt_logprobs is not None:
             return []
         blocks = []
         for h in self._hashes(req, (req.num_tokens - 1) // self.block_size):

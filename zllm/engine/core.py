@@ -320,7 +320,8 @@ class EngineCore:
             self.metrics.count_finished(f.finish_reason)
         logprobs = _logprob_rows(out, logprob_rows) if logprob_rows else None
         return EngineCoreOutputs(ids, np.asarray(tokens, dtype=np.int32),
-                                 np.asarray(cached, dtype=np.int32), finished, logprobs)
+                                 np.asarray(cached, dtype=np.int32), finished, logprobs,
+                                 out.prompt_logprobs)
 
     # -- control calls -------------------------------------------------------------------------------
 

@@ -118,7 +118,8 @@ async def generate(request: web.Request, parsed: GenerateRequest, prompts: list[
             "created": proto.now(), "model": request.app[MODEL_NAME]}
     choices = [Choices(llm.tokenizer, n, chat, parsed.params.logprobs, index_base=k * n,
                        echo_text=_echo_text(llm, text, ids) if parsed.echo else None,
-                       parser=parser, token_ids=parsed.return_token_ids)
+                       parser=parser, token_ids=parsed.return_token_ids,
+                       prompt_logprobs=parsed.show_prompt_logprobs and not chat)
                for k, (text, ids) in enumerate(prompts)]
     ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{k}" for k in range(len(prompts))]
     limit = request.app[STREAM_BUFFER_TOKENS] if parsed.stream else None
@@ -132,7 +133,10 @@ async def generate(request: web.Request, parsed: GenerateRequest, prompts: list[
         except EngineDeadError as e:  # the engine core died while this request was in it
             raise APIError(500, str(e), type="internal_server_error") from None
         body = [c for builder, out in zip(choices, finals) for c in builder.full(out)]
-        return web.json_response({**head, "choices": body, "usage": _usage(finals, choices)})
+        extra = ({"prompt_logprobs": choices[0].prompt_logprobs()}  # vLLM's place for them in chat
+                 if chat and parsed.show_prompt_logprobs else {})
+        return web.json_response({**head, "choices": body, "usage": _usage(finals, choices),
+                                  **extra})
     if chat:
         head["object"] = "chat.completion.chunk"
     return await _stream(request, head, choices, streams, parsed)

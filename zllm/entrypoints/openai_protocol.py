@@ -4,14 +4,15 @@ A bad request gets a 400 that names the field (`param`), the value and what is a
 the engine sees it. Besides OpenAI's fields, vLLM's extensions are read: `top_k`, `min_p`,
 `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`,
 `structured_outputs` (and the older `guided_json`/`guided_regex`/`guided_choice`/
-`guided_grammar`), `add_generation_prompt`, `continue_final_message`, `priority`.
+`guided_grammar`), `add_generation_prompt`, `continue_final_message`, `priority`,
+`prompt_logprobs`.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Union
 
 from zllm.entrypoints.tool_calls import ToolRequest, check_tools
@@ -92,6 +93,9 @@ class GenerateRequest:
     return_token_ids: bool = False
     # vLLM's extension: the request's priority under `policy: priority` (lower first).
     priority: int = 0
+    # vLLM's extension `prompt_logprobs` was asked for: the response carries them (params may
+    # ask for them only for completions' echo with logprobs).
+    show_prompt_logprobs: bool = False
 
 
 def _sampling_params(body: dict[str, Any], max_tokens: Optional[int], logprobs: Optional[int],
@@ -125,8 +129,8 @@ def _sampling_params(body: dict[str, Any], max_tokens: Optional[int], logprobs: 
         skip_special_tokens=json_field(body, "skip_special_tokens", "boolean|null", True),
         logit_bias=_logit_bias(body),
         structured_outputs=constraint,
+        prompt_logprobs=json_field(body, "prompt_logprobs", "integer|null"),
     )
-    _reject_unsupported(body)
     try:
         return SamplingParams(**kwargs), constraint_param
     except ValueError as e:
@@ -151,13 +155,6 @@ def _logit_bias(body: dict[str, Any]) -> Optional[dict[int, float]]:
                               "logit_bias", "invalid_type")
         out[int(key)] = float(value)
     return out
-
-
-def _reject_unsupported(body: dict[str, Any]) -> None:
-    """Fields zllm does not implement: a 400 rather than an answer that ignores them."""
-    if json_field(body, "prompt_logprobs", "integer|null") is not None:
-        raise bad_request("'prompt_logprobs' is not supported yet: zllm computes logits only at "
-                          "the positions it samples", "prompt_logprobs", "unsupported")
 
 
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
@@ -227,12 +224,13 @@ def parse_completion(body: dict[str, Any]) -> GenerateRequest:
                           f"n = {best_of} samples and pick among them", "best_of", "unsupported")
     stream, include_usage, continuous = _stream_flags(body)
     echo = json_field(body, "echo", "boolean|null", False)
-    if echo and logprobs is not None:
-        raise bad_request("'echo' with 'logprobs' needs the prompt's log-probabilities, which "
-                          "zllm does not compute yet", "echo", "unsupported")
+    show_prompt_logprobs = params.prompt_logprobs is not None
+    if echo and logprobs is not None:  # the echoed prompt's tokens carry logprobs too
+        params = replace(params, prompt_logprobs=max(logprobs, params.prompt_logprobs or 0))
     return GenerateRequest(model, params, stream, include_usage, continuous, constraint_param,
                            prompts=prompts, echo=echo, return_token_ids=_return_token_ids(body),
-                           priority=json_field(body, "priority", "integer|null", 0))
+                           priority=json_field(body, "priority", "integer|null", 0),
+                           show_prompt_logprobs=show_prompt_logprobs)
 
 
 def _prompts(prompt: Any) -> list[Prompt]:
@@ -283,7 +281,8 @@ def parse_chat(body: dict[str, Any]) -> GenerateRequest:
                            add_generation_prompt=add_generation_prompt and not continue_final,
                            continue_final_message=continue_final,
                            return_token_ids=_return_token_ids(body),
-                           priority=json_field(body, "priority", "integer|null", 0))
+                           priority=json_field(body, "priority", "integer|null", 0),
+                           show_prompt_logprobs=params.prompt_logprobs is not None)
 
 
 def _return_token_ids(body: dict[str, Any]) -> bool:

@@ -28,15 +28,19 @@ class Choices:
     """OpenAI choices of one prompt's samples.
 
     tokenizer: for logprob tokens; index_base: the first choice index; echo_text: the prompt's
-    text to put before each completion (completions' echo); parser: makes a tool-call parser
-    per sample (chat with tools), or None.
+    text to put before each completion (completions' echo; with logprobs, the echoed prompt's
+    tokens lead the logprobs too); parser: makes a tool-call parser per sample (chat with
+    tools), or None; prompt_logprobs: completions' choices carry vLLM's `prompt_logprobs`.
     """
 
     def __init__(self, tokenizer, n: int, chat: bool, num_top_logprobs: Optional[int],
                  index_base: int = 0, echo_text: Optional[str] = None,
-                 parser: Optional[Callable[[], Any]] = None, token_ids: bool = False) -> None:
+                 parser: Optional[Callable[[], Any]] = None, token_ids: bool = False,
+                 prompt_logprobs: bool = False) -> None:
         self.tokenizer, self.chat, self.num_top = tokenizer, chat, num_top_logprobs
         self.index_base, self.echo_text = index_base, echo_text
+        self.show_prompt_logprobs = prompt_logprobs
+        self.prompt: Optional[RequestOutput] = None  # the output that carried prompt logprobs
         self.token_ids = token_ids  # vLLM's return_token_ids: each choice carries its token ids
         self.parsers = [parser() for _ in range(n)] if parser is not None else None
         self.text_offset, self.num_tokens = [0] * n, [0] * n
@@ -45,20 +49,49 @@ class Choices:
         self.unsent_ids: list[list[int]] = [[] for _ in range(n)]
         self.unsent_logprobs: list[list] = [[] for _ in range(n)]
 
-    def logprobs(self, token_ids, logprobs, text_offset: int) -> Optional[dict[str, Any]]:
+    def logprobs(self, token_ids, logprobs, text_offset: int,
+                  first: bool = False) -> Optional[dict[str, Any]]:
+        """A sample's logprobs object for these tokens; the `first` of a completion with echo
+        leads with the prompt's tokens."""
         if logprobs is None:
             return None
         if self.chat:
             return chat_logprobs(self.tokenizer, token_ids, logprobs, self.num_top or 0)
+        if first and self.echo_text is not None and self.prompt is not None:
+            ids, prompt = self.prompt.prompt_token_ids, self.prompt.prompt_logprobs
+            echoed = [None if top is None else _top(top, t, self.num_top or 0)
+                      for t, top in zip(ids, prompt)]
+            return completion_logprobs(self.tokenizer, ids + token_ids, echoed + logprobs, 0)
         return completion_logprobs(self.tokenizer, token_ids, logprobs, text_offset)
+
+    def prompt_logprobs(self) -> Optional[list[Optional[dict[str, Any]]]]:
+        """vLLM's `prompt_logprobs`: per prompt token (None for the first), token id -> its
+        log-probability, rank and text, the prompt's own token first."""
+        if self.prompt is None:
+            return None
+        out: list[Optional[dict[str, Any]]] = [None]
+        p = self.prompt
+        for token, top, rank in zip(p.prompt_token_ids[1:], p.prompt_logprobs[1:],
+                                    p.prompt_token_ranks[1:]):
+            ranks = {t: 1 + sum(v > lp for v in top.values()) for t, lp in top.items()}
+            ranks[token] = rank
+            out.append({str(t): {"logprob": top[t], "rank": ranks[t],
+                                 "decoded_token": self.tokenizer.decode([t])}
+                        for t in [token] + [t for t in top if t != token]})
+        return out
+
+    def _note_prompt(self, out: RequestOutput) -> None:
+        if out.prompt_logprobs is not None and self.prompt is None:
+            self.prompt = out
 
     def full(self, out: RequestOutput) -> list[dict[str, Any]]:
         """The finished choices of a (non-streaming) request's final output."""
+        self._note_prompt(out)
         choices = []
         for c in out.outputs:
             self.num_tokens[c.index] = len(c.token_ids)
             choice: dict[str, Any] = {"index": self.index_base + c.index,
-                                      "logprobs": self.logprobs(c.token_ids, c.logprobs, 0)}
+                                      "logprobs": self.logprobs(c.token_ids, c.logprobs, 0, True)}
             if self.chat:
                 content, _ = self._parse(c.index, c.text, True)
                 calls = self.parsers[c.index].calls if self.parsers is not None else []
@@ -67,6 +100,8 @@ class Choices:
             else:
                 choice["text"] = (self.echo_text or "") + c.text
                 choice["finish_reason"] = c.finish_reason
+                if self.show_prompt_logprobs:
+                    choice["prompt_logprobs"] = self.prompt_logprobs()
             if self.token_ids:
                 choice["token_ids"] = c.token_ids
             choices.append(choice)
@@ -74,6 +109,7 @@ class Choices:
 
     def deltas(self, out: RequestOutput) -> list[dict[str, Any]]:
         """Chunk choices for a delta output: one per sample with news (text, or its end)."""
+        self._note_prompt(out)
         choices = []
         for c in out.outputs:
             i = c.index
@@ -85,8 +121,9 @@ class Choices:
             delta = self._delta(c)
             if delta is None:
                 continue  # nothing to say yet (half a character, text held back)
+            first = not self.started[i]
             logprobs = self.logprobs(self.unsent_ids[i], self.unsent_logprobs[i],
-                                     self.text_offset[i]) if c.logprobs is not None else None
+                                     self.text_offset[i], first) if c.logprobs is not None else None
             choice: dict[str, Any] = {"index": self.index_base + i, "logprobs": logprobs}
             if self.chat:
                 choice["delta"] = delta
@@ -94,6 +131,10 @@ class Choices:
             else:
                 choice["text"] = delta["content"]
                 choice["finish_reason"] = c.finish_reason
+                if first and self.show_prompt_logprobs:
+                    choice["prompt_logprobs"] = self.prompt_logprobs()
+                if first and self.echo_text:
+                    self.text_offset[i] += len(self.echo_text)
             if self.token_ids:
                 choice["token_ids"] = self.unsent_ids[i]
             choices.append(choice)
@@ -149,15 +190,22 @@ def completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int
                         text_offset: int) -> dict[str, list]:
     """The legacy completions format: tokens, token_logprobs, top_logprobs, text_offset."""
     tokens, token_lps, tops, offsets = [], [], [], []
-    for token_id, top in zip(token_ids, logprobs):
+    for token_id, top in zip(token_ids, logprobs):  # top is None for an echoed first token
         token = tokenizer.decode([token_id])
         tokens.append(token)
-        token_lps.append(top.get(token_id))
-        tops.append({tokenizer.decode([t]): lp for t, lp in top.items()})
+        token_lps.append(None if top is None else top.get(token_id))
+        tops.append(None if top is None else {tokenizer.decode([t]): lp for t, lp in top.items()})
         offsets.append(text_offset)
         text_offset += len(token)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
             "text_offset": offsets}
+
+
+def _top(top: dict[int, float], token: int, k: int) -> dict[int, float]:
+    """The k likeliest entries of `top`, and the token's own."""
+    kept = dict(sorted(top.items(), key=lambda kv: -kv[1])[:k])
+    kept[token] = top[token]
+    return kept
 
 
 def chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int, float]],

@@ -42,7 +42,10 @@ def merge_deltas(old: RequestOutput, new: RequestOutput) -> RequestOutput:
         logprobs = None if a.logprobs is None else a.logprobs + (b.logprobs or [])
         merged.append(CompletionOutput(a.index, a.text + b.text, a.token_ids + b.token_ids,
                                        b.finish_reason, b.stop_reason, logprobs))
-    return dataclasses.replace(new, outputs=merged)
+    # The prompt's logprobs come once, in a stream's first update.
+    return dataclasses.replace(new, outputs=merged,
+                               prompt_logprobs=old.prompt_logprobs or new.prompt_logprobs,
+                               prompt_token_ranks=old.prompt_token_ranks or new.prompt_token_ranks)
 
 
 class _Collector:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from zllm.outputs import CompletionOutput, RequestOutput
-from zllm.protocol import EngineCoreOutputs
+from zllm.protocol import EngineCoreOutputs, PromptLogprobs
 from zllm.sampling_params import SamplingParams
 
 
@@ -118,6 +118,9 @@ class RequestState:
     samples: list[_Sample]
     core_ids: list[str]  # the engine core's id of each sample
     num_cached_tokens: int = 0
+    prompt_logprobs: Optional[list[Optional[dict[int, float]]]] = None  # as scored so far
+    prompt_token_ranks: Optional[list[Optional[int]]] = None
+    prompt_logprobs_sent: bool = False  # (streaming)
 
     @property
     def finished(self) -> bool:
@@ -138,7 +141,9 @@ class OutputProcessor:
                            if text_needed else None,
                            logprobs=[] if params.logprobs is not None else None)
                    for i in range(len(core_ids))]
-        state = RequestState(request_id, prompt, prompt_token_ids, stream, samples, core_ids)
+        state = RequestState(request_id, prompt, prompt_token_ids, stream, samples, core_ids,
+                             prompt_logprobs=None if params.prompt_logprobs is None else [None],
+                             prompt_token_ranks=None if params.prompt_logprobs is None else [None])
         self.requests[request_id] = state
         for core_id, sample in zip(core_ids, samples):
             self.samples[core_id] = (state, sample)
@@ -158,6 +163,8 @@ class OutputProcessor:
         samples that a stop string ended (to abort in the core)."""
         touched: dict[str, RequestState] = {}
         to_abort: list[str] = []
+        if outputs.prompt_logprobs is not None:
+            self._add_prompt_logprobs(outputs.prompt_logprobs)
         lp = outputs.logprobs
         lp_rows = {int(r): i for i, r in enumerate(lp.rows)} if lp is not None else {}
         starts = _starts(lp.counts) if lp is not None else None
@@ -201,6 +208,21 @@ class OutputProcessor:
                 del self.requests[state.request_id]
         return results, to_abort
 
+    def _add_prompt_logprobs(self, prompt: PromptLogprobs) -> None:
+        """Append each request's newly scored prompt tokens, in order; tokens it already has
+        (scored again when a preempted request was recomputed) are skipped."""
+        for core_id, first, rows in prompt.entries():
+            entry = self.samples.get(core_id)
+            if entry is None or entry[0].prompt_logprobs is None:
+                continue
+            state = entry[0]
+            have, prompt_ids = state.prompt_logprobs, state.prompt_token_ids
+            for index, (logprob, rank, top) in enumerate(rows, start=first):
+                if index == len(have):
+                    top[prompt_ids[index]] = logprob
+                    have.append(top)
+                    state.prompt_token_ranks.append(rank)
+
     def _text(self, sample: _Sample) -> str:
         if sample.detokenizer is not None:
             return sample.text
@@ -211,7 +233,9 @@ class OutputProcessor:
         completions = [CompletionOutput(s.index, self._text(s), list(s.token_ids), s.finish_reason,
                                         s.stop_reason, s.logprobs) for s in state.samples]
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, completions,
-                             num_cached_tokens=state.num_cached_tokens)
+                             num_cached_tokens=state.num_cached_tokens,
+                             prompt_logprobs=state.prompt_logprobs,
+                             prompt_token_ranks=state.prompt_token_ranks)
 
     def _delta(self, state: RequestState) -> RequestOutput:
         """What each sample has that the consumer has not had yet."""
@@ -222,8 +246,13 @@ class OutputProcessor:
                 s.index, s.text[s.sent_text:visible], s.token_ids[s.sent_tokens:], s.finish_reason,
                 s.stop_reason, s.logprobs[s.sent_tokens:] if s.logprobs is not None else None))
             s.sent_text, s.sent_tokens = max(s.sent_text, visible), len(s.token_ids)
+        prompt_logprobs = ranks = None
+        if not state.prompt_logprobs_sent:
+            prompt_logprobs, ranks = state.prompt_logprobs, state.prompt_token_ranks
+            state.prompt_logprobs_sent = True
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, completions,
-                             num_cached_tokens=state.num_cached_tokens, delta=True)
+                             num_cached_tokens=state.num_cached_tokens, delta=True,
+                             prompt_logprobs=prompt_logprobs, prompt_token_ranks=ranks)
 
 
 def _starts(counts) -> list[int]:

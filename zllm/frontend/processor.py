@@ -125,7 +125,8 @@ class Processor:
                       priority: int = 0) -> list[EngineCoreRequest]:
         """One engine core request per sample; sample i of a seeded request uses seed + i.
         Stop strings stay here (the frontend matches them), so no text travels to the core.
-        max_tokens None becomes the rest of the context."""
+        max_tokens None becomes the rest of the context. Only the first sample scores the
+        prompt (prompt_logprobs): the others share its prompt, and may take it from the cache."""
         self.check_priority(priority)
         ids = np.asarray(prompt_ids, dtype=np.int32)
         max_tokens = params.max_tokens or self.max_model_len - len(prompt_ids)
@@ -133,7 +134,8 @@ class Processor:
         requests = []
         for i, core_id in enumerate(sample_request_ids(request_id, params.n)):
             seed = None if params.seed is None else sample_seed(params.seed, i)
-            child = dataclasses.replace(params, n=1, seed=seed, stop=[], max_tokens=max_tokens)
+            child = dataclasses.replace(params, n=1, seed=seed, stop=[], max_tokens=max_tokens,
+                                        prompt_logprobs=params.prompt_logprobs if i == 0 else None)
             requests.append(EngineCoreRequest(core_id, ids, child, self.eos_token_ids, arrival,
                                               priority, sample_index=i))
         return requests

@@ -43,6 +43,21 @@ class StepInputs:
     sample_rows: Optional[np.ndarray]  # their last token's flat index; None: tokens 0..R-1
     sampled_slots: np.ndarray  # their slots
     output_positions: np.ndarray  # tokens each had generated before this one
+    prompt_logprobs: Optional["PromptLogprobRows"] = None  # prompt positions to score
+
+
+@dataclass
+class PromptLogprobRows:
+    """The prompt positions of a step whose logits score the prompt token after them
+    (SamplingParams.prompt_logprobs): their flat rows and those tokens, and per request its
+    batch index, the prompt index of its first scored token, how many, and its top-N."""
+
+    rows: np.ndarray  # int64
+    targets: np.ndarray  # int64
+    batch_index: np.ndarray
+    first_indices: np.ndarray
+    counts: np.ndarray
+    num_top: np.ndarray
 
 
 class InputBatch:
@@ -67,6 +82,8 @@ class InputBatch:
         self.num_pending = np.zeros(num_slots, np.int64)  # sampled, not on the host yet
         self.prev_index = np.full(num_slots, -1, np.int64)  # row in the last step's tokens
         self.sampling = SamplingTable(num_slots, vocab_size)
+        self.prompt_logprobs = np.full(num_slots, -1, np.int64)  # top-N, -1: not asked for
+        self.num_prompt_logprobs = 0  # held requests that ask
         self.slot_of: dict[str, int] = {}
         self.free_slots = list(range(self.capacity - 1, -1, -1))
         self.draining: list[int] = []  # removed, with tokens in flight: free once they land
@@ -117,6 +134,9 @@ class InputBatch:
                 continue
             gone.append(self.order_ids.index(req_id))
             self.sampling.remove(slot)
+            if self.prompt_logprobs[slot] >= 0:
+                self.prompt_logprobs[slot] = -1
+                self.num_prompt_logprobs -= 1
             (self.draining if self.num_pending[slot] else self.free_slots).append(slot)
         if gone:
             keep = np.ones(len(self.order_ids), np.bool_)
@@ -139,6 +159,9 @@ class InputBatch:
         self.block_table[slot, :len(new.block_ids)] = new.block_ids
         self.num_blocks[slot] = len(new.block_ids)
         self.sampling.add(slot, new.sampling_params, new.stop_token_ids)
+        if new.sampling_params.prompt_logprobs is not None:
+            self.prompt_logprobs[slot] = new.sampling_params.prompt_logprobs
+            self.num_prompt_logprobs += 1
         self.slot_of[new.req_id] = slot
         return slot
 
@@ -228,6 +251,8 @@ class InputBatch:
         step = StepInputs(_pad(input_ids, num_tokens + num_pad, 0),
                           _pad(positions, num_tokens + num_pad, 0), attention, fill_rows,
                           fill_from, *self._sampled(slots, starts, end, known, num_tokens))
+        if self.num_prompt_logprobs:
+            step.prompt_logprobs = self._prompt_logprob_rows(slots, start, end, starts)
         self.num_computed_tokens[slots] = end
         self.prev_index.fill(-1)
         self.prev_index[step.sampled_slots] = self._arange[:len(step.sampled_slots)]
@@ -246,6 +271,24 @@ class InputBatch:
             return None, None, slots, output_positions
         sampled = np.flatnonzero(reached)
         return sampled, starts[sampled + 1] - 1, slots[sampled], output_positions[sampled]
+
+    def _prompt_logprob_rows(self, slots: np.ndarray, start: np.ndarray, end: np.ndarray,
+                             starts: np.ndarray) -> Optional[PromptLogprobRows]:
+        """Positions p this step computes, of requests asking for prompt log-probabilities,
+        whose next token p + 1 is still in the prompt."""
+        asks = np.flatnonzero(self.prompt_logprobs[slots] >= 0)
+        lo = start[asks]
+        hi = np.minimum(end[asks], self.num_prompt_tokens[slots[asks]] - 1)
+        some = hi > lo
+        asks, lo, hi = asks[some], lo[some], hi[some]
+        if not len(asks):
+            return None
+        counts = hi - lo
+        rows = np.concatenate([np.arange(starts[i], starts[i] + c) for i, c in zip(asks, counts)])
+        positions = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)])
+        targets = self.token_ids[np.repeat(slots[asks], counts), positions + 1].astype(np.int64)
+        return PromptLogprobRows(rows, targets, asks, lo + 1, counts,
+                                 self.prompt_logprobs[slots[asks]])
 
     def sampling_inputs(self, step: StepInputs) -> Optional[SamplingInputs]:
         """The step's sampling settings, with penalty statistics from the host history; None

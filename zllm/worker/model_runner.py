@@ -42,7 +42,8 @@ from zllm.worker.host_timer import HostTimer
 from zllm.worker.input_batch import InputBatch, StepInputs
 from zllm.worker.models.registry import build_model
 from zllm.worker.models.weights import load_weights
-from zllm.worker.sampler import GREEDY, SampledLogprobs, make_sampling_metadata, sample
+from zllm.worker.sampler import (GREEDY, DevicePromptLogprobs, SampledLogprobs,
+                                 make_sampling_metadata, prompt_logprobs, sample)
 from zllm.worker.staging import PinnedStaging
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class LaunchedStep:
     output: Optional[ModelRunnerOutput] = None  # once read back
     done_event: Optional[torch.cuda.Event] = None  # recorded after the step's last kernel
     constrained: bool = False  # some rows sampled under a grammar: their tokens advance it
+    prompt_logprobs: Optional[DevicePromptLogprobs] = None
 
     def done(self) -> bool:
         return self.done_event is None or self.done_event.query()
@@ -228,7 +230,19 @@ class ModelRunner:
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, self.attn)
         self.timer.lap("forward")
-        self.launched.append(self._sample(sched, step, hidden, sample_rows, previous))
+        launched = self._sample(sched, step, hidden, sample_rows, previous)
+        if step.prompt_logprobs is not None:
+            launched.prompt_logprobs = self._prompt_logprobs(sched, step, hidden)
+        self.launched.append(launched)
+
+    def _prompt_logprobs(self, sched: SchedulerOutput, step: StepInputs,
+                         hidden: torch.Tensor) -> DevicePromptLogprobs:
+        plan = step.prompt_logprobs
+        values = prompt_logprobs(self.model.compute_logits, hidden, plan.rows, plan.targets,
+                                 int(plan.num_top.max()))
+        ids = sched.scheduled_req_ids
+        return DevicePromptLogprobs([ids[i] for i in plan.batch_index.tolist()],
+                                    plan.first_indices, plan.counts, plan.num_top, *values)
 
     def _device_inputs(self, step: StepInputs, previous: Optional[LaunchedStep]):
         """Token ids, positions and sampled rows on the device, in one copy. Tokens that the
@@ -302,7 +316,10 @@ class ModelRunner:
                 if step.constrained:
                     self.grammar.accept(step.req_ids, tokens.tolist())
                 logprobs = step.logprobs.to_host() if step.logprobs is not None else None
-                step.output = ModelRunnerOutput(step.req_ids, tokens.astype(np.int32), logprobs)
+                prompt = (step.prompt_logprobs.to_host() if step.prompt_logprobs is not None
+                          else None)
+                step.output = ModelRunnerOutput(step.req_ids, tokens.astype(np.int32), logprobs,
+                                                prompt)
                 self.timer.lap("read_back")
             if step is last:
                 return

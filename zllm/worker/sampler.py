@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from zllm.protocol import Logprobs
+from zllm.protocol import Logprobs, PromptLogprobs
 
 _MASK32 = 0xFFFFFFFF
 
@@ -244,3 +244,53 @@ def _gather_logprobs(logprobs: Optional[torch.Tensor], tokens: torch.Tensor,
     sampled = logprobs.gather(-1, tokens[:, None])[:, 0]
     top_values, top_ids = logprobs.topk(num, dim=-1) if num else (logprobs[:, :0], tokens[:, None][:, :0])
     return SampledLogprobs(sampled, top_ids, top_values)
+
+
+# Prompt positions scored per logits matmul: bounds the float32 [rows, vocab] temporaries.
+PROMPT_LOGPROBS_CHUNK = 1024
+
+
+@dataclass
+class DevicePromptLogprobs:
+    """A step's prompt log-probabilities, still on the device (read back with its tokens)."""
+
+    request_ids: list[str]
+    first_indices: np.ndarray
+    counts: np.ndarray
+    num_top: np.ndarray  # per request
+    logprobs: torch.Tensor  # [rows]
+    ranks: torch.Tensor  # [rows]
+    top_ids: torch.Tensor  # [rows, max(num_top)]
+    top_logprobs: torch.Tensor
+
+    def to_host(self) -> PromptLogprobs:
+        k = np.repeat(self.num_top, self.counts)  # each row keeps its request's top-N
+        keep = np.arange(self.top_ids.shape[1])[None, :] < k[:, None]
+        return PromptLogprobs(self.request_ids, self.first_indices.astype(np.int32),
+                              self.counts.astype(np.int32), self.num_top.astype(np.int32),
+                              self.logprobs.cpu().numpy().astype(np.float32),
+                              self.ranks.cpu().numpy().astype(np.int32),
+                              self.top_ids.cpu().numpy()[keep].astype(np.int32),
+                              self.top_logprobs.cpu().numpy()[keep].astype(np.float32))
+
+
+def prompt_logprobs(compute_logits, hidden: torch.Tensor, rows: np.ndarray,
+                    targets: np.ndarray, max_top: int) -> tuple[torch.Tensor, ...]:
+    """Raw log-probabilities (before any sampling setting, as for `logprobs`) of the `targets`
+    after the hidden states at `rows`, their ranks, and the top `max_top`, in chunks of rows."""
+    device = hidden.device
+    rows_t = torch.as_tensor(rows, device=device)
+    targets_t = torch.as_tensor(targets, device=device)
+    out = torch.empty(len(rows), dtype=torch.float32, device=device)
+    ranks = torch.empty(len(rows), dtype=torch.long, device=device)
+    top_values = torch.empty(len(rows), max_top, dtype=torch.float32, device=device)
+    top_ids = torch.empty(len(rows), max_top, dtype=torch.long, device=device)
+    for s in range(0, len(rows), PROMPT_LOGPROBS_CHUNK):
+        part = slice(s, s + PROMPT_LOGPROBS_CHUNK)
+        logprobs = torch.log_softmax(compute_logits(hidden[rows_t[part]]).float(), dim=-1)
+        target = logprobs.gather(-1, targets_t[part, None])
+        out[part] = target[:, 0]
+        ranks[part] = (logprobs > target).sum(-1) + 1
+        if max_top:
+            top_values[part], top_ids[part] = logprobs.topk(max_top, dim=-1)
+    return out, ranks, top_ids, top_values
