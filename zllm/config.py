@@ -184,9 +184,6 @@ class EngineConfig:
             raise ValueError(f"unknown config key '{key}' {where}(allowed: {', '.join(allowed)})")
         setattr(getattr(self, owner), key, coerce(key, value, field_types(SECTIONS[owner])[key]))
 
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
-
     def validate(self) -> None:
         m, c, s, p, d = self.model, self.cache, self.scheduler, self.parallel, self.device
         check("dtype", m.dtype, m.dtype in DTYPES, f"one of {DTYPES}")

@@ -102,10 +102,6 @@ class SamplingParams:
         _require("stop_token_ids", self.stop_token_ids,
                  all(_is_int(t) for t in self.stop_token_ids), "a list of token ids (integers)")
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)

@@ -99,10 +99,6 @@ class Workload:
     output_lens: list[int]
 
     @property
-    def num_output_tokens(self) -> int:
-        return sum(self.output_lens)
-
-    @property
     def num_prompt_tokens(self) -> int:
         return sum(len(p) for p in self.prompts)
 

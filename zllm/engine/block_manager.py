@@ -36,8 +36,6 @@ class BlockManager:
         # CPU blocks for swapped-out requests: a plain free list, no sharing.
         self.free_cpu_blocks: list[int] = list(range(num_cpu_blocks))
         self.cpu_block_tables: dict[str, list[int]] = {}
-        self.num_query_tokens = 0  # prompt tokens looked up in the cache
-        self.num_hit_tokens = 0  # of which found
 
     @property
     def num_free_blocks(self) -> int:
@@ -46,10 +44,6 @@ class BlockManager:
     @property
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
-
-    @property
-    def hit_rate(self) -> float:
-        return self.num_hit_tokens / self.num_query_tokens if self.num_query_tokens else 0.0
 
     # -- prefix cache ----------------------------------------------------------------------------
 
@@ -118,10 +112,7 @@ class BlockManager:
             self.ref_counts[block_id] += 1
         self.block_tables[req.req_id] = list(cached_blocks)
         req.num_cached_blocks = len(cached_blocks)
-        hit = len(cached_blocks) * self.block_size
-        self.num_query_tokens += req.num_tokens
-        self.num_hit_tokens += hit
-        req.num_computed_tokens = hit
+        req.num_computed_tokens = len(cached_blocks) * self.block_size
 
     def allocate_slots(self, req: Request, num_new_tokens: int) -> Optional[list[int]]:
         """Extend req's block table to hold `num_new_tokens` more tokens.

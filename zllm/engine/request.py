@@ -61,11 +61,6 @@ class Request:
         self.num_cached_prompt_tokens = 0  # found in the prefix cache when first admitted
         self.last_token_time: Optional[float] = None  # when the engine got its latest token
 
-    @property
-    def num_tokens_to_compute(self) -> int:
-        """Tokens the workers hold for this request that are not in the KV cache yet."""
-        return self.num_tokens + self.num_pending_tokens - self.num_computed_tokens
-
     def last_token_pending(self) -> bool:
         """Whether the token on its way (async scheduling) is its last by max_tokens, so that
         computing it would only sample a token to throw away."""
