@@ -8,7 +8,7 @@ import importlib
 import logging
 import os
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 from zllm.config import SECTIONS, EngineConfig, field_types
 
@@ -40,8 +40,13 @@ def config_keys() -> list[str]:
     return [k for cls in SECTIONS.values() for k in field_types(cls)]
 
 
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config keys given on the command line."""
+    return {k: getattr(args, k) for k in config_keys() if getattr(args, k, None) is not None}
+
+
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
-    overrides = {k: getattr(args, k) for k in config_keys() if getattr(args, k, None) is not None}
+    overrides = config_overrides(args)
     if args.config:
         return EngineConfig.from_yaml(args.config, **overrides)
     return EngineConfig.from_dict({}, **overrides)

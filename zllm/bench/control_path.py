@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from zllm.bench.report import write_results
+from zllm.bench.report import add_report_args, write_results
 from zllm.config import EngineConfig
 from zllm.protocol import CachedRequestData, NewRequestData, SchedulerOutput
 from zllm.sampling_params import SamplingParams
@@ -104,9 +104,7 @@ def core_rows(counts: list[int], warmup: int, steps: int) -> list[dict]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="zllm bench control-path", description=__doc__)
-    parser.add_argument("--out", default="docs/bench/control_path.json", help="JSON results path")
-    parser.add_argument("--markdown", default="docs/benchmarks.md",
-                        help="append the table here ('' to skip)")
+    add_report_args(parser, out="docs/bench/control_path.json")
     parser.add_argument("--requests", default="1,64,256", help="running-request counts")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=50)

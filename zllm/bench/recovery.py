@@ -23,7 +23,7 @@ import signal
 import time
 from typing import Optional
 
-from zllm.bench.report import write_results
+from zllm.bench.report import add_report_args, write_results
 from zllm.config import EngineConfig
 from zllm.frontend.llm_engine import LLMEngine
 from zllm.sampling_params import SamplingParams
@@ -108,9 +108,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--workload", default=None,
                         help="W1 or W2: zllm bench throughput's prompts and lengths instead")
     parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--out", default=None, help="JSON output path")
-    parser.add_argument("--markdown", default="docs/benchmarks.md",
-                        help="append the results here ('' to skip)")
+    add_report_args(parser)
     args = parser.parse_args(argv)
 
     if args.kill_rank is None:

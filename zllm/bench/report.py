@@ -50,6 +50,15 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def add_report_args(parser, out: Optional[str] = None,
+                    markdown: str = "docs/benchmarks.md") -> None:
+    """--out (the JSON report) and --markdown (a section appended to a file), as write_results
+    takes them."""
+    parser.add_argument("--out", default=out, help="write the report as JSON here")
+    parser.add_argument("--markdown", default=markdown,
+                        help="append a section with the results to this file ('' to skip)")
+
+
 def write_results(title: str, config: dict[str, Any], rows: list[dict[str, Any]],
                   out: Optional[str], markdown: Optional[str] = "docs/benchmarks.md",
                   notes: str = "", extra: Optional[dict[str, Any]] = None) -> None:

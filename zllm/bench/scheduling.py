@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from zllm.config import EngineConfig
 from zllm.frontend.llm_engine import LLMEngine
-from zllm.bench.report import write_results
+from zllm.bench.report import add_report_args, write_results
 from zllm.sampling_params import SamplingParams
 
 
@@ -125,9 +125,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("workload", choices=["prefix", "itl"])
     parser.add_argument("--model", default=None)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", default=None, help="JSON output path")
-    parser.add_argument("--markdown", default="docs/benchmarks.md",
-                        help="append the results here ('' to skip)")
+    add_report_args(parser)
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--prefix-len", type=int, default=1024)
     parser.add_argument("--suffix-len", type=int, default=64)

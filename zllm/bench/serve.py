@@ -260,7 +260,8 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     from zllm.bench.report import write_results
-    from zllm.cli import add_config_flags, config_keys
+    from zllm.bench.report import add_report_args
+    from zllm.cli import add_config_flags, config_overrides
 
     parser = argparse.ArgumentParser(prog="zllm bench serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -271,12 +272,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--ready-runs", type=int, default=2, help="server starts (cold, then warm)")
     parser.add_argument("--no-offline", dest="offline", action="store_false")
     parser.add_argument("--log", default="/tmp/zllm-bench-serve.log", help="the server's log")
-    parser.add_argument("--out", help="write the report as JSON here")
-    parser.add_argument("--markdown", default="docs/benchmarks.md",
-                        help="append a section with the results to this file ('' to skip)")
+    add_report_args(parser)
     add_config_flags(parser)
     args = parser.parse_args(argv)
-    overrides = {k: getattr(args, k) for k in config_keys() if getattr(args, k, None) is not None}
+    overrides = config_overrides(args)
     args.model = overrides.get("model") or "llama-3.2-1b"
     report = run(args, overrides)
     ready = ", ".join(f"{t:.1f} s" for t in report["ready_s"])

@@ -194,7 +194,8 @@ def _median_ms(xs: list[float]) -> Optional[float]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from zllm.cli import add_config_flags, config_keys
+    from zllm.bench.report import add_report_args
+    from zllm.cli import add_config_flags, config_overrides
 
     parser = argparse.ArgumentParser(prog="zllm bench structured", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -204,12 +205,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="host part: the model's vocabulary (default: the tokenizer's)")
     parser.add_argument("--w1", action="store_true", help="also run W1 plain vs json_object (GPU)")
     parser.add_argument("--num-requests", type=int, default=None, help="W1's 256")
-    parser.add_argument("--out", help="write the report as JSON here")
-    parser.add_argument("--markdown", default="",
-                        help="append a section with the results to this file (docs/benchmarks.md)")
+    add_report_args(parser, markdown="")
     add_config_flags(parser)
     args = parser.parse_args(argv)
-    overrides = {k: getattr(args, k) for k in config_keys() if getattr(args, k, None) is not None}
+    overrides = config_overrides(args)
     model = overrides.pop("model", None) or "llama-3.1-8b"
     report: dict[str, Any] = {"host": []}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

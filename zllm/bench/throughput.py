@@ -42,19 +42,20 @@ from zllm.architecture import ModelArchitecture
 # mistralai/Mistral-7B-v0.1, whose 4096-token sliding window is kept).
 _LLAMA3 = dict(model_type="llama", architectures=["LlamaForCausalLM"], max_position_embeddings=131072,
                rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001)
+
+
+def _llama3_rope(factor: float) -> dict[str, Any]:
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
 MODEL_SHAPES: dict[str, dict[str, Any]] = {
     "llama-3.2-1b": dict(_LLAMA3, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
-                         tie_word_embeddings=True, head_dim=64,
-                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0,
-                                       "original_max_position_embeddings": 8192}),
+                         tie_word_embeddings=True, head_dim=64, rope_scaling=_llama3_rope(32.0)),
     "llama-3.1-8b": dict(_LLAMA3, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
-                         tie_word_embeddings=False, head_dim=128,
-                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0,
-                                       "original_max_position_embeddings": 8192}),
+                         tie_word_embeddings=False, head_dim=128, rope_scaling=_llama3_rope(8.0)),
     "qwen3-8b": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=4096,
                      num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
                      head_dim=128, intermediate_size=12288, vocab_size=151936,
@@ -429,19 +430,21 @@ def run_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, 
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from zllm.cli import add_config_flags, config_keys
+    from zllm.cli import add_config_flags, config_overrides
 
     parser = argparse.ArgumentParser(prog="zllm bench throughput", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_bench_args(parser)
     add_config_flags(parser)
     args = parser.parse_args(argv)
-    overrides = {k: getattr(args, k) for k in config_keys() if getattr(args, k, None) is not None}
+    overrides = config_overrides(args)
     run_bench(args, overrides)
     return 0
 
 
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
+    from zllm.bench.report import add_report_args
+
     parser.add_argument("--workload", default="W1,W2,latency", help="comma-separated: W1, W2, latency")
     parser.add_argument("--num-requests", type=int, default=None, help="override W1/W2's 256")
     parser.add_argument("--peer", choices=["none", "hf"], default="none")
@@ -453,6 +456,4 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated: uni (worker in the engine core's process), ray, "
                              "inproc (engine core and worker in this process); each runs every "
                              "workload")
-    parser.add_argument("--out", help="write the report as JSON here")
-    parser.add_argument("--markdown", default="docs/benchmarks.md",
-                        help="append a section with the results to this file ('' to skip)")
+    add_report_args(parser)
