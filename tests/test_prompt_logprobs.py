@@ -19,7 +19,7 @@ def _hf_logprobs(hf, model_dir: str, prompt_ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)  # [position, vocab]: the next token's
 
 
-def _check(outputs, hf, model_dir: str, top: int = TOP) -> None:
+def check_prompt_logprobs(outputs, hf, model_dir: str, top: int = TOP) -> None:
     for out in outputs:
         ids, scored = out.prompt_token_ids, out.prompt_logprobs
         assert len(scored) == len(ids) and scored[0] is None, out.prompt
@@ -43,7 +43,7 @@ def llm(gqa_model):
 
 def test_prompt_logprobs_equal_transformers_across_prefill_chunks(llm, gqa_model, hf):
     params = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=TOP)
-    _check(llm.generate(PROMPTS, params, use_tqdm=False), hf, gqa_model)
+    check_prompt_logprobs(llm.generate(PROMPTS, params, use_tqdm=False), hf, gqa_model)
 
 
 def test_the_prefix_cache_does_not_cut_the_scored_prompt(llm, gqa_model, hf):
@@ -51,14 +51,14 @@ def test_the_prefix_cache_does_not_cut_the_scored_prompt(llm, gqa_model, hf):
     llm.generate(PROMPTS[:2], plain, use_tqdm=False)  # the prompts' blocks are now cached
     scored = llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=2,
                                                       prompt_logprobs=0), use_tqdm=False)
-    _check(scored, hf, gqa_model, top=0)
+    check_prompt_logprobs(scored, hf, gqa_model, top=0)
     assert all(o.num_cached_tokens == 0 for o in scored)
 
 
 def test_n_samples_share_one_scored_prompt_and_stream_it_first(llm, gqa_model, hf):
     params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=3, prompt_logprobs=1)
     (out,) = llm.generate(PROMPTS[:1], params, use_tqdm=False)
-    _check([out], hf, gqa_model, top=1)
+    check_prompt_logprobs([out], hf, gqa_model, top=1)
     assert len(out.outputs) == 3
     llm.engine.add_request("streamed", PROMPTS[0], params, stream=True)
     updates = []
@@ -75,7 +75,7 @@ def test_prompt_logprobs_survive_preemption_by_recompute(gqa_model, hf):
         params = SamplingParams(temperature=0, max_tokens=24, prompt_logprobs=2)
         outputs = llm.generate(PROMPTS, params, use_tqdm=False)
         assert llm.stats().num_preemptions > 0
-    _check(outputs, hf, gqa_model, top=2)
+    check_prompt_logprobs(outputs, hf, gqa_model, top=2)
 
 
 def test_prompt_logprobs_are_bounded_like_logprobs():

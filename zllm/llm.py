@@ -60,9 +60,8 @@ class LLM:
         priorities = list(priority) if many else [priority] * len(prompts)
         if len(priorities) != len(prompts):
             raise ValueError(f"got {len(priorities)} priorities for {len(prompts)} prompts")
-        for prio in priorities:
-            self.engine.processor.check_priority(prio)
-        checked = [self.engine.check_request(p, sp) for p, sp in zip(prompts, sampling_params)]
+        checked = [self.engine.check_request(p, sp, prio)
+                   for p, sp, prio in zip(prompts, sampling_params, priorities)]
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
         for req_id, (text, prompt_ids), params, prio in zip(ids, checked, sampling_params, priorities):
             self.engine.add_checked_request(req_id, text, prompt_ids, params, priority=prio)

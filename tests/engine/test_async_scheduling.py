@@ -17,7 +17,7 @@ def test_async_scheduling_keeps_one_step_ahead_with_the_same_tokens(gqa_model, h
                  max_num_batched_tokens=64)
     with LLM(gqa_model, device="cpu", async_scheduling=True, engine_process=False, **tight) as llm:
         executor = llm.engine.engine_core.executor
-        submit, collect = executor.submit, executor.collect
+        submit, collect = executor.launch, executor.collect
         outstanding = [0, 0]  # now, most
 
         def counting_submit(sched):
@@ -29,7 +29,7 @@ def test_async_scheduling_keeps_one_step_ahead_with_the_same_tokens(gqa_model, h
             outstanding[0] -= 1
             return collect()
 
-        executor.submit, executor.collect = counting_submit, counting_collect
+        executor.launch, executor.collect = counting_submit, counting_collect
         outputs = llm.generate(prompts, params, use_tqdm=False)
         assert outstanding == [0, 2]  # two steps in flight at times; none left behind
         assert llm.stats().num_preemptions > 0

@@ -15,6 +15,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import openai
 import pytest
 
 API_KEY = "test-key"
@@ -142,15 +143,14 @@ def server(gqa_model, tmp_path_factory) -> Server:
 
 @pytest.fixture(scope="session")
 def openai_client(server):
-    import openai
-
     return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
 
 
 # A server whose KV cache admits one request at a time (policy: priority). Each prompt fills 20
 # blocks (block_size 16); the first request of a test grows by 8 more (it runs long enough for
 # others to queue behind it), the others by 1: 28 blocks hold any one request to its end, but
-# never a second prompt beside it.
+# never a second prompt beside it. Its worker paces every step (tests/entrypoints/paced_worker.py),
+# so that the first request outlasts the test's sending of the others on any machine.
 PROMPT_LEN, FIRST_TOKENS, MAX_TOKENS, NUM_KV_BLOCKS = 320, 120, 8, 28
 
 
@@ -163,7 +163,8 @@ def long_prompt(i: int) -> list[int]:
 def short_cache_server(gqa_model, tmp_path_factory) -> Server:
     running = start_server(gqa_model, tmp_path_factory.mktemp("short-cache-server"), "",
                            "--policy", "priority", "--num-kv-blocks", str(NUM_KV_BLOCKS),
-                           "--max-model-len", str(NUM_KV_BLOCKS * 16))
+                           "--max-model-len", str(NUM_KV_BLOCKS * 16),
+                           "--worker-cls", "tests.entrypoints.paced_worker.PacedWorker")
     try:
         yield running.server
     finally:
@@ -173,8 +174,6 @@ def short_cache_server(gqa_model, tmp_path_factory) -> Server:
 def send_long(server: Server, i: int, priority: int, finished: list[str]) -> threading.Thread:
     """A thread sending long_prompt(i) to a short_cache_server with the openai client (request 0
     generates FIRST_TOKENS, others MAX_TOKENS); it appends f"r{i}" to `finished` when done."""
-    import openai
-
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
 
     def send() -> None:

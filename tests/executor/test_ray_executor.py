@@ -72,6 +72,14 @@ def test_tp2_ranks_run_the_same_grammars_as_tp1(tp2_llm, gqa_model):
     assert re.fullmatch(r"[a-z]{2,4}-[0-9]{2}", tp2[0]) and tp2[2] in ("red", "green", "blue")
 
 
+def test_tp2_prompt_logprobs_equal_transformers(tp2_llm, gqa_model, hf):
+    # Every rank gathers the vocabulary-parallel logits; rank 0's scores travel back.
+    from tests.test_prompt_logprobs import check_prompt_logprobs
+
+    params = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=3)
+    check_prompt_logprobs(tp2_llm.generate(PROMPTS, params, use_tqdm=False), hf, gqa_model, top=3)
+
+
 def test_tp4_replicates_kv_heads_and_matches_transformers(ray_session, gqa_model, reference_tokens):
     # 2 KV heads over 4 ranks: each KV head is held by two ranks. With async scheduling, the
     # data plane carries step N+1 while the ranks still run step N.

@@ -177,7 +177,7 @@ class Simulation:
             known = req.prompt + req.outputs
             assert batch.token_ids[slot, :len(known)].tolist() == known
             assert batch.num_tokens[slot] == len(known)
-            assert batch.num_pending[slot] == len(req.pending)
+            assert batch.num_pending_tokens[slot] == len(req.pending)
             assert batch.num_computed_tokens[slot] == req.computed
             assert batch.block_table[slot, :len(req.blocks)].tolist() == req.blocks
         slots = [batch.slot_of[r.req_id] for r in self.held]

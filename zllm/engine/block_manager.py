@@ -31,7 +31,7 @@ class BlockManager:
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[Optional[int]] = [None] * num_blocks
-        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.prefix_cache: dict[int, int] = {}  # block hash -> block id
         self.block_tables: dict[str, list[int]] = {}
         # CPU blocks for swapped-out requests: a plain free list, no sharing.
         self.free_cpu_blocks: list[int] = list(range(num_cpu_blocks))
@@ -63,11 +63,11 @@ class BlockManager:
         """Cached blocks holding req's longest known prefix. At least one token is left to
         compute, so the step that admits the request produces its logits. None for a request
         that wants its prompt's log-probabilities: cached positions would have no logits."""
-        if not self.enable_prefix_caching or req.params.prompt_logprobs is not None:
+        if not self.enable_prefix_caching or req.sampling_params.prompt_logprobs is not None:
             return []
         blocks = []
         for h in self._hashes(req, (req.num_tokens - 1) // self.block_size):
-            block_id = self.cached.get(h)
+            block_id = self.prefix_cache.get(h)
             if block_id is None:
                 break
             blocks.append(block_id)
@@ -86,9 +86,9 @@ class BlockManager:
         hashes = self._hashes(req, num_full)
         for i in range(req.num_cached_blocks, num_full):
             block_id, h = table[i], hashes[i]
-            if self.block_hash[block_id] is None and h not in self.cached:
+            if self.block_hash[block_id] is None and h not in self.prefix_cache:
                 self.block_hash[block_id] = h
-                self.cached[h] = block_id
+                self.prefix_cache[h] = block_id
         req.num_cached_blocks = num_full
 
     # -- allocation ------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ class BlockManager:
         block_id, _ = self.free_blocks.popitem(last=False)
         h = self.block_hash[block_id]
         if h is not None:  # evict: its contents are about to be overwritten
-            del self.cached[h]
+            del self.prefix_cache[h]
             self.block_hash[block_id] = None
         self.ref_counts[block_id] = 1
         return block_id

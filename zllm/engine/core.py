@@ -276,7 +276,7 @@ class EngineCore:
             self._record(self.scheduler.last_stats)
             if self.step_log is not None:
                 self.step_log.submitted(sched, self.requests)
-            self.executor.submit(sched)
+            self.executor.launch(sched)
             self.in_flight += 1
             self.num_submitted += 1
 
@@ -307,8 +307,8 @@ class EngineCore:
             else:
                 itls.append(now - req.last_token_time)
             req.last_token_time = now
-            if req.params.logprobs is not None:
-                logprob_rows.append((len(ids), row, req.params.logprobs))
+            if req.sampling_params.logprobs is not None:
+                logprob_rows.append((len(ids), row, req.sampling_params.logprobs))
             ids.append(req_id)
             tokens.append(token)
             cached.append(req.num_cached_prompt_tokens)

@@ -43,7 +43,7 @@ class Request:
         self.output_token_ids: list[int] = []
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_tokens = self.num_prompt_tokens  # prompt + output, kept as tokens arrive
-        self.params = params
+        self.sampling_params = params
         self.stop_token_ids = stop_token_ids  # EOS (unless ignore_eos) and params.stop_token_ids
         self._stop_set = frozenset(stop_token_ids)
         self.arrival = arrival
@@ -65,7 +65,7 @@ class Request:
         """Whether the token on its way (async scheduling) is its last by max_tokens, so that
         computing it would only sample a token to throw away."""
         return (self.num_pending_tokens > 0 and self.num_tokens + self.num_pending_tokens
-                - self.num_prompt_tokens >= self.params.max_tokens)
+                - self.num_prompt_tokens >= self.sampling_params.max_tokens)
 
     def append_output_token(self, token: int, max_model_len: int) -> Optional[RequestStatus]:
         """Take the token a step sampled; returns how the request ends, if it must stop now."""
@@ -73,10 +73,10 @@ class Request:
         self.output_token_ids.append(token)
         self.num_tokens += 1
         num_output = self.num_tokens - self.num_prompt_tokens
-        if num_output >= self.params.min_tokens and token in self._stop_set:
+        if num_output >= self.sampling_params.min_tokens and token in self._stop_set:
             self.stop_reason = token
             return RequestStatus.FINISHED_STOPPED
-        if num_output >= self.params.max_tokens or self.num_tokens >= max_model_len:
+        if num_output >= self.sampling_params.max_tokens or self.num_tokens >= max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 

@@ -222,7 +222,7 @@ class Scheduler:
             req_id=req.req_id,
             prompt_token_ids=np.asarray(req.prompt_token_ids, dtype=np.int32),
             output_token_ids=np.asarray(req.output_token_ids, dtype=np.int32),
-            sampling_params=req.params,
+            sampling_params=req.sampling_params,
             stop_token_ids=np.asarray(req.stop_token_ids, dtype=np.int32),
             block_ids=np.asarray(self.block_manager.block_table(req.req_id), dtype=np.int32),
             num_computed_tokens=req.num_computed_tokens,

@@ -97,8 +97,7 @@ async def _checked(llm: AsyncLLM, prompt, parsed: GenerateRequest, prompt_param:
     """Tokenize and validate one prompt (and the request's priority); a RequestError becomes a
     400 naming the right field."""
     try:
-        llm.processor.check_priority(parsed.priority)
-        return await llm.check_request(prompt, parsed.params)
+        return await llm.check_request(prompt, parsed.params, parsed.priority)
     except RequestError as e:
         param = {"prompt": prompt_param, "structured_outputs": parsed.constraint_param,
                  "max_tokens": parsed.max_tokens_param}.get(e.param, e.param)

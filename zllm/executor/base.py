@@ -26,17 +26,17 @@ class Executor(ABC):
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step on all ranks; returns rank 0's sampled tokens."""
-        self.submit(scheduler_output)
+        self.launch(scheduler_output)
         return self.collect()
 
     @abstractmethod
-    def submit(self, scheduler_output: SchedulerOutput) -> None:
-        """Start a step. Workers run steps in submission order; with async scheduling the engine
-        submits step N+1 before collecting step N."""
+    def launch(self, scheduler_output: SchedulerOutput) -> None:
+        """Start a step on every rank (each worker `launch`es it). Workers run steps in order; with
+        async scheduling the engine launches step N+1 before collecting step N."""
 
     @abstractmethod
     def collect(self) -> ModelRunnerOutput:
-        """Wait for the oldest submitted step that has not been collected; its result."""
+        """Wait for the oldest launched step that has not been collected; its result."""
 
     def determine_num_available_blocks(self) -> int:
         # Every rank holds the same blocks for its shard, so the smallest count wins.

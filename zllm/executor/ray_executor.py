@@ -208,7 +208,7 @@ class RayExecutor(Executor):
 
     # -- data path -------------------------------------------------------------------------------------
 
-    def submit(self, scheduler_output: SchedulerOutput) -> None:
+    def launch(self, scheduler_output: SchedulerOutput) -> None:
         self._raise_if_dead()
         self.endpoint.publish(encode(scheduler_output))
 

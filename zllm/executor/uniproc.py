@@ -1,6 +1,6 @@
 """Runs the single worker in this process: TP=1 without Ray, for tests and debugging.
 
-`submit` has the worker launch the step (on a GPU, kernels are queued and the call returns);
+`launch` has the worker launch the step (on a GPU, kernels are queued and the call returns);
 `collect` reads its tokens back. With async scheduling the engine schedules the next step in
 between, overlapping the GPU's work on this one, with no thread (and no GIL contention).
 """
@@ -27,7 +27,7 @@ class UniprocExecutor(Executor):
     def collective_rpc(self, method: str, *args: Any) -> list[Any]:
         return [getattr(self.worker, method)(*args)]
 
-    def submit(self, scheduler_output: SchedulerOutput) -> None:
+    def launch(self, scheduler_output: SchedulerOutput) -> None:
         self.worker.launch(scheduler_output)
 
     def collect(self) -> ModelRunnerOutput:

@@ -121,14 +121,15 @@ class AsyncLLM:
             return await asyncio.to_thread(self.processor.tokenize, prompt)
         return self.processor.tokenize(prompt)
 
-    async def check_request(self, prompt: Prompt, params: SamplingParams) -> tuple[Optional[str], list[int]]:
+    async def check_request(self, prompt: Prompt, params: SamplingParams,
+                            priority: int = 0) -> tuple[Optional[str], list[int]]:
         """Tokenize and validate; (text or None, token ids), or RequestError (a ValueError). A
         structured-output spec is parsed off the event loop (a large schema takes a while)."""
         text, prompt_ids = await self.tokenize(prompt)
         if params.structured_outputs is not None:
-            await asyncio.to_thread(self.processor.check, prompt_ids, params)
+            await asyncio.to_thread(self.processor.check, prompt_ids, params, priority)
         else:
-            self.processor.check(prompt_ids, params)
+            self.processor.check(prompt_ids, params, priority)
         return text, prompt_ids
 
     async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams,
@@ -145,7 +146,7 @@ class AsyncLLM:
         if self.error is not None:
             raise EngineDeadError(self.error)
         if prompt_ids is None:
-            text, prompt_ids = await self.check_request(prompt, params)
+            text, prompt_ids = await self.check_request(prompt, params, priority)
         else:
             text = prompt if isinstance(prompt, str) else None
         if request_id in self.collectors:

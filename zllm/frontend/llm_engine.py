@@ -70,10 +70,11 @@ class LLMEngine:
                                  "false to have it in this one")
         return self.client.core
 
-    def check_request(self, prompt: Prompt, params: SamplingParams) -> tuple[Optional[str], list[int]]:
+    def check_request(self, prompt: Prompt, params: SamplingParams,
+                      priority: int = 0) -> tuple[Optional[str], list[int]]:
         """Tokenize and validate; returns (text or None, token ids) or raises ValueError."""
         text, prompt_ids = self.processor.tokenize(prompt)
-        self.processor.check(prompt_ids, params)
+        self.processor.check(prompt_ids, params, priority)
         return text, prompt_ids
 
     def add_request(self, request_id: str, prompt: Prompt, params: Optional[SamplingParams] = None,
@@ -81,7 +82,7 @@ class LLMEngine:
         """Validate and queue a prompt (text or token ids); raises ValueError on bad input.
         With stream=True, `step` returns a delta output for it after every step."""
         params = params or SamplingParams()
-        text, prompt_ids = self.check_request(prompt, params)
+        text, prompt_ids = self.check_request(prompt, params, priority)
         self.add_checked_request(request_id, text, prompt_ids, params, stream, priority)
 
     def add_checked_request(self, request_id: str, text: Optional[str], prompt_ids: list[int],

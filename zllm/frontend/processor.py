@@ -52,13 +52,15 @@ class Processor:
         raise ValueError(f"a prompt must be a string or a list of token ids, got "
                          f"{type(prompt).__name__}")
 
-    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def check(self, prompt_ids: list[int], params: SamplingParams, priority: int = 0) -> None:
         """Raise RequestError (a ValueError naming the request field) if the request cannot be
         served: a prompt that is empty, outside the vocabulary or too long for the context with
         its max_tokens, stop token ids or logit_bias outside the vocabulary, an invalid
-        structured-output spec."""
+        structured-output spec, a priority the policy does not take. The one check a request
+        passes: make_requests trusts it."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        self.check_priority(priority)
         if not prompt_ids:
             raise RequestError("prompt is empty: give at least one token", "prompt")
         self.check_limits(params)
@@ -127,7 +129,6 @@ class Processor:
         Stop strings stay here (the frontend matches them), so no text travels to the core.
         max_tokens None becomes the rest of the context. Only the first sample scores the
         prompt (prompt_logprobs): the others share its prompt, and may take it from the cache."""
-        self.check_priority(priority)
         ids = np.asarray(prompt_ids, dtype=np.int32)
         max_tokens = params.max_tokens or self.max_model_len - len(prompt_ids)
         arrival = time.monotonic()

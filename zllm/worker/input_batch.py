@@ -79,7 +79,7 @@ class InputBatch:
         self.num_tokens = np.zeros(num_slots, np.int64)  # tokens on the host: prompt + outputs
         self.num_prompt_tokens = np.zeros(num_slots, np.int64)
         self.num_computed_tokens = np.zeros(num_slots, np.int64)
-        self.num_pending = np.zeros(num_slots, np.int64)  # sampled, not on the host yet
+        self.num_pending_tokens = np.zeros(num_slots, np.int64)  # sampled, not on the host yet
         self.prev_index = np.full(num_slots, -1, np.int64)  # row in the last step's tokens
         self.sampling = SamplingTable(num_slots, vocab_size)
         self.prompt_logprobs = np.full(num_slots, -1, np.int64)  # top-N, -1: not asked for
@@ -137,7 +137,7 @@ class InputBatch:
             if self.prompt_logprobs[slot] >= 0:
                 self.prompt_logprobs[slot] = -1
                 self.num_prompt_logprobs -= 1
-            (self.draining if self.num_pending[slot] else self.free_slots).append(slot)
+            (self.draining if self.num_pending_tokens[slot] else self.free_slots).append(slot)
         if gone:
             keep = np.ones(len(self.order_ids), np.bool_)
             keep[gone] = False
@@ -154,7 +154,7 @@ class InputBatch:
         self.num_tokens[slot] = num_prompt + num_output
         self.num_prompt_tokens[slot] = num_prompt
         self.num_computed_tokens[slot] = new.num_computed_tokens
-        self.num_pending[slot] = 0
+        self.num_pending_tokens[slot] = 0
         self.prev_index[slot] = -1
         self.block_table[slot, :len(new.block_ids)] = new.block_ids
         self.num_blocks[slot] = len(new.block_ids)
@@ -187,10 +187,10 @@ class InputBatch:
         end = np.minimum(self.num_tokens[slots], self.max_len - 1)
         self.token_ids[slots, end] = tokens
         self.num_tokens[slots] += 1
-        self.num_pending[slots] -= 1
+        self.num_pending_tokens[slots] -= 1
         if self.draining:
-            landed = [s for s in self.draining if not self.num_pending[s]]
-            self.draining = [s for s in self.draining if self.num_pending[s]]
+            landed = [s for s in self.draining if not self.num_pending_tokens[s]]
+            self.draining = [s for s in self.draining if self.num_pending_tokens[s]]
             self.free_slots += landed
 
     def forget_previous(self) -> None:
@@ -202,8 +202,8 @@ class InputBatch:
                              num_tokens: int) -> bool:
         """Whether the step needs tokens still in flight on the host: an input token that the
         last launched step did not sample for a one-token step, or a penalty's history."""
-        if (self.sampling.users["penalties"]
-                and (self.sampling.has_penalties[slots] & (self.num_pending[slots] > 0)).any()):
+        in_flight = self.num_pending_tokens[slots] > 0
+        if self.sampling.users["penalties"] and (self.sampling.has_penalties[slots] & in_flight).any():
             return True
         if num_tokens == len(slots) and np.array_equal(slots, self.last_sampled):
             return False  # steady decoding: each continues from the last step's token
@@ -257,14 +257,14 @@ class InputBatch:
         self.prev_index.fill(-1)
         self.prev_index[step.sampled_slots] = self._arange[:len(step.sampled_slots)]
         self.last_sampled = step.sampled_slots
-        self.num_pending[step.sampled_slots] += 1
+        self.num_pending_tokens[step.sampled_slots] += 1
         return step
 
     def _sampled(self, slots: np.ndarray, starts: np.ndarray, end: np.ndarray, known: np.ndarray,
                  num_tokens: int):
         """Requests whose step reaches their last token (they sample): (batch indices or None
         for all, flat token rows or None for 0..R-1, slots, output tokens so far)."""
-        total = known + self.num_pending[slots]
+        total = known + self.num_pending_tokens[slots]
         output_positions = total - self.num_prompt_tokens[slots]
         reached = end == total
         if num_tokens == len(slots) and reached.all():
