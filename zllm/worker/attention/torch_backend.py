@@ -49,22 +49,42 @@ class TorchPagedBackend(AttentionBackend):
     def __init__(self, device: torch.device, spec: AttentionSpec, block_size: int) -> None:
         super().__init__(spec, block_size)
         self.device = device
+        self._kv_offsets = np.array([0, block_size])
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, non_blocking=True)
 
     def plan(self, batch: AttentionBatch) -> None:
-        query_lens = batch.query_lens
         self.groups = []
         if batch.is_decode_only:
-            self.groups.append(self._plan_group(batch, query_lens, None))
+            self.groups.append(self._plan_decodes(batch))
         else:
+            query_lens = batch.query_lens
             for rows in (np.flatnonzero(query_lens == 1), np.flatnonzero(query_lens > 1)):
                 if len(rows):
                     self.groups.append(self._plan_group(batch, query_lens, rows))
         slots = batch.slot_mapping
         k_rows = slots + slots // self.block_size * self.block_size
-        self.store_rows = self._tensor(np.stack((k_rows, k_rows + self.block_size), axis=1))
+        self.store_rows = self._tensor(k_rows[:, None] + self._kv_offsets)  # [T, 2]: K, V rows
+
+    def _pages(self, batch: AttentionBatch, table_rows: np.ndarray, num_pages: int) -> torch.Tensor:
+        """Each request's blocks, padded with its table's later (masked) entries."""
+        cols = np.minimum(np.arange(num_pages), batch.block_table.shape[1] - 1)
+        return self._tensor(batch.block_table[table_rows[:, None], cols].astype(np.int64))
+
+    def _plan_decodes(self, batch: AttentionBatch) -> _PaddedGroup:
+        """A step of one new token per request (the steady state): what _plan_group builds,
+        without its padding. Request i's query is flat token i, at position seq_len - 1."""
+        num_reqs = len(batch.seq_lens)
+        num_pages = int(batch.num_blocks.max())
+        last = (batch.seq_lens.astype(np.int64) - 1)[:, None, None, None]  # [R, 1, 1, 1]
+        pos = np.arange(num_pages * self.block_size)
+        causal = pos <= last  # [R, 1, 1, S]
+        masks = {w: self._tensor(causal if w is None else causal & (pos > last - w))
+                 for w in self.spec.sliding_windows}
+        return _PaddedGroup(self._tensor(np.arange(num_reqs)),
+                            self._tensor(np.ones((num_reqs, 1), np.bool_)),
+                            self._pages(batch, batch.table_rows, num_pages), masks)
 
     def _plan_group(self, batch: AttentionBatch, query_lens: np.ndarray,
                     rows: np.ndarray | None) -> _PaddedGroup:
@@ -73,9 +93,6 @@ class TorchPagedBackend(AttentionBackend):
         q_lens, seq_lens = query_lens[pick], batch.seq_lens[pick]
         max_q = int(q_lens.max())
         num_pages = int(batch.num_blocks[pick].max())
-        # Each request's blocks, padded with its table's later (masked) entries.
-        cols = np.minimum(np.arange(num_pages), batch.block_table.shape[1] - 1)
-        pages = batch.block_table[batch.table_rows[pick][:, None], cols]
         # Request i's j-th new token is flat token query_start_loc[i] + j; it sits at position
         # seq_len - q_len + j and sees positions up to it, and with a window W only the W
         # positions ending there (Hugging Face's sliding window).
@@ -90,7 +107,7 @@ class TorchPagedBackend(AttentionBackend):
                                   | padding)[:, None])
                  for w in self.spec.sliding_windows}
         return _PaddedGroup(self._tensor(token_index), self._tensor(q_valid),
-                            self._tensor(pages.astype(np.int64)), masks)
+                            self._pages(batch, batch.table_rows[pick], num_pages), masks)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 window: Optional[int] = None) -> torch.Tensor:
