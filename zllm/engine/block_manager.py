@@ -111,8 +111,7 @@ class BlockManager:
                 del self.free_blocks[block_id]
             self.ref_counts[block_id] += 1
         self.block_tables[req.req_id] = list(cached_blocks)
-        req.num_cached_blocks = len(cached_blocks)
-        req.num_computed_tokens = len(cached_blocks) * self.block_size
+        req.start_from_cache(len(cached_blocks), self.block_size)
 
     def allocate_slots(self, req: Request, num_new_tokens: int) -> Optional[list[int]]:
         """Extend req's block table to hold `num_new_tokens` more tokens.

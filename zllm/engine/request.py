@@ -61,6 +61,36 @@ class Request:
         self.num_cached_prompt_tokens = 0  # found in the prefix cache when first admitted
         self.last_token_time: Optional[float] = None  # when the engine got its latest token
 
+    # -- progress: the scheduler and the block manager move it only through these -------------
+
+    def start_from_cache(self, num_cached_blocks: int, block_size: int) -> None:
+        """Admitted with its first num_cached_blocks blocks found in the prefix cache."""
+        self.num_cached_blocks = num_cached_blocks
+        self.num_computed_tokens = num_cached_blocks * block_size
+
+    def advance(self, num_new: int) -> None:
+        """num_new more of its tokens are computed this step; a step that reaches its end
+        samples its next token, on its way until the engine applies it."""
+        self.num_computed_tokens += num_new
+        if self.num_computed_tokens == self.num_tokens + self.num_pending_tokens:
+            self.num_pending_tokens += 1
+
+    def preempt(self, now: float, swapped: bool) -> None:
+        """Out of the running batch: swapped (its K/V kept in CPU memory), or to be computed
+        again from its first token."""
+        self.num_preemptions += 1
+        self.waiting_since = now
+        self.status = RequestStatus.SWAPPED if swapped else RequestStatus.WAITING
+        if not swapped:
+            self.num_computed_tokens = 0
+
+    def forget_progress(self) -> None:
+        """Nothing of it is in any KV cache, and no sampled token of it is on its way (the
+        workers that held them were lost)."""
+        self.num_computed_tokens = 0
+        self.num_pending_tokens = 0
+        self.num_cached_blocks = 0
+
     def last_token_pending(self) -> bool:
         """Whether the token on its way (async scheduling) is its last by max_tokens, so that
         computing it would only sample a token to throw away."""

@@ -205,9 +205,7 @@ class Scheduler:
             step.stats.num_decode_tokens += 1
         else:
             step.stats.num_prefill_tokens += num_new
-        req.num_computed_tokens += num_new
-        if req.num_computed_tokens == req.num_tokens + req.num_pending_tokens:
-            req.num_pending_tokens += 1
+        req.advance(num_new)
         bm = self.block_manager
         if bm.enable_prefix_caching and \
                 min(req.num_computed_tokens, req.num_tokens) // bm.block_size > req.num_cached_blocks:
@@ -249,19 +247,16 @@ class Scheduler:
                                np.asarray(step.swap_in, dtype=np.int32))
 
     def _preempt(self, req: Request, now: float) -> None:
-        req.num_preemptions += 1
-        req.waiting_since = now
         self.num_preemptions += 1
         self._preempted_req_ids.append(req.req_id)  # swapped or not, workers rebuild it later
-        if self.preemption_mode == "swap" and self.block_manager.can_swap_out(req):
+        swap = self.preemption_mode == "swap" and self.block_manager.can_swap_out(req)
+        req.preempt(now, swapped=swap)
+        if swap:
             self._swap_out += self.block_manager.swap_out(req)
-            req.status = RequestStatus.SWAPPED
             self.num_swaps += 1
             self.swapped.add(req, now)
             return
         self.block_manager.free(req)
-        req.status = RequestStatus.WAITING
-        req.num_computed_tokens = 0
         self.waiting.add(req, now)
         logger.debug("preempted %s (%d tokens); %d blocks free", req.req_id, req.num_tokens,
                      self.block_manager.num_free_blocks)
@@ -279,12 +274,10 @@ class Scheduler:
         self.block_manager = block_manager
         self._swap_out, self._finished_req_ids, self._preempted_req_ids = [], [], []
         for req in self.waiting:
-            _forget_progress(req)  # a waiting request may still expect a token of a lost step
+            req.forget_progress()  # a waiting request may still expect a token of a lost step
         for req in victims:
-            _forget_progress(req)
-            req.num_preemptions += 1
-            req.waiting_since = now
-            req.status = RequestStatus.WAITING
+            req.forget_progress()
+            req.preempt(now, swapped=False)
             self.waiting.add(req, now)
         self.num_preemptions += len(victims)
         return len(victims)
@@ -305,9 +298,3 @@ class Scheduler:
             req.status = status
             self.block_manager.free(req)
 
-
-def _forget_progress(req: Request) -> None:
-    """Nothing of req is in any KV cache and no sampled token of it is on its way."""
-    req.num_computed_tokens = 0
-    req.num_pending_tokens = 0
-    req.num_cached_blocks = 0
