@@ -7,8 +7,8 @@ import pytest
 from zllm.codec import decode, encode
 from zllm.protocol import (CORE_INPUTS, CORE_OUTPUTS, WORKER_REPLIES, CachedRequestData,
                            EngineCoreOutputs, EngineCoreRequest, FinishedRequest, Logprobs,
-                           LogprobsRows, ModelRunnerOutput, NewRequestData, SchedulerOutput,
-                           WorkerError)
+                           LogprobsRows, ModelRunnerOutput, NewRequestData, PromptLogprobs,
+                           SchedulerOutput, WorkerError)
 from zllm.sampling_params import SamplingParams
 
 
@@ -64,6 +64,31 @@ def test_engine_core_messages_round_trip():
     back = decode(encode(outs), *CORE_OUTPUTS)
     assert back.request_ids == ["r", "s"] and back.new_token_ids.tolist() == [4, 5]
     assert back.finished == outs.finished and back.logprobs.sampled.tolist() == [-0.5]
+
+
+def floats(*values):
+    return np.array(values, dtype=np.float32)
+
+
+def test_outputs_split_by_frontend_keep_each_requests_logprobs():
+    """Each API server gets its own requests' tokens, sampled logprobs and prompt logprobs."""
+    rows = LogprobsRows(ints(0, 2), floats(-0.1, -0.3), ints(1, 2), ints(7, 8, 9),
+                        floats(-1, -2, -3))
+    prompt = PromptLogprobs(["a", "b", "c"], ints(1, 1, 3), ints(2, 1, 1), ints(1, 0, 2),
+                            floats(-4, -5, -6, -7), ints(1, 2, 3, 4), ints(10, 11, 12, 13),
+                            floats(-8, -9, -10, -11))
+    outs = EngineCoreOutputs(["a", "b", "c"], ints(4, 5, 6), ints(0, 0, 0), [], rows, prompt)
+    parts = outs.split_by({"a": "x", "b": "y", "c": "x"})
+    x, y = parts["x"], parts["y"]
+    assert x.request_ids == ["a", "c"] and y.request_ids == ["b"]
+    assert x.logprobs.rows.tolist() == [0, 1] and x.logprobs.top_ids.tolist() == [7, 8, 9]
+    assert y.logprobs is None
+    assert x.prompt_logprobs.entries() == [
+        ("a", 1, [(-4.0, 1, {10: -8.0}), (-5.0, 2, {11: -9.0})]),
+        ("c", 3, [(-7.0, 4, {12: -10.0, 13: -11.0})])]
+    assert y.prompt_logprobs.entries() == [("b", 1, [(-6.0, 3, {})])]
+    back = decode(encode(x), *CORE_OUTPUTS)
+    assert back.prompt_logprobs.entries() == x.prompt_logprobs.entries()
 
 
 @pytest.mark.parametrize("data", [

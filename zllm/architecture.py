@@ -32,6 +32,15 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 
 ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def llama3_rope_scaling(factor: float = 8.0,
+                        original_max_position_embeddings: int = 8192) -> dict[str, Any]:
+    """Llama 3.1's RoPE scaling as Hugging Face writes it (the defaults are Llama 3.1's, and
+    the constants Meta's reference code applies with use_scaled_rope)."""
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": original_max_position_embeddings}
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 FULL, SLIDING = "full_attention", "sliding_attention"  # Hugging Face's names of the layer types
 
@@ -181,9 +190,7 @@ class ModelArchitecture:
         hidden = multiple_of * math.ceil(hidden / multiple_of)
         scaling = None
         if p.get("use_scaled_rope"):
-            # The constants Meta's reference code applies when use_scaled_rope is set.
-            scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+            scaling = llama3_rope_scaling()
         return cls(
             architecture="LlamaForCausalLM",
             hidden_size=dim,

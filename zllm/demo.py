@@ -94,9 +94,10 @@ def build_tiny_llama(path: str, *, hidden_size: int = 64, num_layers: int = 2, n
     """
     from transformers import LlamaConfig
 
+    from zllm.architecture import llama3_rope_scaling
+
     if rope_scaling is None:
-        rope_scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                        "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
+        rope_scaling = llama3_rope_scaling(original_max_position_embeddings=256)
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads,

@@ -106,8 +106,8 @@ class PromptLogprobs:
     step computed: request_ids[i] gets counts[i] consecutive prompt tokens, from prompt index
     first_indices[i] (>= 1: the first token has nothing before it); per token, its own
     log-probability (`logprobs`) and rank in the vocabulary (1: the likeliest), and num_top[i]
-    top (id, log-probability) entries, flat in top_ids / top_logprobs. The same positions may come twice (a request recomputed after
-    preemption); the frontend keeps the first."""
+    top (id, log-probability) entries, flat in top_ids / top_logprobs. The same positions may
+    come twice (a request recomputed after preemption); the frontend keeps the first."""
 
     request_ids: list[str]
     first_indices: Int32Array
@@ -149,15 +149,11 @@ class PromptLogprobs:
         keep = [i for i, r in enumerate(self.request_ids) if r in request_ids]
         if not keep:
             return None
-        counts, tops = self.counts.astype(np.int64), (self.counts * self.num_top).astype(np.int64)
-        starts, top_starts = np.cumsum(counts) - counts, np.cumsum(tops) - tops
-        rows = np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in keep])
-        top = np.concatenate([np.arange(top_starts[i], top_starts[i] + tops[i]) for i in keep])
+        rows = _flat_entries(self.counts, keep)
+        top = _flat_entries(self.counts * self.num_top, keep)
         return PromptLogprobs([self.request_ids[i] for i in keep], self.first_indices[keep],
-                              self.counts[keep], self.num_top[keep],
-                              self.logprobs[rows.astype(np.int64)], self.ranks[rows.astype(np.int64)],
-                              self.top_ids[top.astype(np.int64)],
-                              self.top_logprobs[top.astype(np.int64)])
+                              self.counts[keep], self.num_top[keep], self.logprobs[rows],
+                              self.ranks[rows], self.top_ids[top], self.top_logprobs[top])
 
 
 @dataclass
@@ -244,9 +240,8 @@ class LogprobsRows:
         keep = [(new, where[int(old)]) for new, old in enumerate(take) if int(old) in where]
         if not keep:
             return None
-        starts = np.concatenate([[0], np.cumsum(self.counts)])
-        top = np.concatenate([np.arange(starts[i], starts[i + 1]) for _, i in keep]).astype(np.int64)
         picked = [i for _, i in keep]
+        top = _flat_entries(self.counts, picked)
         return LogprobsRows(np.asarray([n for n, _ in keep], np.int32), self.sampled[picked],
                             self.counts[picked], self.top_ids[top], self.top_logprobs[top])
 
@@ -304,6 +299,13 @@ class EngineCoreOutputs:
                 prompt.select({r for r in prompt.request_ids if owners.get(r) == owner})
                 if prompt is not None else None)
         return parts
+
+
+def _flat_entries(counts: np.ndarray, items: list[int]) -> np.ndarray:
+    """Indices, in a flat array where item i owns the next counts[i] entries, of the entries of
+    `items` (in that order)."""
+    starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    return np.concatenate([np.arange(starts[i], starts[i + 1]) for i in items]).astype(np.int64)
 
 
 def _same_length(what: str, values, owners) -> None:

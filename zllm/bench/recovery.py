@@ -79,7 +79,7 @@ def _run(engine: LLMEngine, prompts: list[list[int]], tag: str, args: argparse.N
                 recovery_s = time.perf_counter() - killed_at
         if kill_rank is not None and killed_at is None and \
                 min(map(len, tokens.values())) >= args.kill_after_tokens:
-            pids = engine.engine_core.executor.collective_rpc("get_pid")
+            pids = core.executor.collective_rpc("get_pid")
             killed_at = time.perf_counter()
             os.kill(pids[kill_rank], signal.SIGKILL)
     return list(tokens.values()), recovery_s, time.perf_counter() - t0

@@ -259,8 +259,7 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from zllm.bench.report import write_results
-    from zllm.bench.report import add_report_args
+    from zllm.bench.report import add_report_args, write_results
     from zllm.cli import add_config_flags, config_overrides
 
     parser = argparse.ArgumentParser(prog="zllm bench serve", description=__doc__,

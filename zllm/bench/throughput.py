@@ -35,27 +35,22 @@ from typing import Any, Optional
 import torch
 
 from zllm.bench.roofline import Hardware, ModelCost, measure_hardware
-from zllm.architecture import ModelArchitecture
+from zllm.architecture import ModelArchitecture, llama3_rope_scaling
 
 # Real hyperparameters of the models whose shapes we benchmark (weights are random: dummy), as
 # in their config.json (meta-llama/Llama-3.2-1B, meta-llama/Llama-3.1-8B, Qwen/Qwen3-8B,
 # mistralai/Mistral-7B-v0.1, whose 4096-token sliding window is kept).
 _LLAMA3 = dict(model_type="llama", architectures=["LlamaForCausalLM"], max_position_embeddings=131072,
                rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001)
-
-
-def _llama3_rope(factor: float) -> dict[str, Any]:
-    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-
-
 MODEL_SHAPES: dict[str, dict[str, Any]] = {
     "llama-3.2-1b": dict(_LLAMA3, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
-                         tie_word_embeddings=True, head_dim=64, rope_scaling=_llama3_rope(32.0)),
+                         tie_word_embeddings=True, head_dim=64,
+                         rope_scaling=llama3_rope_scaling(32.0)),
     "llama-3.1-8b": dict(_LLAMA3, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
-                         tie_word_embeddings=False, head_dim=128, rope_scaling=_llama3_rope(8.0)),
+                         tie_word_embeddings=False, head_dim=128,
+                         rope_scaling=llama3_rope_scaling(8.0)),
     "qwen3-8b": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=4096,
                      num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
                      head_dim=128, intermediate_size=12288, vocab_size=151936,

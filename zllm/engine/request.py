@@ -61,6 +61,11 @@ class Request:
         self.num_cached_prompt_tokens = 0  # found in the prefix cache when first admitted
         self.last_token_time: Optional[float] = None  # when the engine got its latest token
 
+    @property
+    def num_tokens_to_compute(self) -> int:
+        """Tokens the workers hold for this request that are not in the KV cache yet."""
+        return self.num_tokens + self.num_pending_tokens - self.num_computed_tokens
+
     # -- progress: the scheduler and the block manager move it only through these -------------
 
     def start_from_cache(self, num_cached_blocks: int, block_size: int) -> None:
@@ -72,7 +77,7 @@ class Request:
         """num_new more of its tokens are computed this step; a step that reaches its end
         samples its next token, on its way until the engine applies it."""
         self.num_computed_tokens += num_new
-        if self.num_computed_tokens == self.num_tokens + self.num_pending_tokens:
+        if self.num_tokens_to_compute == 0:
             self.num_pending_tokens += 1
 
     def preempt(self, now: float, swapped: bool) -> None:

@@ -124,7 +124,7 @@ class Scheduler:
         i = 0
         while i < len(running) and step.budget > 0:
             req = running[i]
-            num_new = req.num_tokens + req.num_pending_tokens - req.num_computed_tokens
+            num_new = req.num_tokens_to_compute
             if req.last_token_pending():
                 num_new = 0
             elif num_new > step.budget or (threshold and num_new > threshold):

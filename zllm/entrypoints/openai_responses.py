@@ -201,9 +201,14 @@ def completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int
             "text_offset": offsets}
 
 
+def _ranked(top: dict[int, float], k: int) -> list[tuple[int, float]]:
+    """The k likeliest (token id, log-probability) entries of `top`, likeliest first."""
+    return sorted(top.items(), key=lambda kv: -kv[1])[:k]
+
+
 def _top(top: dict[int, float], token: int, k: int) -> dict[int, float]:
     """The k likeliest entries of `top`, and the token's own."""
-    kept = dict(sorted(top.items(), key=lambda kv: -kv[1])[:k])
+    kept = dict(_ranked(top, k))
     kept[token] = top[token]
     return kept
 
@@ -218,7 +223,6 @@ def chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int, floa
     content = []
     for token_id, top in zip(token_ids, logprobs):
         item = entry(token_id, top.get(token_id))
-        ranked = sorted(top.items(), key=lambda kv: -kv[1])[:num_top]
-        item["top_logprobs"] = [entry(t, lp) for t, lp in ranked]
+        item["top_logprobs"] = [entry(t, lp) for t, lp in _ranked(top, num_top)]
         content.append(item)
     return {"content": content}
