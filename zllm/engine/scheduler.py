@@ -124,7 +124,7 @@ class Scheduler:
         i = 0
         while i < len(running) and step.budget > 0:
             req = running[i]
-            num_new = req.num_tokens_to_compute
+            num_new = req.num_tokens + req.num_pending_tokens - req.num_computed_tokens
             if req.last_token_pending():
                 num_new = 0
             elif num_new > step.budget or (threshold and num_new > threshold):
@@ -205,7 +205,9 @@ class Scheduler:
             step.stats.num_decode_tokens += 1
         else:
             step.stats.num_prefill_tokens += num_new
-        req.advance(num_new)
+        req.num_computed_tokens += num_new
+        if req.num_computed_tokens == req.num_tokens + req.num_pending_tokens:
+            req.num_pending_tokens += 1
         bm = self.block_manager
         if bm.enable_prefix_caching and \
                 min(req.num_computed_tokens, req.num_tokens) // bm.block_size > req.num_cached_blocks:
