@@ -71,13 +71,18 @@ class RayExecutor(Executor):
         group, the actors (model loaded), the data plane."""
         import ray
 
+        self.startup = _Phases()
         if not ray.is_initialized():
             self._init_ray()
+            self.startup.mark("ray.init")
         use_gpu = self.config.device.device == "cuda" or (
             self.config.device.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
         self._reserve_placement_group({"GPU": 1} if use_gpu else {"CPU": 1})
+        self.startup.mark("placement group")
         self._start_actors(use_gpu)
         self._connect_data_plane()
+        self.startup.mark("data plane")
+        logger.info("ray executor started: %s", self.startup)
 
     def _reserve_placement_group(self, bundle: dict[str, int]) -> None:
         """One bundle per rank; a placement group kept from before a restart is reused."""
@@ -104,8 +109,6 @@ class RayExecutor(Executor):
         worker_config = copy.deepcopy(self.config)
         worker_config.device.device = "cuda" if use_gpu else "cpu"
         worker_config.server = ServerConfig()  # no secret (api_key) goes to the workers
-        # NVLink SHARP (NVLS) multicast is off: it needs fabric support that is not always there.
-        env = {"NCCL_NVLS_ENABLE": "0"} if use_gpu else {}
         actor_cls = ray.remote(RayWorker)
         instance = uuid.uuid4().hex[:8]
         for rank in range(self.tp_size):
@@ -115,7 +118,6 @@ class RayExecutor(Executor):
                 num_gpus=1 if use_gpu else 0,
                 max_concurrency=4,  # run_loop holds one thread; control calls use the others
                 max_restarts=0,
-                runtime_env={"env_vars": env} if env else None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.placement_group, placement_group_bundle_index=rank),
             ).remote(worker_config, rank))
@@ -124,6 +126,7 @@ class RayExecutor(Executor):
         nodes = self._ray_get([a.node_info.remote() for a in self.actors], "node_info",
                               timeout_s=self.config.parallel.placement_timeout_s)
         self.node_ids = [node_id for node_id, _ in nodes]
+        self.startup.mark("actors up")
         driver_ip = ray.util.get_node_ip_address()
         self.single_node = all(ip == driver_ip for _, ip in nodes)
         rank0_ip = "127.0.0.1" if self.single_node else nodes[0][1]
@@ -131,8 +134,11 @@ class RayExecutor(Executor):
         init_method = f"tcp://{rank0_ip}:{port}"
         self.distributed_init_method = init_method  # rank 0's TCPStore listens there only
         self._ray_get([a.init_worker.remote(init_method) for a in self.actors], "init_worker")
+        self.startup.mark("worker built")
         self.collective_rpc("init_distributed_environment")
+        self.startup.mark("torch.distributed")
         self.collective_rpc("init_model")
+        self.startup.mark("model loaded")
         self.data_plane_host = "127.0.0.1" if self.single_node else driver_ip
 
     def _connect_data_plane(self) -> None:
@@ -339,6 +345,23 @@ class RayExecutor(Executor):
             self._num_rejected_earlier += self.endpoint.num_rejected
             self.endpoint.close()
         self.actors, self.loop_refs, self.endpoint = [], [], None
+
+
+class _Phases:
+    """Seconds spent in each start-up phase, for the log line that says where start-up went."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = now - self.last
+        self.last = now
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds.items())
+        return f"{sum(self.seconds.values()):.1f} s ({parts})"
 
 
 def _placement_state(group: Any) -> str:

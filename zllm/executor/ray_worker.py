@@ -31,6 +31,11 @@ class RayWorker:
     """One rank: builds the worker (config.parallel.worker_cls) inside the actor."""
 
     def __init__(self, config: EngineConfig, rank: int) -> None:
+        if config.device.device == "cuda":
+            # NVLink SHARP (NVLS) multicast off unless the cluster's environment says otherwise:
+            # it needs fabric support that is not always there. Set here, before NCCL starts,
+            # rather than as a Ray runtime_env, which makes Ray start a worker process of its own.
+            os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         self.config = config
         self.rank = rank
         self.worker: Any = None
