@@ -1,6 +1,7 @@
 """One of N API server processes under `zllm.entrypoints.supervisor` (not started by hand).
 
-It reads its settings as JSON on stdin (the config, the engine core's address and readiness),
+It reads two JSON lines on stdin: its settings (the config, the engine core's address) at once,
+and the core's ready message when the core has started (meanwhile it loads its tokenizer),
 inherits the core's status pipe by file descriptor, and serves HTTP on the shared port
 (SO_REUSEPORT) until SIGTERM or the core's death.
 """
@@ -12,11 +13,12 @@ import asyncio
 import json
 import logging
 import sys
+import time
 
 from zllm.config import EngineConfig
 from zllm.entrypoints.server import run_api_server
 from zllm.frontend.async_llm import AsyncLLM
-from zllm.frontend.core_client import CoreHandle
+from zllm.frontend.core_client import CoreHandle, read_line
 
 
 def main() -> int:
@@ -26,12 +28,14 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    info = json.loads(sys.stdin.read())
+    stdin = sys.stdin.fileno()
+    info = json.loads(read_line(stdin))
     config = EngineConfig.from_dict(info["config"])
-    core = CoreHandle(info["address"], args.status_fd, None, info["ready"])
+    # The core's ready message follows on stdin once the supervisor has it.
+    core = CoreHandle(info["address"], args.status_fd, None, {}, ready_fd=stdin)
     llm = AsyncLLM(config, core=core)
-    return asyncio.run(run_api_server(llm, config, info["started"], info["engine_s"],
-                                      index=args.index))
+    engine_s = time.perf_counter() - info["started"]  # one monotonic clock for the whole host
+    return asyncio.run(run_api_server(llm, config, info["started"], engine_s, index=args.index))
 
 
 if __name__ == "__main__":

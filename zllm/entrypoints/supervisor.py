@@ -20,7 +20,7 @@ import sys
 import time
 
 from zllm.config import EngineConfig
-from zllm.frontend.core_client import start_engine_core
+from zllm.frontend.core_client import launch_engine_core
 from zllm.frontend.llm_engine import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -34,8 +34,7 @@ def serve_multiprocess(config: EngineConfig) -> int:
     config, _ = resolve_model(config)
     logger.info("starting the engine core for model %r and %d API servers", config.model.model,
                 server.api_server_count)
-    core = start_engine_core(config)
-    engine_s = time.perf_counter() - started
+    core = launch_engine_core(config)
     # Each API server listens on the port with SO_REUSEPORT, so the kernel spreads connections
     # over them. This socket only picks (port 0) and holds the port while they start; it never
     # listens, so no connection waits on it.
@@ -43,16 +42,28 @@ def serve_multiprocess(config: EngineConfig) -> int:
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     holder.bind((server.host, server.port))
     config.server.port = holder.getsockname()[1]
-    info = {"config": dataclasses.asdict(config), "address": core.address, "ready": core.ready,
-            "engine_s": engine_s, "started": started}
+    # The API servers start (imports, tokenizer) while the core does; each gets two lines on
+    # stdin: its settings now, and the core's ready message once the core has sent it.
+    info = {"config": dataclasses.asdict(config), "address": core.address, "started": started}
     children = []
     for index in range(server.api_server_count):
         child = subprocess.Popen(
             [sys.executable, "-m", "zllm.entrypoints.api_server", "--index", str(index),
              "--status-fd", str(core.status_fd)], stdin=subprocess.PIPE, pass_fds=(core.status_fd,))
-        child.stdin.write(json.dumps(info).encode())
-        child.stdin.close()
+        child.stdin.write(json.dumps(info).encode() + b"\n")
+        child.stdin.flush()
         children.append(child)
+    try:
+        core.wait_ready()
+    except BaseException:
+        for child in children:
+            child.kill()
+            child.wait()
+        raise
+    engine_s = time.perf_counter() - started
+    for child in children:
+        child.stdin.write(json.dumps({"ready": core.ready}).encode() + b"\n")
+        child.stdin.close()
 
     stopping = []
     for sig in (signal.SIGINT, signal.SIGTERM):

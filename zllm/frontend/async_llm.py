@@ -23,14 +23,13 @@ from typing import Any, AsyncIterator, Callable, Optional
 
 from zllm.config import EngineConfig
 from zllm.errors import EngineDeadError, SlowReaderError
-from zllm.frontend.core_client import AsyncMPClient, CoreHandle, start_engine_core
-from zllm.frontend.llm_engine import resolve_model
+from zllm.frontend.core_client import AsyncMPClient, CoreHandle, launch_engine_core
+from zllm.frontend.llm_engine import load_tokenizer_beside, resolve_model
 from zllm.frontend.output_processor import OutputProcessor
 from zllm.frontend.processor import Processor, Prompt
 from zllm.outputs import CompletionOutput, RequestOutput
 from zllm.protocol import EngineCoreAbort, EngineCoreOutputs
 from zllm.sampling_params import SamplingParams
-from zllm.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +86,10 @@ class AsyncLLM:
         API server processes share one core; the one that started it stops it)."""
         config, self.arch = resolve_model(config)
         self.config = config
-        self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
         self.owns_core = core is None
-        self.core = core or start_engine_core(config, in_thread=not config.parallel.engine_process)
-        self.max_model_len: int = self.core.ready["max_model_len"]
+        self.core = core or launch_engine_core(config, in_thread=not config.parallel.engine_process)
+        self.tokenizer = load_tokenizer_beside(self.core, config)
+        self.max_model_len: int = self.core.wait_ready().ready["max_model_len"]
         self.processor = Processor(self.tokenizer, self.arch, self.max_model_len,
                                    config.scheduler.max_n, config.scheduler.policy)
         self.output_processor = OutputProcessor(self.tokenizer)

@@ -1,9 +1,10 @@
 """How a frontend reaches the engine core.
 
-- `start_engine_core` starts it in its own process (the default) or, for a server with
+- `launch_engine_core` starts it in its own process (the default) or, for a server with
   `engine_process: false`, in a thread; either way it speaks ZeroMQ on an ipc socket in a
   private directory, and `zllm.engine.core_proc` describes the two pipes that carry its
-  lifecycle.
+  lifecycle. The core takes seconds to start (Ray, workers, weights, CUDA graphs): a frontend
+  loads its tokenizer meanwhile, then calls `CoreHandle.wait_ready`.
 - `MPClient` (blocking, for `LLM`) and `AsyncMPClient` (asyncio, for the API server) talk to it.
 - `InprocClient` holds the engine core as a plain object in this process, for `LLM` with
   `engine_process: false`: debugging, and tests that look inside the core.
@@ -50,10 +51,30 @@ class CoreHandle:
     address: str
     status_fd: int  # readable at EOF when the core is gone
     parent_pipe: Optional[BinaryIO]  # close it to stop the core (None: another process owns it)
-    ready: dict[str, Any]
+    ready: dict[str, Any]  # empty until wait_ready has read the core's ready message
     process: Optional[subprocess.Popen] = None
     thread: Optional[threading.Thread] = None
     directory: Optional[str] = None
+    # Where the ready message arrives: the status pipe for the process that started the core;
+    # stdin for an API server process, to which the supervisor passes the message on.
+    ready_fd: Optional[int] = None
+
+    def wait_ready(self) -> "CoreHandle":
+        """Block until the core is ready; raises ValueError (bad config or model) or RuntimeError
+        (anything else) with the core's own message if it failed to start, after stopping it."""
+        if self.ready:
+            return self
+        status = read_line(self.status_fd if self.ready_fd is None else self.ready_fd)
+        if not status:
+            code = self.stop(timeout=5)
+            raise RuntimeError(f"the engine core exited (code {code}) before it was ready; its "
+                               f"log above says why")
+        message = json.loads(status)
+        if "error" in message:
+            self.stop(timeout=10)
+            raise (ValueError if message["type"] == "ValueError" else RuntimeError)(message["error"])
+        self.ready = message["ready"]
+        return self
 
     def is_alive(self) -> bool:
         if self.process is not None:
@@ -89,8 +110,12 @@ def core_config_dict(config: EngineConfig) -> dict[str, Any]:
 
 
 def start_engine_core(config: EngineConfig, in_thread: bool = False) -> CoreHandle:
-    """Start an engine core and wait until it is ready; raises ValueError (bad config or model)
-    or RuntimeError (anything else) with the core's own message if it fails to start."""
+    """Start an engine core and wait until it is ready (see CoreHandle.wait_ready)."""
+    return launch_engine_core(config, in_thread).wait_ready()
+
+
+def launch_engine_core(config: EngineConfig, in_thread: bool = False) -> CoreHandle:
+    """Start an engine core, without waiting for it: call `wait_ready` on the handle."""
     directory = tempfile.mkdtemp(prefix="zllm-")  # mode 0700: only this user reaches the socket
     address = f"ipc://{directory}/core-{uuid.uuid4().hex[:8]}"
     status_r, status_w = os.pipe()
@@ -122,27 +147,19 @@ def start_engine_core(config: EngineConfig, in_thread: bool = False) -> CoreHand
         process.stdin.flush()
         handle = CoreHandle(address, status_r, process.stdin, {}, process=process,
                             directory=directory)
-    status = _read_line(status_r)
-    if not status:
-        code = handle.stop(timeout=5)
-        raise RuntimeError(f"the engine core exited (code {code}) before it was ready; its log "
-                           f"above says why")
-    message = json.loads(status)
-    if "error" in message:
-        handle.stop(timeout=10)
-        raise (ValueError if message["type"] == "ValueError" else RuntimeError)(message["error"])
-    handle.ready = message["ready"]
     return handle
 
 
-def _read_line(fd: int) -> bytes:
-    data = b""
+def read_line(fd: int) -> bytes:
+    """One line from a pipe, read a byte at a time so that nothing after it is consumed (an API
+    server reads two lines from stdin, seconds apart); b"" at EOF. The lines are a few KB."""
+    data = bytearray()
     while not data.endswith(b"\n"):
-        chunk = os.read(fd, 4096)
-        if not chunk:
+        byte = os.read(fd, 1)
+        if not byte:
             return b""
-        data += chunk
-    return data
+        data += byte
+    return bytes(data)
 
 
 def _close(fd: int) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from zllm.architecture import ModelArchitecture
 from zllm.config import EngineConfig
-from zllm.frontend.core_client import CoreHandle, InprocClient, MPClient, start_engine_core
+from zllm.frontend.core_client import CoreHandle, InprocClient, MPClient, launch_engine_core
 from zllm.frontend.output_processor import OutputProcessor
 from zllm.frontend.processor import Processor, Prompt
 from zllm.model_files import detect_load_format, resolve_model_path
@@ -39,18 +39,31 @@ def resolve_model(config: EngineConfig) -> tuple[EngineConfig, ModelArchitecture
     return config, arch
 
 
+def load_tokenizer_beside(core: CoreHandle, config: EngineConfig):
+    """The frontend's tokenizer, loaded while the engine core starts: importing transformers and
+    reading the tokenizer take seconds, which would otherwise come before the core's own. If it
+    fails, a core this process started is stopped."""
+    try:
+        return load_tokenizer(config.model.tokenizer or config.model.model)
+    except BaseException:
+        if core.parent_pipe is not None:  # this process started the core
+            core.stop(timeout=10)
+        raise
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, core: Optional[CoreHandle] = None) -> None:
         """Start an engine core for `config` (a process, or in this process with
         engine_process: false), or talk to the running one `core` describes."""
         config, self.arch = resolve_model(config)
         self.config = config
-        self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
+        if core is None and config.parallel.engine_process:
+            core = launch_engine_core(config)
         if core is not None:
-            self.client = MPClient(core)
-        elif config.parallel.engine_process:
-            self.client = MPClient(start_engine_core(config))
+            self.tokenizer = load_tokenizer_beside(core, config)
+            self.client = MPClient(core.wait_ready())
         else:
+            self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
             self.client = InprocClient(config)
         self.max_model_len: int = self.client.ready["max_model_len"]
         self.processor = Processor(self.tokenizer, self.arch, self.max_model_len,
