@@ -4,7 +4,9 @@
 # Stages: offline (issue 11: 1B and 8B throughput), serve (issue 11: zllm bench serve),
 #         families (issue 12: Qwen3-8B, Mistral-7B; sliding-window check), structured (issue 14),
 #         recovery (issue 13: a rank killed during W1 on the 1B shape),
-#         serve-sweep (issue 11: zllm bench serve on 1B at api_server_count 2 and 4).
+#         serve-sweep (issue 11: zllm bench serve on 1B at api_server_count 2 and 4),
+#         ready (issue 11: time to ready of zllm serve on the 8B shape, cold then warm),
+#         profile-1b, profile-8b (issue 11: W1 in process, then decode and prefill steps profiled).
 # structured wants SmolLM2's tokenizer in .device/smollm2-tokenizer (the GGUF is too large to
 # travel; its tokenizer is not): python -c "from zllm.tokenizer import load_tokenizer;
 #   load_tokenizer('PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf').save_pretrained('.device/smollm2-tokenizer')"
@@ -45,4 +47,12 @@ case "$1" in
         --api-server-count $n $([ $n = 4 ] && echo --no-offline) --max-model-len 2304 --log "$OUT/serve-1b-$n.log" \
         --out "$OUT/serve-1b-api$n.json" --markdown "$OUT/serve-1b-api$n.md" 2>&1 | tee -a "$OUT/log.txt"
     done ;;
+  ready)
+    timeout 400 python3 -m zllm bench serve --model llama-3.1-8b --workload W1 --num-requests 8 --no-offline \
+      --ready-runs ${READY_RUNS:-2} --log "$OUT/ready-8b.log" --out "$OUT/ready-8b.json" --markdown "$OUT/ready-8b.md" 2>&1 | tee -a "$OUT/log.txt"
+    grep -E "ray executor started|engine core ready|serving" "$OUT/ready-8b.log" | tee -a "$OUT/log.txt" ;;
+  profile-1b|profile-8b)
+    m=$([ "$1" = profile-1b ] && echo llama-3.2-1b || echo llama-3.1-8b)
+    timeout 300 python3 -m zllm bench throughput --model $m --executors inproc --workload W1 --profile 256,1 \
+      --max-model-len 2304 --out "$OUT/profile-$m.json" --markdown "$OUT/profile-$m.md" 2>&1 | tee -a "$OUT/log.txt" ;;
 esac

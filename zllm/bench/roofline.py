@@ -86,3 +86,17 @@ class ModelCost:
     def floor_s(self, hw: Hardware, contexts: list[tuple[int, int]], num_sampled: int) -> float:
         nbytes, flops = self.step(contexts, num_sampled)
         return max(nbytes / hw.copy_bytes_per_s, flops / hw.matmul_flops_per_s)
+
+    def op_floor_s(self, hw: Hardware, contexts: list[tuple[int, int]], num_sampled: int) -> float:
+        """The floor of a step whose operations run one after another, as every layer's do: the
+        linear layers' max(weight bytes, FLOPs) plus attention's max(KV bytes, FLOPs). `floor_s`
+        lets the weight GEMMs' FLOPs hide under attention's KV reads; at a decode batch where
+        the GEMMs are compute-bound (about 180 rows on an H200) that overlap needs both to run
+        at once, which no kernel sequence of ours does."""
+        new = sum(n for _, n in contexts)
+        linear_bytes = self.weight_bytes
+        linear_flops = 2 * new * self.linear_params + 2 * num_sampled * self.head_params
+        kv_bytes = (sum(c + n for c, n in contexts) + new) * self.kv_bytes_per_token
+        attn_flops = sum(n * c + n * (n + 1) // 2 for c, n in contexts) * self.attn_flops_per_key
+        bw, rate = hw.copy_bytes_per_s, hw.matmul_flops_per_s
+        return max(linear_bytes / bw, linear_flops / rate) + max(kv_bytes / bw, attn_flops / rate)

@@ -125,6 +125,7 @@ class StepLog:
     """Per executed step: wall time in the worker and its roofline floor."""
     times: list[float] = field(default_factory=list)
     floors: list[float] = field(default_factory=list)
+    op_floors: list[float] = field(default_factory=list)  # ModelCost.op_floor_s
     decode_only: list[bool] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)
 
@@ -135,8 +136,10 @@ class StepLog:
             idx = [i for i, d in enumerate(self.decode_only) if pick(d)]
             t = sum(self.times[i] for i in idx)
             f = sum(self.floors[i] for i in idx)
+            op = sum(self.op_floors[i] for i in idx)
             out[label] = {"steps": len(idx), "worker_s": t, "floor_s": f,
-                          "worker_over_floor": t / f if f else None,
+                          "worker_over_floor": t / f if f else None, "op_floor_s": op,
+                          "worker_over_op_floor": t / op if op else None,
                           "tokens": sum(self.num_tokens[i] for i in idx)}
         return out
 
@@ -154,6 +157,7 @@ def step_log(entries: list[list], cost: ModelCost, hw: Hardware, since: float = 
             continue
         log.times.append(done - max(submit, last_done))
         log.floors.append(cost.floor_s(hw, list(zip(contexts, new)), num_sampled))
+        log.op_floors.append(cost.op_floor_s(hw, list(zip(contexts, new)), num_sampled))
         log.decode_only.append(all(n == 1 for n in new))
         log.num_tokens.append(sum(new))
         last_done = done
@@ -222,6 +226,31 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+# Kernel name fragments -> what a kernel does, for the profile's split of a step's GPU time.
+_KERNEL_KINDS = (("attention", ("BatchDecode", "BatchPrefill", "SinglePrefill", "PersistentKernel")),
+                 ("kv store", ("AppendPagedKV",)),
+                 ("gemm", ("gemm", "Gemm", "GEMM", "nvjet", "cutlass", "xmma", "splitK")),
+                 ("norm", ("Norm", "norm")), ("rope", ("Rope", "rope", "RoPE")),
+                 ("activation", ("silu", "gelu", "Act")),
+                 ("sampling", ("sort", "Sort", "softmax", "argmax", "topk", "TopK", "exponential",
+                               "Reduce", "reduce")))
+
+
+def _kernel_summary(prof, steps: int) -> dict[str, Any]:
+    """GPU busy time per step, kernels per step, the top kernels and the time by kind."""
+    kernels = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0
+               and str(getattr(e, "device_type", "")).endswith("CUDA")]
+    kinds: dict[str, float] = {}
+    for e in kernels:
+        kind = next((k for k, marks in _KERNEL_KINDS if any(m in e.key for m in marks)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / steps / 1e3
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]
+    return {"gpu_busy_ms_per_step": sum(e.self_device_time_total for e in kernels) / steps / 1e3,
+            "kernels_per_step": sum(e.count for e in kernels) / steps,
+            "ms_by_kind": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda x: -x[1])},
+            "top_kernels": [(e.key[:80], round(e.self_device_time_total / steps / 1e3, 3)) for e in top]}
+
+
 def profile_decode(llm, arch: ModelArchitecture, hw: Hardware, batch: int,
                    steps: int = 32) -> dict[str, Any]:
     """Where a decode step's time goes, at a batch of `batch` requests 512 tokens in: wall time
@@ -256,20 +285,54 @@ def profile_decode(llm, arch: ModelArchitecture, hw: Hardware, batch: int,
         for _ in range(steps):
             engine.step()
         _sync()
-    kernels = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0
-               and str(getattr(e, "device_type", "")).endswith("CUDA")]
-    gpu_us = sum(e.self_device_time_total for e in kernels) / steps
-    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]
     context = scheduler.running[0].num_computed_tokens
-    floor = ModelCost(arch).floor_s(hw, [(context, 1)] * batch, batch)
+    contexts = [(context, 1)] * batch
     for i in range(batch):
         engine.abort_request(f"profile-{i}")
     while engine.has_unfinished_requests():
         engine.step()
-    return {"batch": batch, "wall_ms_per_step": 1e3 * wall, "gpu_busy_ms_per_step": gpu_us / 1e3,
-            "floor_ms_per_step": 1e3 * floor,
-            "kernels_per_step": sum(e.count for e in kernels) / steps,
-            "top_kernels": [(e.key[:80], round(e.self_device_time_total / steps / 1e3, 3)) for e in top]}
+    return {"batch": batch, "wall_ms_per_step": 1e3 * wall,
+            "floor_ms_per_step": 1e3 * ModelCost(arch).floor_s(hw, contexts, batch),
+            "op_floor_ms_per_step": 1e3 * ModelCost(arch).op_floor_s(hw, contexts, batch),
+            **_kernel_summary(prof, steps)}
+
+
+def profile_prefill(llm, arch: ModelArchitecture, hw: Hardware, num_prompts: int = 16,
+                    steps: int = 4) -> dict[str, Any]:
+    """Where a prefill step's time goes: `num_prompts` of W1's 512-token prompts in one step
+    (16 fill the default 8192-token budget), nothing else running. Each step takes prompts no
+    earlier step saw, so the prefix cache holds none of them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from zllm.sampling_params import SamplingParams
+
+    engine = llm.engine
+    groups = make_workload("W1", arch.vocab_size, num_prompts * (2 * steps + 1)).prompts
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+
+    def one_step(k: int) -> None:
+        for i, prompt in enumerate(groups[k * num_prompts:(k + 1) * num_prompts]):
+            engine.add_request(f"prefill-{k}-{i}", prompt, params)
+        while engine.has_unfinished_requests():
+            engine.step()
+
+    one_step(0)  # warm-up
+    _sync()
+    t0 = time.perf_counter()
+    for k in range(1, steps + 1):
+        one_step(k)
+    _sync()
+    wall = (time.perf_counter() - t0) / steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for k in range(steps + 1, 2 * steps + 1):
+            one_step(k)
+        _sync()
+    contexts = [(0, len(groups[0]))] * num_prompts
+    return {"prompts": num_prompts, "tokens": num_prompts * len(groups[0]),
+            "wall_ms_per_step": 1e3 * wall,
+            "floor_ms_per_step": 1e3 * ModelCost(arch).floor_s(hw, contexts, num_prompts),
+            "op_floor_ms_per_step": 1e3 * ModelCost(arch).op_floor_s(hw, contexts, num_prompts),
+            **_kernel_summary(prof, steps)}
 
 
 def run_hf_peer(model_dir: str, wl: Workload, dtype: torch.dtype) -> dict[str, Any]:
@@ -311,6 +374,7 @@ def result_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "out_tok_per_s": round(r["output_tok_per_s"]),
             "elapsed_s": r["elapsed_s"], "floor_s": r["floor_s"],
             "x_floor": r["measured_over_floor"],
+            "x_op_floor": fmt(r["elapsed_s"] / s["all"]["op_floor_s"]),
             "prefill_x_floor": fmt(s["prefill"]["worker_over_floor"]),
             "decode_x_floor": fmt(s["decode"]["worker_over_floor"]),
             "ttft_ms": fmt(r.get("ttft_ms")), "tpot_ms": fmt(r.get("tpot_ms")),
@@ -354,6 +418,9 @@ def run_executor(model_dir: str, arch: ModelArchitecture, hw: Hardware, config: 
     for batch in profile_batches:
         results[f"profile-{batch}"] = profile_decode(llm, arch, hw, batch)
         print("profile", json.dumps(results[f"profile-{batch}"]), flush=True)
+    if profile_batches:
+        results["profile-prefill"] = profile_prefill(llm, arch, hw)
+        print("profile", json.dumps(results["profile-prefill"]), flush=True)
     num_blocks = llm.stats().num_blocks
     llm.shutdown()
     del llm
@@ -409,19 +476,29 @@ def run_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, 
         print(key, json.dumps(prof))
     hw_note = (f"Measured at start: copy {hw.copy_bytes_per_s / 1e9:,.0f} GB/s, bf16 matmul "
                f"{hw.matmul_flops_per_s / 1e12:,.0f} TFLOP/s. x_floor = measured time / roofline "
-               f"floor (per step max(bytes / bandwidth, FLOPs / matmul rate)); hf = transformers "
+               f"floor (per step max(bytes / bandwidth, FLOPs / matmul rate)); x_op_floor = "
+               f"measured time / the floor of linear layers and attention run one after the other "
+               f"(per step, max of each one's bytes and FLOPs, summed); hf = transformers "
                f"generate_batch on the same shape and workload. {report['num_kv_blocks']} KV blocks.")
     write_results(f"Throughput and latency: {args.model} (zllm bench throughput)",
                   {"model": args.model, **config, "workloads": args.workload},
                   result_rows(report), args.out, args.markdown or None,
                   notes=hw_note + "".join(
-                      f"\n\nDecode step at batch {p['batch']} ({key.split('/')[0]}): wall "
+                      f"\n\n{_profile_title(p)} ({key.split('/')[0]}): wall "
                       f"{p['wall_ms_per_step']:.2f} ms, GPU busy {p['gpu_busy_ms_per_step']:.2f} ms, "
-                      f"floor {p['floor_ms_per_step']:.2f} ms, {p['kernels_per_step']:.0f} kernels; "
-                      f"top: " + ", ".join(f"{k} {t} ms" for k, t in p["top_kernels"][:4])
+                      f"floor {p['floor_ms_per_step']:.2f} ms (op floor {p['op_floor_ms_per_step']:.2f}), "
+                      f"{p['kernels_per_step']:.0f} kernels; by kind: "
+                      + ", ".join(f"{k} {t} ms" for k, t in p["ms_by_kind"].items())
+                      + "; top: " + ", ".join(f"{k} {t} ms" for k, t in p["top_kernels"][:4])
                       for key, p in profiles.items()),
                   extra=report)
     return report
+
+
+def _profile_title(p: dict[str, Any]) -> str:
+    if "batch" in p:
+        return f"Decode step at batch {p['batch']}"
+    return f"Prefill step of {p['prompts']} prompts ({p['tokens']} tokens)"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
