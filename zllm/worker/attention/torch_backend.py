@@ -28,8 +28,9 @@ from zllm.worker.attention.base import AttentionBackend, AttentionBatch, Attenti
 
 @dataclass
 class _PaddedGroup:
-    token_index: torch.Tensor  # [tokens in the group]: rows of the flat step
-    q_valid: torch.Tensor  # [R, max_q] bool: real (not padding) query slots
+    # [tokens in the group]: rows of the flat step; None: one query per request, rows 0..R-1
+    token_index: Optional[torch.Tensor]
+    q_valid: Optional[torch.Tensor]  # [R, max_q] bool: real (not padding) query slots
     pages: torch.Tensor  # [R, P]: the cache blocks of each request's sequence, in order
     masks: dict[Optional[int], torch.Tensor]  # window -> [R, 1, max_q, P * block_size] bool
 
@@ -50,6 +51,9 @@ class TorchPagedBackend(AttentionBackend):
         super().__init__(spec, block_size)
         self.device = device
         self._kv_offsets = np.array([0, block_size])
+        # Key positions 0..S-1, grown as sequences grow. int32 like seq_lens: numpy compares
+        # two int32 arrays about 2.5x faster than int32 against int64.
+        self._positions = np.arange(0, dtype=np.int32)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, non_blocking=True)
@@ -69,22 +73,23 @@ class TorchPagedBackend(AttentionBackend):
 
     def _pages(self, batch: AttentionBatch, table_rows: np.ndarray, num_pages: int) -> torch.Tensor:
         """Each request's blocks, padded with its table's later (masked) entries."""
-        cols = np.minimum(np.arange(num_pages), batch.block_table.shape[1] - 1)
-        return self._tensor(batch.block_table[table_rows[:, None], cols].astype(np.int64))
+        return self._tensor(batch.block_table[table_rows, :num_pages].astype(np.int64))
+
+    def _key_positions(self, num_keys: int) -> np.ndarray:
+        if len(self._positions) < num_keys:
+            self._positions = np.arange(2 * num_keys, dtype=np.int32)
+        return self._positions[:num_keys]
 
     def _plan_decodes(self, batch: AttentionBatch) -> _PaddedGroup:
         """A step of one new token per request (the steady state): what _plan_group builds,
         without its padding. Request i's query is flat token i, at position seq_len - 1."""
-        num_reqs = len(batch.seq_lens)
         num_pages = int(batch.num_blocks.max())
-        last = (batch.seq_lens.astype(np.int64) - 1)[:, None, None, None]  # [R, 1, 1, 1]
-        pos = np.arange(num_pages * self.block_size)
-        causal = pos <= last  # [R, 1, 1, S]
-        masks = {w: self._tensor(causal if w is None else causal & (pos > last - w))
+        seq_lens = batch.seq_lens[:, None, None, None]  # [R, 1, 1, 1], int32
+        pos = self._key_positions(num_pages * self.block_size)
+        causal = pos < seq_lens  # [R, 1, 1, S]: the query is at position seq_len - 1
+        masks = {w: self._tensor(causal if w is None else causal & (pos >= seq_lens - w))
                  for w in self.spec.sliding_windows}
-        return _PaddedGroup(self._tensor(np.arange(num_reqs)),
-                            self._tensor(np.ones((num_reqs, 1), np.bool_)),
-                            self._pages(batch, batch.table_rows, num_pages), masks)
+        return _PaddedGroup(None, None, self._pages(batch, batch.table_rows, num_pages), masks)
 
     def _plan_group(self, batch: AttentionBatch, query_lens: np.ndarray,
                     rows: np.ndarray | None) -> _PaddedGroup:
@@ -100,7 +105,7 @@ class TorchPagedBackend(AttentionBackend):
         q_valid = j < q_lens[:, None]  # [R, max_q]
         token_index = (batch.query_start_loc[:-1][pick][:, None] + j)[q_valid]
         q_pos = ((seq_lens - q_lens)[:, None] + j)[:, :, None]  # [R, max_q, 1]
-        pos = np.arange(num_pages * self.block_size)
+        pos = self._key_positions(num_pages * self.block_size)
         causal = pos <= q_pos  # [R, max_q, S]
         padding = ~q_valid[:, :, None] & (pos == 0)  # padded query rows see one key, not none (NaN)
         masks = {w: self._tensor(((causal if w is None else causal & (pos > q_pos - w))
@@ -119,11 +124,17 @@ class TorchPagedBackend(AttentionBackend):
             num_reqs, num_pages = g.pages.shape
             kv = kv_cache[g.pages].transpose(1, 2).reshape(
                 num_reqs, 2, num_pages * self.block_size, self.num_kv_heads, self.head_dim)
-            queries = q.new_zeros(*g.q_valid.shape, self.num_heads, self.head_dim)
-            queries[g.q_valid] = q[g.token_index]
+            if g.token_index is None:  # decodes: request i's one query is row i
+                queries = q[:num_reqs, None]
+            else:
+                queries = q.new_zeros(*g.q_valid.shape, self.num_heads, self.head_dim)
+                queries[g.q_valid] = q[g.token_index]
             attn = self._attend(queries.transpose(1, 2), kv[:, 0].transpose(1, 2),
                                 kv[:, 1].transpose(1, 2), g.masks[window])
-            out[g.token_index] = attn.transpose(1, 2)[g.q_valid]
+            if g.token_index is None:
+                out[:num_reqs] = attn[:, :, 0]
+            else:
+                out[g.token_index] = attn.transpose(1, 2)[g.q_valid]
         return out
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
