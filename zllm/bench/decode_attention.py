@@ -1,0 +1,93 @@
+"""flashinfer's decode attention alone, against the bandwidth floor of its KV read.
+
+    python -m zllm.bench.decode_attention [--shapes llama-3.2-1b,llama-3.1-8b] [--out r.json]
+
+For each model shape, a batch of W1's decode steps (256 requests, 640 tokens of context) runs
+flashinfer's batch-decode kernel once per layer, with the tensor-core kernel (flashinfer's
+prefill kernel, which FlashInferBackend picks for GQA groups of 4 and up) and with the CUDA-core
+decode kernel, at block sizes 16 and 32. Each variant is timed with CUDA events over repeated
+calls after a warm-up; the floor is the KV bytes read divided by the copy bandwidth measured in
+the same run. On a GPU only: this is the measurement behind FlashInferBackend's kernel choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, Optional
+
+import torch
+
+from zllm.architecture import ModelArchitecture
+from zllm.bench.roofline import measure_hardware
+from zllm.bench.throughput import model_dir_for
+
+
+def time_decode(arch: ModelArchitecture, batch: int, context: int, block_size: int,
+                tensor_cores: bool, reps: int = 50) -> float:
+    """Seconds per call of one layer's decode attention."""
+    import flashinfer
+
+    device = torch.device("cuda")
+    pages_per_req = -(-context // block_size)
+    num_pages = batch * pages_per_req
+    heads, kv_heads, dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
+    cache = torch.randn(num_pages, 2, block_size, kv_heads, dim, dtype=torch.bfloat16, device=device)
+    q = torch.randn(batch, heads, dim, dtype=torch.bfloat16, device=device)
+    indptr = torch.arange(batch + 1, dtype=torch.int32) * pages_per_req
+    indices = torch.randperm(num_pages, dtype=torch.int32)  # pages scattered, as in a real cache
+    last = torch.full((batch,), context - (pages_per_req - 1) * block_size, dtype=torch.int32)
+    workspace = torch.zeros(256 * 2**20, dtype=torch.uint8, device=device)
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD",
+                                                            use_tensor_cores=tensor_cores)
+    wrapper.plan(indptr.to(device), indices.to(device), last.to(device), num_qo_heads=heads,
+                 num_kv_heads=kv_heads, head_dim=dim, page_size=block_size,
+                 q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+    for _ in range(5):
+        wrapper.run(q, cache)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        wrapper.run(q, cache)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
+def run(shapes: list[str], batch: int, context: int) -> dict[str, Any]:
+    hw = measure_hardware(torch.device("cuda"))
+    rows = []
+    for shape in shapes:
+        arch = ModelArchitecture.from_model_dir(model_dir_for(shape))
+        kv_bytes = batch * context * 2 * arch.num_kv_heads * arch.head_dim * 2  # one layer, bf16
+        floor = kv_bytes / hw.copy_bytes_per_s
+        for block_size in (16, 32):
+            for tensor_cores in (True, False):
+                t = time_decode(arch, batch, context, block_size, tensor_cores)
+                rows.append({"shape": shape, "head_dim": arch.head_dim,
+                             "group": arch.num_heads // arch.num_kv_heads, "block_size": block_size,
+                             "tensor_cores": tensor_cores, "us_per_layer": round(1e6 * t, 1),
+                             "ms_per_step": round(1e3 * t * arch.num_layers, 3),
+                             "of_floor": round(floor / t, 3)})
+                print(json.dumps(rows[-1]), flush=True)
+    return {"device": torch.cuda.get_device_name(), "hardware": hw.as_dict(), "batch": batch,
+            "context": context, "rows": rows}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="llama-3.2-1b,llama-3.1-8b")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--context", type=int, default=640, help="tokens per request (W1: 512-768)")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args(argv)
+    report = run(args.shapes.split(","), args.batch, args.context)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
