@@ -1,11 +1,16 @@
 """Tensor-parallel linear layers and the vocabulary embedding, each owning its weight sharding.
 
-They are fairscale's model-parallel layers (subclasses, with fairscale's forward and mappings
-where it fits), built another way: fairscale's constructors fill a full-size master weight on
+They are fairscale's model-parallel layers (subclasses, with fairscale's mappings where they
+fit), built another way: fairscale's constructors fill a full-size master weight on
 every rank and scatter it, which for an 8B model costs seconds and the whole model's memory on
 each rank. These allocate only their own shard, uninitialised, on the device the model is built
 on; the loader fills it. Column-parallel layers split their output features across ranks (each
 rank holds whole heads); row-parallel layers split their input and all-reduce the result.
+Their forwards call F.linear and, for row-parallel layers with more than one rank, all_reduce,
+directly: fairscale's forwards wrap both in autograd Functions (copy_to / reduce_from the model
+parallel region), which in a forward pass are the identity and the all-reduce, but cost tens of
+microseconds of host time per call (four per decoder layer), and they ask torch.distributed for
+the group's size on every call.
 
 Each layer says which pieces of which checkpoint tensors make its parameters on this rank
 (`shard_pieces`), in Hugging Face names relative to its own; a reader turns pieces into I/O.
@@ -18,7 +23,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import layers as fairscale
-from fairscale.nn.model_parallel.initialize import (get_model_parallel_rank,
+from fairscale.nn.model_parallel.initialize import (get_model_parallel_group,
+                                                    get_model_parallel_rank,
                                                     get_model_parallel_world_size)
 from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region
 from torch import nn
@@ -42,7 +48,7 @@ class ColumnParallelLinear(fairscale.ColumnParallelLinear):
     """y = x W^T + b, W's rows split across ranks; several projections of the same input fused
     into one matmul. `sources` lists, per projection, its checkpoint module (beside this one) and
     the rows [start, end) of it that this rank holds, in output order. The output stays split
-    (fairscale's forward with gather_output=False)."""
+    (as fairscale's with gather_output=False)."""
 
     def __init__(self, in_features: int, sources: list[tuple[str, int, int]],
                  bias: bool = False) -> None:
@@ -54,6 +60,9 @@ class ColumnParallelLinear(fairscale.ColumnParallelLinear):
         self.output_size_per_partition = rows
         self.weight = _parameter(rows, in_features)
         self.bias = _parameter(rows) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
 
     @classmethod
     def split(cls, in_features: int, out_features: int, names: tuple[str, ...],
@@ -95,7 +104,7 @@ class QKVParallelLinear(ColumnParallelLinear):
 class RowParallelLinear(fairscale.RowParallelLinear):
     """y = x W^T + b, W's columns (input features) split across ranks, the input already split
     the same way; the partial products are all-reduced, then the (unsplit) bias is added once
-    (fairscale's forward with input_is_parallel=True)."""
+    (as fairscale's with input_is_parallel=True)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         nn.Module.__init__(self)  # not fairscale's __init__: see the module docstring
@@ -106,6 +115,13 @@ class RowParallelLinear(fairscale.RowParallelLinear):
         self.input_size_per_partition = size
         self.weight = _parameter(out_features, size)
         self.bias = _parameter(out_features) if bias else None
+        self.group = get_model_parallel_group() if tp > 1 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight)
+        if self.group is not None:
+            torch.distributed.all_reduce(out, group=self.group)
+        return out if self.bias is None else out + self.bias
 
     def shard_pieces(self, prefix: str, param: str) -> list[Piece]:
         if param == "bias":
