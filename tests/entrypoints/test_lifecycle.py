@@ -168,3 +168,27 @@ def test_two_api_servers_serve_one_engine_core(gqa_model, tmp_path):
         assert not any(alive(p) for p in processes)
     finally:
         running.stop()
+
+
+def test_a_core_that_fails_at_start_up_ends_the_api_servers_started_beside_it(gqa_model, tmp_path):
+    # The API servers start while the core does; the core then refuses the config. zllm serve
+    # must exit non-zero with the core's own message and leave no process behind.
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"model:\n  model: {gqa_model}\n  max_model_len: 999999\n"
+                      "device:\n  device: cpu\nserver:\n  api_server_count: 2\n")
+    proc = subprocess.Popen([sys.executable, "-m", "zllm", "serve", str(config), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen: set[int] = set()
+
+    def exited() -> bool:  # noting every process it starts, until it exits
+        seen.update(descendants(proc.pid))
+        return proc.poll() is not None
+
+    try:
+        wait_until(exited, 60, "zllm serve to exit")
+    finally:
+        proc.kill()
+    output = proc.stdout.read().decode()
+    assert proc.returncode != 0
+    assert "'max_model_len' = 999999" in output and "max_position_embeddings" in output
+    wait_until(lambda: not any(alive(p) for p in seen), 10, "every process it started to exit")

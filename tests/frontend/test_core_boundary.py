@@ -14,7 +14,7 @@ import zmq
 
 from zllm import LLM, EngineConfig, SamplingParams
 from zllm.codec import decode, encode
-from zllm.frontend.core_client import CoreHandle, start_engine_core
+from zllm.frontend.core_client import CoreHandle, read_line, start_engine_core
 from zllm.frontend.llm_engine import LLMEngine
 from zllm.protocol import (CORE_INPUTS, CORE_OUTPUTS, EngineCoreAbort, EngineCoreCall,
                            EngineCoreRequest)
@@ -163,3 +163,15 @@ def test_the_frontend_drops_bad_frames_and_fails_requests_if_handling_raises(tmp
         os.close(status_write)
     assert seen == [["a"], ["boom"]]
     assert len(dead) == 1 and "KeyError" in dead[0]
+
+
+def test_read_line_leaves_the_next_line_in_the_pipe():
+    # An API server reads its settings and, seconds later, the core's ready message from one
+    # stdin; reading the first must not swallow the second when both are already there.
+    r, w = os.pipe()
+    os.write(w, b'{"first": 1}\n{"second": 2}\n')
+    os.close(w)
+    assert read_line(r) == b'{"first": 1}\n'
+    assert read_line(r) == b'{"second": 2}\n'
+    assert read_line(r) == b""
+    os.close(r)
