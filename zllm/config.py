@@ -98,7 +98,10 @@ class DeviceConfig:
 
     device: str = "auto"  # auto | cpu | cuda
     attention_backend: str = "auto"  # auto | torch | flashinfer
-    enforce_eager: bool = False
+    enforce_eager: bool = False  # true: no CUDA graphs at all
+    # Steps that carry prompt tokens, up to this many tokens in all, replay CUDA graphs captured
+    # in pieces between attention calls (zllm/worker/cuda_graphs.py); 0: they run eagerly.
+    piecewise_cuda_graph_tokens: int = 1024
 
 
 @dataclass
@@ -222,6 +225,9 @@ class EngineConfig:
         check("worker_restart_window_s", p.worker_restart_window_s, p.worker_restart_window_s > 0,
               "> 0")
         check("device", d.device, d.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda")
+        check("piecewise_cuda_graph_tokens", d.piecewise_cuda_graph_tokens,
+              d.piecewise_cuda_graph_tokens == 0 or 16 <= d.piecewise_cuda_graph_tokens <= 16384,
+              "0 (off) or in [16, 16384]")
         check("attention_backend", d.attention_backend,
               d.attention_backend in ("auto", "torch", "flashinfer"), "auto, torch or flashinfer")
         srv = self.server

@@ -6,7 +6,10 @@
 #         recovery (issue 13: a rank killed during W1 on the 1B shape),
 #         serve-sweep (issue 11: zllm bench serve on 1B at api_server_count 2 and 4),
 #         ready (issue 11: time to ready of zllm serve on the 8B shape, cold then warm),
-#         profile-1b, profile-8b (issue 11: W1 in process, then decode and prefill steps profiled).
+#         profile-1b, profile-8b (issue 11: W1 in process, then decode and prefill steps profiled),
+#         piecewise-1b, piecewise-8b (issue 11: the same, piecewise CUDA graphs on (1024) and off (0);
+#         piecewise-1b first checks the graphs' tokens against eager with gpu_check),
+#         piecewise-serve (issue 11: zllm bench serve on 1B, Poisson arrivals, piecewise on and off).
 # structured wants SmolLM2's tokenizer in .device/smollm2-tokenizer (the GGUF is too large to
 # travel; its tokenizer is not): python -c "from zllm.tokenizer import load_tokenizer;
 #   load_tokenizer('PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf').save_pretrained('.device/smollm2-tokenizer')"
@@ -55,4 +58,19 @@ case "$1" in
     m=$([ "$1" = profile-1b ] && echo llama-3.2-1b || echo llama-3.1-8b)
     timeout 300 python3 -m zllm bench throughput --model $m --executors inproc --workload W1 --profile 256,1 \
       --max-model-len 2304 --out "$OUT/profile-$m.json" --markdown "$OUT/profile-$m.md" 2>&1 | tee -a "$OUT/log.txt" ;;
+  piecewise-1b|piecewise-8b)
+    m=$([ "$1" = piecewise-1b ] && echo llama-3.2-1b || echo llama-3.1-8b)
+    [ "$1" = piecewise-1b ] && timeout 240 python3 -m zllm.bench.gpu_check --models llama --host-model '' \
+      --out "$OUT/gpu-check.json" 2>&1 | tail -20 | tee -a "$OUT/log.txt"
+    for t in 1024 0; do
+      timeout ${RUN_TIMEOUT:-200} python3 -m zllm bench throughput --model $m --executors inproc --workload W1,latency \
+        --profile 256,1,64+512,0+512 --piecewise-cuda-graph-tokens $t --max-model-len 2304 \
+        --out "$OUT/piecewise-$m-$t.json" --markdown "$OUT/piecewise-$m-$t.md" 2>&1 | grep -v "^profile\|USDT" | tee -a "$OUT/log.txt"
+    done ;;
+  piecewise-serve)
+    for t in 1024 0; do
+      timeout 200 python3 -m zllm bench serve --model llama-3.2-1b --workload W1 --rates ${RATES:-16,64} --client-procs 4 \
+        --api-server-count 4 --ready-runs 1 --no-offline --piecewise-cuda-graph-tokens $t --max-model-len 2304 \
+        --log "$OUT/serve-$t.log" --out "$OUT/serve-1b-piecewise-$t.json" --markdown "$OUT/serve-1b-piecewise-$t.md" 2>&1 | tee -a "$OUT/log.txt"
+    done ;;
 esac

@@ -12,7 +12,8 @@ CI has no GPU, so this is a program to run on one, not a test. It checks, in bf1
      Gemma 2 with alternating windows, soft-capping, GeGLU) agree between the two backends and
      between flashinfer's fused norm/RoPE/activation kernels and PyTorch's;
   3. engine: `LLM(...)` with attention_backend flashinfer and torch (and flashinfer with CUDA
-     graphs vs enforce_eager) produce the same greedy tokens for 64 steps, for each model;
+     graphs, decode and piecewise, vs enforce_eager) produce the same greedy tokens for 64
+     steps, for each model;
   4. host stages (reported, not checked): the worker's host time per stage of a decode step at
      256 running requests of a benchmark shape (--host-model, llama-3.2-1b by default).
 Exits non-zero if a check fails.
@@ -194,7 +195,9 @@ def prompts() -> list[list[int]]:
     return [torch.randint(2, 384, (n,), generator=g).tolist() for n in PROMPT_LENS]
 
 
-def generate(path: str, steps: int, dtype: str = "bfloat16", **config) -> tuple[list[list[int]], float]:
+def generate(path: str, steps: int, dtype: str = "bfloat16", inspect=None,
+             **config) -> tuple[list[list[int]], float]:
+    """Greedy tokens for prompts(); `inspect(llm)` is called before shutdown."""
     from zllm.llm import LLM
     from zllm.sampling_params import SamplingParams
 
@@ -203,6 +206,8 @@ def generate(path: str, steps: int, dtype: str = "bfloat16", **config) -> tuple[
     t0 = time.perf_counter()
     outs = llm.generate(prompts(), params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
+    if inspect is not None:
+        inspect(llm)
     llm.shutdown()
     return [o.outputs[0].token_ids for o in outs], elapsed
 
@@ -250,17 +255,27 @@ def check_engine(path: str, steps: int = 64) -> dict:
     runs["flashinfer_eager"], t_eager = generate(path, steps, attention_backend="flashinfer",
                                                  enforce_eager=True)
     # The production fast path: CUDA graphs and async scheduling (decodes read their input
-    # token from the previous step's device tensor).
-    runs["flashinfer_graph"], t_graph = generate(path, steps, attention_backend="flashinfer",
-                                                 enforce_eager=False, async_scheduling=True)
+    # token from the previous step's device tensor). In process, to count the graphs replayed:
+    # the prompts' step (984 tokens) pads to the piecewise size 1024, the decodes to 8.
+    replays = {}
+
+    def count_replays(llm) -> None:
+        runner = llm.engine.engine_core.executor.worker.model_runner
+        replays.update(decode=runner.graphs.num_replays, piecewise=runner.piecewise.num_replays)
+
+    runs["flashinfer_graph"], t_graph = generate(
+        path, steps, attention_backend="flashinfer", enforce_eager=False, async_scheduling=True,
+        engine_process=False, distributed_executor_backend="uni", inspect=count_replays)
     per_prompt = [first_divergence([x], [y]) for x, y in zip(runs["flashinfer_eager"], runs["torch"])]
     graph_vs_eager = first_divergence(runs["flashinfer_graph"], runs["flashinfer_eager"])
     parted = divergences(path, runs["flashinfer_eager"], runs["torch"])
     return {"steps": steps, "flashinfer_vs_torch_same_steps_per_prompt": per_prompt,
             "prompts_same_for_all_steps": sum(d == steps for d in per_prompt),
             "divergences_vs_fp32": parted, "graph_vs_eager_same_steps": graph_vs_eager,
+            "graph_replays": replays,
             "seconds": {"torch": t_torch, "flashinfer_eager": t_eager, "flashinfer_graph": t_graph},
-            "ok": graph_vs_eager == steps and all(d["near_tie"] for d in parted)}
+            "ok": (graph_vs_eager == steps and all(d["near_tie"] for d in parted)
+                   and replays["decode"] > 0 and replays["piecewise"] > 0)}
 
 
 HOST_TARGET_US = 1500  # the worker's host time per decode step at 256 requests (issue 11)

@@ -251,11 +251,12 @@ def _kernel_summary(prof, steps: int) -> dict[str, Any]:
             "top_kernels": [(e.key[:80], round(e.self_device_time_total / steps / 1e3, 3)) for e in top]}
 
 
-def profile_decode(llm, arch: ModelArchitecture, hw: Hardware, batch: int,
-                   steps: int = 32) -> dict[str, Any]:
+def profile_decode(llm, arch: ModelArchitecture, hw: Hardware, batch: int, steps: int = 32,
+                   prompt_tokens: int = 0) -> dict[str, Any]:
     """Where a decode step's time goes, at a batch of `batch` requests 512 tokens in: wall time
     per step (unprofiled), GPU busy time per step and the top kernels (torch.profiler), and the
-    roofline floor of the same step."""
+    roofline floor of the same step. With `prompt_tokens`, each step also carries a fresh
+    prompt of that many tokens (asking for one token): the mixed step that an arrival makes."""
     from torch.profiler import ProfilerActivity, profile
 
     from zllm.sampling_params import SamplingParams
@@ -266,34 +267,42 @@ def profile_decode(llm, arch: ModelArchitecture, hw: Hardware, batch: int,
     # As many tokens as the context allows: the requests are aborted after the profile.
     params = SamplingParams(max_tokens=core.max_model_len - len(wl.prompts[0]), temperature=0.0,
                             ignore_eos=True)
-    for i, prompt in enumerate(wl.prompts):
+    for i, prompt in enumerate(wl.prompts[:batch]):
         engine.add_request(f"profile-{i}", prompt, params)
-    for _ in range(8):  # past the prefill
-        engine.step()
     scheduler = core.scheduler
     while not all(r.num_computed_tokens >= r.num_prompt_tokens for r in scheduler.running):
         engine.step()
-    for _ in range(4):
+    rng = random.Random("arrivals")  # prompts that no cache holds
+    one_token = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+
+    def step() -> None:
+        if prompt_tokens:
+            prompt = [rng.randint(10, arch.vocab_size - 1) for _ in range(prompt_tokens)]
+            engine.add_request(f"arrival-{time.perf_counter_ns()}", prompt, one_token)
         engine.step()
+
+    for _ in range(4):
+        step()
     _sync()
     t0 = time.perf_counter()
     for _ in range(steps):
-        engine.step()
+        step()
     _sync()
     wall = (time.perf_counter() - t0) / steps
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            engine.step()
+            step()
         _sync()
-    context = scheduler.running[0].num_computed_tokens
-    contexts = [(context, 1)] * batch
+    context = scheduler.running[0].num_computed_tokens if batch else 0
+    contexts = [(context, 1)] * batch + ([(0, prompt_tokens)] if prompt_tokens else [])
+    sampled = batch + (1 if prompt_tokens else 0)
     for i in range(batch):
         engine.abort_request(f"profile-{i}")
     while engine.has_unfinished_requests():
         engine.step()
-    return {"batch": batch, "wall_ms_per_step": 1e3 * wall,
-            "floor_ms_per_step": 1e3 * ModelCost(arch).floor_s(hw, contexts, batch),
-            "op_floor_ms_per_step": 1e3 * ModelCost(arch).op_floor_s(hw, contexts, batch),
+    return {"batch": batch, "prompt_tokens": prompt_tokens, "wall_ms_per_step": 1e3 * wall,
+            "floor_ms_per_step": 1e3 * ModelCost(arch).floor_s(hw, contexts, sampled),
+            "op_floor_ms_per_step": 1e3 * ModelCost(arch).op_floor_s(hw, contexts, sampled),
             **_kernel_summary(prof, steps)}
 
 
@@ -397,7 +406,7 @@ def print_details(report: dict[str, Any]) -> None:
 
 def run_executor(model_dir: str, arch: ModelArchitecture, hw: Hardware, config: dict[str, Any],
                  workloads: list[str], num_requests: Optional[int],
-                 profile_batches: tuple[int, ...] = ()) -> tuple[dict[str, Any], int]:
+                 profile_steps: tuple[str, ...] = ()) -> tuple[dict[str, Any], int]:
     """All workloads on one engine; (results by workload, KV blocks)."""
     from zllm.llm import LLM
 
@@ -415,12 +424,17 @@ def run_executor(model_dir: str, arch: ModelArchitecture, hw: Hardware, config: 
         results[name] = run(llm, cost, hw, wl)
         print(config.get("distributed_executor_backend"), name,
               json.dumps({k: v for k, v in results[name].items() if k != "steps"}), flush=True)
-    for batch in profile_batches:
-        results[f"profile-{batch}"] = profile_decode(llm, arch, hw, batch)
-        print("profile", json.dumps(results[f"profile-{batch}"]), flush=True)
-    if profile_batches:
+    for spec in profile_steps:  # "B" (B decodes) or "B+N" (and an N-token prompt per step)
+        batch, _, prompt_tokens = spec.partition("+")
+        results[f"profile-{spec}"] = profile_decode(llm, arch, hw, int(batch),
+                                                    prompt_tokens=int(prompt_tokens or 0))
+        print("profile", json.dumps(results[f"profile-{spec}"]), flush=True)
+    if profile_steps:
         results["profile-prefill"] = profile_prefill(llm, arch, hw)
-        print("profile", json.dumps(results["profile-prefill"]), flush=True)
+        # One lone prompt at a time: its wall time is the time to first token in process.
+        results["profile-prefill-1"] = profile_prefill(llm, arch, hw, num_prompts=1, steps=8)
+        for key in ("profile-prefill", "profile-prefill-1"):
+            print("profile", json.dumps(results[key]), flush=True)
     num_blocks = llm.stats().num_blocks
     llm.shutdown()
     del llm
@@ -454,7 +468,7 @@ def run_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, 
         "config": ", ".join(f"{k}={v}" for k, v in sorted(config.items())), "workloads": {},
     }
     for executor in args.executors.split(","):
-        profile = tuple(int(b) for b in args.profile.split(",")) if args.profile and executor == "inproc" else ()
+        profile = tuple(args.profile.split(",")) if args.profile and executor == "inproc" else ()
         results, report["num_kv_blocks"] = run_executor(
             model_dir, arch, hw, dict(config, **EXECUTORS[executor]), workloads,
             args.num_requests, profile)
@@ -496,8 +510,12 @@ def run_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, 
 
 
 def _profile_title(p: dict[str, Any]) -> str:
+    if p.get("prompt_tokens"):
+        return f"Step of {p['batch']} decodes and a {p['prompt_tokens']}-token prompt"
     if "batch" in p:
         return f"Decode step at batch {p['batch']}"
+    if p["prompts"] == 1:
+        return f"One lone {p['tokens']}-token prompt, added to finished (time to first token)"
     return f"Prefill step of {p['prompts']} prompts ({p['tokens']} tokens)"
 
 
@@ -521,7 +539,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-requests", type=int, default=None, help="override W1/W2's 256")
     parser.add_argument("--peer", choices=["none", "hf"], default="none")
     parser.add_argument("--profile", default="",
-                        help="comma-separated decode batch sizes to profile (inproc executor)")
+                        help="comma-separated steps to profile (inproc executor): B, a decode "
+                             "step at batch B; B+N, B decodes and a fresh N-token prompt")
     parser.add_argument("--peer-workloads", default="W1",
                         help="comma-separated workloads the peer runs (it is slow)")
     parser.add_argument("--executors", default="ray",

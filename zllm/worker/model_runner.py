@@ -5,8 +5,9 @@ the rest (each request's tokens, progress, block table and sampling settings) in
 arrays. A step flattens every scheduled request's new tokens into one sequence (mixed prefill
 chunks and decodes) with vectorized numpy, writes their K/V into the paged cache inside the
 attention backend, and computes logits only for the last token of requests that reach their end.
-On CUDA with flashinfer, pure-decode steps replay a captured CUDA graph (zllm/worker/cuda_graphs.py)
-unless enforce_eager is set.
+On CUDA with flashinfer, pure-decode steps replay a captured CUDA graph, and steps with prompt
+tokens (up to piecewise_cuda_graph_tokens) replay graphs captured in pieces around attention
+(zllm/worker/cuda_graphs.py), unless enforce_eager is set.
 
 Host work per step is a few array operations, whatever the batch size, and index arrays travel
 to the device from pinned memory: the token ids, positions and sampled rows in one copy here,
@@ -37,7 +38,7 @@ from zllm.architecture import ModelArchitecture
 from zllm.config import EngineConfig
 from zllm.protocol import ModelRunnerOutput, SchedulerOutput
 from zllm.worker.attention.base import AttentionBatch, make_attention_backend
-from zllm.worker.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from zllm.worker.cuda_graphs import DecodeGraphs, PiecewiseGraphs, graph_batch_sizes, piecewise_sizes
 from zllm.worker.grammar import GrammarMatchers
 from zllm.worker.input_batch import InputBatch, StepInputs
 from zllm.worker.models.registry import build_model
@@ -122,6 +123,7 @@ class ModelRunner:
         self.input_batch: InputBatch | None = None  # made with the cache, which sizes it
         self.scratch_block = 0  # padding rows of a CUDA-graph step write here (set with the cache)
         self.graphs: DecodeGraphs | None = None
+        self.piecewise: PiecewiseGraphs | None = None
         self.launched: collections.deque[LaunchedStep] = collections.deque()  # not collected yet
         self.timer = HostTimer()
         self.grammar = GrammarMatchers(config.model.tokenizer or config.model.model,
@@ -166,6 +168,12 @@ class ModelRunner:
         self.attn.enable_cuda_graphs(sizes, max_pages=sizes[-1] * -(-max_len // self.block_size))
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.attn, sizes, self.device)
         self.graphs.capture(lambda bs: self.attn.plan(self._padding_batch(bs)))
+        tokens = min(self.config.device.piecewise_cuda_graph_tokens,
+                     self.config.scheduler.max_num_batched_tokens)
+        if piecewise_sizes(tokens):
+            self.piecewise = PiecewiseGraphs(self.model, self.kv_caches, self.model.attention_spec,
+                                             piecewise_sizes(tokens), self.dtype, self.device)
+            self.piecewise.capture()
 
     def _padding_batch(self, num_rows: int) -> AttentionBatch:
         """A decode batch of padding rows only (for capturing graphs)."""
@@ -253,6 +261,8 @@ class ModelRunner:
         self.timer.lap("plan")
         if step.attention.cuda_graph:
             hidden = self.graphs.replay(input_ids, positions)
+        elif self.piecewise is not None and self.piecewise.size_for(num_tokens):
+            hidden = self.piecewise.replay(input_ids, positions, self.attn)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, self.attn)
         self.timer.lap("forward")

@@ -119,9 +119,10 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                window: Optional[int] = None) -> torch.Tensor:
-        """q [T, H, D], k and v [T, KVH, D]; store k/v in kv_cache, return [T, H, D]. `window` is
-        the layer's sliding window, one of spec.sliding_windows."""
+                window: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """q [T, H, D], k and v [T, KVH, D]; store k/v in kv_cache, return [T, H, D] (written
+        into `out` if given). `window` is the layer's sliding window, one of
+        spec.sliding_windows."""
 
 
 def make_attention_backend(name: str, device: torch.device, dtype: torch.dtype,

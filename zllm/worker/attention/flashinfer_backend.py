@@ -211,11 +211,11 @@ class FlashInferBackend(AttentionBackend):
         return layout.views(packed, num_reqs, num_tokens, num_pages), indptr
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                window: Optional[int] = None) -> torch.Tensor:
+                window: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         t = self._table
         self._append_kv(k, v, t.batch_indices, t.positions, kv_cache, t.indices, t.indptr,
                         t.last_page_len, "NHD")
-        return self._wrappers[window].run(q.contiguous(), kv_cache)
+        return self._wrappers[window].run(q.contiguous(), kv_cache, out=out)
 
 
 def _window_left(window: Optional[int]) -> int:

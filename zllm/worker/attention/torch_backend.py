@@ -115,10 +115,10 @@ class TorchPagedBackend(AttentionBackend):
                             self._pages(batch, batch.table_rows[pick], num_pages), masks)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                window: Optional[int] = None) -> torch.Tensor:
+                window: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         rows = kv_cache.view(-1, self.num_kv_heads, self.head_dim)
         rows[self.store_rows] = kv_pair(k, v)
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if out is None else out
         for g in self.groups:
             # [R, P, 2, bs, KVH, D] -> K and V as [R, 2, P * bs, KVH, D]: a gather and a copy.
             num_reqs, num_pages = g.pages.shape
