@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from zllm.codec import decode, encode
-from zllm.protocol import (CORE_INPUTS, CORE_OUTPUTS, WORKER_REPLIES, CachedRequestData,
+from zllm.protocol import (CORE_INPUTS, CORE_OUTPUTS, WORKER_REPLIES, ContinuingRequestData,
                            EngineCoreOutputs, EngineCoreRequest, FinishedRequest, Logprobs,
                            LogprobsRows, ModelRunnerOutput, NewRequestData, PromptLogprobs,
                            SchedulerOutput, WorkerError)
@@ -19,7 +19,7 @@ def ints(*values):
 def a_scheduler_output() -> SchedulerOutput:
     new = NewRequestData("a", ints(0, 5, 70000), ints(9),
                          SamplingParams(temperature=0.7, top_k=5, seed=3), ints(1), ints(4, 2), 0)
-    cached = CachedRequestData(["b", "c"], ints(1), ints(11))
+    cached = ContinuingRequestData(["b", "c"], ints(1), ints(11))
     return SchedulerOutput([new], cached, ints(1, 1, 4), 6, ["d"], ["e"],
                            blocks_to_swap_out=ints(3, 0, 7, 1))
 
@@ -27,11 +27,11 @@ def a_scheduler_output() -> SchedulerOutput:
 def test_scheduler_output_round_trips():
     out = a_scheduler_output()
     back = decode(encode(out), SchedulerOutput)
-    assert back.cached_requests.req_ids == ["b", "c"]
+    assert back.continuing_requests.req_ids == ["b", "c"]
     assert back.num_scheduled_by_id() == {"b": 1, "c": 1, "a": 4}
     assert back.scheduled_req_ids == ["b", "c", "a"]  # batch order survives
-    assert back.cached_requests.new_block_owners.tolist() == [1]
-    assert back.cached_requests.new_block_ids.tolist() == [11]
+    assert back.continuing_requests.new_block_owners.tolist() == [1]
+    assert back.continuing_requests.new_block_ids.tolist() == [11]
     assert back.blocks_to_swap_out.tolist() == [3, 0, 7, 1] and back.blocks_to_swap_in.tolist() == []
     assert (back.total_num_scheduled_tokens, back.finished_req_ids, back.preempted_req_ids) == (
         6, ["d"], ["e"])
@@ -118,7 +118,7 @@ def test_malformed_worker_reply_raises_value_error():
 def test_scheduler_output_must_count_exactly_its_requests():
     out = a_scheduler_output()
     with pytest.raises(ValueError, match="scheduled token counts for 3 requests"):
-        SchedulerOutput(out.new_requests, out.cached_requests, ints(1, 1), 6, [])
+        SchedulerOutput(out.new_requests, out.continuing_requests, ints(1, 1), 6, [])
 
 
 def test_bad_sampling_params_in_a_message_raise_value_error():

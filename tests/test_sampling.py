@@ -147,7 +147,7 @@ def test_runner_builds_penalty_statistics_per_request(llm):
     import numpy as np
     from types import SimpleNamespace
 
-    from zllm.protocol import CachedRequestData, NewRequestData, SchedulerOutput
+    from zllm.protocol import ContinuingRequestData, NewRequestData, SchedulerOutput
     from zllm.worker.input_batch import InputBatch
     from zllm.worker.sampler import make_sampling_metadata
     from zllm.worker.staging import PinnedStaging
@@ -165,7 +165,7 @@ def test_runner_builds_penalty_statistics_per_request(llm):
                           np.array(s.token_ids[s.num_prompt_tokens:], np.int32), s.params,
                           np.zeros(0, np.int32), np.array([i], np.int32), len(s.token_ids) - 1)
            for i, s in enumerate(states)]
-    slots = batch.update(SchedulerOutput(new, CachedRequestData(), np.ones(3, np.int32), 3, []))
+    slots = batch.update(SchedulerOutput(new, ContinuingRequestData(), np.ones(3, np.int32), 3, []))
     step = batch.prepare(slots, np.ones(3, np.int64), 3, 3)
     meta = make_sampling_metadata(batch.sampling_inputs(step), vocab,
                                   PinnedStaging(torch.device("cpu")))

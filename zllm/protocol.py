@@ -39,7 +39,7 @@ class NewRequestData:
 
 
 @dataclass
-class CachedRequestData:
+class ContinuingRequestData:
     """Requests the workers already hold, in batch order, and the blocks they gained this step:
     block `new_block_ids[j]` is appended to request `req_ids[new_block_owners[j]]`."""
 
@@ -60,8 +60,8 @@ class SchedulerOutput:
     """One step: which requests run and how many of their tokens are computed."""
 
     new_requests: list[NewRequestData]
-    cached_requests: CachedRequestData
-    # Tokens to compute per request, in batch order: the cached requests, then the new ones.
+    continuing_requests: ContinuingRequestData
+    # Tokens to compute per request, in batch order: the continuing requests, then the new ones.
     num_scheduled_tokens: Int32Array
     total_num_scheduled_tokens: int
     finished_req_ids: list[str]  # finished or aborted: workers drop their state
@@ -71,7 +71,7 @@ class SchedulerOutput:
     blocks_to_swap_in: Int32Array = field(default_factory=_ints)
 
     def __post_init__(self) -> None:
-        num_reqs = len(self.cached_requests.req_ids) + len(self.new_requests)
+        num_reqs = len(self.continuing_requests.req_ids) + len(self.new_requests)
         if len(self.num_scheduled_tokens) != num_reqs:
             raise ValueError(f"{len(self.num_scheduled_tokens)} scheduled token counts for "
                              f"{num_reqs} requests")
@@ -81,14 +81,14 @@ class SchedulerOutput:
     @property
     def scheduled_req_ids(self) -> list[str]:
         """Request ids in batch order (aligned with num_scheduled_tokens)."""
-        return self.cached_requests.req_ids + [r.req_id for r in self.new_requests]
+        return self.continuing_requests.req_ids + [r.req_id for r in self.new_requests]
 
     def num_scheduled_by_id(self) -> dict[str, int]:
         return dict(zip(self.scheduled_req_ids, self.num_scheduled_tokens.tolist()))
 
     @classmethod
     def empty(cls) -> "SchedulerOutput":
-        return cls([], CachedRequestData(), _ints(), 0, [])
+        return cls([], ContinuingRequestData(), _ints(), 0, [])
 
 
 @dataclass

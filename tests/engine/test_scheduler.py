@@ -47,7 +47,7 @@ def test_budget_splits_prompts_and_decodes_share_steps():
     _decode(reqs, out)
     out = sched.schedule()
     assert out.num_scheduled_by_id() == {"r0": 1, "r1": 8}  # r0 decodes beside r1's next chunk
-    assert [r.req_id for r in out.new_requests] == [] and out.cached_requests.req_ids == ["r0", "r1"]
+    assert [r.req_id for r in out.new_requests] == [] and out.continuing_requests.req_ids == ["r0", "r1"]
     assert out.total_num_scheduled_tokens == 9
 
 

@@ -19,7 +19,7 @@ from zllm.config import EngineConfig
 from zllm.executor.data_plane import WorkerEndpoint
 from zllm.executor.ray_executor import RayExecutor
 from zllm.codec import encode
-from zllm.protocol import CachedRequestData, ModelRunnerOutput, SchedulerOutput, WorkerError
+from zllm.protocol import ContinuingRequestData, ModelRunnerOutput, SchedulerOutput, WorkerError
 
 API_KEY = "frontend-only-secret"
 
@@ -122,7 +122,7 @@ def test_worker_exception_raises_engine_dead_naming_the_rank(ray_session, gqa_mo
     try:
         executor.init_kv_cache(8)
         # A request the workers never saw: every rank fails looking it up.
-        step = SchedulerOutput([], CachedRequestData(["unknown"]), [1], 1, [])
+        step = SchedulerOutput([], ContinuingRequestData(["unknown"]), [1], 1, [])
         with pytest.raises(EngineDeadError, match=r"rank \d raised KeyError"):
             executor.execute_model(step)
         t0 = time.monotonic()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from zllm.protocol import CachedRequestData, NewRequestData, SchedulerOutput
+from zllm.protocol import ContinuingRequestData, NewRequestData, SchedulerOutput
 from zllm.sampling_params import SamplingParams
 from zllm.worker.cuda_graphs import graph_batch_sizes, graph_size_for
 from zllm.worker.input_batch import InputBatch
@@ -70,10 +70,10 @@ class Simulation:
             if remaining and (req in new or rng.random() < 0.9):
                 scheduled.append(req)
                 counts.append(rng.randrange(1, remaining + 1) if rng.random() < 0.5 else remaining)
-        cached_ids = [r.req_id for r in scheduled if r not in new]
+        continuing_ids = [r.req_id for r in scheduled if r not in new]
         owners, blocks = self._allocate(scheduled, counts, new)
         sched = SchedulerOutput([new_data(r) for r in new],
-                                CachedRequestData(cached_ids, owners, blocks),
+                                ContinuingRequestData(continuing_ids, owners, blocks),
                                 np.asarray(counts, np.int32), sum(counts), finished, preempted)
         self.held = scheduled + [r for r in self.held if r not in scheduled]
         slots = self.batch.update(sched)
@@ -260,11 +260,11 @@ def test_steady_decode_continues_from_the_previous_step_on_the_device():
     finished request with a token in flight keeps its slot until the token lands."""
     batch = InputBatch(4, MAX_LEN, BLOCK_SIZE, 512, SCRATCH)
     new = [new_data(Req(f"r{i}", [5 + i, 6, 7], blocks=[i])) for i in range(3)]
-    slots = batch.update(SchedulerOutput(new, CachedRequestData(), np.full(3, 3, np.int32), 9, []))
+    slots = batch.update(SchedulerOutput(new, ContinuingRequestData(), np.full(3, 3, np.int32), 9, []))
     first = batch.prepare(slots, np.full(3, 3, np.int64), 9, 3)
     assert first.sample_rows.tolist() == [2, 5, 8]
     ids = ["r0", "r1", "r2"]
-    step = SchedulerOutput([], CachedRequestData(ids), np.ones(3, np.int32), 3, [])
+    step = SchedulerOutput([], ContinuingRequestData(ids), np.ones(3, np.int32), 3, [])
     slots = batch.update(step)
     assert not batch.needs_sampled_tokens(slots, step.num_scheduled_tokens, 3)
     second = batch.prepare(slots, np.ones(3, np.int64), 3, 3)
@@ -274,7 +274,7 @@ def test_steady_decode_continues_from_the_previous_step_on_the_device():
     batch.append_sampled(first.sampled_slots, np.array([10, 11, 12]))
     r1_slot = batch.slot_of["r1"]
     third = SchedulerOutput([new_data(Req("r3", [1], blocks=[7]))],
-                            CachedRequestData(["r0", "r2"], np.array([0, 1], np.int32),
+                            ContinuingRequestData(["r0", "r2"], np.array([0, 1], np.int32),
                                               np.array([8, 9], np.int32)),
                             np.ones(3, np.int32), 3, ["r1"])
     slots = batch.update(third)

@@ -24,7 +24,7 @@ import numpy as np
 
 from zllm.bench.report import add_report_args, write_results
 from zllm.config import EngineConfig
-from zllm.protocol import CachedRequestData, NewRequestData, SchedulerOutput
+from zllm.protocol import ContinuingRequestData, NewRequestData, SchedulerOutput
 from zllm.sampling_params import SamplingParams
 
 STUB = "zllm.bench.stub_worker.StubWorker"
@@ -35,7 +35,7 @@ def prefill_step(num_requests: int) -> SchedulerOutput:
     new = [NewRequestData(f"req-{i}", np.ones(BLOCK_SIZE, np.int32), np.zeros(0, np.int32),
                           SamplingParams(seed=i), np.ones(1, np.int32), np.array([i], np.int32), 0)
            for i in range(num_requests)]
-    return SchedulerOutput(new, CachedRequestData(), np.full(num_requests, BLOCK_SIZE, np.int32),
+    return SchedulerOutput(new, ContinuingRequestData(), np.full(num_requests, BLOCK_SIZE, np.int32),
                            num_requests * BLOCK_SIZE, [])
 
 
@@ -44,7 +44,7 @@ def decode_step(num_requests: int, step: int) -> SchedulerOutput:
     # Requests cross a block boundary at staggered steps, as they do in a real batch.
     owners = np.array([i for i in range(num_requests) if (step + i) % BLOCK_SIZE == 0], np.int32)
     new_blocks = num_requests + step * num_requests + owners
-    return SchedulerOutput([], CachedRequestData(req_ids, owners, new_blocks),
+    return SchedulerOutput([], ContinuingRequestData(req_ids, owners, new_blocks),
                            np.ones(num_requests, np.int32), num_requests, [])
 
 

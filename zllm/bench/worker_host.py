@@ -28,7 +28,7 @@ import numpy as np
 
 from zllm.config import EngineConfig
 from zllm.model_files import detect_load_format, resolve_model_path
-from zllm.protocol import CachedRequestData, NewRequestData, SchedulerOutput
+from zllm.protocol import ContinuingRequestData, NewRequestData, SchedulerOutput
 from zllm.sampling_params import SamplingParams
 
 PREP_STAGES = ("update", "prepare", "stage", "plan", "sampling_metadata")
@@ -66,7 +66,7 @@ class DecodeWorkload:
     @staticmethod
     def _prefill(new: list[NewRequestData]) -> SchedulerOutput:
         lens = np.asarray([len(r.prompt_token_ids) for r in new], np.int32)
-        return SchedulerOutput(new, CachedRequestData(), lens, int(lens.sum()), [])
+        return SchedulerOutput(new, ContinuingRequestData(), lens, int(lens.sum()), [])
 
     def decode(self, step: int) -> SchedulerOutput:
         """Decode step `step` (0-based): request i computes position prompt_len + step."""
@@ -74,7 +74,7 @@ class DecodeWorkload:
         owners = np.flatnonzero(position % BLOCK_SIZE == 0).astype(np.int32)
         blocks = owners * self.blocks_per_req + position[owners] // BLOCK_SIZE
         n = len(self.req_ids)
-        return SchedulerOutput([], CachedRequestData(list(self.req_ids), owners,
+        return SchedulerOutput([], ContinuingRequestData(list(self.req_ids), owners,
                                                      blocks.astype(np.int32)),
                                np.ones(n, np.int32), n, [])
 

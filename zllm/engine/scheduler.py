@@ -34,7 +34,7 @@ from zllm.config import SchedulerConfig
 from zllm.engine.block_manager import BlockManager
 from zllm.engine.request import Request, RequestStatus
 from zllm.engine.request_queue import RequestQueue
-from zllm.protocol import CachedRequestData, NewRequestData, SchedulerOutput
+from zllm.protocol import ContinuingRequestData, NewRequestData, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +56,9 @@ class _Step:
     """The step being built."""
 
     budget: int
-    cached_ids: list[str] = field(default_factory=list)  # running requests, in batch order
+    continuing_ids: list[str] = field(default_factory=list)  # running requests, in batch order
     counts: list[int] = field(default_factory=list)  # their scheduled tokens
-    block_owners: list[int] = field(default_factory=list)  # new blocks: index in cached_ids
+    block_owners: list[int] = field(default_factory=list)  # new blocks: index in continuing_ids
     new_blocks: list[int] = field(default_factory=list)
     new_requests: list[NewRequestData] = field(default_factory=list)
     new_counts: list[int] = field(default_factory=list)
@@ -136,9 +136,9 @@ class Scheduler:
                 new_blocks = self._allocate_or_preempt(req, num_new, step, now)
                 if new_blocks is None:
                     break  # req preempted itself: nothing after it is left in running either
-                step.block_owners += [len(step.cached_ids)] * len(new_blocks)
+                step.block_owners += [len(step.continuing_ids)] * len(new_blocks)
                 step.new_blocks += new_blocks
-            step.cached_ids.append(req.req_id)
+            step.continuing_ids.append(req.req_id)
             step.counts.append(num_new)
             step.budget -= num_new
             self._advance(req, num_new, step)
@@ -240,9 +240,10 @@ class Scheduler:
         finished, self._finished_req_ids = self._finished_req_ids, []
         preempted, self._preempted_req_ids = self._preempted_req_ids, []
         swap_out, self._swap_out = self._swap_out, []
-        cached = CachedRequestData(step.cached_ids, np.asarray(step.block_owners, dtype=np.int32),
-                                   np.asarray(step.new_blocks, dtype=np.int32))
-        return SchedulerOutput(step.new_requests, cached,
+        continuing = ContinuingRequestData(step.continuing_ids,
+                                           np.asarray(step.block_owners, dtype=np.int32),
+                                           np.asarray(step.new_blocks, dtype=np.int32))
+        return SchedulerOutput(step.new_requests, continuing,
                                np.asarray(step.counts + step.new_counts, dtype=np.int32),
                                self.config.max_num_batched_tokens - step.budget, finished,
                                preempted, np.asarray(swap_out, dtype=np.int32),

@@ -101,14 +101,14 @@ class InputBatch:
         removed = sched.finished_req_ids + sched.preempted_req_ids
         if removed:
             self._remove(removed)
-        cached = sched.cached_requests
-        if cached.req_ids == self.order_ids:  # steady: the same requests, in the same order
+        continuing = sched.continuing_requests
+        if continuing.req_ids == self.order_ids:  # steady: the same requests, in the same order
             step_slots, rest_ids = self.order_slots, []
         else:
-            step_slots, rest_ids, rest_slots = self._reorder(cached.req_ids)
-        if len(cached.new_block_ids):
-            self._add_blocks(step_slots, cached.new_block_owners, cached.new_block_ids)
-        self.order_ids = cached.req_ids
+            step_slots, rest_ids, rest_slots = self._reorder(continuing.req_ids)
+        if len(continuing.new_block_ids):
+            self._add_blocks(step_slots, continuing.new_block_owners, continuing.new_block_ids)
+        self.order_ids = continuing.req_ids
         if sched.new_requests:
             new_slots = [self._add(new) for new in sched.new_requests]
             step_slots = np.concatenate((step_slots, new_slots))
@@ -166,18 +166,18 @@ class InputBatch:
         self.slot_of[new.req_id] = slot
         return slot
 
-    def _add_blocks(self, cached_slots: np.ndarray, owners: np.ndarray, blocks: np.ndarray) -> None:
-        """Append blocks[j] to the table of request owners[j] (an index into cached_slots). One
+    def _add_blocks(self, step_slots: np.ndarray, owners: np.ndarray, blocks: np.ndarray) -> None:
+        """Append blocks[j] to the table of request owners[j] (an index into step_slots). One
         owner may gain several blocks (a prefill chunk), which keep their order."""
         if len(owners) > 1 and not (np.diff(owners) > 0).all():
             order = np.argsort(owners, kind="stable")
             owners, blocks = owners[order], blocks[order]
             rank = np.arange(len(owners)) - np.searchsorted(owners, owners)  # j-th of its owner
-            slots = cached_slots[owners]
+            slots = step_slots[owners]
             self.block_table[slots, self.num_blocks[slots] + rank] = blocks
             np.add.at(self.num_blocks, slots, 1)
         else:  # each owner gains one block (decodes crossing a block boundary)
-            slots = cached_slots[owners]
+            slots = step_slots[owners]
             self.block_table[slots, self.num_blocks[slots]] = blocks
             self.num_blocks[slots] += 1
 
