@@ -7,9 +7,14 @@
 #         serve-sweep (issue 11: zllm bench serve on 1B at api_server_count 2 and 4),
 #         ready (issue 11: time to ready of zllm serve on the 8B shape, cold then warm),
 #         profile-1b, profile-8b (issue 11: W1 in process, then decode and prefill steps profiled),
-#         piecewise-1b, piecewise-8b (issue 11: the same, piecewise CUDA graphs on (1024) and off (0);
-#         piecewise-1b first checks the graphs' tokens against eager with gpu_check),
-#         piecewise-serve (issue 11: zllm bench serve on 1B, Poisson arrivals, piecewise on and off).
+#         check-graphs (gpu_check on the small Llama: decode and piecewise CUDA graphs' greedy tokens
+#         against eager, flashinfer against torch),
+#         piecewise-1b, piecewise-8b (issue 11: the same, piecewise CUDA graphs on (1024) and off (0)),
+#         piecewise-serve (issue 11: zllm bench serve on 1B, Poisson arrivals, piecewise on and off),
+#         decode-modes (issue 11: flashinfer decode alone, eager / CUDA graph / no split-KV, at two
+#         contexts, NHD and HND).
+# A flashinfer JIT cache saved by an earlier run ($OUT/fi-cache.tar.xz, copied to
+# .device/fi-cache.tar.xz here) is unpacked first: a fresh machine then skips most compiling.
 # structured wants SmolLM2's tokenizer in .device/smollm2-tokenizer (the GGUF is too large to
 # travel; its tokenizer is not): python -c "from zllm.tokenizer import load_tokenizer;
 #   load_tokenizer('PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf').save_pretrained('.device/smollm2-tokenizer')"
@@ -18,6 +23,7 @@ bash .device/install.sh || exit 1
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export PATH=/tmp/site/bin:$PATH
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+[ -f .device/fi-cache.tar.xz ] && mkdir -p ~/.cache && tar xJf .device/fi-cache.tar.xz -C ~/.cache
 z() { python3 -m zllm "$@"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/log.txt"
 case "$1" in
@@ -58,10 +64,11 @@ case "$1" in
     m=$([ "$1" = profile-1b ] && echo llama-3.2-1b || echo llama-3.1-8b)
     timeout 300 python3 -m zllm bench throughput --model $m --executors inproc --workload W1 --profile 256,1 \
       --max-model-len 2304 --out "$OUT/profile-$m.json" --markdown "$OUT/profile-$m.md" 2>&1 | tee -a "$OUT/log.txt" ;;
+  check-graphs)
+    timeout ${CHECK_TIMEOUT:-400} python3 -m zllm.bench.gpu_check --models llama --host-model '' \
+      --out "$OUT/gpu-check.json" 2>&1 | grep -v "Warn\|warn(" | tail -20 | tee -a "$OUT/log.txt" ;;
   piecewise-1b|piecewise-8b)
     m=$([ "$1" = piecewise-1b ] && echo llama-3.2-1b || echo llama-3.1-8b)
-    [ "$1" = piecewise-1b ] && timeout 240 python3 -m zllm.bench.gpu_check --models llama --host-model '' \
-      --out "$OUT/gpu-check.json" 2>&1 | tail -20 | tee -a "$OUT/log.txt"
     for t in 1024 0; do
       timeout ${RUN_TIMEOUT:-200} python3 -m zllm bench throughput --model $m --executors inproc --workload W1,latency \
         --profile 256,1,64+512,0+512 --piecewise-cuda-graph-tokens $t --max-model-len 2304 \
@@ -73,4 +80,10 @@ case "$1" in
         --api-server-count 4 --ready-runs 1 --no-offline --piecewise-cuda-graph-tokens $t --max-model-len 2304 \
         --log "$OUT/serve-$t.log" --out "$OUT/serve-1b-piecewise-$t.json" --markdown "$OUT/serve-1b-piecewise-$t.md" 2>&1 | tee -a "$OUT/log.txt"
     done ;;
+  decode-modes)
+    timeout 200 python3 -m zllm.bench.decode_attention --contexts 640,2048 --layouts ${LAYOUTS:-NHD,HND} \
+      --block-sizes 16 --modes eager,graph,nosplit --out "$OUT/decode-modes.json" 2>&1 \
+      | grep '^{' | tee -a "$OUT/log.txt" ;;
 esac
+# Save the JIT cache for the next fresh machine (about 10 MB packed).
+[ -n "${SAVE_FI_CACHE:-}" ] && tar cf - -C ~/.cache flashinfer | xz -T0 -6 > "$OUT/fi-cache.tar.xz"

@@ -7,7 +7,10 @@ flashinfer's batch-decode kernel once per layer, with the tensor-core kernel (fl
 prefill kernel, which FlashInferBackend picks for GQA groups of 4 and up) and with the CUDA-core
 decode kernel, at block sizes 16 and 32. Each variant is timed with CUDA events over repeated
 calls after a warm-up; the floor is the KV bytes read divided by the copy bandwidth measured in
-the same run. On a GPU only: this is the measurement behind FlashInferBackend's kernel choice.
+the same run. `--layouts NHD,HND` adds flashinfer's head-major page layout, `--contexts` other
+context lengths (a fixed cost per call shows as a share of the floor that grows with them), and
+`--modes graph,nosplit` the CUDA-graph wrapper replayed from a captured graph (as the engine's
+decode steps run it) and the split-KV schedule turned off. On a GPU only: this is the measurement behind FlashInferBackend's kernel choice.
 """
 
 from __future__ import annotations
@@ -24,54 +27,82 @@ from zllm.bench.throughput import model_dir_for
 
 
 def time_decode(arch: ModelArchitecture, batch: int, context: int, block_size: int,
-                tensor_cores: bool, reps: int = 50) -> float:
-    """Seconds per call of one layer's decode attention."""
+                tensor_cores: bool, layout: str = "NHD", mode: str = "eager",
+                reps: int = 50) -> float:
+    """Seconds per call of one layer's decode attention. mode: "eager" (a plain wrapper, run
+    from Python), "graph" (a CUDA-graph wrapper, its run captured once and replayed, as the
+    engine's decode steps do), "nosplit" (eager, flashinfer's split-KV schedule turned off)."""
     import flashinfer
 
     device = torch.device("cuda")
     pages_per_req = -(-context // block_size)
     num_pages = batch * pages_per_req
     heads, kv_heads, dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
-    cache = torch.randn(num_pages, 2, block_size, kv_heads, dim, dtype=torch.bfloat16, device=device)
+    shape = ((num_pages, 2, block_size, kv_heads, dim) if layout == "NHD"
+             else (num_pages, 2, kv_heads, block_size, dim))
+    cache = torch.randn(shape, dtype=torch.bfloat16, device=device)
     q = torch.randn(batch, heads, dim, dtype=torch.bfloat16, device=device)
-    indptr = torch.arange(batch + 1, dtype=torch.int32) * pages_per_req
-    indices = torch.randperm(num_pages, dtype=torch.int32)  # pages scattered, as in a real cache
-    last = torch.full((batch,), context - (pages_per_req - 1) * block_size, dtype=torch.int32)
+    out = torch.empty_like(q)
+    indptr = (torch.arange(batch + 1, dtype=torch.int32) * pages_per_req).to(device)
+    indices = torch.randperm(num_pages, dtype=torch.int32).to(device)  # scattered, as in a cache
+    last = torch.full((batch,), context - (pages_per_req - 1) * block_size, dtype=torch.int32,
+                      device=device)
     workspace = torch.zeros(256 * 2**20, dtype=torch.uint8, device=device)
-    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD",
-                                                            use_tensor_cores=tensor_cores)
-    wrapper.plan(indptr.to(device), indices.to(device), last.to(device), num_qo_heads=heads,
-                 num_kv_heads=kv_heads, head_dim=dim, page_size=block_size,
-                 q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+    graph_buffers = (dict(use_cuda_graph=True, paged_kv_indptr_buffer=indptr.clone(),
+                          paged_kv_indices_buffer=indices.clone(),
+                          paged_kv_last_page_len_buffer=last.clone()) if mode == "graph" else {})
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        workspace, layout, use_tensor_cores=tensor_cores, **graph_buffers)
+    extra = dict(disable_split_kv=True) if mode == "nosplit" else {}
+    wrapper.plan(indptr, indices, last, num_qo_heads=heads, num_kv_heads=kv_heads, head_dim=dim,
+                 page_size=block_size, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
+                 **extra)
     for _ in range(5):
-        wrapper.run(q, cache)
+        wrapper.run(q, cache, out=out)
+    call = lambda: wrapper.run(q, cache, out=out)  # noqa: E731
+    if mode == "graph":
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            wrapper.run(q, cache, out=out)
+        call = graph.replay
+    call()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):
-        wrapper.run(q, cache)
+        call()
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / 1e3 / reps
 
 
-def run(shapes: list[str], batch: int, context: int) -> dict[str, Any]:
+def run(shapes: list[str], batch: int, contexts: list[int], layouts: list[str],
+        block_sizes: list[int], modes: list[str]) -> dict[str, Any]:
     hw = measure_hardware(torch.device("cuda"))
     rows = []
     for shape in shapes:
         arch = ModelArchitecture.from_model_dir(model_dir_for(shape))
-        kv_bytes = batch * context * 2 * arch.num_kv_heads * arch.head_dim * 2  # one layer, bf16
-        floor = kv_bytes / hw.copy_bytes_per_s
-        for block_size in (16, 32):
-            for tensor_cores in (True, False):
-                t = time_decode(arch, batch, context, block_size, tensor_cores)
+        for context in contexts:
+            kv_bytes = batch * context * 2 * arch.num_kv_heads * arch.head_dim * 2  # a layer, bf16
+            floor = kv_bytes / hw.copy_bytes_per_s
+            variants = [(layout, block_size, mode, tensor_cores)
+                        for layout in layouts for block_size in block_sizes for mode in modes
+                        for tensor_cores in (True, False)
+                        if tensor_cores or mode != "nosplit"]  # flashinfer: tensor cores only
+            for layout, block_size, mode, tensor_cores in variants:
+                t = time_decode(arch, batch, context, block_size, tensor_cores, layout,
+                                mode)
                 rows.append({"shape": shape, "head_dim": arch.head_dim,
-                             "group": arch.num_heads // arch.num_kv_heads, "block_size": block_size,
-                             "tensor_cores": tensor_cores, "us_per_layer": round(1e6 * t, 1),
+                             "group": arch.num_heads // arch.num_kv_heads,
+                             "context": context, "layout": layout, "mode": mode,
+                             "block_size": block_size, "tensor_cores": tensor_cores,
+                             "us_per_layer": round(1e6 * t, 1),
+                             "floor_us_per_layer": round(1e6 * floor, 1),
                              "ms_per_step": round(1e3 * t * arch.num_layers, 3),
                              "of_floor": round(floor / t, 3)})
                 print(json.dumps(rows[-1]), flush=True)
     return {"device": torch.cuda.get_device_name(), "hardware": hw.as_dict(), "batch": batch,
-            "context": context, "rows": rows}
+            "rows": rows}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -79,10 +110,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="llama-3.2-1b,llama-3.1-8b")
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--context", type=int, default=640, help="tokens per request (W1: 512-768)")
+    parser.add_argument("--contexts", default="640",
+                        help="tokens per request, comma-separated (W1: 512-768)")
+    parser.add_argument("--layouts", default="NHD", help="NHD, HND or both, comma-separated")
+    parser.add_argument("--block-sizes", default="16,32")
+    parser.add_argument("--modes", default="eager",
+                        help="eager, graph (captured and replayed, as the engine runs decode), "
+                             "nosplit (split-KV off); comma-separated")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
-    report = run(args.shapes.split(","), args.batch, args.context)
+    report = run(args.shapes.split(","), args.batch, [int(c) for c in args.contexts.split(",")],
+                 args.layouts.split(","), [int(b) for b in args.block_sizes.split(",")],
+                 args.modes.split(","))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
