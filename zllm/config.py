@@ -100,8 +100,10 @@ class DeviceConfig:
     attention_backend: str = "auto"  # auto | torch | flashinfer
     enforce_eager: bool = False  # true: no CUDA graphs at all
     # Steps that carry prompt tokens, up to this many tokens in all, replay CUDA graphs captured
-    # in pieces between attention calls (zllm/worker/cuda_graphs.py); 0: they run eagerly.
-    piecewise_cuda_graph_tokens: int = 1024
+    # in pieces between attention calls (zllm/worker/cuda_graphs.py); 0: they run eagerly. Off
+    # by default: on an H200 (2026-12-03) 1024 gave the same greedy tokens as eager but made
+    # the 1B shape's W1 3-8% slower, with more host time per decode step (docs/benchmarks.md).
+    piecewise_cuda_graph_tokens: int = 0
 
 
 @dataclass

@@ -265,7 +265,8 @@ def check_engine(path: str, steps: int = 64) -> dict:
 
     runs["flashinfer_graph"], t_graph = generate(
         path, steps, attention_backend="flashinfer", enforce_eager=False, async_scheduling=True,
-        engine_process=False, distributed_executor_backend="uni", inspect=count_replays)
+        piecewise_cuda_graph_tokens=1024, engine_process=False, distributed_executor_backend="uni",
+        inspect=count_replays)
     per_prompt = [first_divergence([x], [y]) for x, y in zip(runs["flashinfer_eager"], runs["torch"])]
     graph_vs_eager = first_divergence(runs["flashinfer_graph"], runs["flashinfer_eager"])
     parted = divergences(path, runs["flashinfer_eager"], runs["torch"])

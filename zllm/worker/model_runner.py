@@ -5,9 +5,9 @@ the rest (each request's tokens, progress, block table and sampling settings) in
 arrays. A step flattens every scheduled request's new tokens into one sequence (mixed prefill
 chunks and decodes) with vectorized numpy, writes their K/V into the paged cache inside the
 attention backend, and computes logits only for the last token of requests that reach their end.
-On CUDA with flashinfer, pure-decode steps replay a captured CUDA graph, and steps with prompt
-tokens (up to piecewise_cuda_graph_tokens) replay graphs captured in pieces around attention
-(zllm/worker/cuda_graphs.py), unless enforce_eager is set.
+On CUDA with flashinfer, pure-decode steps replay a captured CUDA graph unless enforce_eager is
+set; with piecewise_cuda_graph_tokens set (off by default), steps with prompt tokens replay
+graphs captured in pieces around attention (zllm/worker/cuda_graphs.py).
 
 Host work per step is a few array operations, whatever the batch size, and index arrays travel
 to the device from pinned memory: the token ids, positions and sampled rows in one copy here,
