@@ -126,8 +126,9 @@ class ModelRunner:
         self.piecewise: PiecewiseGraphs | None = None
         self.launched: collections.deque[LaunchedStep] = collections.deque()  # not collected yet
         self.timer = HostTimer()
-        self.grammar = GrammarMatchers(config.model.tokenizer or config.model.model,
-                                       arch.vocab_size, arch.eos_token_ids, device)
+        # Structured outputs: made with the first constrained request, so that an engine serving
+        # only plain requests runs no grammar code.
+        self.grammar: GrammarMatchers | None = None
 
     def load_weights(self) -> None:
         m = self.config.model
@@ -240,7 +241,9 @@ class ModelRunner:
         self._swap(sched.blocks_to_swap_in, out=False)
         batch = self.input_batch
         slots = batch.update(sched)
-        self.grammar.update(sched)
+        if self.grammar is not None or any(new.sampling_params.structured_outputs is not None
+                                           for new in sched.new_requests):
+            self._grammar().update(sched)
         self.timer.lap("update")
         if sched.total_num_scheduled_tokens == 0:
             batch.forget_previous()
@@ -318,7 +321,7 @@ class ModelRunner:
             ids = sched.scheduled_req_ids
             launched.req_ids = (ids if step.sampled is None
                                 else [ids[i] for i in step.sampled.tolist()])
-            if self.grammar.constrains(launched.req_ids):
+            if self.grammar is not None and self.grammar.constrains(launched.req_ids):
                 meta = self._constrain(meta, launched, previous)
             launched.tokens, launched.logprobs = sample(logits, meta)
         if self.device.type == "cuda":
@@ -329,6 +332,13 @@ class ModelRunner:
             launched.done_event.record()
         self.timer.lap("sample")
         return launched
+
+    def _grammar(self) -> GrammarMatchers:
+        if self.grammar is None:
+            self.grammar = GrammarMatchers(self.config.model.tokenizer or self.config.model.model,
+                                           self.arch.vocab_size, self.arch.eos_token_ids,
+                                           self.device)
+        return self.grammar
 
     def _constrain(self, meta, launched: LaunchedStep, previous: Optional[LaunchedStep]):
         """The grammar (not the queued forward) needs the previous step's tokens: wait for
