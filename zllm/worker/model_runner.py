@@ -98,9 +98,6 @@ class HostTimer:
             self.laps.setdefault(stage, []).append(now - self._last)
             self._last = now
 
-    def reset(self) -> None:
-        self.laps = {}
-
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, arch: ModelArchitecture, rank: int, tp_size: int,
@@ -253,7 +250,7 @@ class ModelRunner:
         num_scheduled = sched.num_scheduled_tokens
         num_tokens = sched.total_num_scheduled_tokens
         if self.launched and batch.needs_sampled_tokens(slots, num_scheduled, num_tokens):
-            self._resolve_launched()
+            self._read_back(self.launched[-1])
         previous = self.launched[-1] if self.launched else None
         graph_size = None if self.graphs is None else self.graphs.size_for(num_tokens, len(slots))
         step = batch.prepare(slots, num_scheduled, num_tokens, graph_size)
@@ -369,6 +366,3 @@ class ModelRunner:
                 self.timer.lap("read_back")
             if step is last:
                 return
-
-    def _resolve_launched(self) -> None:
-        self._read_back(self.launched[-1])
