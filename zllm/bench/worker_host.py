@@ -27,7 +27,7 @@ import statistics
 import numpy as np
 
 from zllm.config import EngineConfig
-from zllm.model_files import detect_load_format, resolve_model_path
+from zllm.model_files import resolve_model
 from zllm.protocol import ContinuingRequestData, NewRequestData, SchedulerOutput
 from zllm.sampling_params import SamplingParams
 
@@ -91,9 +91,7 @@ def make_worker(num_requests: int, num_blocks: int, model: str):
         from zllm.bench.throughput import model_dir_for
 
         settings.update(model=model_dir_for(model), load_format="dummy", max_model_len=8192)
-    config = EngineConfig.from_dict({}, **settings)
-    config.model.model = resolve_model_path(config.model.model)
-    config.model.load_format = detect_load_format(config.model.model, config.model.load_format)
+    config, _ = resolve_model(EngineConfig.from_dict({}, **settings))
     worker = Worker(config, rank=0, distributed_init_method=None)
     worker.init_distributed_environment()
     worker.init_model()

@@ -14,7 +14,6 @@ schedules and prepares the next (see `in_flight`).
 from __future__ import annotations
 
 import collections
-import copy
 import dataclasses
 import logging
 import random
@@ -23,7 +22,6 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from zllm.architecture import ModelArchitecture
 from zllm.config import EngineConfig
 from zllm.engine.block_manager import BlockManager
 from zllm.engine.request import Request, RequestStatus
@@ -32,7 +30,7 @@ from zllm.engine.scheduler import Scheduler, StepStats
 from zllm.errors import EngineDeadError, WorkerLostError
 from zllm.executor import Executor, make_executor
 from zllm.metrics import EngineMetrics
-from zllm.model_files import detect_load_format, resolve_model_path
+from zllm.model_files import resolve_model
 from zllm.protocol import (EngineCoreOutputs, EngineCoreRequest, EngineStats, FinishedRequest,
                            LogprobsRows, ModelRunnerOutput)
 
@@ -48,11 +46,7 @@ class EngineCore:
                  on_state: Optional[Callable[[str, str], None]] = None) -> None:
         """`on_state(state, message)` hears the core's state changes: "recovering" while a lost
         worker group is rebuilt, then "running" (a frontend's /health reports them)."""
-        config = copy.deepcopy(config)
-        config.model.model = resolve_model_path(config.model.model)
-        config.model.load_format = detect_load_format(config.model.model, config.model.load_format)
-        self.arch = ModelArchitecture.from_model_dir(config.model.model)
-        self.arch.check_tensor_parallel(config.parallel.tensor_parallel_size)
+        config, self.arch = resolve_model(config)
         self.config = config
         requested = config.model.max_model_len
         if requested is not None and requested > self.arch.max_position_embeddings:

@@ -21,7 +21,7 @@ import time
 
 from zllm.config import EngineConfig
 from zllm.frontend.core_client import launch_engine_core
-from zllm.frontend.llm_engine import resolve_model
+from zllm.model_files import resolve_model
 
 logger = logging.getLogger(__name__)
 

@@ -24,9 +24,10 @@ from typing import Any, AsyncIterator, Callable, Optional
 from zllm.config import EngineConfig
 from zllm.errors import EngineDeadError, SlowReaderError
 from zllm.frontend.core_client import AsyncMPClient, CoreHandle, launch_engine_core
-from zllm.frontend.llm_engine import load_tokenizer_beside, resolve_model
+from zllm.frontend.llm_engine import load_tokenizer_beside
 from zllm.frontend.output_processor import OutputProcessor
 from zllm.frontend.processor import Processor, Prompt
+from zllm.model_files import resolve_model
 from zllm.outputs import CompletionOutput, RequestOutput
 from zllm.protocol import EngineCoreAbort, EngineCoreOutputs
 from zllm.sampling_params import SamplingParams

@@ -269,7 +269,8 @@ class InprocClient:
                 self.rejected.append(FinishedRequest(request.request_id, "error", message=str(e)))
 
     def abort(self, request_ids: list[str]) -> None:
-        self.core.abort(request_ids)
+        if request_ids:  # (the frontend asks after every step, mostly for none)
+            self.core.abort(request_ids)
 
     def get_output(self, timeout_s: Optional[float] = None) -> Optional[EngineCoreOutputs]:
         """Run steps until one has outputs; None when the core has nothing to do."""

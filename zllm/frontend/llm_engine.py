@@ -13,30 +13,17 @@ that a stop string ended. `LLM` is a thin batch API over it.
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Optional
 
-from zllm.architecture import ModelArchitecture
 from zllm.config import EngineConfig
 from zllm.frontend.core_client import CoreHandle, InprocClient, MPClient, launch_engine_core
 from zllm.frontend.output_processor import OutputProcessor
 from zllm.frontend.processor import Processor, Prompt
-from zllm.model_files import detect_load_format, resolve_model_path
+from zllm.model_files import resolve_model
 from zllm.outputs import RequestOutput
 from zllm.protocol import EngineStats
 from zllm.sampling_params import SamplingParams
 from zllm.tokenizer import load_tokenizer
-
-
-def resolve_model(config: EngineConfig) -> tuple[EngineConfig, ModelArchitecture]:
-    """A copy of config whose model is a checked local directory with a known weight format, and
-    the model's architecture, checked against the tensor-parallel size before any worker starts."""
-    config = copy.deepcopy(config)
-    config.model.model = resolve_model_path(config.model.model)
-    config.model.load_format = detect_load_format(config.model.model, config.model.load_format)
-    arch = ModelArchitecture.from_model_dir(config.model.model)
-    arch.check_tensor_parallel(config.parallel.tensor_parallel_size)
-    return config, arch
 
 
 def load_tokenizer_beside(core: CoreHandle, config: EngineConfig):

@@ -11,7 +11,8 @@ A grammar is compiled against the model's vocabulary (xgrammar's TokenizerInfo, 
 the tokenizer files, with the model's vocabulary size and end tokens) in a background thread as
 soon as its request arrives, and cached by spec; the step that first samples the request waits
 for it, by then usually long done (the prompt's prefill ran meanwhile). The engine core never
-compiles anything.
+compiles anything. The model runner makes its GrammarMatchers with the first constrained request,
+so a worker that serves only plain requests runs none of this.
 
 A finished grammar allows only the end tokens, so the request ends with finish_reason "stop".
 With ignore_eos, the request goes on after that, unconstrained (as in vLLM). Every

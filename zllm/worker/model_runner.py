@@ -98,9 +98,6 @@ class HostTimer:
             self.laps.setdefault(stage, []).append(now - self._last)
             self._last = now
 
-    def reset(self) -> None:
-        self.laps = {}
-
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, arch: ModelArchitecture, rank: int, tp_size: int,
@@ -126,8 +123,9 @@ class ModelRunner:
         self.piecewise: PiecewiseGraphs | None = None
         self.launched: collections.deque[LaunchedStep] = collections.deque()  # not collected yet
         self.timer = HostTimer()
-        self.grammar = GrammarMatchers(config.model.tokenizer or config.model.model,
-                                       arch.vocab_size, arch.eos_token_ids, device)
+        # Structured outputs: made with the first constrained request, so that an engine serving
+        # only plain requests runs no grammar code.
+        self.grammar: GrammarMatchers | None = None
 
     def load_weights(self) -> None:
         m = self.config.model
@@ -240,7 +238,9 @@ class ModelRunner:
         self._swap(sched.blocks_to_swap_in, out=False)
         batch = self.input_batch
         slots = batch.update(sched)
-        self.grammar.update(sched)
+        if self.grammar is not None or any(new.sampling_params.structured_outputs is not None
+                                           for new in sched.new_requests):
+            self._grammar().update(sched)
         self.timer.lap("update")
         if sched.total_num_scheduled_tokens == 0:
             batch.forget_previous()
@@ -250,7 +250,7 @@ class ModelRunner:
         num_scheduled = sched.num_scheduled_tokens
         num_tokens = sched.total_num_scheduled_tokens
         if self.launched and batch.needs_sampled_tokens(slots, num_scheduled, num_tokens):
-            self._resolve_launched()
+            self._read_back(self.launched[-1])
         previous = self.launched[-1] if self.launched else None
         graph_size = None if self.graphs is None else self.graphs.size_for(num_tokens, len(slots))
         step = batch.prepare(slots, num_scheduled, num_tokens, graph_size)
@@ -318,7 +318,7 @@ class ModelRunner:
             ids = sched.scheduled_req_ids
             launched.req_ids = (ids if step.sampled is None
                                 else [ids[i] for i in step.sampled.tolist()])
-            if self.grammar.constrains(launched.req_ids):
+            if self.grammar is not None and self.grammar.constrains(launched.req_ids):
                 meta = self._constrain(meta, launched, previous)
             launched.tokens, launched.logprobs = sample(logits, meta)
         if self.device.type == "cuda":
@@ -329,6 +329,13 @@ class ModelRunner:
             launched.done_event.record()
         self.timer.lap("sample")
         return launched
+
+    def _grammar(self) -> GrammarMatchers:
+        if self.grammar is None:
+            self.grammar = GrammarMatchers(self.config.model.tokenizer or self.config.model.model,
+                                           self.arch.vocab_size, self.arch.eos_token_ids,
+                                           self.device)
+        return self.grammar
 
     def _constrain(self, meta, launched: LaunchedStep, previous: Optional[LaunchedStep]):
         """The grammar (not the queued forward) needs the previous step's tokens: wait for
@@ -359,6 +366,3 @@ class ModelRunner:
                 self.timer.lap("read_back")
             if step is last:
                 return
-
-    def _resolve_launched(self) -> None:
-        self._read_back(self.launched[-1])

@@ -154,7 +154,8 @@ class Worker:
         the grammar's per constrained step, (fill seconds, accept seconds, rows)."""
         times = list(self.host_times)
         self.host_times.clear()
-        return {"launch": times, "grammar": self.model_runner.grammar.take_step_times()}
+        grammar = self.model_runner.grammar
+        return {"launch": times, "grammar": grammar.take_step_times() if grammar else []}
 
     def collect(self) -> ModelRunnerOutput:
         return self.model_runner.collect()
@@ -167,7 +168,7 @@ class Worker:
         return os.getpid()
 
     def shutdown(self) -> None:
-        if self.model_runner is not None:
+        if self.model_runner is not None and self.model_runner.grammar is not None:
             self.model_runner.grammar.shutdown()
         self.model_runner = None
         if fs_init.model_parallel_is_initialized():

@@ -92,18 +92,17 @@ class TorchPagedBackend(AttentionBackend):
         return _PaddedGroup(None, None, self._pages(batch, batch.table_rows, num_pages), masks)
 
     def _plan_group(self, batch: AttentionBatch, query_lens: np.ndarray,
-                    rows: np.ndarray | None) -> _PaddedGroup:
-        """Padded index arrays for the requests `rows` (None: all of them)."""
-        pick = slice(None) if rows is None else rows
-        q_lens, seq_lens = query_lens[pick], batch.seq_lens[pick]
+                    rows: np.ndarray) -> _PaddedGroup:
+        """Padded index arrays for the requests `rows`."""
+        q_lens, seq_lens = query_lens[rows], batch.seq_lens[rows]
         max_q = int(q_lens.max())
-        num_pages = int(batch.num_blocks[pick].max())
+        num_pages = int(batch.num_blocks[rows].max())
         # Request i's j-th new token is flat token query_start_loc[i] + j; it sits at position
         # seq_len - q_len + j and sees positions up to it, and with a window W only the W
         # positions ending there (Hugging Face's sliding window).
         j = np.arange(max_q)
         q_valid = j < q_lens[:, None]  # [R, max_q]
-        token_index = (batch.query_start_loc[:-1][pick][:, None] + j)[q_valid]
+        token_index = (batch.query_start_loc[:-1][rows][:, None] + j)[q_valid]
         q_pos = ((seq_lens - q_lens)[:, None] + j)[:, :, None]  # [R, max_q, 1]
         pos = self._key_positions(num_pages * self.block_size)
         causal = pos <= q_pos  # [R, max_q, S]
@@ -112,7 +111,7 @@ class TorchPagedBackend(AttentionBackend):
                                   | padding)[:, None])
                  for w in self.spec.sliding_windows}
         return _PaddedGroup(self._tensor(token_index), self._tensor(q_valid),
-                            self._pages(batch, batch.table_rows[pick], num_pages), masks)
+                            self._pages(batch, batch.table_rows[rows], num_pages), masks)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 window: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
