@@ -12,7 +12,9 @@
 #         piecewise-1b, piecewise-8b (issue 11: the same, piecewise CUDA graphs on (1024) and off (0)),
 #         piecewise-serve (issue 11: zllm bench serve on 1B, Poisson arrivals, piecewise on and off),
 #         decode-modes (issue 11: flashinfer decode alone, eager / CUDA graph / no split-KV, at two
-#         contexts, NHD and HND).
+#         contexts, NHD and HND),
+#         graph-split (issue 11: the CUDA-graph decode wrapper with and without split-KV, by batch
+#         size: where planning the engine's graph wrappers with disable_split_kv would pay).
 # A flashinfer JIT cache saved by an earlier run ($OUT/fi-cache.tar.xz, copied to
 # .device/fi-cache.tar.xz here) is unpacked first: a fresh machine then skips most compiling.
 # structured wants SmolLM2's tokenizer in .device/smollm2-tokenizer (the GGUF is too large to
@@ -82,7 +84,11 @@ case "$1" in
     done ;;
   decode-modes)
     timeout 200 python3 -m zllm.bench.decode_attention --contexts 640,2048 --layouts ${LAYOUTS:-NHD,HND} \
-      --block-sizes 16 --modes eager,graph,nosplit --out "$OUT/decode-modes.json" 2>&1 \
+      --block-sizes 16 --modes ${MODES:-eager,graph,nosplit,graph-nosplit} --out "$OUT/decode-modes.json" 2>&1 \
+      | grep '^{' | tee -a "$OUT/log.txt" ;;
+  graph-split)
+    timeout 200 python3 -m zllm.bench.decode_attention --batches 1,8,32,64,128,256 --contexts 640,2048 \
+      --layouts NHD --block-sizes 16 --modes graph,graph-nosplit --out "$OUT/graph-split.json" 2>&1 \
       | grep '^{' | tee -a "$OUT/log.txt" ;;
 esac
 # Save the JIT cache for the next fresh machine (about 10 MB packed).

@@ -9,8 +9,8 @@ decode kernel, at block sizes 16 and 32. Each variant is timed with CUDA events 
 calls after a warm-up; the floor is the KV bytes read divided by the copy bandwidth measured in
 the same run. `--layouts NHD,HND` adds flashinfer's head-major page layout, `--contexts` other
 context lengths (a fixed cost per call shows as a share of the floor that grows with them), and
-`--modes graph,nosplit` the CUDA-graph wrapper replayed from a captured graph (as the engine's
-decode steps run it) and the split-KV schedule turned off. On a GPU only: this is the measurement behind FlashInferBackend's kernel choice.
+`--modes graph,nosplit,graph-nosplit` the CUDA-graph wrapper replayed from a captured graph (as
+the engine's decode steps run it), the split-KV schedule turned off, and both. On a GPU only: this is the measurement behind FlashInferBackend's kernel choice.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def time_decode(arch: ModelArchitecture, batch: int, context: int, block_size: i
                 reps: int = 50) -> float:
     """Seconds per call of one layer's decode attention. mode: "eager" (a plain wrapper, run
     from Python), "graph" (a CUDA-graph wrapper, its run captured once and replayed, as the
-    engine's decode steps do), "nosplit" (eager, flashinfer's split-KV schedule turned off)."""
+    engine's decode steps do), "nosplit" (eager, flashinfer's split-KV schedule turned off),
+    "graph-nosplit" (both: flashinfer always splits in CUDA-graph mode unless told not to)."""
     import flashinfer
 
     device = torch.device("cuda")
@@ -50,17 +51,18 @@ def time_decode(arch: ModelArchitecture, batch: int, context: int, block_size: i
     workspace = torch.zeros(256 * 2**20, dtype=torch.uint8, device=device)
     graph_buffers = (dict(use_cuda_graph=True, paged_kv_indptr_buffer=indptr.clone(),
                           paged_kv_indices_buffer=indices.clone(),
-                          paged_kv_last_page_len_buffer=last.clone()) if mode == "graph" else {})
+                          paged_kv_last_page_len_buffer=last.clone())
+                     if mode.startswith("graph") else {})
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
         workspace, layout, use_tensor_cores=tensor_cores, **graph_buffers)
-    extra = dict(disable_split_kv=True) if mode == "nosplit" else {}
+    extra = dict(disable_split_kv=True) if mode.endswith("nosplit") else {}
     wrapper.plan(indptr, indices, last, num_qo_heads=heads, num_kv_heads=kv_heads, head_dim=dim,
                  page_size=block_size, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
                  **extra)
     for _ in range(5):
         wrapper.run(q, cache, out=out)
     call = lambda: wrapper.run(q, cache, out=out)  # noqa: E731
-    if mode == "graph":
+    if mode.startswith("graph"):
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -76,23 +78,23 @@ def time_decode(arch: ModelArchitecture, batch: int, context: int, block_size: i
     return start.elapsed_time(end) / 1e3 / reps
 
 
-def run(shapes: list[str], batch: int, contexts: list[int], layouts: list[str],
+def run(shapes: list[str], batches: list[int], contexts: list[int], layouts: list[str],
         block_sizes: list[int], modes: list[str]) -> dict[str, Any]:
     hw = measure_hardware(torch.device("cuda"))
     rows = []
     for shape in shapes:
         arch = ModelArchitecture.from_model_dir(model_dir_for(shape))
-        for context in contexts:
+        for batch, context in ((b, c) for b in batches for c in contexts):
             kv_bytes = batch * context * 2 * arch.num_kv_heads * arch.head_dim * 2  # a layer, bf16
             floor = kv_bytes / hw.copy_bytes_per_s
             variants = [(layout, block_size, mode, tensor_cores)
                         for layout in layouts for block_size in block_sizes for mode in modes
                         for tensor_cores in (True, False)
-                        if tensor_cores or mode != "nosplit"]  # flashinfer: tensor cores only
+                        if tensor_cores or not mode.endswith("nosplit")]  # tensor cores only
             for layout, block_size, mode, tensor_cores in variants:
                 t = time_decode(arch, batch, context, block_size, tensor_cores, layout,
                                 mode)
-                rows.append({"shape": shape, "head_dim": arch.head_dim,
+                rows.append({"shape": shape, "batch": batch, "head_dim": arch.head_dim,
                              "group": arch.num_heads // arch.num_kv_heads,
                              "context": context, "layout": layout, "mode": mode,
                              "block_size": block_size, "tensor_cores": tensor_cores,
@@ -101,27 +103,26 @@ def run(shapes: list[str], batch: int, contexts: list[int], layouts: list[str],
                              "ms_per_step": round(1e3 * t * arch.num_layers, 3),
                              "of_floor": round(floor / t, 3)})
                 print(json.dumps(rows[-1]), flush=True)
-    return {"device": torch.cuda.get_device_name(), "hardware": hw.as_dict(), "batch": batch,
-            "rows": rows}
+    return {"device": torch.cuda.get_device_name(), "hardware": hw.as_dict(), "rows": rows}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="llama-3.2-1b,llama-3.1-8b")
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batches", default="256", help="requests per step, comma-separated")
     parser.add_argument("--contexts", default="640",
                         help="tokens per request, comma-separated (W1: 512-768)")
     parser.add_argument("--layouts", default="NHD", help="NHD, HND or both, comma-separated")
     parser.add_argument("--block-sizes", default="16,32")
     parser.add_argument("--modes", default="eager",
                         help="eager, graph (captured and replayed, as the engine runs decode), "
-                             "nosplit (split-KV off); comma-separated")
+                             "nosplit (split-KV off), graph-nosplit; comma-separated")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
-    report = run(args.shapes.split(","), args.batch, [int(c) for c in args.contexts.split(",")],
-                 args.layouts.split(","), [int(b) for b in args.block_sizes.split(",")],
-                 args.modes.split(","))
+    ints = lambda arg: [int(x) for x in arg.split(",")]  # noqa: E731
+    report = run(args.shapes.split(","), ints(args.batches), ints(args.contexts),
+                 args.layouts.split(","), ints(args.block_sizes), args.modes.split(","))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
