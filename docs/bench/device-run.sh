@@ -13,6 +13,8 @@
 #         piecewise-serve (issue 11: zllm bench serve on 1B, Poisson arrivals, piecewise on and off),
 #         decode-modes (issue 11: flashinfer decode alone, eager / CUDA graph / no split-KV, at two
 #         contexts, NHD and HND),
+#         piecewise-host (issue 11: the worker's host stages per decode step with piecewise graphs
+#         captured and not, to find what makes decode steps slower once they exist),
 #         graph-split (issue 11: the CUDA-graph decode wrapper with and without split-KV, by batch
 #         size: where planning the engine's graph wrappers with disable_split_kv would pay).
 # A flashinfer JIT cache saved by an earlier run ($OUT/fi-cache.tar.xz, copied to
@@ -86,6 +88,10 @@ case "$1" in
     timeout 200 python3 -m zllm.bench.decode_attention --contexts 640,2048 --layouts ${LAYOUTS:-NHD,HND} \
       --block-sizes 16 --modes ${MODES:-eager,graph,nosplit,graph-nosplit} --out "$OUT/decode-modes.json" 2>&1 \
       | grep '^{' | tee -a "$OUT/log.txt" ;;
+  piecewise-host)
+    timeout 300 python3 -m zllm bench control-path --worker only --worker-model llama-3.2-1b \
+      --requests 256 --worker-context 512 --worker-steps 300 --worker-piecewise-tokens 0,1024,0,1024 \
+      --out "$OUT/piecewise-host.json" --markdown "$OUT/piecewise-host.md" 2>&1 | grep "^worker" | tee -a "$OUT/log.txt" ;;
   graph-split)
     timeout 200 python3 -m zllm.bench.decode_attention --batches 1,8,32,64,128,256 --contexts 640,2048 \
       --layouts NHD --block-sizes 16 --modes graph,graph-nosplit --out "$OUT/graph-split.json" 2>&1 \

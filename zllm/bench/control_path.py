@@ -119,6 +119,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="prompt tokens per request before the decode steps")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="sampling temperature of the worker's requests")
+    parser.add_argument("--worker-piecewise-tokens", default="0",
+                        help="piecewise_cuda_graph_tokens of the worker (GPU), comma-separated: "
+                             "one row each, e.g. 0,1024")
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.requests.split(",")]
     if args.worker != "only":
@@ -130,8 +133,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.worker != "off":
         from zllm.bench.worker_host import worker_rows
 
-        rows = worker_rows(counts, max(1, args.worker_steps // 10), args.worker_steps,
-                           args.temperature, args.worker_model, args.worker_context)
+        rows = [row for tokens in args.worker_piecewise_tokens.split(",")
+                for row in worker_rows(counts, max(1, args.worker_steps // 10), args.worker_steps,
+                                       args.temperature, args.worker_model, args.worker_context,
+                                       int(tokens))]
         write_results("Worker host time per decode step (zllm bench control-path)",
                       {"steps": args.worker_steps, "temperature": args.temperature,
                        "model": args.worker_model, "context": args.worker_context,

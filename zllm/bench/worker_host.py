@@ -79,12 +79,15 @@ class DecodeWorkload:
                                np.ones(n, np.int32), n, [])
 
 
-def make_worker(num_requests: int, num_blocks: int, model: str):
+def make_worker(num_requests: int, num_blocks: int, model: str, piecewise_tokens: int = 0):
     """A Worker on the default device: the tiny random model (float32 on a CPU) or a shape from
-    zllm.bench.throughput.MODEL_SHAPES with dummy weights."""
+    zllm.bench.throughput.MODEL_SHAPES with dummy weights. `piecewise_tokens` > 0 also captures
+    piecewise CUDA graphs (a GPU only), which decode steps never replay: their host stages show
+    what merely having them costs."""
     from zllm.worker.worker import Worker
 
-    settings = dict(block_size=BLOCK_SIZE, max_num_seqs=num_requests, num_kv_blocks=num_blocks)
+    settings = dict(block_size=BLOCK_SIZE, max_num_seqs=num_requests, num_kv_blocks=num_blocks,
+                    piecewise_cuda_graph_tokens=piecewise_tokens)
     if model == "tiny-random":
         settings.update(model="tiny-random", device="cpu", dtype="float32")
     else:
@@ -100,10 +103,11 @@ def make_worker(num_requests: int, num_blocks: int, model: str):
 
 
 def time_worker(num_requests: int, warmup: int, steps: int, temperature: float = 0.0,
-                model: str = "tiny-random", context: int = BLOCK_SIZE) -> dict[str, float]:
+                model: str = "tiny-random", context: int = BLOCK_SIZE,
+                piecewise_tokens: int = 0) -> dict[str, float]:
     """Median microseconds per stage over `steps` decode steps, after `warmup`."""
     workload = DecodeWorkload(num_requests, warmup + steps, temperature, context)
-    worker = make_worker(num_requests, workload.num_blocks, model)
+    worker = make_worker(num_requests, workload.num_blocks, model, piecewise_tokens)
     try:
         for prefill in workload.prefills():
             worker.launch(prefill)
@@ -127,16 +131,18 @@ def time_worker(num_requests: int, warmup: int, steps: int, temperature: float =
 
 
 def worker_rows(counts: list[int], warmup: int, steps: int, temperature: float,
-                model: str = "tiny-random", context: int = BLOCK_SIZE) -> list[dict]:
+                model: str = "tiny-random", context: int = BLOCK_SIZE,
+                piecewise_tokens: int = 0) -> list[dict]:
     rows = []
     for n in counts:
-        laps = time_worker(n, warmup, steps, temperature, model, context)
+        laps = time_worker(n, warmup, steps, temperature, model, context, piecewise_tokens)
         rows.append({"executor": f"worker ({model})", "num_requests": n,
+                     "piecewise_tokens": piecewise_tokens,
                      "graph_steps": laps.pop("graph_steps"),
                      "input_prep_us": laps["input_prep"], "host_total_us": laps["host_total"],
                      **{f"{stage}_us": v for stage, v in laps.items()
                         if stage not in ("input_prep", "host_total")}})
-        print(f"worker   {n:>4} requests: input prep {laps['input_prep']:7.0f} µs, all host stages "
+        print(f"worker   {n:>4} requests, piecewise {piecewise_tokens}: input prep {laps['input_prep']:7.0f} µs, all host stages "
               f"{laps['host_total']:7.0f} µs, graph steps {rows[-1]['graph_steps']:.0%} (" + ", ".join(
                   f"{stage} {v:.0f}" for stage, v in laps.items()
                   if stage not in ("input_prep", "host_total")) + ")")
