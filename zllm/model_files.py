@@ -11,7 +11,6 @@ import json
 import os
 import pickle
 import zipfile
-
 from typing import TYPE_CHECKING
 
 from zllm.architecture import ModelArchitecture

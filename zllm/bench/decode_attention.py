@@ -10,7 +10,8 @@ calls after a warm-up; the floor is the KV bytes read divided by the copy bandwi
 the same run. `--layouts NHD,HND` adds flashinfer's head-major page layout, `--contexts` other
 context lengths (a fixed cost per call shows as a share of the floor that grows with them), and
 `--modes graph,nosplit,graph-nosplit` the CUDA-graph wrapper replayed from a captured graph (as
-the engine's decode steps run it), the split-KV schedule turned off, and both. On a GPU only: this is the measurement behind FlashInferBackend's kernel choice.
+the engine's decode steps run it), the split-KV schedule turned off, and both. On a GPU only:
+this is the measurement behind FlashInferBackend's kernel choice.
 """
 
 from __future__ import annotations
