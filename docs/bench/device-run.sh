@@ -98,4 +98,6 @@ case "$1" in
       | grep '^{' | tee -a "$OUT/log.txt" ;;
 esac
 # Save the JIT cache for the next fresh machine (about 10 MB packed).
-[ -n "${SAVE_FI_CACHE:-}" ] && tar cf - -C ~/.cache flashinfer | xz -T0 -6 > "$OUT/fi-cache.tar.xz"
+if [ -n "${SAVE_FI_CACHE:-}" ]; then
+  tar cf - -C ~/.cache flashinfer | xz -T0 -6 > "$OUT/fi-cache.tar.xz"
+fi

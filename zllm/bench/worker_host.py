@@ -142,7 +142,8 @@ def worker_rows(counts: list[int], warmup: int, steps: int, temperature: float,
                      "input_prep_us": laps["input_prep"], "host_total_us": laps["host_total"],
                      **{f"{stage}_us": v for stage, v in laps.items()
                         if stage not in ("input_prep", "host_total")}})
-        print(f"worker   {n:>4} requests, piecewise {piecewise_tokens}: input prep {laps['input_prep']:7.0f} µs, all host stages "
+        print(f"worker   {n:>4} requests, piecewise {piecewise_tokens}: input prep "
+              f"{laps['input_prep']:7.0f} µs, all host stages "
               f"{laps['host_total']:7.0f} µs, graph steps {rows[-1]['graph_steps']:.0%} (" + ", ".join(
                   f"{stage} {v:.0f}" for stage, v in laps.items()
                   if stage not in ("input_prep", "host_total")) + ")")
