@@ -17,6 +17,10 @@
 #         captured and not, to find what makes decode steps slower once they exist),
 #         graph-split (issue 11: the CUDA-graph decode wrapper with and without split-KV, by batch
 #         size: where planning the engine's graph wrappers with disable_split_kv would pay).
+#         decode-kernels (issue 11: graph-split's sweep plus flashinfer's Hopper (fa3) wrapper and
+#         the XQA decode kernel, each checked against the plain wrapper's output).
+#         xqa-check (gpu_check on the small Llama, XQA decode included),
+#         xqa-w1 (issue 11: batch-1 latency on Ray, xqa_decode_max_batch 8 against 0 (off)).
 # A flashinfer JIT cache saved by an earlier run ($OUT/fi-cache.tar.xz, copied to
 # .device/fi-cache.tar.xz here) is unpacked first: a fresh machine then skips most compiling.
 # structured wants SmolLM2's tokenizer in .device/smollm2-tokenizer (the GGUF is too large to
@@ -92,6 +96,23 @@ case "$1" in
     timeout 300 python3 -m zllm bench control-path --worker only --worker-model llama-3.2-1b \
       --requests 256 --worker-context 512 --worker-steps 300 --worker-piecewise-tokens 0,1024,0,1024 \
       --out "$OUT/piecewise-host.json" --markdown "$OUT/piecewise-host.md" 2>&1 | grep "^worker" | tee -a "$OUT/log.txt" ;;
+  decode-kernels)
+    # One process per mode: a kernel that faults poisons its CUDA context, not the others'.
+    for mode in ${MODES:-xqa graph-xqa eager graph graph-nosplit fa3}; do
+      timeout ${RUN_TIMEOUT:-100} python3 -m zllm.bench.decode_attention --batches ${BATCHES:-1,8,32,64,128,256} \
+        --contexts 640,2048 --layouts NHD --block-sizes 16 --modes $mode \
+        --out "$OUT/decode-kernels-$mode.json" 2>&1 | grep '^{' | cut -c1-400 | tee -a "$OUT/log.txt"
+    done ;;
+  xqa-check)
+    timeout ${CHECK_TIMEOUT:-540} python3 -m zllm.bench.gpu_check --models llama --host-model "" ${CHECK_ARGS:-} \
+      --out "$OUT/gpu-check.json" 2>&1 | grep -v "Warn\|warn(" | tail -30 | tee -a "$OUT/log.txt" ;;
+  xqa-w1)
+    for run in ${RUNS:-llama-3.2-1b:8 llama-3.2-1b:0 llama-3.1-8b:8 llama-3.1-8b:0}; do
+      m=${run%%:*} k=${run##*:}
+      timeout ${RUN_TIMEOUT:-200} python3 -m zllm bench throughput --model $m --executors ray \
+        --workload ${WORKLOADS:-latency} --xqa-decode-max-batch $k --max-model-len 2304 \
+        --out "$OUT/$m-$k.json" --markdown "$OUT/$m-$k.md" 2>&1 | grep -v "USDT" | tail -25 | tee -a "$OUT/log.txt"
+    done ;;
   graph-split)
     timeout 200 python3 -m zllm.bench.decode_attention --batches 1,8,32,64,128,256 --contexts 640,2048 \
       --layouts NHD --block-sizes 16 --modes graph,graph-nosplit --out "$OUT/graph-split.json" 2>&1 \

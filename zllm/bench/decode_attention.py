@@ -10,7 +10,9 @@ calls after a warm-up; the floor is the KV bytes read divided by the copy bandwi
 the same run. `--layouts NHD,HND` adds flashinfer's head-major page layout, `--contexts` other
 context lengths (a fixed cost per call shows as a share of the floor that grows with them), and
 `--modes graph,nosplit,graph-nosplit` the CUDA-graph wrapper replayed from a captured graph (as
-the engine's decode steps run it), the split-KV schedule turned off, and both. On a GPU only:
+the engine's decode steps run it), the split-KV schedule turned off, and both; `fa3`, `xqa` and
+`graph-xqa` other kernels for the same call, each checked against the plain wrapper's output
+(max_abs_err). On a GPU only:
 this is the measurement behind FlashInferBackend's kernel choice.
 """
 
@@ -29,11 +31,15 @@ from zllm.bench.throughput import model_dir_for
 
 def time_decode(arch: ModelArchitecture, batch: int, context: int, block_size: int,
                 tensor_cores: bool, layout: str = "NHD", mode: str = "eager",
-                reps: int = 50) -> float:
-    """Seconds per call of one layer's decode attention. mode: "eager" (a plain wrapper, run
-    from Python), "graph" (a CUDA-graph wrapper, its run captured once and replayed, as the
-    engine's decode steps do), "nosplit" (eager, flashinfer's split-KV schedule turned off),
-    "graph-nosplit" (both: flashinfer always splits in CUDA-graph mode unless told not to)."""
+                reps: int = 50) -> tuple[float, float]:
+    """Seconds per call of one layer's decode attention, and the largest absolute difference of
+    its output from the plain tensor-core wrapper's. mode: "eager" (a plain wrapper, run from
+    Python), "graph" (a CUDA-graph wrapper, its run captured once and replayed, as the engine's
+    decode steps do), "nosplit" (eager, flashinfer's split-KV schedule turned off),
+    "graph-nosplit" (both: flashinfer always splits in CUDA-graph mode unless told not to),
+    "fa3" (the wrapper on flashinfer's Hopper prefill kernel), "xqa" (TensorRT-LLM's XQA GQA
+    decode kernel as flashinfer ships it: no plan, a padded page table), "graph-xqa" (XQA
+    captured and replayed)."""
     import flashinfer
 
     device = torch.device("cuda")
@@ -50,33 +56,50 @@ def time_decode(arch: ModelArchitecture, batch: int, context: int, block_size: i
     last = torch.full((batch,), context - (pages_per_req - 1) * block_size, dtype=torch.int32,
                       device=device)
     workspace = torch.zeros(256 * 2**20, dtype=torch.uint8, device=device)
-    graph_buffers = (dict(use_cuda_graph=True, paged_kv_indptr_buffer=indptr.clone(),
-                          paged_kv_indices_buffer=indices.clone(),
-                          paged_kv_last_page_len_buffer=last.clone())
-                     if mode.startswith("graph") else {})
-    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-        workspace, layout, use_tensor_cores=tensor_cores, **graph_buffers)
-    extra = dict(disable_split_kv=True) if mode.endswith("nosplit") else {}
-    wrapper.plan(indptr, indices, last, num_qo_heads=heads, num_kv_heads=kv_heads, head_dim=dim,
-                 page_size=block_size, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
-                 **extra)
+
+    def wrapper_for(graph: bool, backend: str = "auto", **plan_extra):
+        buffers = (dict(use_cuda_graph=True, paged_kv_indptr_buffer=indptr.clone(),
+                        paged_kv_indices_buffer=indices.clone(),
+                        paged_kv_last_page_len_buffer=last.clone()) if graph else {})
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            workspace, layout, use_tensor_cores=tensor_cores, backend=backend, **buffers)
+        wrapper.plan(indptr, indices, last, num_qo_heads=heads, num_kv_heads=kv_heads,
+                     head_dim=dim, page_size=block_size, q_data_type=torch.bfloat16,
+                     kv_data_type=torch.bfloat16, **plan_extra)
+        return lambda: wrapper.run(q, cache, out=out)
+
+    reference = wrapper_for(False)
+    if mode.endswith("xqa"):
+        table = indices.view(batch, pages_per_req)
+        seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+        xqa_workspace = torch.zeros(256 * 2**20, dtype=torch.uint8, device=device)
+        call = lambda: flashinfer.decode.xqa_batch_decode_with_kv_cache(  # noqa: E731
+            q, cache, xqa_workspace, table, seq_lens, context, bmm1_scale=dim ** -0.5,
+            out=out, kv_layout=layout)
+    else:
+        call = wrapper_for(mode.startswith("graph"), "fa3" if mode == "fa3" else "auto",
+                           **(dict(disable_split_kv=True) if mode.endswith("nosplit") else {}))
     for _ in range(5):
-        wrapper.run(q, cache, out=out)
-    call = lambda: wrapper.run(q, cache, out=out)  # noqa: E731
+        call()
+    captured = call  # keeps the wrapper, whose buffers a replay reads, alive until the end
     if mode.startswith("graph"):
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            wrapper.run(q, cache, out=out)
+            captured()
         call = graph.replay
     call()
+    result = out.clone()
+    reference()
+    err = (result.float() - out.float()).abs().max().item()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):
         call()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / 1e3 / reps
+    del captured
+    return start.elapsed_time(end) / 1e3 / reps, err
 
 
 def run(shapes: list[str], batches: list[int], contexts: list[int], layouts: list[str],
@@ -91,10 +114,15 @@ def run(shapes: list[str], batches: list[int], contexts: list[int], layouts: lis
             variants = [(layout, block_size, mode, tensor_cores)
                         for layout in layouts for block_size in block_sizes for mode in modes
                         for tensor_cores in (True, False)
-                        if tensor_cores or not mode.endswith("nosplit")]  # tensor cores only
+                        if tensor_cores or mode in ("eager", "graph")]  # tensor cores only
             for layout, block_size, mode, tensor_cores in variants:
-                t = time_decode(arch, batch, context, block_size, tensor_cores, layout,
-                                mode)
+                try:
+                    t, err = time_decode(arch, batch, context, block_size, tensor_cores, layout,
+                                         mode)
+                except Exception as e:  # a kernel this flashinfer or GPU lacks: say so, go on
+                    print(json.dumps({"shape": shape, "batch": batch, "context": context,
+                                      "mode": mode, "error": repr(e)[:300]}), flush=True)
+                    continue
                 rows.append({"shape": shape, "batch": batch, "head_dim": arch.head_dim,
                              "group": arch.num_heads // arch.num_kv_heads,
                              "context": context, "layout": layout, "mode": mode,
@@ -102,7 +130,7 @@ def run(shapes: list[str], batches: list[int], contexts: list[int], layouts: lis
                              "us_per_layer": round(1e6 * t, 1),
                              "floor_us_per_layer": round(1e6 * floor, 1),
                              "ms_per_step": round(1e3 * t * arch.num_layers, 3),
-                             "of_floor": round(floor / t, 3)})
+                             "of_floor": round(floor / t, 3), "max_abs_err": round(err, 4)})
                 print(json.dumps(rows[-1]), flush=True)
     return {"device": torch.cuda.get_device_name(), "hardware": hw.as_dict(), "rows": rows}
 
@@ -118,7 +146,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--block-sizes", default="16,32")
     parser.add_argument("--modes", default="eager",
                         help="eager, graph (captured and replayed, as the engine runs decode), "
-                             "nosplit (split-KV off), graph-nosplit; comma-separated")
+                             "nosplit (split-KV off), graph-nosplit, fa3, xqa, graph-xqa; "
+                             "comma-separated")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     ints = lambda arg: [int(x) for x in arg.split(",")]  # noqa: E731
