@@ -98,6 +98,12 @@ class DeviceConfig:
 
     device: str = "auto"  # auto | cpu | cuda
     attention_backend: str = "auto"  # auto | torch | flashinfer
+    # flashinfer backend: decode steps of at most this many requests run TensorRT-LLM's XQA GQA
+    # decode kernel as flashinfer ships it (compute capability 9.0 and up, no per-step plan)
+    # instead of flashinfer's decode; 0: never. Off by default: on an H200 (2026-12-03) it gave
+    # the same greedy tokens, but was 4-16% slower per call from 64 requests up, and no
+    # whole-engine run has measured it yet (docs/benchmarks.md).
+    xqa_decode_max_batch: int = 0
     enforce_eager: bool = False  # true: no CUDA graphs at all
     # Steps that carry prompt tokens, up to this many tokens in all, replay CUDA graphs captured
     # in pieces between attention calls (zllm/worker/cuda_graphs.py); 0: they run eagerly. Off
@@ -232,6 +238,7 @@ class EngineConfig:
               "0 (off) or in [16, 16384]")
         check("attention_backend", d.attention_backend,
               d.attention_backend in ("auto", "torch", "flashinfer"), "auto, torch or flashinfer")
+        check("xqa_decode_max_batch", d.xqa_decode_max_batch, d.xqa_decode_max_batch >= 0, ">= 0")
         srv = self.server
         check("port", srv.port, 0 <= srv.port <= 65535, "in [0, 65535]")
         check("max_request_bytes", srv.max_request_bytes, srv.max_request_bytes >= 1024, ">= 1024")

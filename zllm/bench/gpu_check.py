@@ -12,8 +12,8 @@ CI has no GPU, so this is a program to run on one, not a test. It checks, in bf1
      Gemma 2 with alternating windows, soft-capping, GeGLU) agree between the two backends and
      between flashinfer's fused norm/RoPE/activation kernels and PyTorch's;
   3. engine: `LLM(...)` with attention_backend flashinfer and torch (and flashinfer with CUDA
-     graphs, decode and piecewise, vs enforce_eager) produce the same greedy tokens for 64
-     steps, for each model;
+     graphs, decode and piecewise, vs enforce_eager; and XQA's decode graphs) produce the same
+     greedy tokens for 64 steps, for each model;
   4. host stages (reported, not checked): the worker's host time per stage of a decode step at
      256 running requests of a benchmark shape (--host-model, llama-3.2-1b by default).
 Exits non-zero if a check fails.
@@ -67,14 +67,25 @@ def make_batch(cached: list[int], new: list[int], block_size: int, num_blocks: i
 def check_kernels(device: torch.device) -> dict:
     """flashinfer against the torch backend on one step: the prefill kernel (mixed), the decode
     kernel (eager), and a CUDA-graph decode wrapper re-planned by the light plan (graph; run
-    eagerly here, on the same fixed buffers a replay reads)."""
+    eagerly here, on the same fixed buffers a replay reads); the decode steps with flashinfer's
+    decode kernel and with XQA (`_xqa`)."""
     torch.manual_seed(0)
     H, KVH, D, bs = 32, 8, 128, 16
     results = {}
-    for variant, cap, window in (("", None, None), ("_window100", None, 100), ("_softcap", 30.0, None)):
+    variants = [(variant + tag, cap, window, xqa_max_batch)
+                for variant, cap, window in (("", None, None), ("_window100", None, 100),
+                                             ("_softcap", 30.0, None))
+                for xqa_max_batch, tag in ((0, ""), (1 << 20, "_xqa"))
+                if not xqa_max_batch or cap is None]  # XQA has no soft cap
+    for variant, cap, window, xqa_max_batch in variants:
         spec = AttentionSpec(H, KVH, D, scale=D ** -0.5, logits_soft_cap=cap,
                              sliding_windows=(None, window) if window else (None,))
-        fi = FlashInferBackend(device, torch.bfloat16, spec, bs, max_num_tokens=1024)
+        try:
+            fi = FlashInferBackend(device, torch.bfloat16, spec, bs, max_num_tokens=1024,
+                                   xqa_max_batch=xqa_max_batch)
+        except ValueError as e:  # XQA where it does not run (this GPU, windows)
+            results["unsupported" + variant] = {"ok": True, "skipped": str(e)}
+            continue
         ref = TorchPagedBackend(device, spec, bs)
         results.update({name + variant: r for name, r in _compare_backends(fi, ref, window).items()})
     return results
@@ -84,7 +95,7 @@ def _compare_backends(fi: FlashInferBackend, ref: TorchPagedBackend, window: int
     """Attention output and K/V store of the two backends on the same step (layer `window`)."""
     H, KVH, D, bs, N = fi.num_heads, fi.num_kv_heads, fi.head_dim, fi.block_size, 512
     device = fi.device
-    fi.enable_cuda_graphs([8], max_pages=N)
+    fi.enable_cuda_graphs([8], max_blocks_per_req=N // 8)
     fi.plan(make_batch([3, 40, 7, 90, 1], [1] * 5, bs, N, pad=3))  # the first, full plan
     results = {}
     for name, cached, new, pad in [("mixed", [0, 100, 37, 513, 0], [200, 57, 1, 1, 3], 0),
@@ -267,9 +278,15 @@ def check_engine(path: str, steps: int = 64) -> dict:
         path, steps, attention_backend="flashinfer", enforce_eager=False, async_scheduling=True,
         piecewise_cuda_graph_tokens=1024, engine_process=False, distributed_executor_backend="uni",
         inspect=count_replays)
+    # Decode steps (8 requests) on the XQA kernel instead of flashinfer's, replayed from their
+    # graphs, against torch.
+    runs["xqa_graph"], _ = generate(
+        path, steps, attention_backend="flashinfer", xqa_decode_max_batch=8,
+        enforce_eager=False, async_scheduling=True)
     per_prompt = [first_divergence([x], [y]) for x, y in zip(runs["flashinfer_eager"], runs["torch"])]
     graph_vs_eager = first_divergence(runs["flashinfer_graph"], runs["flashinfer_eager"])
     parted = divergences(path, runs["flashinfer_eager"], runs["torch"])
+    parted += divergences(path, runs["xqa_graph"], runs["torch"])
     return {"steps": steps, "flashinfer_vs_torch_same_steps_per_prompt": per_prompt,
             "prompts_same_for_all_steps": sum(d == steps for d in per_prompt),
             "divergences_vs_fp32": parted, "graph_vs_eager_same_steps": graph_vs_eager,

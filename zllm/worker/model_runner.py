@@ -114,7 +114,8 @@ class ModelRunner:
         self.staging = PinnedStaging(device)
         self.attn = make_attention_backend(
             config.device.attention_backend, device, dtype, max_num_tokens,
-            self.model.attention_spec, self.block_size, self.staging)
+            self.model.attention_spec, self.block_size, self.staging,
+            config.device.xqa_decode_max_batch)
         self.kv_caches: list[torch.Tensor] = []
         self.swap_caches: list[torch.Tensor] = []
         self.input_batch: InputBatch | None = None  # made with the cache, which sizes it
@@ -163,7 +164,7 @@ class ModelRunner:
     def _capture_graphs(self) -> None:
         sizes = graph_batch_sizes(self.config.scheduler.max_num_seqs)
         max_len = self.config.model.max_model_len or self.arch.max_position_embeddings
-        self.attn.enable_cuda_graphs(sizes, max_pages=sizes[-1] * -(-max_len // self.block_size))
+        self.attn.enable_cuda_graphs(sizes, max_blocks_per_req=-(-max_len // self.block_size))
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.attn, sizes, self.device)
         self.graphs.capture(lambda bs: self.attn.plan(self._padding_batch(bs)))
         tokens = min(self.config.device.piecewise_cuda_graph_tokens,

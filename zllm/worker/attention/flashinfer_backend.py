@@ -19,6 +19,12 @@ first full `plan()`, a step re-plans it with flashinfer's `fast_decode_plan`, wh
 the split-k scheduler (no tensor copies, no sequence-length arithmetic in Python).
 flashinfer is imported here only, so CPU installs never need it.
 
+XQA (xqa_decode_max_batch, off by default): pure-decode steps of up to that many requests,
+eager or captured, run TensorRT-LLM's XQA GQA decode kernel as flashinfer ships it instead. It
+takes no plan: it reads a padded [R, W] page table and the sequence lengths, two more sections of
+the same packed table, so such a step skips flashinfer's host-side scheduler and their graphs
+need no wrappers. The K/V store is the same kernel either way.
+
 Sliding windows: flashinfer takes a window in `plan` (window_left, the number of keys a query
 sees before its own position: Hugging Face's window W is window_left = W - 1) and binds the
 kernel to it, so each distinct window of the model's layers has its own wrappers, planned
@@ -38,6 +44,9 @@ from zllm.worker.attention.base import AttentionBackend, AttentionBatch, Attenti
 from zllm.worker.staging import PinnedStaging
 
 FLOAT_WORKSPACE_BYTES = 256 * 2**20
+# XQA's own: 8 MiB of semaphores, which must read zero at each call (the kernel leaves them so),
+# then scratch for the partial results of sequences split across CTAs at small batch sizes.
+XQA_WORKSPACE_BYTES = 32 * 2**20
 INT_WORKSPACE_BYTES = 8 * 2**20  # flashinfer's own default for its plan data
 _ALIGN = 16  # int32 entries (64 bytes) between sections of the packed table
 
@@ -49,15 +58,22 @@ class _TableViews:
     batch_indices: torch.Tensor  # [T] request of each new token
     positions: torch.Tensor  # [T] position of each new token in its sequence
     qo_indptr: torch.Tensor  # [R + 1]
-    indices: torch.Tensor  # [pages]
+    seq_lens: torch.Tensor  # [R] (XQA reads them; flashinfer's wrappers take them on the host)
+    page_table: torch.Tensor  # [R * W]: row i holds request i's pages, padded (XQA only; W >= 0)
+    indices: torch.Tensor  # [pages]: kept last, so a graph step copies only the pages it has
 
 
 class _TableLayout:
     """Offsets of the sections of one packed int32 page table, sized for up to `max_reqs`
-    requests, `max_tokens` new tokens and `max_pages` pages."""
+    requests, `max_tokens` new tokens and `max_pages` pages, with a padded [R, width] page
+    table for XQA when R <= `width_reqs` (width 0: none)."""
 
-    def __init__(self, max_reqs: int, max_tokens: int, max_pages: int) -> None:
-        sizes = (max_reqs + 1, max_reqs, max_tokens, max_tokens, max_reqs + 1, max_pages)
+    def __init__(self, max_reqs: int, max_tokens: int, max_pages: int, width: int = 0,
+                 width_reqs: Optional[int] = None) -> None:
+        self.width = width
+        self.width_reqs = max_reqs if width_reqs is None else min(width_reqs, max_reqs)
+        sizes = (max_reqs + 1, max_reqs, max_tokens, max_tokens, max_reqs + 1, max_reqs,
+                 self.width_reqs * width, max_pages)
         self.offsets = []
         offset = 0
         for size in sizes:
@@ -67,7 +83,9 @@ class _TableLayout:
 
     def views(self, table: torch.Tensor | np.ndarray, num_reqs: int, num_tokens: int,
               num_pages: int) -> _TableViews:
-        lengths = (num_reqs + 1, num_reqs, num_tokens, num_tokens, num_reqs + 1, num_pages)
+        padded = num_reqs * self.width if num_reqs <= self.width_reqs else 0
+        lengths = (num_reqs + 1, num_reqs, num_tokens, num_tokens, num_reqs + 1, num_reqs,
+                   padded, num_pages)
         return _TableViews(*(table[o:o + n] for o, n in zip(self.offsets, lengths)))
 
 
@@ -78,7 +96,12 @@ def fill_table(views: _TableViews, batch: AttentionBatch, indptr: np.ndarray,
     views.indptr[:] = indptr
     views.last_page_len[:] = seq_lens - (num_blocks - 1) * block_size
     views.qo_indptr[:] = starts
+    views.seq_lens[:] = seq_lens
     batch.page_indices(indptr, out=views.indices)
+    if len(views.page_table):  # columns past a request's own pages are never read
+        rows = views.page_table.reshape(batch.num_reqs, -1)
+        width = min(rows.shape[1], batch.block_table.shape[1])
+        rows[:, :width] = batch.block_table[batch.table_rows, :width]
     if batch.is_decode_only:
         views.batch_indices[:] = np.arange(batch.num_reqs)
         views.positions[:] = seq_lens - 1
@@ -94,11 +117,25 @@ class FlashInferBackend(AttentionBackend):
     supports_cuda_graphs = True
 
     def __init__(self, device: torch.device, dtype: torch.dtype, spec: AttentionSpec,
-                 block_size: int, max_num_tokens: int, staging: PinnedStaging | None = None) -> None:
+                 block_size: int, max_num_tokens: int, staging: PinnedStaging | None = None,
+                 xqa_max_batch: int = 0) -> None:
         super().__init__(spec, block_size)
         import flashinfer
 
         self.device, self.dtype = device, dtype
+        # Decode steps of at most this many requests run XQA; the rest flashinfer's decode.
+        self.xqa_max_batch = xqa_max_batch
+        self._xqa = None  # flashinfer's XQA entry point, if decode steps run it
+        if xqa_max_batch:
+            why_not = self._xqa_unsupported()
+            if why_not:
+                raise ValueError(f"xqa_decode_max_batch {xqa_max_batch}: XQA cannot run here: "
+                                 f"{why_not}")
+            from flashinfer.decode import xqa_batch_decode_with_kv_cache
+
+            self._xqa = xqa_batch_decode_with_kv_cache
+            self.xqa_workspace = torch.zeros(XQA_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self._xqa_args: tuple | None = None  # (page table [R, W], seq_lens, W * block_size)
         self.staging = staging or PinnedStaging(device)
         self.windows = spec.sliding_windows
         self.workspace = torch.zeros(FLOAT_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
@@ -123,6 +160,24 @@ class FlashInferBackend(AttentionBackend):
         self._fast_decode_plan = fast_decode_plan
         self._append_kv = flashinfer.append_paged_kv_cache
 
+    def _xqa_unsupported(self) -> str:
+        """Why XQA cannot run this backend's decode steps ("" if it can)."""
+        try:
+            from flashinfer.decode import xqa_batch_decode_with_kv_cache  # noqa: F401
+        except ImportError:
+            return "this flashinfer has no XQA kernel"
+        major, minor = torch.cuda.get_device_capability(self.device)
+        checks = ((major in (9, 10, 12), f"compute capability {major}.{minor} (XQA: 9.0 and up)"),
+                  (self.dtype in (torch.bfloat16, torch.float16), f"dtype {self.dtype}"),
+                  (self.block_size in (16, 32, 64, 128),
+                   f"block_size {self.block_size} (XQA: 16, 32, 64 or 128)"),
+                  (self.head_dim % 16 == 0 and self.head_dim <= 256,
+                   f"head_dim {self.head_dim} (XQA: a multiple of 16, at most 256)"),
+                  (not self.spec.logits_soft_cap, "soft-capped scores"),
+                  # XQA takes windows, but no GPU run has checked them against torch yet.
+                  (self.spec.sliding_windows == (None,), "sliding windows"))
+        return next((why for ok, why in checks if not ok), "")
+
     def _decode_tensor_cores(self) -> bool:
         # Tensor-core decode (flashinfer's prefill kernels) pays off for GQA groups of 4 and up:
         # on an H100 with the Llama-3.1-8B shape (group 4) it cut attention from 7.6 to 7.1 ms
@@ -133,16 +188,20 @@ class FlashInferBackend(AttentionBackend):
         wrapper.reset_workspace_buffer(self.workspace, self.int_workspaces[window])
         return wrapper
 
-    def enable_cuda_graphs(self, batch_sizes: list[int], max_pages: int) -> None:
-        """Make a CUDA-graph decode wrapper for each batch size and window; their page-table
-        buffers are views of one device region (a step plans only the wrappers it replays)."""
+    def enable_cuda_graphs(self, batch_sizes: list[int], max_blocks_per_req: int) -> None:
+        """Make the page-table region that captured decode steps read, and (flashinfer decode)
+        a CUDA-graph decode wrapper for each batch size and window, whose buffers are views of
+        that region (a step plans only the wrappers it replays). XQA reads the region's padded
+        [R, max_blocks_per_req] table and needs no wrappers."""
         import flashinfer
 
         largest = max(batch_sizes)
-        self.graph_layout = _TableLayout(largest, largest, max_pages)
+        max_pages = largest * max_blocks_per_req
+        width = max_blocks_per_req if self._xqa else 0
+        self.graph_layout = _TableLayout(largest, largest, max_pages, width, self.xqa_max_batch)
         self.graph_table = torch.zeros(self.graph_layout.size, dtype=torch.int32,
                                        device=self.device)
-        for bs in batch_sizes:
+        for bs in (bs for bs in batch_sizes if bs > self.xqa_max_batch):
             views = self.graph_layout.views(self.graph_table, bs, bs, max_pages)
             self.graph_decode[bs] = {w: self._share(flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 self.workspace, "NHD", use_cuda_graph=True,
@@ -151,7 +210,14 @@ class FlashInferBackend(AttentionBackend):
                 paged_kv_last_page_len_buffer=views.last_page_len), w) for w in self.windows}
 
     def plan(self, batch: AttentionBatch) -> None:
-        host, indptr = self._pack_table(batch)
+        xqa = batch.is_decode_only and batch.num_reqs <= self.xqa_max_batch
+        host, indptr = self._pack_table(batch, xqa)
+        self._xqa_args = None
+        if xqa:  # nothing to plan: the kernel reads the padded table and the lengths
+            t = self._table
+            rows = t.page_table.view(batch.num_reqs, -1)
+            self._xqa_args = (rows, t.seq_lens, rows.shape[1] * self.block_size)
+            return
         common = dict(num_qo_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                       page_size=self.block_size, sm_scale=self.scale, q_data_type=self.dtype,
                       kv_data_type=self.dtype, logits_soft_cap=self.spec.logits_soft_cap)
@@ -185,11 +251,11 @@ class FlashInferBackend(AttentionBackend):
                          head_dim=self.head_dim, seq_lens=seq_lens, **kw)
             self._planned.add(id(wrapper))
 
-    def _pack_table(self, batch: AttentionBatch) -> tuple[_TableViews, np.ndarray]:
+    def _pack_table(self, batch: AttentionBatch, xqa: bool) -> tuple[_TableViews, np.ndarray]:
         """Fill the step's page table in pinned memory and copy it to the device in one transfer:
-        into the graph region for a graph step, else into a fresh device tensor. Returns the
-        host views (pinned tensors, which flashinfer's plan reads) and sets `_table` to the
-        device views."""
+        into the graph region for a graph step, else into a fresh device tensor (with a padded
+        [R, longest] table if XQA runs the step). Returns the host views (pinned tensors, which
+        flashinfer's plan reads) and sets `_table` to the device views."""
         num_reqs, num_tokens = batch.num_reqs, batch.num_tokens
         indptr = batch.page_indptr()
         num_pages = int(indptr[-1])
@@ -197,7 +263,8 @@ class FlashInferBackend(AttentionBackend):
             layout = self.graph_layout
             used = layout.offsets[-1] + num_pages
         else:
-            layout = _TableLayout(num_reqs, num_tokens, num_pages)
+            width = int(batch.num_blocks.max()) if xqa else 0
+            layout = _TableLayout(num_reqs, num_tokens, num_pages, width)
             used = layout.size
         packed = self.staging.alloc(used, np.int32)
         fill_table(layout.views(packed.numpy(), num_reqs, num_tokens, num_pages), batch, indptr,
@@ -215,6 +282,11 @@ class FlashInferBackend(AttentionBackend):
         t = self._table
         self._append_kv(k, v, t.batch_indices, t.positions, kv_cache, t.indices, t.indptr,
                         t.last_page_len, "NHD")
+        if self._xqa_args is not None:
+            page_table, seq_lens, max_len = self._xqa_args
+            return self._xqa(q.contiguous(), kv_cache, self.xqa_workspace, page_table, seq_lens,
+                             max_len, bmm1_scale=self.scale, window_left=_window_left(window),
+                             out=out)
         return self._wrappers[window].run(q.contiguous(), kv_cache, out=out)
 
 

@@ -1,0 +1,101 @@
+"""The packed page table that FlashInferBackend copies to the device each step, filled on CPU
+(numpy only; the kernels that read it need a GPU): the ragged page list flashinfer's wrappers
+read, and the padded [R, W] rows XQA reads, for a decode step, a graph step with padding rows,
+and a mixed step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from zllm.worker.attention.base import AttentionBatch
+from zllm.worker.attention.flashinfer_backend import _TableLayout, fill_table
+
+BS = 16
+
+
+def _batch(seq_lens, query_lens, width=8, pad_rows=0):
+    """Requests in scattered blocks of a shared [rows, width] table; `pad_rows` CUDA-graph
+    padding rows name the last row, whose only block is the scratch block."""
+    rng = np.random.default_rng(0)
+    n = len(seq_lens)
+    table = rng.permutation(200)[:(n + 1) * width].reshape(n + 1, width).astype(np.int32)
+    table[n] = 0
+    table[n, 0] = 199  # the scratch block
+    seq_lens = list(seq_lens) + [1] * pad_rows
+    query_lens = list(query_lens) + [1] * pad_rows
+    rows = np.array(list(range(n)) + [n] * pad_rows, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)
+    slots = np.zeros(int(starts[-1]), dtype=np.int64)
+    seq = np.array(seq_lens, dtype=np.int32)
+    return AttentionBatch(starts, seq, (seq + BS - 1) // BS, table, rows, slots,
+                          int(max(query_lens)), cuda_graph=pad_rows > 0)
+
+
+def _fill(batch, width, layout=None):
+    indptr = batch.page_indptr()
+    layout = layout or _TableLayout(batch.num_reqs, batch.num_tokens, int(indptr[-1]), width)
+    packed = np.full(layout.size, -1, dtype=np.int32)
+    views = layout.views(packed, batch.num_reqs, batch.num_tokens, int(indptr[-1]))
+    fill_table(views, batch, indptr, BS)
+    return views, indptr
+
+
+def _check_pages(batch, views, indptr):
+    for i in range(batch.num_reqs):
+        own = batch.block_table[batch.table_rows[i], :batch.num_blocks[i]]
+        assert list(views.indices[indptr[i]:indptr[i + 1]]) == list(own)
+        if len(views.page_table):
+            rows = views.page_table.reshape(batch.num_reqs, -1)
+            assert list(rows[i, :batch.num_blocks[i]]) == list(own)
+    assert list(views.seq_lens) == list(batch.seq_lens)
+
+
+def test_decode_step_padded_rows_hold_each_requests_pages():
+    batch = _batch([5, 16, 17, 100], [1, 1, 1, 1])
+    width = int(batch.num_blocks.max())
+    views, indptr = _fill(batch, width)
+    assert views.page_table.shape == (4 * width,)
+    _check_pages(batch, views, indptr)
+    assert list(views.positions) == [4, 15, 16, 99]
+    assert list(views.last_page_len) == [5, 16, 1, 4]
+
+
+def test_graph_step_rows_wider_than_the_padding_rows_table():
+    """A graph region is as wide as the longest request may be; capture's padding batch has a
+    table one block wide, and a real batch narrower rows than the region."""
+    layout = _TableLayout(8, 8, 8 * 12, width=12)
+    batch = _batch([30, 64, 3], [1, 1, 1], pad_rows=5)
+    views, indptr = _fill(batch, 12, layout)
+    _check_pages(batch, views, indptr)
+    one_wide = AttentionBatch.from_lists([1] * 8, [1] * 8, np.full((8, 1), 7, np.int32),
+                                         np.full(8, 7 * BS), BS, cuda_graph=True)
+    views, indptr = _fill(one_wide, 12, layout)
+    assert list(views.page_table.reshape(8, 12)[:, 0]) == [7] * 8
+
+
+def test_graph_region_pads_only_the_batches_xqa_runs():
+    layout = _TableLayout(16, 16, 16 * 12, width=12, width_reqs=8)
+    small, large = _batch([30, 64, 3], [1, 1, 1], pad_rows=5), _batch([9] * 16, [1] * 16)
+    assert len(_fill(small, 12, layout)[0].page_table) == 8 * 12
+    views, indptr = _fill(large, 12, layout)
+    assert len(views.page_table) == 0
+    _check_pages(large, views, indptr)
+
+
+def test_mixed_step_without_xqa_has_no_padded_table():
+    batch = _batch([40, 17, 3], [40, 1, 2])
+    views, indptr = _fill(batch, 0)
+    assert len(views.page_table) == 0
+    _check_pages(batch, views, indptr)
+    assert list(views.batch_indices) == [0] * 40 + [1] + [2, 2]
+    assert list(views.positions) == list(range(40)) + [16] + [1, 2]
+
+
+def test_xqa_batch_config_is_checked():
+    from zllm.config import EngineConfig
+
+    assert EngineConfig.from_dict({}).device.xqa_decode_max_batch == 0  # off unless asked
+    assert EngineConfig.from_dict({}, xqa_decode_max_batch=8).device.xqa_decode_max_batch == 8
+    with pytest.raises(ValueError, match="'xqa_decode_max_batch' = -1 .*>= 0"):
+        EngineConfig.from_dict({}, xqa_decode_max_batch=-1)
