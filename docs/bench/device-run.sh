@@ -8,7 +8,7 @@
 #         ready (issue 11: time to ready of zllm serve on the 8B shape, cold then warm),
 #         profile-1b, profile-8b (issue 11: W1 in process, then decode and prefill steps profiled),
 #         check-graphs (gpu_check on the small Llama: decode and piecewise CUDA graphs' greedy tokens
-#         against eager, flashinfer against torch),
+#         against eager, flashinfer (and XQA) against torch; CHECK_ARGS=--skip-kernels skips check 1),
 #         piecewise-1b, piecewise-8b (issue 11: the same, piecewise CUDA graphs on (1024) and off (0)),
 #         piecewise-serve (issue 11: zllm bench serve on 1B, Poisson arrivals, piecewise on and off),
 #         decode-modes (issue 11: flashinfer decode alone, eager / CUDA graph / no split-KV, at two
@@ -19,7 +19,6 @@
 #         size: where planning the engine's graph wrappers with disable_split_kv would pay).
 #         decode-kernels (issue 11: graph-split's sweep plus flashinfer's Hopper (fa3) wrapper and
 #         the XQA decode kernel, each checked against the plain wrapper's output).
-#         xqa-check (gpu_check on the small Llama, XQA decode included),
 #         xqa-w1 (issue 11: batch-1 latency on Ray, xqa_decode_max_batch 8 against 0 (off)).
 # A flashinfer JIT cache saved by an earlier run ($OUT/fi-cache.tar.xz, copied to
 # .device/fi-cache.tar.xz here) is unpacked first: a fresh machine then skips most compiling.
@@ -73,8 +72,8 @@ case "$1" in
     timeout 300 python3 -m zllm bench throughput --model $m --executors inproc --workload W1 --profile 256,1 \
       --max-model-len 2304 --out "$OUT/profile-$m.json" --markdown "$OUT/profile-$m.md" 2>&1 | tee -a "$OUT/log.txt" ;;
   check-graphs)
-    timeout ${CHECK_TIMEOUT:-400} python3 -m zllm.bench.gpu_check --models llama --host-model '' \
-      --out "$OUT/gpu-check.json" 2>&1 | grep -v "Warn\|warn(" | tail -20 | tee -a "$OUT/log.txt" ;;
+    timeout ${CHECK_TIMEOUT:-400} python3 -m zllm.bench.gpu_check --models llama --host-model '' ${CHECK_ARGS:-} \
+      --out "$OUT/gpu-check.json" 2>&1 | grep -v "Warn\|warn(" | tail -30 | tee -a "$OUT/log.txt" ;;
   piecewise-1b|piecewise-8b)
     m=$([ "$1" = piecewise-1b ] && echo llama-3.2-1b || echo llama-3.1-8b)
     for t in 1024 0; do
@@ -103,9 +102,6 @@ case "$1" in
         --contexts 640,2048 --layouts NHD --block-sizes 16 --modes $mode \
         --out "$OUT/decode-kernels-$mode.json" 2>&1 | grep '^{' | cut -c1-400 | tee -a "$OUT/log.txt"
     done ;;
-  xqa-check)
-    timeout ${CHECK_TIMEOUT:-540} python3 -m zllm.bench.gpu_check --models llama --host-model "" ${CHECK_ARGS:-} \
-      --out "$OUT/gpu-check.json" 2>&1 | grep -v "Warn\|warn(" | tail -30 | tee -a "$OUT/log.txt" ;;
   xqa-w1)
     for run in ${RUNS:-llama-3.2-1b:8 llama-3.2-1b:0 llama-3.1-8b:8 llama-3.1-8b:0}; do
       m=${run%%:*} k=${run##*:}
