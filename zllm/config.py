@@ -101,8 +101,9 @@ class DeviceConfig:
     # flashinfer backend: decode steps of at most this many requests run TensorRT-LLM's XQA GQA
     # decode kernel as flashinfer ships it (compute capability 9.0 and up, no per-step plan)
     # instead of flashinfer's decode; 0: never. Off by default: on an H200 (2026-12-03) it gave
-    # the same greedy tokens, but was 4-16% slower per call from 64 requests up, and no
-    # whole-engine run has measured it yet (docs/benchmarks.md).
+    # the same greedy tokens, but was 4-16% slower per call from 64 requests up, and at batch 1
+    # the engine's time per token was no better with it (1B 1.47 against 1.39 ms, 8B 5.29
+    # against 5.05 ms; docs/benchmarks.md).
     xqa_decode_max_batch: int = 0
     enforce_eager: bool = False  # true: no CUDA graphs at all
     # Steps that carry prompt tokens, up to this many tokens in all, replay CUDA graphs captured
