@@ -19,7 +19,8 @@
 #         size: where planning the engine's graph wrappers with disable_split_kv would pay).
 #         decode-kernels (issue 11: graph-split's sweep plus flashinfer's Hopper (fa3) wrapper and
 #         the XQA decode kernel, each checked against the plain wrapper's output).
-#         xqa-w1 (issue 11: batch-1 latency on Ray, xqa_decode_max_batch 8 against 0 (off)).
+#         xqa-w1 (issue 11: batch-1 latency on Ray (EXECUTOR=inproc: in process), xqa_decode_max_batch
+#         8 against 0 (off)).
 # A flashinfer JIT cache saved by an earlier run ($OUT/fi-cache.tar.xz, copied to
 # .device/fi-cache.tar.xz here) is unpacked first: a fresh machine then skips most compiling.
 # structured wants SmolLM2's tokenizer in .device/smollm2-tokenizer (the GGUF is too large to
