@@ -121,6 +121,7 @@ def test_unknown_yaml_key_is_rejected(tmp_path):
     ({"dtype": "float64"}, "'dtype' = 'float64' is not allowed"),
     ({"max_num_seqs": "many"}, "'max_num_seqs' = 'many' must be of type int"),
     ({"gpu_memory_utilization": 1.5}, "'gpu_memory_utilization' = 1.5"),
+    ({"async_steps_ahead": 0}, "'async_steps_ahead' = 0 is not allowed: must be from 1 to 4"),
 ])
 def test_bad_config_values_name_key_value_and_limit(values, message):
     with pytest.raises(ValueError) as err:

@@ -21,6 +21,7 @@
 #         the XQA decode kernel, each checked against the plain wrapper's output).
 #         xqa-w1 (issue 11: batch-1 latency on Ray (EXECUTOR=inproc: in process), xqa_decode_max_batch
 #         8 against 0 (off)).
+#         steps-ahead (issue 11: batch-1 latency and W1 on Ray, async_steps_ahead 1 against 2, alternating).
 # A flashinfer JIT cache saved by an earlier run ($OUT/fi-cache.tar.xz, copied to
 # .device/fi-cache.tar.xz here) is unpacked first: a fresh machine then skips most compiling.
 # structured wants SmolLM2's tokenizer in .device/smollm2-tokenizer (the GGUF is too large to
@@ -115,6 +116,13 @@ case "$1" in
       PYTHONFAULTHANDLER=1 timeout -s ABRT ${RUN_TIMEOUT:-200} python3 -m zllm bench throughput --model $m \
         --executors ${EXECUTOR:-ray} --workload ${WORKLOADS:-latency} --xqa-decode-max-batch $k --max-model-len 2304 \
         --out "$OUT/$m-$k.json" --markdown "$OUT/$m-$k.md" 2>&1 | grep -v "USDT" | tail -60 | tee -a "$OUT/log.txt"
+    done ;;
+  steps-ahead)
+    for run in ${RUNS:-llama-3.2-1b:1 llama-3.2-1b:2 llama-3.2-1b:1 llama-3.2-1b:2 llama-3.1-8b:1 llama-3.1-8b:2}; do
+      m=${run%%:*} k=${run##*:}
+      timeout ${RUN_TIMEOUT:-150} python3 -m zllm bench throughput --model $m --executors ray \
+        --workload ${WORKLOADS:-latency,W1} --async-steps-ahead $k --max-model-len 2304 \
+        --out "$OUT/$m-ahead$k-$RANDOM.json" --markdown '' 2>&1 | grep -E "ready in|^\| ray|Error" | tee -a "$OUT/log.txt"
     done ;;
   graph-split)
     timeout 200 python3 -m zllm.bench.decode_attention --batches 1,8,32,64,128,256 --contexts 640,2048 \

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from zllm import LLM, SamplingParams
 
 
-def test_async_scheduling_keeps_one_step_ahead_with_the_same_tokens(gqa_model, hf):
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_async_scheduling_keeps_steps_ahead_with_the_same_tokens(gqa_model, hf, ahead):
     rng = random.Random(1)
     prompts = [[rng.randrange(5, 384) for _ in range(rng.randrange(20, 60))] for _ in range(16)]
     # Mixed lengths, so requests finish while the next step (which includes them) is in flight.
     params = [SamplingParams(temperature=0, max_tokens=8 + i, ignore_eos=True) for i in range(16)]
     tight = dict(block_size=4, num_kv_blocks=48, watermark=0.0, max_model_len=96,
                  max_num_batched_tokens=64)
-    with LLM(gqa_model, device="cpu", async_scheduling=True, engine_process=False, **tight) as llm:
+    with LLM(gqa_model, device="cpu", async_scheduling=True, async_steps_ahead=ahead,
+             engine_process=False, **tight) as llm:
         executor = llm.engine.engine_core.executor
         submit, collect = executor.launch, executor.collect
         outstanding = [0, 0]  # now, most
@@ -31,7 +35,7 @@ def test_async_scheduling_keeps_one_step_ahead_with_the_same_tokens(gqa_model, h
 
         executor.launch, executor.collect = counting_submit, counting_collect
         outputs = llm.generate(prompts, params, use_tqdm=False)
-        assert outstanding == [0, 2]  # two steps in flight at times; none left behind
+        assert outstanding == [0, 1 + ahead]  # so many steps in flight at times; none left
         assert llm.stats().num_preemptions > 0
         assert llm.stats().num_free_blocks == 48
     with LLM(gqa_model, device="cpu") as sync:
@@ -42,16 +46,18 @@ def test_async_scheduling_keeps_one_step_ahead_with_the_same_tokens(gqa_model, h
         assert out.outputs[0].token_ids == hf.greedy(gqa_model, prompt, len(out.outputs[0].token_ids))
 
 
-def test_a_request_id_reused_right_after_an_abort_gets_only_its_own_tokens(gqa_model, hf):
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_a_request_id_reused_right_after_an_abort_gets_only_its_own_tokens(gqa_model, hf, ahead):
     """Aborting a running request leaves steps in flight that carry its next tokens; a new
     request under the same id, added at once, must not take them (nor stall the scheduler)."""
     old, new = [7] * 40, [11, 12, 13, 14, 15]
-    with LLM(gqa_model, device="cpu", async_scheduling=True, engine_process=False) as llm:
+    with LLM(gqa_model, device="cpu", async_scheduling=True, async_steps_ahead=ahead,
+             engine_process=False) as llm:
         engine = llm.engine
         engine.add_request("r", old, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
         for _ in range(4):
             engine.step()
-        assert engine.engine_core.in_flight == 2
+        assert engine.engine_core.in_flight == 1 + ahead
         engine.abort_request("r")
         engine.add_request("r", new, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
         finished = []

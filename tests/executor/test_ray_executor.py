@@ -81,11 +81,12 @@ def test_tp2_prompt_logprobs_equal_transformers(tp2_llm, gqa_model, hf):
 
 
 def test_tp4_replicates_kv_heads_and_matches_transformers(ray_session, gqa_model, reference_tokens):
-    # 2 KV heads over 4 ranks: each KV head is held by two ranks. With async scheduling, the
-    # data plane carries step N+1 while the ranks still run step N.
+    # 2 KV heads over 4 ranks: each KV head is held by two ranks. With async scheduling two
+    # steps ahead, the data plane carries steps N+1 and N+2 while the ranks still run step N
+    # (one step ahead on Ray: tests/executor/test_worker_recovery.py).
     # The engine core in its own process (the default), joining the module's Ray session.
     llm = make_llm(gqa_model, tensor_parallel_size=4, execute_timeout_s=60, async_scheduling=True,
-                   ray_address=ray_session)
+                   async_steps_ahead=2, ray_address=ray_session)
     try:
         assert greedy_tokens(llm) == reference_tokens
         assert llm.stats().num_preemptions > 0

@@ -76,7 +76,8 @@ class EngineCore:
         # Requests that ended while steps that may carry a token of theirs were in flight: id ->
         # the last such step. A new request reusing the id takes no token from those steps.
         self.retired: dict[str, int] = {}
-        self.pipeline_depth = 2 if config.scheduler.async_scheduling else 1
+        sched = config.scheduler
+        self.pipeline_depth = 1 + sched.async_steps_ahead if sched.async_scheduling else 1
         # Per step() call: (this process's time outside collect(), running requests, all decodes).
         self.host_times: collections.deque[tuple[float, int, bool]] = collections.deque(maxlen=8192)
         self.step_log: Optional[StepLog] = StepLog() if config.scheduler.record_steps else None

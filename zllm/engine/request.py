@@ -31,8 +31,8 @@ class Request:
     `num_computed_tokens` counts tokens whose K/V sit in the cache. A request needs more compute
     while `num_computed_tokens < num_tokens + num_pending_tokens`; when a step brings it there,
     the worker samples its next token. `num_pending_tokens` counts tokens sampled by steps whose
-    results the engine has not applied yet (with async scheduling, up to two; the workers
-    already hold them, so the next step can compute them).
+    results the engine has not applied yet (with async scheduling, up to 1 +
+    async_steps_ahead; the workers already hold them, so the next step can compute them).
     """
 
     def __init__(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams,
