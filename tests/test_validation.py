@@ -122,6 +122,8 @@ def test_unknown_yaml_key_is_rejected(tmp_path):
     ({"max_num_seqs": "many"}, "'max_num_seqs' = 'many' must be of type int"),
     ({"gpu_memory_utilization": 1.5}, "'gpu_memory_utilization' = 1.5"),
     ({"async_steps_ahead": 0}, "'async_steps_ahead' = 0 is not allowed: must be from 1 to 4"),
+    ({"async_steps_ahead": 2}, "'async_steps_ahead' = 2 is not allowed: must be 1 without "
+                               "async_scheduling"),
 ])
 def test_bad_config_values_name_key_value_and_limit(values, message):
     with pytest.raises(ValueError) as err:

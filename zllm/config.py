@@ -65,10 +65,10 @@ class SchedulerConfig:
     # step N has computed one extra token in N+1, which is discarded.
     async_scheduling: bool = False
     # With async_scheduling: how many steps are submitted ahead of the one being collected. 2
-    # also submits step N+2 before step N's tokens arrive, which takes the engine's turn (and
-    # the trip to the workers and back) out of the step's cycle where that cycle is longer than
-    # the GPU's step (the 1B shape at batch 1: docs/benchmarks.md). Each step ahead costs a
-    # request that finishes one more discarded token of compute.
+    # also submits step N+2 before step N's tokens arrive. That is meant to take the engine's
+    # turn (and the trip to the workers and back) out of the step's cycle where that cycle is
+    # longer than the GPU's step (the 1B shape at batch 1: docs/benchmarks.md); not measured on
+    # a GPU yet. Each step ahead costs a request that finishes one more discarded token.
     async_steps_ahead: int = 1
     # Keep a per-step log (submit and completion times, each request's context and new tokens)
     # for `zllm bench`; read and cleared by the engine core call "step_log".
@@ -226,6 +226,8 @@ class EngineConfig:
               s.long_prefill_token_threshold >= 0, ">= 0 (0: no cap)")
         check("async_steps_ahead", s.async_steps_ahead, 1 <= s.async_steps_ahead <= 4,
               "from 1 to 4")
+        check("async_steps_ahead", s.async_steps_ahead,
+              s.async_scheduling or s.async_steps_ahead == 1, "1 without async_scheduling")
         check("policy", s.policy, s.policy in ("fcfs", "priority"), "fcfs or priority")
         check("starvation_timeout_s", s.starvation_timeout_s, s.starvation_timeout_s > 0, "> 0")
         check("tensor_parallel_size", p.tensor_parallel_size, p.tensor_parallel_size >= 1, ">= 1")
