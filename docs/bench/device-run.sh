@@ -22,6 +22,8 @@
 #         xqa-w1 (issue 11: batch-1 latency on Ray (EXECUTOR=inproc: in process), xqa_decode_max_batch
 #         8 against 0 (off)).
 #         steps-ahead (issue 11: batch-1 latency and W1 on Ray, async_steps_ahead 1 against 2, alternating).
+#         worker-profile (issue 11: cProfile of the worker's host stages on the 1B shape at REQUESTS
+#         (default 1): which part of "plan" and "logits" is Python and which CUDA API time).
 # A flashinfer JIT cache saved by an earlier run ($OUT/fi-cache.tar.xz, copied to
 # .device/fi-cache.tar.xz here) is unpacked first: a fresh machine then skips most compiling.
 # structured wants SmolLM2's tokenizer in .device/smollm2-tokenizer (the GGUF is too large to
@@ -124,6 +126,14 @@ case "$1" in
         --workload ${WORKLOADS:-latency,W1} --async-steps-ahead $k --max-model-len 2304 \
         --out "$OUT/$m-ahead$k-$RANDOM.json" --markdown '' 2>&1 | grep -E "ready in|^\| ray|Error" | tee -a "$OUT/log.txt"
     done ;;
+  worker-profile)
+    timeout ${RUN_TIMEOUT:-200} python3 -m cProfile -o "$OUT/worker.prof" -m zllm bench control-path --worker only \
+      --worker-model llama-3.2-1b --requests ${REQUESTS:-1} --worker-context 512 --worker-steps 400 \
+      --out "$OUT/worker-profile.json" --markdown '' 2>&1 | grep "^worker" | tee -a "$OUT/log.txt"
+    python3 -c "import pstats, sys; s = pstats.Stats(sys.argv[1], stream=sys.stdout)
+s.sort_stats('tottime').print_stats(40)
+s.sort_stats('cumulative').print_callees(r'\((plan|_plan_graph|compute_logits|_sample|_device_inputs)\)')" \
+      "$OUT/worker.prof" > "$OUT/worker-profile.txt" 2>&1; head -80 "$OUT/worker-profile.txt" ;;
   graph-split)
     timeout 200 python3 -m zllm.bench.decode_attention --batches 1,8,32,64,128,256 --contexts 640,2048 \
       --layouts NHD --block-sizes 16 --modes graph,graph-nosplit --out "$OUT/graph-split.json" 2>&1 \
