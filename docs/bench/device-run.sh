@@ -41,6 +41,17 @@ find /tmp/site/flashinfer /tmp/site/tvm_ffi -newermt 2001-01-01 -exec touch -h -
 [ -f .device/fi-cache.tar.xz ] && mkdir -p ~/.cache && tar xJf .device/fi-cache.tar.xz -C ~/.cache
 echo "stage $1 starts $(date -u +%T)" | tee -a "$OUT/log.txt"
 z() { python3 -m zllm "$@"; }
+# key_runs KEY "MODEL:VALUE ..." WORKLOADS: one `zllm bench throughput` per pair (RUNS, WORKLOADS,
+# EXECUTOR and RUN_TIMEOUT override), with --KEY VALUE. SIGABRT at the limit: faulthandler then
+# prints where every thread of a stalled run is.
+key_runs() {
+  for run in ${RUNS:-$2}; do
+    m=${run%%:*} k=${run##*:}
+    PYTHONFAULTHANDLER=1 timeout -s ABRT ${RUN_TIMEOUT:-200} python3 -m zllm bench throughput --model $m \
+      --executors ${EXECUTOR:-ray} --workload ${WORKLOADS:-$3} --$1 $k --max-model-len 2304 \
+      --out "$OUT/$m-$1-$k-$RANDOM.json" --markdown '' 2>&1 | grep -v "USDT" | tail -60 | tee -a "$OUT/log.txt"
+  done
+}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/log.txt"
 case "$1" in
   offline)
@@ -112,20 +123,10 @@ case "$1" in
         --out "$OUT/decode-kernels-$mode.json" 2>&1 | grep '^{' | cut -c1-400 | tee -a "$OUT/log.txt"
     done ;;
   xqa-w1)
-    for run in ${RUNS:-llama-3.2-1b:8 llama-3.2-1b:0 llama-3.1-8b:8 llama-3.1-8b:0}; do
-      m=${run%%:*} k=${run##*:}
-      # SIGABRT at the limit: faulthandler then prints where every thread of a stalled run is.
-      PYTHONFAULTHANDLER=1 timeout -s ABRT ${RUN_TIMEOUT:-200} python3 -m zllm bench throughput --model $m \
-        --executors ${EXECUTOR:-ray} --workload ${WORKLOADS:-latency} --xqa-decode-max-batch $k --max-model-len 2304 \
-        --out "$OUT/$m-$k.json" --markdown "$OUT/$m-$k.md" 2>&1 | grep -v "USDT" | tail -60 | tee -a "$OUT/log.txt"
-    done ;;
+    key_runs xqa-decode-max-batch "llama-3.2-1b:8 llama-3.2-1b:0 llama-3.1-8b:8 llama-3.1-8b:0" latency ;;
   steps-ahead)
-    for run in ${RUNS:-llama-3.2-1b:1 llama-3.2-1b:2 llama-3.2-1b:1 llama-3.2-1b:2 llama-3.1-8b:1 llama-3.1-8b:2}; do
-      m=${run%%:*} k=${run##*:}
-      timeout ${RUN_TIMEOUT:-150} python3 -m zllm bench throughput --model $m --executors ray \
-        --workload ${WORKLOADS:-latency,W1} --async-steps-ahead $k --max-model-len 2304 \
-        --out "$OUT/$m-ahead$k-$RANDOM.json" --markdown '' 2>&1 | grep -E "ready in|^\| ray|Error" | tee -a "$OUT/log.txt"
-    done ;;
+    key_runs async-steps-ahead "llama-3.2-1b:1 llama-3.2-1b:2 llama-3.2-1b:1 llama-3.2-1b:2 llama-3.1-8b:1 llama-3.1-8b:2" \
+      latency,W1 ;;
   worker-profile)
     timeout ${RUN_TIMEOUT:-200} python3 -m cProfile -o "$OUT/worker.prof" -m zllm bench control-path --worker only \
       --worker-model llama-3.2-1b --requests ${REQUESTS:-1} --worker-context 512 --worker-steps 400 \
