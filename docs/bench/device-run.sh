@@ -22,6 +22,9 @@
 #         xqa-w1 (issue 11: batch-1 latency on Ray (EXECUTOR=inproc: in process), xqa_decode_max_batch
 #         8 against 0 (off)).
 #         steps-ahead (issue 11: batch-1 latency and W1 on Ray, async_steps_ahead 1 against 2, alternating).
+#         linear-shapes (issue 11: each linear layer's matmul alone at 1, 256 and 8192 rows, F.linear
+#         against a transposed weight and split-K, against its floor).
+#         ab (this checkout's zllm against BASE's, ABBA, over RUNS="MODEL:WORKLOADS ...").
 #         worker-profile (issue 11: cProfile of the worker's host stages on the 1B shape at REQUESTS
 #         (default 1): which part of "plan" and "logits" is Python and which CUDA API time).
 # A flashinfer JIT cache saved by an earlier run ($OUT/fi-cache.tar.xz, copied to
@@ -55,8 +58,8 @@ key_runs() {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/log.txt"
 case "$1" in
   offline)
-    for m in llama-3.2-1b llama-3.1-8b; do
-      timeout 330 python3 -m zllm bench throughput --model $m --executors ray --workload W1,W2,latency \
+    for m in ${MODELS:-llama-3.2-1b llama-3.1-8b}; do
+      timeout ${RUN_TIMEOUT:-330} python3 -m zllm bench throughput --model $m --executors ray --workload W1,W2,latency \
         --max-model-len 2304 --out "$OUT/$m.json" --markdown "$OUT/$m.md" 2>&1 | tee -a "$OUT/log.txt"
     done ;;
   serve)
@@ -135,6 +138,28 @@ case "$1" in
 s.sort_stats('tottime').print_stats(40)
 s.sort_stats('cumulative').print_callees(r'\((plan|_plan_graph|compute_logits|_sample|_device_inputs)\)')" \
       "$OUT/worker.prof" > "$OUT/worker-profile.txt" 2>&1; head -80 "$OUT/worker-profile.txt" ;;
+  linear-shapes)
+    timeout ${RUN_TIMEOUT:-200} python3 -m zllm.bench.linear_shapes --rows ${ROWS:-1,256,8192} \
+      --out "$OUT/linear-shapes.json" 2>&1 | grep '^{' | cut -c1-300 | tee -a "$OUT/log.txt" ;;
+  ab)
+    # This checkout against another's zllm (BASE: a folder holding a zllm package, e.g. main's
+    # unpacked with `git archive main zllm | tar -x -C .ab-base`), run after run: each of RUNS
+    # (MODEL:WORKLOADS) runs with BASE's code, then this one's, then this one's, then BASE's
+    # (ABBA, so that a drift over the call favours neither). One JSON of all runs: $OUT/ab.json.
+    mkdir -p /tmp/ab
+    for run in $RUNS; do
+      m=${run%%:*} w=${run##*:}
+      for side in base new new base; do
+        code=$([ $side = base ] && echo "$BASE" || echo "$PWD")
+        echo "== $m $w $side" | tee -a "$OUT/log.txt"
+        # From the code's own folder: `python -m` puts the working directory first on the path.
+        (cd $code && PYTHONPATH=$code:/tmp/site timeout ${RUN_TIMEOUT:-200} python3 -m zllm bench \
+          throughput --model $m --executors ${EXECUTOR:-ray} --workload $w --max-model-len 2304 \
+          --out "/tmp/ab/$m-$side-$RANDOM.json" --markdown '') 2>&1 | grep "^| [a-z]" | tee -a "$OUT/log.txt"
+      done
+    done
+    python3 -c "import glob, json, sys; json.dump({f: json.load(open(f)) for f in sorted(glob.glob('/tmp/ab/*.json'))},
+      open(sys.argv[1], 'w'), indent=1)" "$OUT/ab.json" ;;
   graph-split)
     timeout 200 python3 -m zllm.bench.decode_attention --batches 1,8,32,64,128,256 --contexts 640,2048 \
       --layouts NHD --block-sizes 16 --modes graph,graph-nosplit --out "$OUT/graph-split.json" 2>&1 \

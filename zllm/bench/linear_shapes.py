@@ -1,0 +1,144 @@
+"""The model's matrix products alone, against their floor, and the ways to call them.
+
+    python -m zllm.bench.linear_shapes [--shapes llama-3.2-1b,llama-3.1-8b] [--rows 1,256,8192]
+
+For each model shape, every linear layer of one decoder layer (qkv, o, gate_up, down) and the LM
+head runs at each row count (1: batch-1 decode; 256: W1's decode batch; 8192: a prefill chunk),
+in several forms:
+  linear     F.linear(x, W), W [out, in] as checkpoints store it (the engine's call)
+  nn         torch.mm(x, Wt), the weight stored transposed ([in, out], contiguous)
+  splitk2/4  the inner dimension cut in 2 or 4, partial products in float32 (bmm), summed
+and for the LM head, whose logits are float32:
+  head       torch.mm(x, W.t(), out_dtype=float32) (the engine's call)
+  head_nn    the same on the transposed weight
+  head_bf16  F.linear(x, W).float(): bf16 logits, widened
+Each form is checked against a float32 product (relative error) and timed as a CUDA graph of
+calls that cycle through enough copies of the weight to defeat the L2 cache, as a forward
+meets a new layer's weights at each call. The floor is max(bytes / copy bandwidth, FLOPs /
+matmul rate), both measured in the same run. On a GPU only: this picks how the layers call
+cuBLAS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from zllm.architecture import ModelArchitecture
+from zllm.bench.report import add_report_args, write_results
+from zllm.bench.roofline import measure_hardware
+from zllm.bench.throughput import model_dir_for
+
+ROTATE_BYTES = 512 * 2**20  # weight copies cycled per timing: several times any L2
+
+
+def layer_shapes(arch: ModelArchitecture) -> list[tuple[str, int, int]]:
+    """(name, in_features, out_features) of one layer's linears and the LM head."""
+    h, d = arch.hidden_size, arch.head_dim
+    q, kv = arch.num_heads * d, arch.num_kv_heads * d
+    return [("qkv", h, q + 2 * kv), ("o", q, h), ("gate_up", h, 2 * arch.intermediate_size),
+            ("down", arch.intermediate_size, h), ("lm_head", h, arch.vocab_size)]
+
+
+def _split_k(x: torch.Tensor, wt: torch.Tensor, parts: int) -> torch.Tensor:
+    m, k = x.shape
+    xs = x.view(m, parts, k // parts).transpose(0, 1)  # [parts, m, k / parts]
+    partial = torch.bmm(xs, wt.view(parts, k // parts, -1), out_dtype=torch.float32)
+    return partial.sum(0).to(x.dtype)
+
+
+Form = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # f(x, W, Wt)
+
+
+def forms(name: str) -> dict[str, Form]:
+    """The ways to compute the layer `name`, by form name."""
+    if name == "lm_head":
+        return {"head": lambda x, w, wt: torch.mm(x, w.t(), out_dtype=torch.float32),
+                "head_nn": lambda x, w, wt: torch.mm(x, wt, out_dtype=torch.float32),
+                "head_bf16": lambda x, w, wt: F.linear(x, w).float()}
+    return {"linear": lambda x, w, wt: F.linear(x, w),
+            "nn": lambda x, w, wt: torch.mm(x, wt),
+            "splitk2": lambda x, w, wt: _split_k(x, wt, 2),
+            "splitk4": lambda x, w, wt: _split_k(x, wt, 4)}
+
+
+def time_form(fn, x: torch.Tensor, weights: list[torch.Tensor], transposed: list[torch.Tensor],
+              reps: int = 20) -> float:
+    """Seconds per call: a graph of one call per weight copy, replayed `reps` times."""
+    for w, wt in zip(weights, transposed):  # warm-up (cuBLAS handles, workspaces)
+        fn(x, w, wt)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w, wt in zip(weights, transposed):
+            fn(x, w, wt)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / len(weights))
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def run(shapes: list[str], rows_list: list[int]) -> dict[str, Any]:
+    device = torch.device("cuda")
+    hw = measure_hardware(device)
+    results = []
+    for shape in shapes:
+        arch = ModelArchitecture.from_model_dir(model_dir_for(shape))
+        for name, k, n in layer_shapes(arch):
+            copies = max(2, -(-ROTATE_BYTES // (2 * k * n)))
+            weights = [torch.randn(n, k, dtype=torch.bfloat16, device=device) * k ** -0.5
+                       for _ in range(copies)]
+            transposed = [w.t().contiguous() for w in weights]
+            for m in rows_list:
+                x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+                ref = x.float() @ weights[0].float().t()
+                out_bytes = m * n * (4 if name == "lm_head" else 2)
+                floor = max((2 * k * n + 2 * m * k + out_bytes) / hw.copy_bytes_per_s,
+                            2 * m * k * n / hw.matmul_flops_per_s)
+                for form, fn in forms(name).items():
+                    if form.startswith("splitk") and k % int(form[-1]):
+                        continue
+                    try:
+                        err = ((fn(x, weights[0], transposed[0]).float() - ref).norm()
+                               / ref.norm()).item()
+                        t = time_form(fn, x, weights, transposed)
+                    except Exception as e:  # a form this torch lacks: say so, go on
+                        print(json.dumps({"shape": shape, "linear": name, "rows": m,
+                                          "form": form, "error": repr(e)[:300]}), flush=True)
+                        continue
+                    results.append({"shape": shape, "linear": name, "in": k, "out": n,
+                                    "rows": m, "form": form, "us": round(1e6 * t, 2),
+                                    "floor_us": round(1e6 * floor, 2),
+                                    "of_floor": round(floor / t, 3), "rel_err": round(err, 5)})
+                    print(json.dumps(results[-1]), flush=True)
+            del weights, transposed
+            torch.cuda.empty_cache()
+    return {"hardware": hw.as_dict(), "rows": results}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="llama-3.2-1b,llama-3.1-8b")
+    parser.add_argument("--rows", default="1,256,8192", help="rows per call, comma-separated")
+    add_report_args(parser, markdown="")
+    args = parser.parse_args(argv)
+    report = run(args.shapes.split(","), [int(r) for r in args.rows.split(",")])
+    write_results("Linear layers' matmuls alone (python -m zllm.bench.linear_shapes)",
+                  {"shapes": args.shapes, "rows": args.rows}, report.pop("rows"), args.out,
+                  args.markdown, extra=report)
+    return 0
+
+if __name__ == "__main__":
+    raise SystemExit(main())
