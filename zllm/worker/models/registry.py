@@ -16,6 +16,7 @@ from torch import nn
 
 from zllm.architecture import MODEL_CLASSES, ModelArchitecture
 from zllm.worker.models.layers import use_fused_kernels
+from zllm.worker.models.linear import column_major_linears
 
 
 def model_class(arch: ModelArchitecture) -> type[nn.Module]:
@@ -27,12 +28,15 @@ def build_model(arch: ModelArchitecture, dtype: torch.dtype, device: torch.devic
                 fused: Optional[bool] = None) -> nn.Module:
     """This rank's shard with uninitialised weights (the loader fills them), allocated directly
     on `device` in `dtype`. `fused` (default: whenever the device and dtype allow it) picks
-    flashinfer's kernels for norms, RoPE and activations."""
+    flashinfer's kernels for norms, RoPE and activations. On CUDA the linear layers' weights
+    are column-major (`column_major_linears`)."""
     arch.check_tensor_parallel(get_model_parallel_world_size())
     if fused is None:
         fused = use_fused_kernels(device, dtype)
     with torch.device(device), _default_dtype(dtype):
         model = model_class(arch)(arch, fused)
+    if device.type == "cuda":
+        column_major_linears(model)
     return model.eval().requires_grad_(False)
 
 
