@@ -7,8 +7,9 @@ microseconds, but launching them from Python takes longer, so eager decode is bo
 At start-up the model runner captures the forward (embedding to final norm) for batch sizes 1, 2,
 4, 8, then every multiple of 8 up to max_num_seqs; a decode step with R requests is padded to the
 smallest captured size >= R and replays that graph. Padding rows read token 0 at position 0 and
-write their K/V into a scratch block that the block manager never hands out. Logits are computed
-after the replay, only for the rows that are sampled.
+write their K/V into a scratch block that the block manager never hands out. The graph ends with
+the LM head: every row of a decode step is sampled, and launching the head's matmul from Python
+after the replay took 116 µs of a batch-1 step's 701 µs of host time (H200, 2026-12-03).
 
 Graphs share one memory pool, captured largest first so the smaller ones reuse its memory.
 
@@ -64,7 +65,7 @@ class DecodeGraphs:
         self.input_ids = torch.zeros(largest, dtype=torch.long, device=device)
         self.positions = torch.zeros(largest, dtype=torch.long, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.hidden: dict[int, torch.Tensor] = {}
+        self.logits: dict[int, torch.Tensor] = {}  # each graph's output: [bs, vocab] float32
         self.num_replays = 0  # for checks that the graph path is really taken
 
     def size_for(self, num_tokens: int, num_reqs: int) -> int | None:
@@ -82,7 +83,7 @@ class DecodeGraphs:
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.hidden[bs] = self._forward(bs)
+                self.logits[bs] = self._forward(bs)
             pool = graph.pool() if pool is None else pool
             self.graphs[bs] = graph
         torch.cuda.synchronize()
@@ -91,16 +92,18 @@ class DecodeGraphs:
                     time.perf_counter() - t0)
 
     def _forward(self, bs: int) -> torch.Tensor:
-        return self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches, self.attn)
+        hidden = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches, self.attn)
+        return self.model.compute_logits(hidden)
 
     def replay(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Run the graph of size len(input_ids) (attention already planned); hidden states."""
+        """Run the graph of size len(input_ids) (attention already planned); the logits of
+        every row (valid until the next replay)."""
         bs = len(input_ids)
         self.input_ids[:bs].copy_(input_ids, non_blocking=True)
         self.positions[:bs].copy_(positions, non_blocking=True)
         self.graphs[bs].replay()
         self.num_replays += 1
-        return self.hidden[bs]
+        return self.logits[bs]
 
 
 def piecewise_sizes(max_tokens: int) -> list[int]:

@@ -260,14 +260,19 @@ class ModelRunner:
         self.timer.lap("stage")
         self.attn.plan(step.attention)
         self.timer.lap("plan")
-        if step.attention.cuda_graph:
-            hidden = self.graphs.replay(input_ids, positions)
-        elif self.piecewise is not None and self.piecewise.size_for(num_tokens):
-            hidden = self.piecewise.replay(input_ids, positions, self.attn)
+        if step.attention.cuda_graph:  # the graph computes every row's logits as well
+            logits = self.graphs.replay(input_ids, positions)[sample_rows]
+            self.timer.lap("forward")
         else:
-            hidden = self.model(input_ids, positions, self.kv_caches, self.attn)
-        self.timer.lap("forward")
-        launched = self._sample(sched, step, hidden, sample_rows, previous)
+            if self.piecewise is not None and self.piecewise.size_for(num_tokens):
+                hidden = self.piecewise.replay(input_ids, positions, self.attn)
+            else:
+                hidden = self.model(input_ids, positions, self.kv_caches, self.attn)
+            self.timer.lap("forward")
+            logits = (self.model.compute_logits(hidden[sample_rows])
+                      if len(step.sampled_slots) else None)
+            self.timer.lap("logits")
+        launched = self._sample(sched, step, logits, previous)
         if step.prompt_logprobs is not None:
             launched.prompt_logprobs = self._prompt_logprobs(sched, step, hidden)
         self.launched.append(launched)
@@ -303,15 +308,14 @@ class ModelRunner:
         rows = slice(0, len(step.sampled_slots)) if step.sample_rows is None else tensors[-1]
         return input_ids, positions, rows
 
-    def _sample(self, sched: SchedulerOutput, step: StepInputs, hidden: torch.Tensor,
-                sample_rows, previous: Optional[LaunchedStep]) -> LaunchedStep:
-        """Sample the requests that reached their end; their tokens are copied to pinned host
-        memory behind the step, to be read back without another sync."""
+    def _sample(self, sched: SchedulerOutput, step: StepInputs, logits: Optional[torch.Tensor],
+                previous: Optional[LaunchedStep]) -> LaunchedStep:
+        """Sample the requests that reached their end (`logits`: theirs, None if there are
+        none); their tokens are copied to pinned host memory behind the step, to be read back
+        without another sync."""
         slots = step.sampled_slots
         launched = LaunchedStep([], slots, None)
         if len(slots):
-            logits = self.model.compute_logits(hidden[sample_rows])
-            self.timer.lap("logits")
             inputs = self.input_batch.sampling_inputs(step)
             meta = (GREEDY if inputs is None
                     else make_sampling_metadata(inputs, self.arch.vocab_size, self.staging))
