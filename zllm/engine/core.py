@@ -287,36 +287,41 @@ class EngineCore:
         """Append each sampled token of step `step_number` to its request and end the requests
         that must stop."""
         now = time.monotonic()
-        requests, max_len = self.requests, self.max_model_len
-        ids, tokens, cached, itls, ttfts = [], [], [], [], []
+        requests, retired, max_len = self.requests, self.retired, self.max_model_len
+        tokens = out.sampled_token_ids.tolist()
+        cached, itls, ttfts = [], [], []
+        dropped: list[int] = []  # rows of requests that ended while the step ran
         finished: list[FinishedRequest] = []
-        logprob_rows: list[tuple[int, int, int]] = []  # (index in ids, row in out, top-N)
-        for row, (req_id, token) in enumerate(zip(out.req_ids, out.sampled_token_ids.tolist())):
+        logprob_rows: list[tuple[int, int, int]] = []  # (index in the outputs, row in out, top-N)
+        for row, req_id in enumerate(out.req_ids):
             req = requests.get(req_id)
-            if req is None or self.retired.get(req_id, 0) >= step_number:
-                continue  # finished or aborted while the step ran: an extra token, dropped
-            status = req.append_output_token(token, max_len)
-            if req.last_token_time is None:
+            if req is None or (retired and retired.get(req_id, 0) >= step_number):
+                dropped.append(row)  # finished or aborted while the step ran: an extra token
+                continue
+            status = req.append_output_token(tokens[row], max_len)
+            last = req.last_token_time
+            if last is None:
                 ttfts.append(now - req.arrival)
-                self.metrics.count_prompt_tokens(len(req.prompt_token_ids))
+                self.metrics.count_prompt_tokens(req.num_prompt_tokens)
             else:
-                itls.append(now - req.last_token_time)
+                itls.append(now - last)
             req.last_token_time = now
             if req.sampling_params.logprobs is not None:
-                logprob_rows.append((len(ids), row, req.sampling_params.logprobs))
-            ids.append(req_id)
-            tokens.append(token)
+                logprob_rows.append((row - len(dropped), row, req.sampling_params.logprobs))
             cached.append(req.num_cached_prompt_tokens)
             if status is not None:
                 finished.append(FinishedRequest(req_id, status.value, req.stop_reason))
                 self.scheduler.finish_requests([self._retire(req_id)], status)
+        ids, new_tokens = out.req_ids, np.asarray(out.sampled_token_ids, dtype=np.int32)
+        if dropped:  # rare: the other rows, as they are
+            keep = np.delete(np.arange(len(ids)), dropped)
+            ids, new_tokens = [ids[i] for i in keep.tolist()], new_tokens[keep]
         self.metrics.count_tokens(len(ids), ttfts, itls)
         for f in finished:
             self.metrics.count_finished(f.finish_reason)
         logprobs = _logprob_rows(out, logprob_rows) if logprob_rows else None
-        return EngineCoreOutputs(ids, np.asarray(tokens, dtype=np.int32),
-                                 np.asarray(cached, dtype=np.int32), finished, logprobs,
-                                 out.prompt_logprobs)
+        return EngineCoreOutputs(ids, new_tokens, np.asarray(cached, dtype=np.int32), finished,
+                                 logprobs, out.prompt_logprobs)
 
     # -- control calls -------------------------------------------------------------------------------
 

@@ -56,14 +56,14 @@ class _Step:
     """The step being built."""
 
     budget: int
-    continuing_ids: list[str] = field(default_factory=list)  # running requests, in batch order
-    counts: list[int] = field(default_factory=list)  # their scheduled tokens
-    block_owners: list[int] = field(default_factory=list)  # new blocks: index in continuing_ids
+    # Requests in batch order (the running ones, then the started ones) and their tokens.
+    scheduled: list[Request] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    num_continuing: int = 0  # the running ones
+    block_owners: list[int] = field(default_factory=list)  # new blocks: index in scheduled
     new_blocks: list[int] = field(default_factory=list)
     new_requests: list[NewRequestData] = field(default_factory=list)
-    new_counts: list[int] = field(default_factory=list)
     swap_in: list[int] = field(default_factory=list)  # flat (CPU block, device block) pairs
-    filled: list[Request] = field(default_factory=list)  # requests that fill a block this step
     stats: StepStats = field(default_factory=StepStats)
 
 
@@ -111,6 +111,7 @@ class Scheduler:
             self._schedule_swapped(step)
             if not self.swapped:
                 self._schedule_waiting(step)
+        self._advance(step)
         return self._output(step)
 
     # -- the three phases ----------------------------------------------------------------------------
@@ -120,29 +121,31 @@ class Scheduler:
         bs = self.block_manager.block_size
         tables = self.block_manager.block_tables
         threshold = self.config.long_prefill_token_threshold
-        running = self.running.items
-        i = 0
-        while i < len(running) and step.budget > 0:
-            req = running[i]
-            num_new = req.num_tokens + req.num_pending_tokens - req.num_computed_tokens
-            if req.last_token_pending():
-                num_new = 0
-            elif num_new > step.budget or (threshold and num_new > threshold):
-                num_new = self._chunk(num_new, step.budget)
+        budget = step.budget
+        scheduled, counts = step.scheduled, step.counts
+        # A preemption pops requests off the back of the list, which the loop has not reached.
+        for req in self.running.items:
+            if budget <= 0:
+                break
+            num_tokens, num_pending = req.num_tokens, req.num_pending_tokens
+            if num_pending and num_tokens + num_pending >= req.max_num_tokens:
+                continue  # its last token is on its way: computing it would sample one to drop
+            num_new = num_tokens + num_pending - req.num_computed_tokens
+            if num_new > budget or (threshold and num_new > threshold):
+                num_new = self._chunk(num_new, budget)
             if num_new == 0:
-                i += 1
                 continue
             if req.num_computed_tokens + num_new > len(tables[req.req_id]) * bs:
                 new_blocks = self._allocate_or_preempt(req, num_new, step, now)
                 if new_blocks is None:
                     break  # req preempted itself: nothing after it is left in running either
-                step.block_owners += [len(step.continuing_ids)] * len(new_blocks)
+                step.block_owners += [len(scheduled)] * len(new_blocks)
                 step.new_blocks += new_blocks
-            step.continuing_ids.append(req.req_id)
-            step.counts.append(num_new)
-            step.budget -= num_new
-            self._advance(req, num_new, step)
-            i += 1
+            scheduled.append(req)
+            counts.append(num_new)
+            budget -= num_new
+        step.budget = budget
+        step.num_continuing = len(scheduled)
 
     def _schedule_swapped(self, step: _Step) -> None:
         """Swapped requests come back, in order, while budget, max_num_seqs and blocks allow."""
@@ -196,22 +199,31 @@ class Scheduler:
                 return None
         return new_blocks
 
-    def _advance(self, req: Request, num_new: int, step: _Step) -> None:
-        """Count num_new tokens as computed. A request whose computed tokens reach its length
-        gets a sampled token back (pending until the engine applies it); blocks it fills join
-        the prefix cache when the step is complete (so no request admitted in the same step
-        counts on them)."""
-        if num_new == 1 and req.num_computed_tokens >= req.num_prompt_tokens:
-            step.stats.num_decode_tokens += 1
-        else:
-            step.stats.num_prefill_tokens += num_new
-        req.num_computed_tokens += num_new
-        if req.num_computed_tokens == req.num_tokens + req.num_pending_tokens:
-            req.num_pending_tokens += 1
+    def _advance(self, step: _Step) -> None:
+        """Count the step's scheduled tokens as computed, once every phase has chosen (so no
+        request admitted in this step counts on blocks that others fill in it). A request whose
+        computed tokens reach its length gets a sampled token back (pending until the engine
+        applies it). One loop with no call per request: it runs for every running request at
+        every step."""
         bm = self.block_manager
-        if bm.enable_prefix_caching and \
-                min(req.num_computed_tokens, req.num_tokens) // bm.block_size > req.num_cached_blocks:
-            step.filled.append(req)
+        bs, caching = bm.block_size, bm.enable_prefix_caching
+        num_decode = 0
+        for req, num_new in zip(step.scheduled, step.counts):
+            num_computed, num_tokens = req.num_computed_tokens, req.num_tokens
+            if num_new == 1 and num_computed >= req.num_prompt_tokens:
+                num_decode += 1
+            num_computed += num_new
+            req.num_computed_tokens = num_computed
+            if num_computed == num_tokens + req.num_pending_tokens:
+                req.num_pending_tokens += 1
+            # Blocks full of known tokens join the prefix cache (min() is written out: a call
+            # of it costs as much as the rest of this line).
+            known = num_tokens if num_computed > num_tokens else num_computed
+            if caching and known // bs > req.num_cached_blocks:
+                bm.cache_full_blocks(req)
+        num_tokens = self.config.max_num_batched_tokens - step.budget
+        step.stats.num_decode_tokens += num_decode
+        step.stats.num_prefill_tokens += num_tokens - num_decode
 
     def _start(self, req: Request, num_new: int, step: _Step) -> None:
         """Make req running with num_new tokens this step; the workers get it in full."""
@@ -227,24 +239,23 @@ class Scheduler:
             block_ids=np.asarray(self.block_manager.block_table(req.req_id), dtype=np.int32),
             num_computed_tokens=req.num_computed_tokens,
         ))
-        step.new_counts.append(num_new)
+        step.scheduled.append(req)
+        step.counts.append(num_new)
         step.budget -= num_new
-        self._advance(req, num_new, step)
 
     def _output(self, step: _Step) -> SchedulerOutput:
-        for req in step.filled:
-            self.block_manager.cache_full_blocks(req)
         stats = step.stats
         stats.num_running, stats.num_waiting = len(self.running), len(self.waiting)
         self.last_stats = stats
         finished, self._finished_req_ids = self._finished_req_ids, []
         preempted, self._preempted_req_ids = self._preempted_req_ids, []
         swap_out, self._swap_out = self._swap_out, []
-        continuing = ContinuingRequestData(step.continuing_ids,
+        continuing_ids = [req.req_id for req in step.scheduled[:step.num_continuing]]
+        continuing = ContinuingRequestData(continuing_ids,
                                            np.asarray(step.block_owners, dtype=np.int32),
                                            np.asarray(step.new_blocks, dtype=np.int32))
         return SchedulerOutput(step.new_requests, continuing,
-                               np.asarray(step.counts + step.new_counts, dtype=np.int32),
+                               np.asarray(step.counts, dtype=np.int32),
                                self.config.max_num_batched_tokens - step.budget, finished,
                                preempted, np.asarray(swap_out, dtype=np.int32),
                                np.asarray(step.swap_in, dtype=np.int32))
