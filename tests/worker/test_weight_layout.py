@@ -4,8 +4,8 @@ give Hugging Face's greedy tokens, like the checkpoint's own row-major layout.""
 from __future__ import annotations
 
 from zllm import LLM, SamplingParams
-from zllm.worker.models.linear import ColumnParallelLinear, ParallelLMHead, RowParallelLinear
-from zllm.worker.models.linear import column_major_linears
+from zllm.worker.models.linear import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
+                                       column_major_linears)
 from tests.conftest import PROMPTS
 
 
