@@ -140,5 +140,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                   args.markdown, extra=report)
     return 0
 
+
 if __name__ == "__main__":
     raise SystemExit(main())
