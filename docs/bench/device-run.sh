@@ -22,6 +22,7 @@
 #         xqa-w1 (issue 11: batch-1 latency on Ray (EXECUTOR=inproc: in process), xqa_decode_max_batch
 #         8 against 0 (off)).
 #         steps-ahead (issue 11: batch-1 latency and W1 on Ray, async_steps_ahead 1 against 2, alternating).
+#         key (any config key KEY over RUNS="MODEL:VALUE ..." and WORKLOADS, one run per pair).
 #         linear-shapes (issue 11: each linear layer's matmul alone at 1, 256 and 8192 rows, F.linear
 #         against a transposed weight and split-K, against its floor).
 #         ab (this checkout's zllm against BASE's, ABBA, over RUNS="MODEL:WORKLOADS ...").
@@ -127,6 +128,8 @@ case "$1" in
     done ;;
   xqa-w1)
     key_runs xqa-decode-max-batch "llama-3.2-1b:8 llama-3.2-1b:0 llama-3.1-8b:8 llama-3.1-8b:0" latency ;;
+  key)
+    key_runs $KEY "$RUNS" ${WORKLOADS:-latency} ;;
   steps-ahead)
     key_runs async-steps-ahead "llama-3.2-1b:1 llama-3.2-1b:2 llama-3.2-1b:1 llama-3.2-1b:2 llama-3.1-8b:1 llama-3.1-8b:2" \
       latency,W1 ;;
@@ -140,7 +143,7 @@ s.sort_stats('cumulative').print_callees(r'\((plan|_plan_graph|compute_logits|_s
       "$OUT/worker.prof" > "$OUT/worker-profile.txt" 2>&1; head -80 "$OUT/worker-profile.txt" ;;
   linear-shapes)
     timeout ${RUN_TIMEOUT:-200} python3 -m zllm.bench.linear_shapes --rows ${ROWS:-1,256,8192} \
-      --out "$OUT/linear-shapes.json" 2>&1 | grep '^{' | cut -c1-300 | tee -a "$OUT/log.txt" ;;
+      --out "$OUT/linear-shapes.json" 2>&1 | grep '^{\|^best' | cut -c1-300 | tee -a "$OUT/log.txt" ;;
   ab)
     # This checkout against another's zllm (BASE: a folder holding a zllm package, e.g. main's
     # unpacked with `git archive main zllm | tar -x -C .ab-base`), run after run: each of RUNS
