@@ -3,18 +3,34 @@ says, at every scheduling depth, and nothing of it is reported or computed past 
 
 from __future__ import annotations
 
+import collections
 import time
 
 import numpy as np
 import pytest
 
+from zllm.bench.stub_worker import StubWorker
 from zllm.config import EngineConfig
 from zllm.demo import ensure_demo_model
 from zllm.engine.core import EngineCore
 from zllm.protocol import EngineCoreRequest
 from zllm.sampling_params import SamplingParams
 
-STUB = "zllm.bench.stub_worker.StubWorker"  # samples token 0 for every scheduled request
+
+class CountingStubWorker(StubWorker):
+    """The stub (token 0 for every scheduled request), also counting the tokens each request
+    was scheduled to compute."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.computed: collections.Counter[str] = collections.Counter()
+
+    def launch(self, scheduler_output) -> None:
+        self.computed.update(scheduler_output.num_scheduled_by_id())
+        super().launch(scheduler_output)
+
+
+STUB = f"{__name__}.CountingStubWorker"
 MAX_MODEL_LEN = 40
 
 # name: (prompt length, eos token id, sampling params, (finish reason, output tokens)). Every
@@ -39,15 +55,7 @@ def test_requests_end_at_the_step_their_limit_says(async_scheduling, ahead):
                                     worker_cls=STUB, async_scheduling=async_scheduling,
                                     async_steps_ahead=ahead)
     core = EngineCore(config)
-    computed = dict.fromkeys(CASES, 0)  # tokens the workers were asked to compute, per request
-    launch = core.executor.launch
-
-    def counting_launch(sched):
-        for req_id, n in sched.num_scheduled_by_id().items():
-            computed[req_id] += n
-        launch(sched)
-
-    core.executor.launch = counting_launch
+    computed = core.executor.worker.computed  # tokens the worker was asked to compute
     for name, (prompt_len, eos, params, _) in CASES.items():
         core.add_request(EngineCoreRequest(name, np.arange(10, 10 + prompt_len, dtype=np.int32),
                                            params, np.array([eos], np.int32), time.monotonic()))
