@@ -117,10 +117,6 @@ class DeviceConfig:
     # by default: on an H200 (2026-12-03) 1024 gave the same greedy tokens as eager but made
     # the 1B shape's W1 3-8% slower, with more host time per decode step (docs/benchmarks.md).
     piecewise_cuda_graph_tokens: int = 0
-    # CUDA: the decoder's linear layers compute steps of at most this many tokens (decodes at a
-    # small batch) with zllm's Triton kernel for few rows (zllm/worker/models/skinny_matmul.py)
-    # instead of cuBLAS, where Triton is installed; 0: always cuBLAS. At most 16.
-    skinny_matmul_max_rows: int = 0
 
 
 @dataclass
@@ -254,8 +250,6 @@ class EngineConfig:
         check("attention_backend", d.attention_backend,
               d.attention_backend in ("auto", "torch", "flashinfer"), "auto, torch or flashinfer")
         check("xqa_decode_max_batch", d.xqa_decode_max_batch, d.xqa_decode_max_batch >= 0, ">= 0")
-        check("skinny_matmul_max_rows", d.skinny_matmul_max_rows,
-              0 <= d.skinny_matmul_max_rows <= 16, "in [0, 16]")
         srv = self.server
         check("port", srv.port, 0 <= srv.port <= 65535, "in [0, 65535]")
         check("max_request_bytes", srv.max_request_bytes, srv.max_request_bytes >= 1024, ">= 1024")

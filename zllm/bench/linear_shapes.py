@@ -9,9 +9,6 @@ in several forms:
   nn         torch.mm(x, Wt), the weight stored transposed ([in, out], contiguous)
   splitk2/4  the inner dimension cut in 2 or 4, partial products in float32 (bmm), summed
   lt, nn_lt  linear and nn with cuBLASLt as torch's preferred BLAS library
-  skinny/skinny_nn:BN,BK,S,W,ST  (at most 16 rows) zllm's Triton kernel
-             (zllm.worker.models.skinny_matmul) on either layout, one form per tile
-             (block_n, block_k, split_k, warps, stages) swept; "skinny" alone: its own pick
 and for the LM head, whose logits are float32:
   head       torch.mm(x, W.t(), out_dtype=float32) (the engine's call)
   head_nn    the same on the transposed weight
@@ -37,7 +34,6 @@ from zllm.architecture import ModelArchitecture
 from zllm.bench.report import add_report_args, write_results
 from zllm.bench.roofline import measure_hardware
 from zllm.bench.throughput import model_dir_for
-from zllm.worker.models import skinny_matmul
 
 ROTATE_BYTES = 512 * 2**20  # weight copies cycled per timing: several times any L2
 
@@ -77,40 +73,17 @@ def _lt(fn: Form) -> Form:
     return call
 
 
-# Tiles the skinny kernel is timed with: (block_n, block_k, split_k, warps, stages) per layout.
-SKINNY_ROW_MAJOR = [(16, 128, s, 4, 4) for s in (1, 2, 4, 8)] + [
-    (16, 256, s, 4, 3) for s in (1, 2, 4)] + [(32, 128, s, 4, 4) for s in (1, 2, 4)] + [
-    (16, 128, 2, 2, 4), (16, 128, 2, 4, 6), (16, 64, 4, 4, 6)]
-SKINNY_COLUMN_MAJOR = [(64, 64, s, 4, 4) for s in (1, 2, 4, 8)] + [
-    (32, 64, s, 4, 4) for s in (1, 2, 4, 8)] + [(128, 64, s, 4, 4) for s in (1, 2, 4)] + [
-    (64, 128, s, 4, 3) for s in (1, 2, 4)] + [(64, 64, 4, 2, 6), (64, 64, 4, 8, 4)]
-
-
-def _skinny(tile: Optional[tuple[int, ...]], column_major: bool) -> Form:
-    config = skinny_matmul.SkinnyConfig(*tile) if tile else None
-    if column_major:
-        return lambda x, w, wt: skinny_matmul.skinny_matmul(x, wt.t(), config=config)
-    return lambda x, w, wt: skinny_matmul.skinny_matmul(x, w, config=config)
-
-
-def forms(name: str, rows: int = 1, sweep: bool = True) -> dict[str, Form]:
-    """The ways to compute the layer `name` at `rows` rows, by form name."""
+def forms(name: str) -> dict[str, Form]:
+    """The ways to compute the layer `name`, by form name."""
     if name == "lm_head":
         return {"head": lambda x, w, wt: torch.mm(x, w.t(), out_dtype=torch.float32),
                 "head_nn": lambda x, w, wt: torch.mm(x, wt, out_dtype=torch.float32),
                 "head_bf16": lambda x, w, wt: F.linear(x, w).float()}
     linear = lambda x, w, wt: F.linear(x, w)  # noqa: E731
     nn_form = lambda x, w, wt: torch.mm(x, wt)  # noqa: E731
-    out = {"linear": linear, "nn": nn_form, "lt": _lt(linear), "nn_lt": _lt(nn_form),
-           "splitk2": lambda x, w, wt: _split_k(x, wt, 2),
-           "splitk4": lambda x, w, wt: _split_k(x, wt, 4)}
-    if rows <= skinny_matmul.MAX_ROWS and skinny_matmul.available():
-        out["skinny"], out["skinny_nn"] = _skinny(None, False), _skinny(None, True)
-        for tile in SKINNY_ROW_MAJOR if sweep else ():
-            out["skinny:" + ",".join(map(str, tile))] = _skinny(tile, False)
-        for tile in SKINNY_COLUMN_MAJOR if sweep else ():
-            out["skinny_nn:" + ",".join(map(str, tile))] = _skinny(tile, True)
-    return out
+    return {"linear": linear, "nn": nn_form, "lt": _lt(linear), "nn_lt": _lt(nn_form),
+            "splitk2": lambda x, w, wt: _split_k(x, wt, 2),
+            "splitk4": lambda x, w, wt: _split_k(x, wt, 4)}
 
 
 def time_form(fn, x: torch.Tensor, weights: list[torch.Tensor], transposed: list[torch.Tensor],
@@ -136,7 +109,7 @@ def time_form(fn, x: torch.Tensor, weights: list[torch.Tensor], transposed: list
     return sorted(times)[len(times) // 2]
 
 
-def run(shapes: list[str], rows_list: list[int], sweep: bool = True) -> dict[str, Any]:
+def run(shapes: list[str], rows_list: list[int]) -> dict[str, Any]:
     device = torch.device("cuda")
     hw = measure_hardware(device)
     results = []
@@ -153,13 +126,9 @@ def run(shapes: list[str], rows_list: list[int], sweep: bool = True) -> dict[str
                 out_bytes = m * n * (4 if name == "lm_head" else 2)
                 floor = max((2 * k * n + 2 * m * k + out_bytes) / hw.copy_bytes_per_s,
                             2 * m * k * n / hw.matmul_flops_per_s)
-                for form, fn in forms(name, m, sweep).items():
+                for form, fn in forms(name).items():
                     if form.startswith("splitk") and k % int(form[-1]):
                         continue
-                    if form.startswith("skinny:") or form.startswith("skinny_nn:"):
-                        tile = skinny_matmul.SkinnyConfig(*map(int, form.split(":")[1].split(",")))
-                        if not tile.fits(n, k):
-                            continue
                     try:
                         err = ((fn(x, weights[0], transposed[0]).float() - ref).norm()
                                / ref.norm()).item()
@@ -188,7 +157,7 @@ def best_forms(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         us = {r["form"]: r["us"] for r in rs}
         best = min(rs, key=lambda r: r["us"])
         out.append({"shape": shape, "layer": name, "rows": m, "floor_us": rs[0]["floor_us"],
-                    **{f: us[f] for f in ("linear", "nn", "skinny", "skinny_nn", "head") if f in us},
+                    **{f: us[f] for f in ("linear", "nn", "head") if f in us},
                     "best": best["form"], "best_us": best["us"]})
     return out
 
@@ -198,11 +167,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="llama-3.2-1b,llama-3.1-8b")
     parser.add_argument("--rows", default="1,256,8192", help="rows per call, comma-separated")
-    parser.add_argument("--no-sweep", dest="sweep", action="store_false",
-                        help="time the skinny kernel with its own tile only")
     add_report_args(parser, markdown="")
     args = parser.parse_args(argv)
-    report = run(args.shapes.split(","), [int(r) for r in args.rows.split(",")], args.sweep)
+    report = run(args.shapes.split(","), [int(r) for r in args.rows.split(",")])
     report["best"] = best_forms(report["rows"])
     for b in report["best"]:
         print("best", json.dumps(b), flush=True)

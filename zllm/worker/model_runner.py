@@ -108,8 +108,7 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.block_size = config.cache.block_size
-        self.model = build_model(arch, dtype, device,
-                                 skinny_matmul_max_rows=config.device.skinny_matmul_max_rows)
+        self.model = build_model(arch, dtype, device)
         sched = config.scheduler
         max_num_tokens = max(sched.max_num_batched_tokens, graph_batch_sizes(sched.max_num_seqs)[-1])
         self.staging = PinnedStaging(device)

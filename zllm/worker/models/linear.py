@@ -18,8 +18,7 @@ Each layer says which pieces of which checkpoint tensors make its parameters on 
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,19 +44,11 @@ def _sibling(prefix: str, name: str) -> str:
     return f"{parent}.{name}" if parent else name
 
 
-# (x, weight, bias) -> x weight^T + bias for inputs of at most `skinny_rows` rows (the Triton
-# kernel of skinny_matmul, set by skinny_matmul_linears); None and 0 in every other case.
-SkinnyMatmul = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
-
-
 class ColumnParallelLinear(fairscale.ColumnParallelLinear):
     """y = x W^T + b, W's rows split across ranks; several projections of the same input fused
     into one matmul. `sources` lists, per projection, its checkpoint module (beside this one) and
     the rows [start, end) of it that this rank holds, in output order. The output stays split
     (as fairscale's with gather_output=False)."""
-
-    skinny: Optional[SkinnyMatmul] = None
-    skinny_rows = 0
 
     def __init__(self, in_features: int, sources: list[tuple[str, int, int]],
                  bias: bool = False) -> None:
@@ -71,8 +62,6 @@ class ColumnParallelLinear(fairscale.ColumnParallelLinear):
         self.bias = _parameter(rows) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= self.skinny_rows:
-            return self.skinny(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     @classmethod
@@ -117,9 +106,6 @@ class RowParallelLinear(fairscale.RowParallelLinear):
     the same way; the partial products are all-reduced, then the (unsplit) bias is added once
     (as fairscale's with input_is_parallel=True)."""
 
-    skinny: Optional[SkinnyMatmul] = None
-    skinny_rows = 0
-
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         nn.Module.__init__(self)  # not fairscale's __init__: see the module docstring
         tp, rank = get_model_parallel_world_size(), get_model_parallel_rank()
@@ -132,8 +118,7 @@ class RowParallelLinear(fairscale.RowParallelLinear):
         self.group = get_model_parallel_group() if tp > 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.skinny(x, self.weight, None) if x.shape[0] <= self.skinny_rows else F.linear(
-            x, self.weight)
+        out = F.linear(x, self.weight)
         if self.group is not None:
             torch.distributed.all_reduce(out, group=self.group)
         return out if self.bias is None else out + self.bias
@@ -217,23 +202,3 @@ def column_major_linears(model: nn.Module) -> None:
             rows, cols = module.weight.shape
             module.weight = nn.Parameter(module.weight.new_empty(cols, rows).t(),
                                          requires_grad=False)
-
-
-def skinny_matmul_linears(model: nn.Module, max_rows: int) -> list[tuple[int, int]]:
-    """Route every decoder linear layer's matmuls of at most `max_rows` rows (decode steps at a
-    small batch) to the Triton kernel of skinny_matmul, with a tile picked for its weight's shape
-    and layout; layers whose inner dimension no tile divides keep F.linear. Returns the [out, in]
-    shapes routed, for skinny_matmul.reserve. The LM head keeps cuBLAS: its float32 output and
-    its size (hundreds of MB, which cuBLAS streams at its floor) give the kernel nothing to win."""
-    from zllm.worker.models import skinny_matmul
-
-    shapes = []
-    for module in model.modules():
-        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-            n, k = module.weight.shape
-            config = skinny_matmul.pick_config(n, k, module.weight.stride(0) == 1)
-            if config.fits(n, k):
-                module.skinny = partial(skinny_matmul.skinny_matmul, config=config)
-                module.skinny_rows = min(max_rows, skinny_matmul.MAX_ROWS)
-                shapes.append((n, k))
-    return shapes

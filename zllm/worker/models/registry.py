@@ -16,7 +16,7 @@ from torch import nn
 
 from zllm.architecture import MODEL_CLASSES, ModelArchitecture
 from zllm.worker.models.layers import use_fused_kernels
-from zllm.worker.models.linear import column_major_linears, skinny_matmul_linears
+from zllm.worker.models.linear import column_major_linears
 
 
 def model_class(arch: ModelArchitecture) -> type[nn.Module]:
@@ -25,13 +25,11 @@ def model_class(arch: ModelArchitecture) -> type[nn.Module]:
 
 
 def build_model(arch: ModelArchitecture, dtype: torch.dtype, device: torch.device,
-                fused: Optional[bool] = None, skinny_matmul_max_rows: int = 0) -> nn.Module:
+                fused: Optional[bool] = None) -> nn.Module:
     """This rank's shard with uninitialised weights (the loader fills them), allocated directly
     on `device` in `dtype`. `fused` (default: whenever the device and dtype allow it) picks
     flashinfer's kernels for norms, RoPE and activations. On CUDA the linear layers' weights
-    are column-major (`column_major_linears`), and their matmuls of at most
-    `skinny_matmul_max_rows` rows run Triton's kernel (`skinny_matmul_linears`) where Triton is
-    installed."""
+    are column-major (`column_major_linears`)."""
     arch.check_tensor_parallel(get_model_parallel_world_size())
     if fused is None:
         fused = use_fused_kernels(device, dtype)
@@ -39,10 +37,6 @@ def build_model(arch: ModelArchitecture, dtype: torch.dtype, device: torch.devic
         model = model_class(arch)(arch, fused)
     if device.type == "cuda":
         column_major_linears(model)
-        from zllm.worker.models import skinny_matmul  # (imports Triton)
-
-        if skinny_matmul_max_rows and skinny_matmul.available():
-            skinny_matmul.reserve(device, skinny_matmul_linears(model, skinny_matmul_max_rows))
     return model.eval().requires_grad_(False)
 
 
