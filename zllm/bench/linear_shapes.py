@@ -23,7 +23,6 @@ cuBLAS.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 from typing import Any, Callable, Optional
 
@@ -56,20 +55,15 @@ def _split_k(x: torch.Tensor, wt: torch.Tensor, parts: int) -> torch.Tensor:
 Form = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # f(x, W, Wt)
 
 
-@contextlib.contextmanager
-def _blas(library: str):
-    before = torch.backends.cuda.preferred_blas_library()
-    torch.backends.cuda.preferred_blas_library(library)
-    try:
-        yield
-    finally:
-        torch.backends.cuda.preferred_blas_library(before)
-
-
 def _lt(fn: Form) -> Form:
+    """`fn` with cuBLASLt as torch's preferred BLAS library for the call."""
     def call(x, w, wt):
-        with _blas("cublaslt"):
+        before = torch.backends.cuda.preferred_blas_library()
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        try:
             return fn(x, w, wt)
+        finally:
+            torch.backends.cuda.preferred_blas_library(before)
     return call
 
 
