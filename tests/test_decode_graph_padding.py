@@ -11,6 +11,7 @@ from zllm import LLM, SamplingParams
 from zllm.config import EngineConfig
 from zllm.worker.cuda_graphs import DecodeGraphs, PiecewiseGraphs, graph_batch_sizes, piecewise_sizes
 from tests.conftest import PROMPTS
+from tests.test_prompt_logprobs import check_prompt_logprobs
 
 
 class EagerDecodeGraphs(DecodeGraphs):
@@ -49,6 +50,22 @@ def test_padded_decode_batches_keep_greedy_output(gqa_model, hf):
         assert runner.graphs.replayed.count(4) >= 10
     for out in outputs:
         assert out.outputs[0].token_ids == hf.greedy(gqa_model, out.prompt_token_ids, 12)
+
+
+def test_a_one_token_prompt_chunk_in_a_decode_graph_step_scores_its_prompt(gqa_model, hf):
+    # A budget of 3 tokens for 3 requests: once two decode, the third prompt gets one token a
+    # step, so its prefill runs as decode-graph steps (one token per request, padded to 4) that
+    # carry its prompt log-probabilities. They come from the graph's hidden states.
+    with LLM(gqa_model, device="cpu", max_num_seqs=3, max_num_batched_tokens=3,
+             engine_process=False) as llm:
+        runner = llm.engine.engine_core.executor.worker.model_runner
+        runner.graphs = EagerDecodeGraphs(runner.model, runner.kv_caches, runner.attn,
+                                          graph_batch_sizes(3), runner.device)
+        plain = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+        scored = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2)
+        outputs = llm.generate(PROMPTS[:3], [plain, plain, scored], use_tqdm=False)
+        assert runner.graphs.replayed.count(4) >= 10
+    check_prompt_logprobs(outputs[2:], hf, gqa_model, top=2)
 
 
 class EagerPiecewiseGraphs(PiecewiseGraphs):

@@ -65,7 +65,9 @@ class DecodeGraphs:
         self.input_ids = torch.zeros(largest, dtype=torch.long, device=device)
         self.positions = torch.zeros(largest, dtype=torch.long, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}  # each graph's output: [bs, vocab] float32
+        # Each graph's outputs: the final hidden states (for prompt log-probabilities of a
+        # one-token prompt chunk riding in a decode step) and every row's float32 logits.
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.num_replays = 0  # for checks that the graph path is really taken
 
     def size_for(self, num_tokens: int, num_reqs: int) -> int | None:
@@ -83,7 +85,7 @@ class DecodeGraphs:
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.logits[bs] = self._forward(bs)
+                self.outputs[bs] = self._forward(bs)
             pool = graph.pool() if pool is None else pool
             self.graphs[bs] = graph
         torch.cuda.synchronize()
@@ -91,19 +93,20 @@ class DecodeGraphs:
                     len(self.graphs), self.batch_sizes[0], self.batch_sizes[-1],
                     time.perf_counter() - t0)
 
-    def _forward(self, bs: int) -> torch.Tensor:
+    def _forward(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches, self.attn)
-        return self.model.compute_logits(hidden)
+        return hidden, self.model.compute_logits(hidden)
 
-    def replay(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Run the graph of size len(input_ids) (attention already planned); the logits of
-        every row (valid until the next replay)."""
+    def replay(self, input_ids: torch.Tensor,
+               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the graph of size len(input_ids) (attention already planned); (hidden states,
+        logits) of every row, valid until the next replay."""
         bs = len(input_ids)
         self.input_ids[:bs].copy_(input_ids, non_blocking=True)
         self.positions[:bs].copy_(positions, non_blocking=True)
         self.graphs[bs].replay()
         self.num_replays += 1
-        return self.logits[bs]
+        return self.outputs[bs]
 
 
 def piecewise_sizes(max_tokens: int) -> list[int]:

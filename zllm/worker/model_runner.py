@@ -261,7 +261,8 @@ class ModelRunner:
         self.attn.plan(step.attention)
         self.timer.lap("plan")
         if step.attention.cuda_graph:  # the graph computes every row's logits as well
-            logits = self.graphs.replay(input_ids, positions)[sample_rows]
+            hidden, logits = self.graphs.replay(input_ids, positions)
+            logits = logits[sample_rows]
             self.timer.lap("forward")
         else:
             if self.piecewise is not None and self.piecewise.size_for(num_tokens):
