@@ -14,15 +14,13 @@ overridden) and measures:
 
 Tokens are counted from the token ids each chunk carries (`return_token_ids`), not from text, so
 a token that makes no text yet (half a character) is counted when it arrives. The clients run in
-several processes (`--client-procs`), so that parsing hundreds of streams never limits the rate.
+several processes (`--client-procs`), so that parsing hundreds of streams never limits the rate;
+they start their clocks together (zllm/bench/stream_clients.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import multiprocessing
 import os
 import random
 import socket
@@ -33,79 +31,8 @@ import time
 import urllib.request
 from typing import Any, Optional
 
+from zllm.bench.stream_clients import Request, drive, summarize
 from zllm.bench.throughput import MODEL_SHAPES, make_workload, model_dir_for
-
-Request = tuple[list[int], int, float]  # prompt ids, output tokens, send offset (s)
-
-
-# -- the clients (in worker processes) -----------------------------------------------------------
-
-async def _one(session, url: str, prompt: list[int], max_tokens: int, start: float) -> dict:
-    """Send one streaming request at `start` (monotonic); the arrival time of each token."""
-    await asyncio.sleep(max(0.0, start - time.monotonic()))
-    sent = time.monotonic()
-    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "return_token_ids": True}
-    arrivals: list[tuple[float, int]] = []
-    async with session.post(url + "/v1/completions", json=body) as response:
-        if response.status != 200:
-            return {"sent": sent, "arrivals": [], "error": f"{response.status}"}
-        async for line in response.content:
-            if not line.startswith(b"data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices"):
-                n = len(chunk["choices"][0].get("token_ids") or ())
-                if n:
-                    arrivals.append((time.monotonic(), n))
-    return {"sent": sent, "arrivals": arrivals, "error": None}
-
-
-async def _run_clients(url: str, requests: list[Request], t0: float) -> list[dict]:
-    import aiohttp
-
-    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
-    connector = aiohttp.TCPConnector(limit=0, force_close=True)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        return await asyncio.gather(*[_one(session, url, p, n, t0 + offset) for p, n, offset in requests])
-
-
-def _client_process(args: tuple[str, list[Request], float]) -> list[dict]:
-    url, requests, t0 = args
-    return asyncio.run(_run_clients(url, requests, t0))
-
-
-def drive(url: str, requests: list[Request], procs: int) -> list[dict]:
-    """Send `requests` (each at its offset from now) from `procs` client processes."""
-    t0 = time.monotonic() + 1.0  # every process is up and waiting by then
-    shares = [requests[i::procs] for i in range(procs)]
-    with multiprocessing.get_context("spawn").Pool(procs) as pool:
-        parts = pool.map(_client_process, [(url, share, t0) for share in shares if share])
-    return [r for part in parts for r in part]
-
-
-def summarize(results: list[dict]) -> dict[str, Any]:
-    """Output tokens per second over the whole run; TTFT and ITL percentiles (ms)."""
-    errors = [r["error"] for r in results if r["error"]]
-    ttfts, itls, tokens, first, last = [], [], 0, min(r["sent"] for r in results), 0.0
-    for r in results:
-        if not r["arrivals"]:
-            continue
-        ttfts.append(r["arrivals"][0][0] - r["sent"])
-        previous = r["arrivals"][0][0]
-        for t, n in r["arrivals"][1:]:
-            itls += [(t - previous) / n] * n  # a chunk with n tokens stands for n gaps
-            previous = t
-        tokens += sum(n for _, n in r["arrivals"])
-        last = max(last, r["arrivals"][-1][0])
-
-    def pct(values: list[float], q: float) -> Optional[float]:
-        return round(1e3 * statistics.quantiles(values, n=100)[q - 1], 2) if len(values) > 1 else None
-
-    return {"requests": len(results), "errors": len(errors), "output_tokens": tokens,
-            "seconds": last - first, "out_tok_per_s": tokens / (last - first) if last else 0.0,
-            **{f"ttft_p{q}_ms": pct(ttfts, q) for q in (50, 90, 99)},
-            **{f"itl_p{q}_ms": pct(itls, q) for q in (50, 90, 99)}}
 
 
 # -- the server ------------------------------------------------------------------------------------
@@ -253,7 +180,7 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _row(r: dict[str, Any]) -> dict[str, Any]:
-    keep = ("out_tok_per_s", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "itl_p50_ms",
+    keep = ("out_tok_per_s", "send_late_max_ms", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "itl_p50_ms",
             "itl_p90_ms", "itl_p99_ms", "errors")
     return {k: (round(r[k]) if k == "out_tok_per_s" else r[k]) for k in keep}
 
