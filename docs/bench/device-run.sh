@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The device runs behind docs/benchmarks.md's GPU sections, one stage per `device` call:
 #   bash docs/bench/device-run.sh STAGE     (on the GPU machine, .device carried; results in $OUT)
-# Stages: offline (issue 11: 1B and 8B throughput), serve (issue 11: zllm bench serve),
+# Stages: offline (issue 11: 1B and 8B throughput), serve (issue 11: zllm bench serve over
+#         SERVES="MODEL:API_SERVERS ..."),
 #         families (issue 12: Qwen3-8B, Mistral-7B; sliding-window check), structured (issue 14),
 #         recovery (issue 13: a rank killed during W1 on the 1B shape),
 #         serve-sweep (issue 11: zllm bench serve on 1B at api_server_count 2 and 4),
@@ -64,10 +65,13 @@ case "$1" in
         --max-model-len 2304 --out "$OUT/$m.json" --markdown "$OUT/$m.md" 2>&1 | tee -a "$OUT/log.txt"
     done ;;
   serve)
-    timeout 330 python3 -m zllm bench serve --model llama-3.1-8b --workload W1 --client-procs 4 \
-      --log "$OUT/serve-8b.log" --out "$OUT/serve-8b.json" --markdown "$OUT/serve-8b.md" 2>&1 | tee -a "$OUT/log.txt"
-    timeout 230 python3 -m zllm bench serve --model llama-3.2-1b --workload W1 --client-procs 4 --ready-runs 1 \
-      --log "$OUT/serve-1b.log" --out "$OUT/serve-1b.json" --markdown "$OUT/serve-1b.md" 2>&1 | tee -a "$OUT/log.txt" ;;
+    # SERVES="MODEL:API_SERVERS ...": one `zllm bench serve` each (W1, offline in the same run).
+    for spec in ${SERVES:-llama-3.1-8b:4 llama-3.2-1b:8}; do
+      m=${spec%%:*} n=${spec##*:}
+      timeout ${RUN_TIMEOUT:-330} python3 -m zllm bench serve --model $m --workload W1 --client-procs ${CLIENT_PROCS:-4} \
+        --ready-runs 1 --api-server-count $n --max-model-len 2304 --log "$OUT/serve-$m-api$n.log" \
+        --out "$OUT/serve-$m-api$n.json" --markdown '' 2>&1 | grep -v "USDT" | tail -20 | tee -a "$OUT/log.txt"
+    done ;;
   families)
     for m in qwen3-8b mistral-7b; do
       timeout 200 python3 -m zllm bench throughput --model $m --executors ray --workload W1,latency \
