@@ -151,6 +151,8 @@ class FlashInferBackend(AttentionBackend):
         self.graph_layout: _TableLayout | None = None
         self.graph_table: torch.Tensor | None = None  # the region graph wrappers read
         self._planned: set[int] = set()  # graph wrappers that had their first, full plan()
+        # Per wrapper: an event behind the copy of its last plan (see `_plan_one`).
+        self._plan_copied: dict[int, torch.cuda.Event] = {}
         self._wrappers: dict = {}  # window -> the wrapper planned for this step
         self._table: _TableViews | None = None  # this step's device views
         try:
@@ -227,16 +229,31 @@ class FlashInferBackend(AttentionBackend):
         else:
             self._wrappers = self.decode if batch.is_decode_only else self.prefill
         for window, wrapper in self._wrappers.items():
-            kw = dict(common, window_left=_window_left(window))
-            if batch.cuda_graph:
-                self._plan_graph(wrapper, host, seq_lens, kw)
-            elif batch.is_decode_only:
-                wrapper.plan(host.indptr, self._table.indices, host.last_page_len,
-                             head_dim=self.head_dim, seq_lens=seq_lens, **kw)
-            else:
-                wrapper.plan(host.qo_indptr, host.indptr, self._table.indices, host.last_page_len,
-                             head_dim_qk=self.head_dim, causal=True, seq_lens=seq_lens,
-                             max_token_per_sequence=batch.max_query_len, **kw)
+            self._plan_one(wrapper, batch, host, seq_lens,
+                           dict(common, window_left=_window_left(window)))
+
+    def _plan_one(self, wrapper, batch: AttentionBatch, host: _TableViews,
+                  seq_lens: torch.Tensor, kw: dict) -> None:
+        """Plan one wrapper. flashinfer writes the plan into the wrapper's one pinned buffer and
+        queues its copy to the device behind the work already queued, which may be a step still
+        running: a second plan of the same wrapper must not overwrite the buffer before that copy
+        has run. So the host waits for it first; with one step in flight that copy ran as soon
+        as the previous step ended, so the wait is normally none."""
+        copied = self._plan_copied.get(id(wrapper))
+        if copied is not None:
+            copied.synchronize()
+        if batch.cuda_graph:
+            self._plan_graph(wrapper, host, seq_lens, kw)
+        elif batch.is_decode_only:
+            wrapper.plan(host.indptr, self._table.indices, host.last_page_len,
+                         head_dim=self.head_dim, seq_lens=seq_lens, **kw)
+        else:
+            wrapper.plan(host.qo_indptr, host.indptr, self._table.indices, host.last_page_len,
+                         head_dim_qk=self.head_dim, causal=True, seq_lens=seq_lens,
+                         max_token_per_sequence=batch.max_query_len, **kw)
+        if copied is None:
+            copied = self._plan_copied[id(wrapper)] = torch.cuda.Event()
+        copied.record()
 
     def _plan_graph(self, wrapper, host: _TableViews, seq_lens: torch.Tensor,
                     kw: dict) -> None:
