@@ -65,10 +65,11 @@ class SchedulerConfig:
     # step N has computed one extra token in N+1, which is discarded.
     async_scheduling: bool = False
     # With async_scheduling: how many steps are submitted ahead of the one being collected. 2
-    # also submits step N+2 before step N's tokens arrive. That is meant to take the engine's
-    # turn (and the trip to the workers and back) out of the step's cycle where that cycle is
-    # longer than the GPU's step (the 1B shape at batch 1: docs/benchmarks.md); not measured on
-    # a GPU yet. Each step ahead costs a request that finishes one more discarded token.
+    # also submits step N+2 before step N's tokens arrive, which takes the engine's turn (and
+    # the trip to the workers and back) out of the step's cycle. It matters where that cycle is
+    # as long as the GPU's step: on an H100 the 1B shape at batch 1 took 1.51-2.15 ms per token
+    # with 1 and 1.51-1.60 with 2 (docs/benchmarks.md); the GPU configs set 2. Each step ahead
+    # costs a request that finishes one more discarded token.
     async_steps_ahead: int = 1
     # Keep a per-step log (submit and completion times, each request's context and new tokens)
     # for `zllm bench`; read and cleared by the engine core call "step_log".

@@ -129,8 +129,8 @@ def run(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
     model = overrides.pop("model", None) or args.model
     model_dir = model_dir_for(model)
     vocab = ModelArchitecture.from_model_dir(model_dir).vocab_size
-    config = {"dtype": "bfloat16", "async_scheduling": True, "distributed_executor_backend": "ray",
-              "max_model_len": 2304, "log_stats_interval": 0}
+    config = {"dtype": "bfloat16", "async_scheduling": True, "async_steps_ahead": 2,
+              "distributed_executor_backend": "ray", "max_model_len": 2304, "log_stats_interval": 0}
     if model in MODEL_SHAPES:
         config["load_format"] = "dummy"
     config.update(overrides)

@@ -129,7 +129,7 @@ def run_w1(model: str, tokenizer: Optional[str], num_requests: Optional[int],
     # Prefix caching off: the three runs share W1's prompts, and the later ones must not find
     # them cached, or they would skip the prefill that the first one paid for.
     config = {"dtype": "bfloat16", "load_format": "dummy" if shape else "auto",
-              "async_scheduling": True, "distributed_executor_backend": "ray",
+              "async_scheduling": True, "async_steps_ahead": 2, "distributed_executor_backend": "ray",
               "record_steps": True, "enable_prefix_caching": False,
               **overrides}
     if tokenizer:

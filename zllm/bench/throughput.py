@@ -459,7 +459,7 @@ def run_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, 
     arch = ModelArchitecture.from_model_dir(model_dir)
     hw = measure_hardware(torch.device("cuda"))
     config = {"dtype": "bfloat16", "load_format": "dummy" if args.model in MODEL_SHAPES else "auto",
-              "async_scheduling": True}
+              "async_scheduling": True, "async_steps_ahead": 2}  # as configs/tp1-gpu.yaml
     config.update(overrides)
     workloads = args.workload.split(",")
     report: dict[str, Any] = {
