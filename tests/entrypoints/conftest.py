@@ -131,14 +131,19 @@ def start_server(model: str, tmp, extra_yaml: str = "", *args: str) -> ServerPro
 @pytest.fixture(scope="session")
 def server(gqa_model, tmp_path_factory) -> Server:
     running = start_server(gqa_model, tmp_path_factory.mktemp("server"))
+    stats_line = r"generation [\d.]+ tok/s, running \d+, waiting \d+, KV cache"
     try:
         yield running.server
+        # The server logs its stats every second: a short session (one test file) waits for
+        # the first line rather than stopping the server before it.
+        wait_until(lambda: re.search(stats_line, open(running.server.log_path).read()), 10,
+                   "the server's first stats line")
     finally:
         running.stop()
     log = open(running.server.log_path).read()
     assert re.search(r"serving 'tiny' on http://127.0.0.1:\d+ \(engine [\d.]+ s", log), log
     assert "shutting down" in log, log
-    assert re.search(r"generation [\d.]+ tok/s, running \d+, waiting \d+, KV cache", log), log
+    assert re.search(stats_line, log), log
 
 
 @pytest.fixture(scope="session")

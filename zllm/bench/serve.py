@@ -32,7 +32,7 @@ import urllib.request
 from typing import Any, Optional
 
 from zllm.bench.stream_clients import Request, drive, summarize
-from zllm.bench.throughput import MODEL_SHAPES, make_workload, model_dir_for
+from zllm.bench.throughput import MODEL_SHAPES, gpu_scheduling, make_workload, model_dir_for
 
 
 # -- the server ------------------------------------------------------------------------------------
@@ -129,11 +129,11 @@ def run(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
     model = overrides.pop("model", None) or args.model
     model_dir = model_dir_for(model)
     vocab = ModelArchitecture.from_model_dir(model_dir).vocab_size
-    config = {"dtype": "bfloat16", "async_scheduling": True, "async_steps_ahead": 2,
-              "distributed_executor_backend": "ray", "max_model_len": 2304, "log_stats_interval": 0}
+    config = {"dtype": "bfloat16", "distributed_executor_backend": "ray", "max_model_len": 2304,
+              "log_stats_interval": 0}
     if model in MODEL_SHAPES:
         config["load_format"] = "dummy"
-    config.update(overrides)
+    config = gpu_scheduling({**config, **overrides})
     server_config = dict(config)
     workloads = {w: workload_requests(w, vocab, args.num_requests) for w in args.workload.split(",")}
     port, log_path = _free_port(), args.log

@@ -18,7 +18,10 @@ import statistics
 import time
 from typing import Any, Optional
 
+import aiohttp
+
 Request = tuple[list[int], int, float]  # prompt ids, output tokens, send offset (s)
+BARRIER_TIMEOUT_S = 120.0  # for every client process to be up
 
 
 async def _one(session, url: str, model: str, prompt: list[int], max_tokens: int, t0: float,
@@ -29,30 +32,32 @@ async def _one(session, url: str, model: str, prompt: list[int], max_tokens: int
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "return_token_ids": True}
     arrivals: list[tuple[float, int]] = []
-    async with session.post(url + "/v1/completions", json=body, headers=headers) as response:
-        if response.status != 200:
-            return {"t0": t0, "offset": offset, "sent": sent, "arrivals": [],
-                    "error": f"{response.status}"}
-        async for line in response.content:
-            if not line.startswith(b"data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices"):
-                n = len(chunk["choices"][0].get("token_ids") or ())
-                if n:
-                    arrivals.append((time.monotonic(), n))
-    return {"t0": t0, "offset": offset, "sent": sent, "arrivals": arrivals, "error": None}
+    result = {"t0": t0, "offset": offset, "sent": sent, "arrivals": arrivals, "error": None}
+    try:
+        async with session.post(url + "/v1/completions", json=body, headers=headers) as response:
+            if response.status != 200:
+                result["error"] = f"HTTP {response.status}"
+                return result
+            async for line in response.content:
+                if not line.startswith(b"data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices"):
+                    n = len(chunk["choices"][0].get("token_ids") or ())
+                    if n:
+                        arrivals.append((time.monotonic(), n))
+    except (OSError, asyncio.TimeoutError, aiohttp.ClientError) as e:  # counted, not fatal
+        result["error"] = f"{type(e).__name__}: {e}"
+    return result
 
 
 async def _run_clients(url: str, model: str, requests: list[Request], barrier,
                        headers: dict[str, str]) -> list[dict]:
-    import aiohttp
-
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         # Every process is up, imported and holds a session: the clocks start together.
-        await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
+        await asyncio.get_running_loop().run_in_executor(None, barrier.wait, BARRIER_TIMEOUT_S)
         t0 = time.monotonic()
         return await asyncio.gather(*[_one(session, url, model, p, n, t0, offset, headers)
                                       for p, n, offset in requests])
@@ -77,17 +82,22 @@ def drive(url: str, requests: list[Request], procs: int, model: str = "bench",
     for w in workers:
         w.start()
     parts = {}
-    while len(parts) < len(workers):
-        try:
-            index, part = results.get(timeout=5)
-            parts[index] = part
-        except queue.Empty:  # a process that died leaves its share unanswered
-            dead = [w for i, w in enumerate(workers) if i not in parts and w.exitcode not in (None, 0)]
-            if dead:
-                barrier.abort()
-                raise RuntimeError(f"a bench client process exited with {dead[0].exitcode}")
-    for w in workers:
-        w.join()
+    try:
+        while len(parts) < len(workers):
+            try:
+                index, part = results.get(timeout=5)
+                parts[index] = part
+            except queue.Empty:  # a process that died leaves its share unanswered
+                dead = [w for i, w in enumerate(workers)
+                        if i not in parts and w.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"a bench client process exited with {dead[0].exitcode}")
+    finally:
+        barrier.abort()  # (no-op once passed) frees clients still waiting for a dead one
+        for w in workers:
+            w.join(timeout=10 if len(parts) == len(workers) else 0)
+            if w.is_alive():
+                w.terminate()
     return [r for i in sorted(parts) for r in parts[i]]
 
 
@@ -112,7 +122,8 @@ def summarize(results: list[dict]) -> dict[str, Any]:
         return round(1e3 * statistics.quantiles(values, n=100)[q - 1], 2) if len(values) > 1 else None
 
     return {"requests": len(results), "errors": len(errors), "output_tokens": tokens,
-            "seconds": last - first, "out_tok_per_s": tokens / (last - first) if last else 0.0,
+            "seconds": last - first if last else 0.0,
+            "out_tok_per_s": tokens / (last - first) if last else 0.0,
             "send_late_max_ms": round(1e3 * max(r["sent"] - (start + r["offset"]) for r in results), 2),
             **{f"ttft_p{q}_ms": pct(ttfts, q) for q in (50, 90, 99)},
             **{f"itl_p{q}_ms": pct(itls, q) for q in (50, 90, 99)}}

@@ -118,7 +118,8 @@ def run_w1(model: str, tokenizer: Optional[str], num_requests: Optional[int],
     thread each time: on a CPU, a busy Python thread made the fill 40x slower.)"""
     from zllm.architecture import ModelArchitecture
     from zllm.bench.roofline import ModelCost, measure_hardware
-    from zllm.bench.throughput import MODEL_SHAPES, Workload, make_workload, model_dir_for, run_zllm
+    from zllm.bench.throughput import (MODEL_SHAPES, Workload, gpu_scheduling, make_workload,
+                                       model_dir_for, run_zllm)
     from zllm.llm import LLM
 
     shape = model in MODEL_SHAPES
@@ -128,10 +129,9 @@ def run_w1(model: str, tokenizer: Optional[str], num_requests: Optional[int],
     arch = ModelArchitecture.from_model_dir(model_dir)
     # Prefix caching off: the three runs share W1's prompts, and the later ones must not find
     # them cached, or they would skip the prefill that the first one paid for.
-    config = {"dtype": "bfloat16", "load_format": "dummy" if shape else "auto",
-              "async_scheduling": True, "async_steps_ahead": 2, "distributed_executor_backend": "ray",
-              "record_steps": True, "enable_prefix_caching": False,
-              **overrides}
+    config = gpu_scheduling({"dtype": "bfloat16", "load_format": "dummy" if shape else "auto",
+                             "distributed_executor_backend": "ray", "record_steps": True,
+                             "enable_prefix_caching": False, **overrides})
     if tokenizer:
         config["tokenizer"] = tokenizer
     hw = measure_hardware(torch.device("cuda"))

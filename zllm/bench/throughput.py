@@ -118,6 +118,15 @@ def make_workload(name: str, vocab_size: int, num_requests: Optional[int] = None
     return Workload(name, prompts, [o for _, o in lens])
 
 
+def gpu_scheduling(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` with the GPU configs' scheduling (configs/tp1-gpu.yaml) where it does not say
+    otherwise: async scheduling, two steps ahead (one when async scheduling is turned off)."""
+    config = {"async_scheduling": True, **config}
+    if config["async_scheduling"]:
+        config.setdefault("async_steps_ahead", 2)
+    return config
+
+
 # -- step recording ------------------------------------------------------------------------------
 
 @dataclass
@@ -458,9 +467,9 @@ def run_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, 
     model_dir = model_dir_for(args.model)
     arch = ModelArchitecture.from_model_dir(model_dir)
     hw = measure_hardware(torch.device("cuda"))
-    config = {"dtype": "bfloat16", "load_format": "dummy" if args.model in MODEL_SHAPES else "auto",
-              "async_scheduling": True, "async_steps_ahead": 2}  # as configs/tp1-gpu.yaml
-    config.update(overrides)
+    config = gpu_scheduling({"dtype": "bfloat16",
+                             "load_format": "dummy" if args.model in MODEL_SHAPES else "auto",
+                             **overrides})
     workloads = args.workload.split(",")
     report: dict[str, Any] = {
         "date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),

@@ -237,8 +237,10 @@ class FlashInferBackend(AttentionBackend):
         """Plan one wrapper. flashinfer writes the plan into the wrapper's one pinned buffer and
         queues its copy to the device behind the work already queued, which may be a step still
         running: a second plan of the same wrapper must not overwrite the buffer before that copy
-        has run. So the host waits for it first; with one step in flight that copy ran as soon
-        as the previous step ended, so the wait is normally none."""
+        has run. So the host waits for it first. The worker plans a step after collecting the one
+        before, by when that copy has normally run; where a step is planned with two before it
+        unfinished (in process, async_steps_ahead 2), the staging buffers (zllm/worker/staging.py)
+        wait for the older one anyway."""
         copied = self._plan_copied.get(id(wrapper))
         if copied is not None:
             copied.synchronize()
