@@ -180,8 +180,8 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _row(r: dict[str, Any]) -> dict[str, Any]:
-    keep = ("out_tok_per_s", "send_late_max_ms", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "itl_p50_ms",
-            "itl_p90_ms", "itl_p99_ms", "errors")
+    keep = ("out_tok_per_s", "send_late_max_ms", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms",
+            "itl_p50_ms", "itl_p90_ms", "itl_p99_ms", "errors")
     return {k: (round(r[k]) if k == "out_tok_per_s" else r[k]) for k in keep}
 
 
