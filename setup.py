@@ -34,7 +34,10 @@ setup(
     extras_require={
         # accelerate: transformers loads GGUF files (the tests' reference) only with it.
         # jsonschema: structured-output tests validate outputs against their schemas.
-        "test": ["pytest>=8", "openai>=1.0", "accelerate>=1.0", "jsonschema>=4"],
+        # triton: the tests run zllm's Triton decode kernel on its CPU interpreter (3.7 is the
+        # first whose interpreter takes a loop bound loaded from memory). CUDA builds of torch
+        # ship it already.
+        "test": ["pytest>=8", "openai>=1.0", "accelerate>=1.0", "jsonschema>=4", "triton>=3.7"],
         "gpu": ["flashinfer-python>=0.6"],
     },
     entry_points={"console_scripts": ["zllm=zllm.cli:main"]},

@@ -10,10 +10,10 @@ calls after a warm-up; the floor is the KV bytes read divided by the copy bandwi
 the same run. `--layouts NHD,HND` adds flashinfer's head-major page layout, `--contexts` other
 context lengths (a fixed cost per call shows as a share of the floor that grows with them), and
 `--modes graph,nosplit,graph-nosplit` the CUDA-graph wrapper replayed from a captured graph (as
-the engine's decode steps run it), the split-KV schedule turned off, and both; `fa3`, `xqa` and
-`graph-xqa` other kernels for the same call, each checked against the plain wrapper's output
-(max_abs_err). On a GPU only:
-this is the measurement behind FlashInferBackend's kernel choice.
+the engine's decode steps run it), the split-KV schedule turned off, and both; `fa3`, `xqa`,
+`graph-xqa`, `triton-NxWxS` and `graph-triton-NxWxS` other kernels for the same call, each
+checked against the plain wrapper's output (max_abs_err). On a GPU only: this is the
+measurement behind FlashInferBackend's kernel choice.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def time_decode(arch: ModelArchitecture, batch: int, context: int, block_size: i
     "graph-nosplit" (both: flashinfer always splits in CUDA-graph mode unless told not to),
     "fa3" (the wrapper on flashinfer's Hopper prefill kernel), "xqa" (TensorRT-LLM's XQA GQA
     decode kernel as flashinfer ships it: no plan, a padded page table), "graph-xqa" (XQA
-    captured and replayed)."""
+    captured and replayed), "triton[-NxWxS]" and "graph-triton[-NxWxS]" (zllm's Triton kernel,
+    zllm/worker/attention/triton_decode.py, with tiles of N tokens, W warps, S stages)."""
     import flashinfer
 
     device = torch.device("cuda")
@@ -69,7 +70,16 @@ def time_decode(arch: ModelArchitecture, batch: int, context: int, block_size: i
         return lambda: wrapper.run(q, cache, out=out)
 
     reference = wrapper_for(False)
-    if mode.endswith("xqa"):
+    if "triton" in mode:
+        from zllm.worker.attention.triton_decode import gqa_decode
+
+        seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+        tiles = dict(zip(("block_n", "num_warps", "num_stages"),
+                         (int(x) for x in mode.split("triton-")[1].split("x")))
+                     ) if "triton-" in mode else {}  # none given: the kernel's defaults
+        call = lambda: gqa_decode(q, cache, indptr, indices, seq_lens, dim ** -0.5,  # noqa: E731
+                                  out=out, **tiles)
+    elif mode.endswith("xqa"):
         table = indices.view(batch, pages_per_req)
         seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
         xqa_workspace = torch.zeros(256 * 2**20, dtype=torch.uint8, device=device)
@@ -146,8 +156,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--block-sizes", default="16,32")
     parser.add_argument("--modes", default="eager",
                         help="eager, graph (captured and replayed, as the engine runs decode), "
-                             "nosplit (split-KV off), graph-nosplit, fa3, xqa, graph-xqa; "
-                             "comma-separated")
+                             "nosplit (split-KV off), graph-nosplit, fa3, xqa, graph-xqa, "
+                             "triton[-NxWxS] and graph-triton[-NxWxS] (zllm's Triton kernel: "
+                             "N tokens a tile, W warps, S stages); comma-separated")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     ints = lambda arg: [int(x) for x in arg.split(",")]  # noqa: E731

@@ -1,0 +1,103 @@
+"""The Triton GQA decode kernel against attention written out in float64, on Triton's CPU
+interpreter. bfloat16 dots do not run in the interpreter (numpy has no bfloat16), so the caches
+here are float32 and float16; the GPU check (zllm.bench.gpu_check) runs the kernel in bfloat16."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel is defined; no GPU in CI
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from zllm.worker.attention.triton_decode import gqa_decode, unsupported  # noqa: E402
+
+
+def reference(q, kv_cache, indptr, indices, seq_lens, scale, soft_cap=None, window=None):
+    """Request by request: gather its blocks, attend in float64."""
+    num_reqs, num_heads, dim = q.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for r in range(num_reqs):
+        n = int(seq_lens[r])
+        blocks = indices[indptr[r]:indptr[r + 1]].long()
+        kv = kv_cache[blocks].double().transpose(0, 1).reshape(2, -1, num_kv_heads, dim)[:, :n]
+        k = kv[0].repeat_interleave(num_heads // num_kv_heads, dim=1)  # [n, H, D]
+        v = kv[1].repeat_interleave(num_heads // num_kv_heads, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[r].double(), k) * scale
+        if soft_cap:  # Gemma 2: on the scaled scores
+            scores = soft_cap * torch.tanh(scores / soft_cap)
+        if window:
+            scores[:, :max(n - window, 0)] = float("-inf")
+        out[r] = torch.einsum("hn,nhd->hd", scores.softmax(-1), v)
+    return out
+
+
+def make_case(num_heads, num_kv_heads, dim, block_size, seq_lens, dtype, seed=0):
+    """A cache whose requests own scattered blocks, and the page table as indptr / indices. The
+    last request's pages are followed by block ids out of range, which the kernel must never
+    read (a graph step's table region holds stale entries there)."""
+    gen = torch.Generator().manual_seed(seed)
+    widths = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(widths) + 3
+    kv_cache = torch.randn(num_blocks, 2, block_size, num_kv_heads, dim, generator=gen).to(dtype)
+    indptr = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
+    indptr[1:] = torch.tensor(widths).cumsum(0)
+    indices = torch.randperm(num_blocks, generator=gen).to(torch.int32)[:sum(widths)]
+    indices = torch.cat([indices, torch.full((4,), 10**6, dtype=torch.int32)])
+    q = torch.randn(len(seq_lens), num_heads, dim, generator=gen).to(dtype)
+    return q, kv_cache, indptr, indices, torch.tensor(seq_lens, dtype=torch.int32)
+
+
+# Lengths: one token, a block's end, past several of the kernel's 16- or 32-token tiles.
+CASES = [  # heads, kv heads, head dim, block size, block_n
+    (8, 2, 64, 16, 32),  # GQA group 4, the 1B shape's head size
+    (4, 4, 32, 8, 16),  # no grouping
+    (16, 2, 32, 16, 16),  # group 8
+]
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim,block_size,block_n", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gqa_decode_matches_reference(heads, kv_heads, dim, block_size, block_n, dtype):
+    seq_lens = [1, block_size, 3 * block_n + 5, 2 * block_size + 1]
+    q, cache, indptr, indices, lens = make_case(heads, kv_heads, dim, block_size, seq_lens, dtype)
+    scale = dim ** -0.5
+    out = gqa_decode(q, cache, indptr, indices, lens, scale, block_n=block_n)
+    expected = reference(q, cache, indptr, indices, lens, scale)
+    tol = 2e-3 if dtype == torch.float16 else 1e-4
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+def test_gqa_decode_writes_into_out_and_leaves_other_rows():
+    q, cache, indptr, indices, lens = make_case(8, 2, 64, 16, [7, 40], torch.float32)
+    out = torch.full((3, 8, 64), 7.0)  # a larger buffer: only the first two rows are the step's
+    gqa_decode(q, cache, indptr, indices, lens, 0.125, out=out[:2], block_n=16)
+    torch.testing.assert_close(out[:2].double(), reference(q, cache, indptr, indices, lens, 0.125),
+                               atol=1e-4, rtol=1e-4)
+    assert bool((out[2] == 7.0).all())
+
+
+@pytest.mark.parametrize("window", [1, 5, 20, 100])
+def test_gqa_decode_sliding_window(window):
+    seq_lens = [1, 9, 37, 50]
+    q, cache, indptr, indices, lens = make_case(8, 2, 32, 8, seq_lens, torch.float32, seed=1)
+    out = gqa_decode(q, cache, indptr, indices, lens, 0.2, window=window, block_n=16)
+    torch.testing.assert_close(out.double(), reference(q, cache, indptr, indices, lens, 0.2, window=window),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_gqa_decode_soft_cap():
+    q, cache, indptr, indices, lens = make_case(8, 2, 32, 8, [3, 30], torch.float32, seed=2)
+    q = q * 8  # scores large enough for the cap to matter
+    out = gqa_decode(q, cache, indptr, indices, lens, 0.2, soft_cap=3.0, block_n=16)
+    expected = reference(q, cache, indptr, indices, lens, 0.2, soft_cap=3.0)
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+    uncapped = reference(q, cache, indptr, indices, lens, 0.2)
+    assert (expected - uncapped).abs().max() > 1e-2  # the cap changed the answer
+
+
+def test_unsupported_head_dims_are_named():
+    assert unsupported(64, torch.bfloat16) == ""
+    assert "head_dim 80" in unsupported(80, torch.bfloat16)
+    assert "dtype" in unsupported(64, torch.int8)

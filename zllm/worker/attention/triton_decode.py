@@ -1,0 +1,139 @@
+"""A paged GQA decode-attention kernel in Triton, for decode steps of many requests.
+
+At W1's decode batch (256 requests, 640 tokens of context) flashinfer's decode kernels carry a
+fixed cost per call with head_dim 64: replayed from a CUDA graph, as the engine runs them, they
+took 144 us per layer of the Llama-3.2-1B shape on an H100, against a 115 us floor (the KV bytes
+over the copy bandwidth). This kernel took 116-123 us, and 224 us against flashinfer's 240 on the
+8B shape (head_dim 128); W1 became 9% faster on the 1B shape and 3% on the 8B
+(docs/benchmarks.md, H100 tenth session).
+
+The kernel is the plain design: one program per (KV head, request) reads that request's pages
+once, through the page table flashinfer's kernels read (indptr and indices), and attends with all
+the query heads of its group at once (tensor-core dots of [16, D] x [D, BLOCK_N], the group's
+rows padded to 16), with an online softmax in float32. No plan, no split of a sequence across
+programs, no merge: it needs enough requests to fill the GPU, so FlashInferBackend runs it for
+pure-decode steps whose requests times KV heads reach `triton_decode_min_programs`.
+
+The cache is zllm's layer layout [blocks, 2, block_size, KVH, D] (flashinfer's NHD): the program
+for KV head h of request r reads rows of D contiguous values, one per token. Programs run KV
+head fastest, so the heads of one request, which share each page, run side by side.
+
+Triton is imported here only (it ships with CUDA builds of torch). On CPU the tests run this
+kernel through Triton's interpreter (TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1 / math.log(2)
+
+
+@triton.jit
+def _gqa_decode_kernel(q_ptr, cache_ptr, indptr_ptr, indices_ptr, seq_lens_ptr, out_ptr,
+                       score_scale, cap_log2, window,
+                       q_stride_req, q_stride_head,
+                       cache_stride_block, cache_stride_kv, cache_stride_token, cache_stride_head,
+                       out_stride_req, out_stride_head,
+                       GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                       SOFT_CAP: tl.constexpr, WINDOW: tl.constexpr):
+    kv_head = tl.program_id(0)
+    req = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + req)
+    rows = tl.arange(0, GROUP_ROWS)  # the group's query heads, padded to a dot's 16 rows
+    dims = tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + rows
+    real = rows < GROUP
+    q = tl.load(q_ptr + req * q_stride_req + heads[:, None] * q_stride_head + dims[None, :],
+                mask=real[:, None], other=0.0)
+
+    first = 0
+    if WINDOW:  # the query at position seq_len - 1 sees the `window` keys ending there
+        first = tl.maximum(seq_len - window, 0)
+    start = first // BLOCK_N * BLOCK_N
+    k_base = cache_ptr + kv_head * cache_stride_head
+    v_base = k_base + cache_stride_kv
+    pages = indices_ptr + tl.load(indptr_ptr + req)  # this request's blocks, in order
+
+    m_i = tl.full([GROUP_ROWS], float("-inf"), tl.float32)  # running max, in log2 units
+    l_i = tl.zeros([GROUP_ROWS], tl.float32)
+    acc = tl.zeros([GROUP_ROWS, HEAD_DIM], tl.float32)
+    for n in range(start, seq_len, BLOCK_N):
+        tokens = n + tl.arange(0, BLOCK_N)
+        live = (tokens < seq_len) & (tokens >= first)
+        blocks = tl.load(pages + tokens // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
+        offsets = blocks * cache_stride_block + (tokens % BLOCK_SIZE) * cache_stride_token
+        k = tl.load(k_base + offsets[:, None] + dims[None, :], mask=live[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k)) * score_scale  # [GROUP_ROWS, BLOCK_N], float32
+        if SOFT_CAP:  # cap * tanh(q.k * scale / cap), in log2 units
+            scores = cap_log2 * _tanh(scores)
+        scores = tl.where(live[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offsets[:, None] + dims[None, :], mask=live[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + req * out_stride_req + heads[:, None] * out_stride_head + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=real[:, None])
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1), which saturates cleanly at +-1 for large |x|.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+def gqa_decode(q: torch.Tensor, kv_cache: torch.Tensor, page_indptr: torch.Tensor,
+               page_indices: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+               out: Optional[torch.Tensor] = None,
+               soft_cap: Optional[float] = None, window: Optional[int] = None,
+               block_n: Optional[int] = None, num_warps: int = 2,
+               num_stages: int = 3) -> torch.Tensor:
+    """One decode query per request: q [R, H, D] (each head's D values contiguous), kv_cache
+    [blocks, 2, block_size, KVH, D], the page table as flashinfer takes it (int32: request r's
+    blocks, in order, are page_indices[page_indptr[r]:page_indptr[r + 1]]), seq_lens [R] int32
+    (at least 1; the query sits at position seq_len - 1). Returns [R, H, D], written into `out`
+    if given. `window`: the query sees only the last `window` keys; `soft_cap`: the scaled scores
+    s = scale * q.k become cap * tanh(s / cap) before the softmax (Gemma 2's soft-capping).
+
+    Tiles: `block_n` tokens a loop (default 64; 32 past head_dim 128, so that a K tile stays
+    within 16 KiB), `num_warps`, `num_stages` (Triton's software pipelining). The defaults were
+    the best of a sweep on an H100 at 128 and 256 requests, at both head sizes."""
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    num_reqs, num_heads, head_dim = q.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    group = num_heads // num_kv_heads
+    if out is None:
+        out = torch.empty_like(q)
+    # The kernel's softmax runs on exp2: log2(e) goes into the last factor of the scores.
+    score_scale = scale / soft_cap if soft_cap else scale * _LOG2E
+    _gqa_decode_kernel[(num_kv_heads, num_reqs)](
+        q, kv_cache, page_indptr, page_indices, seq_lens, out,
+        score_scale, (soft_cap or 0.0) * _LOG2E, window or 0,
+        q.stride(0), q.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        out.stride(0), out.stride(1),
+        GROUP=group, GROUP_ROWS=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n or min(64, max(16, 8192 // head_dim)),
+        SOFT_CAP=bool(soft_cap), WINDOW=bool(window), num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def unsupported(head_dim: int, dtype: torch.dtype) -> str:
+    """Why this kernel cannot run a model's decode steps ("" if it can)."""
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        return f"head_dim {head_dim} (the Triton decode kernel: a power of 2, at least 16)"
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"dtype {dtype}"
+    return ""
+
