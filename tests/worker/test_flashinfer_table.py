@@ -99,3 +99,24 @@ def test_xqa_batch_config_is_checked():
     assert EngineConfig.from_dict({}, xqa_decode_max_batch=8).device.xqa_decode_max_batch == 8
     with pytest.raises(ValueError, match="'xqa_decode_max_batch' = -1 .*>= 0"):
         EngineConfig.from_dict({}, xqa_decode_max_batch=-1)
+
+
+def test_triton_decode_config_is_checked():
+    from zllm.config import EngineConfig
+
+    device = EngineConfig.from_dict({}).device
+    assert device.triton_decode_min_programs == 512  # on for large decode steps by default
+    assert EngineConfig.from_dict({}, triton_decode_min_programs=0).device \
+        .triton_decode_min_programs == 0
+    with pytest.raises(ValueError, match="'triton_decode_min_programs' = -1 .*>= 0"):
+        EngineConfig.from_dict({}, triton_decode_min_programs=-1)
+
+
+def test_decode_kernel_choice_counts_programs_and_lets_xqa_go_first():
+    from zllm.worker.attention.flashinfer_backend import planless_kernel
+
+    # The default (512): 64 requests of a rank with 8 KV heads, 512 with one (TP 8 of a Llama-8B).
+    assert [planless_kernel(r, 8, 0, 512) for r in (1, 63, 64, 256)] == ["", "", "triton", "triton"]
+    assert [planless_kernel(r, 1, 0, 512) for r in (256, 511, 512)] == ["", "", "triton"]
+    assert planless_kernel(256, 8, 0, 0) == ""  # off
+    assert [planless_kernel(r, 8, 64, 512) for r in (64, 72)] == ["xqa", "triton"]

@@ -7,13 +7,13 @@ CI has no GPU, so this is a program to run on one, not a test. It checks, in bf1
      batch that mixes a fresh prompt, a prefill chunk over a cached prefix and decodes, on a
      pure-decode batch, and on a padded decode batch planned into a CUDA-graph wrapper's buffers
      by the light plan (fast_decode_plan); each with full attention, a sliding window, and
-     soft-capped scores;
+     soft-capped scores; decodes also on XQA and on zllm's Triton kernel;
   2. model: last-token logits of small random models (Llama; Mistral with a sliding window;
      Gemma 2 with alternating windows, soft-capping, GeGLU) agree between the two backends and
      between flashinfer's fused norm/RoPE/activation kernels and PyTorch's;
   3. engine: `LLM(...)` with attention_backend flashinfer and torch (and flashinfer with CUDA
-     graphs, decode and piecewise, vs enforce_eager; and XQA's decode graphs) produce the same
-     greedy tokens for 64 steps, for each model;
+     graphs, decode and piecewise, vs enforce_eager; XQA's decode graphs; zllm's Triton decode
+     kernel, graphs vs eager) produce the same greedy tokens for 64 steps, for each model;
   4. host stages (reported, not checked): the worker's host time per stage of a decode step at
      256 running requests of a benchmark shape (--host-model, llama-3.2-1b by default).
 Exits non-zero if a check fails.
@@ -68,21 +68,23 @@ def check_kernels(device: torch.device) -> dict:
     """flashinfer against the torch backend on one step: the prefill kernel (mixed), the decode
     kernel (eager), and a CUDA-graph decode wrapper re-planned by the light plan (graph; run
     eagerly here, on the same fixed buffers a replay reads); the decode steps with flashinfer's
-    decode kernel and with XQA (`_xqa`)."""
+    decode kernel, with XQA (`_xqa`) and with zllm's Triton kernel (`_triton`)."""
     torch.manual_seed(0)
     H, KVH, D, bs = 32, 8, 128, 16
     results = {}
-    variants = [(variant + tag, cap, window, xqa_max_batch)
+    kernels = (("", {}), ("_xqa", dict(xqa_max_batch=1 << 20)),
+               ("_triton", dict(triton_min_programs=1)))
+    variants = [(variant + tag, cap, window, kernel)
                 for variant, cap, window in (("", None, None), ("_window100", None, 100),
                                              ("_softcap", 30.0, None))
-                for xqa_max_batch, tag in ((0, ""), (1 << 20, "_xqa"))
-                if not xqa_max_batch or cap is None]  # XQA has no soft cap
-    for variant, cap, window, xqa_max_batch in variants:
+                for tag, kernel in kernels
+                if tag != "_xqa" or cap is None]  # XQA has no soft cap
+    for variant, cap, window, kernel in variants:
         spec = AttentionSpec(H, KVH, D, scale=D ** -0.5, logits_soft_cap=cap,
                              sliding_windows=(None, window) if window else (None,))
         try:
             fi = FlashInferBackend(device, torch.bfloat16, spec, bs, max_num_tokens=1024,
-                                   xqa_max_batch=xqa_max_batch)
+                                   **kernel)
         except ValueError as e:  # XQA where it does not run (this GPU, windows)
             results["unsupported" + variant] = {"ok": True, "skipped": str(e)}
             continue
@@ -283,16 +285,27 @@ def check_engine(path: str, steps: int = 64) -> dict:
     runs["xqa_graph"], _ = generate(
         path, steps, attention_backend="flashinfer", xqa_decode_max_batch=8,
         enforce_eager=False, async_scheduling=True)
+    # And on zllm's Triton kernel (8 requests x 2 KV heads: every decode step), graphs and eager.
+    runs["triton_graph"], _ = generate(
+        path, steps, attention_backend="flashinfer", triton_decode_min_programs=1,
+        enforce_eager=False, async_scheduling=True)
+    runs["triton_eager"], _ = generate(
+        path, steps, attention_backend="flashinfer", triton_decode_min_programs=1,
+        enforce_eager=True)
     per_prompt = [first_divergence([x], [y]) for x, y in zip(runs["flashinfer_eager"], runs["torch"])]
     graph_vs_eager = first_divergence(runs["flashinfer_graph"], runs["flashinfer_eager"])
     parted = divergences(path, runs["flashinfer_eager"], runs["torch"])
     parted += divergences(path, runs["xqa_graph"], runs["torch"])
+    parted += divergences(path, runs["triton_graph"], runs["torch"])
+    triton_graph_vs_eager = first_divergence(runs["triton_graph"], runs["triton_eager"])
     return {"steps": steps, "flashinfer_vs_torch_same_steps_per_prompt": per_prompt,
             "prompts_same_for_all_steps": sum(d == steps for d in per_prompt),
             "divergences_vs_fp32": parted, "graph_vs_eager_same_steps": graph_vs_eager,
+            "triton_graph_vs_eager_same_steps": triton_graph_vs_eager,
             "graph_replays": replays,
             "seconds": {"torch": t_torch, "flashinfer_eager": t_eager, "flashinfer_graph": t_graph},
-            "ok": (graph_vs_eager == steps and all(d["near_tie"] for d in parted)
+            "ok": (graph_vs_eager == steps and triton_graph_vs_eager == steps
+                   and all(d["near_tie"] for d in parted)
                    and replays["decode"] > 0 and replays["piecewise"] > 0)}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -29,11 +30,11 @@ def environment() -> dict[str, str]:
     if torch.cuda.is_available():
         env["device"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda or ""
-        try:
-            import flashinfer
-            env["flashinfer"] = flashinfer.__version__
-        except ImportError:
-            pass
+        for name in ("flashinfer", "triton"):  # the attention kernels' sources
+            try:
+                env[name] = importlib.import_module(name).__version__
+            except ImportError:
+                pass
     else:
         env["device"] = f"CPU: {_cpu_name()}, {os.cpu_count()} cores"
     return env

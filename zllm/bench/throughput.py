@@ -236,7 +236,8 @@ def _sync() -> None:
 
 
 # Kernel name fragments -> what a kernel does, for the profile's split of a step's GPU time.
-_KERNEL_KINDS = (("attention", ("BatchDecode", "BatchPrefill", "SinglePrefill", "PersistentKernel")),
+_KERNEL_KINDS = (("attention", ("BatchDecode", "BatchPrefill", "SinglePrefill", "PersistentKernel",
+                                "MergeStates", "gqa_decode")),
                  ("kv store", ("AppendPagedKV",)),
                  ("gemm", ("gemm", "Gemm", "GEMM", "nvjet", "cutlass", "xmma", "splitK")),
                  ("norm", ("Norm", "norm")), ("rope", ("Rope", "rope", "RoPE")),

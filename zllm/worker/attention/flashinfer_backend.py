@@ -19,11 +19,16 @@ first full `plan()`, a step re-plans it with flashinfer's `fast_decode_plan`, wh
 the split-k scheduler (no tensor copies, no sequence-length arithmetic in Python).
 flashinfer is imported here only, so CPU installs never need it.
 
-XQA (xqa_decode_max_batch, off by default): pure-decode steps of up to that many requests,
-eager or captured, run TensorRT-LLM's XQA GQA decode kernel as flashinfer ships it instead. It
-takes no plan: it reads a padded [R, W] page table and the sequence lengths, two more sections of
-the same packed table, so such a step skips flashinfer's host-side scheduler and their graphs
-need no wrappers. The K/V store is the same kernel either way.
+Two kernels run some pure-decode steps instead of flashinfer's decode, eager or captured. Neither
+takes a plan, so such a step skips flashinfer's host-side scheduler and its graphs need no
+wrappers; the K/V store is the same kernel either way.
+- zllm's Triton GQA decode kernel (zllm/worker/attention/triton_decode.py) runs steps whose
+  requests times KV heads reach `triton_decode_min_programs` (one program of the kernel each; it
+  does not split a sequence, so it needs many to fill the GPU). It reads the page table (indptr,
+  indices) and the sequence lengths that the packed table holds anyway.
+- XQA (xqa_decode_max_batch, off by default) runs steps of up to that many requests:
+  TensorRT-LLM's XQA GQA decode kernel as flashinfer ships it. It reads a padded [R, W] page
+  table, one more section of the packed table.
 
 Sliding windows: flashinfer takes a window in `plan` (window_left, the number of keys a query
 sees before its own position: Hugging Face's window W is window_left = W - 1) and binds the
@@ -34,6 +39,7 @@ only the running kernel uses. Scores are soft-capped in the kernel when the mode
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -42,6 +48,8 @@ import torch
 
 from zllm.worker.attention.base import AttentionBackend, AttentionBatch, AttentionSpec
 from zllm.worker.staging import PinnedStaging
+
+logger = logging.getLogger(__name__)
 
 FLOAT_WORKSPACE_BYTES = 256 * 2**20
 # XQA's own: 8 MiB of semaphores, which must read zero at each call (the kernel leaves them so),
@@ -113,12 +121,24 @@ def fill_table(views: _TableViews, batch: AttentionBatch, indptr: np.ndarray,
         views.positions[:] += np.arange(batch.num_tokens, dtype=np.int32)
 
 
+def planless_kernel(num_reqs: int, num_kv_heads: int, xqa_max_batch: int,
+                    triton_min_programs: int) -> str:
+    """Which kernel without a flashinfer plan runs a pure-decode step of `num_reqs` requests:
+    "xqa" (up to xqa_max_batch requests), "triton" (at least triton_min_programs requests times
+    KV heads; 0: never) or "" (flashinfer's decode wrappers)."""
+    if num_reqs <= xqa_max_batch:
+        return "xqa"
+    if triton_min_programs and num_reqs * num_kv_heads >= triton_min_programs:
+        return "triton"
+    return ""
+
+
 class FlashInferBackend(AttentionBackend):
     supports_cuda_graphs = True
 
     def __init__(self, device: torch.device, dtype: torch.dtype, spec: AttentionSpec,
                  block_size: int, max_num_tokens: int, staging: PinnedStaging | None = None,
-                 xqa_max_batch: int = 0) -> None:
+                 xqa_max_batch: int = 0, triton_min_programs: int = 0) -> None:
         super().__init__(spec, block_size)
         import flashinfer
 
@@ -136,6 +156,10 @@ class FlashInferBackend(AttentionBackend):
             self._xqa = xqa_batch_decode_with_kv_cache
             self.xqa_workspace = torch.zeros(XQA_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self._xqa_args: tuple | None = None  # (page table [R, W], seq_lens, W * block_size)
+        # Decode steps of more than xqa_max_batch requests, and at least this many requests
+        # times KV heads, run the Triton kernel; 0: none.
+        self.triton_min_programs, self._triton_decode = self._triton_kernel(triton_min_programs)
+        self._triton_step = False  # this step runs the Triton kernel
         self.staging = staging or PinnedStaging(device)
         self.windows = spec.sliding_windows
         self.workspace = torch.zeros(FLOAT_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
@@ -180,6 +204,28 @@ class FlashInferBackend(AttentionBackend):
                   (self.spec.sliding_windows == (None,), "sliding windows"))
         return next((why for ok, why in checks if not ok), "")
 
+    def _triton_kernel(self, min_programs: int):
+        """(min_programs, the kernel) where the Triton decode kernel can run this backend's decode
+        steps, else (0, None): it is on by default, so a model or install it cannot serve falls
+        back to flashinfer's decode rather than failing."""
+        if not min_programs:
+            return 0, None
+        try:
+            from zllm.worker.attention import triton_decode
+        except ImportError as e:
+            logger.warning("no Triton (%s): decode steps run flashinfer's decode kernel", e)
+            return 0, None
+        why_not = triton_decode.unsupported(self.head_dim, self.dtype)
+        if why_not:
+            logger.info("the Triton decode kernel cannot run %s: decode steps run flashinfer's",
+                        why_not)
+            return 0, None
+        return min_programs, triton_decode.gqa_decode
+
+    def _planless_kernel(self, num_reqs: int) -> str:
+        return planless_kernel(num_reqs, self.num_kv_heads, self.xqa_max_batch,
+                               self.triton_min_programs if self._triton_decode else 0)
+
     def _decode_tensor_cores(self) -> bool:
         # Tensor-core decode (flashinfer's prefill kernels) pays off for GQA groups of 4 and up:
         # on an H100 with the Llama-3.1-8B shape (group 4) it cut attention from 7.6 to 7.1 ms
@@ -193,8 +239,9 @@ class FlashInferBackend(AttentionBackend):
     def enable_cuda_graphs(self, batch_sizes: list[int], max_blocks_per_req: int) -> None:
         """Make the page-table region that captured decode steps read, and (flashinfer decode)
         a CUDA-graph decode wrapper for each batch size and window, whose buffers are views of
-        that region (a step plans only the wrappers it replays). XQA reads the region's padded
-        [R, max_blocks_per_req] table and needs no wrappers."""
+        that region (a step plans only the wrappers it replays). Sizes that XQA or the Triton
+        kernel run need no wrappers: XQA reads the region's padded [R, max_blocks_per_req]
+        table, the Triton kernel its indptr, indices and seq_lens."""
         import flashinfer
 
         largest = max(batch_sizes)
@@ -203,7 +250,7 @@ class FlashInferBackend(AttentionBackend):
         self.graph_layout = _TableLayout(largest, largest, max_pages, width, self.xqa_max_batch)
         self.graph_table = torch.zeros(self.graph_layout.size, dtype=torch.int32,
                                        device=self.device)
-        for bs in (bs for bs in batch_sizes if bs > self.xqa_max_batch):
+        for bs in (bs for bs in batch_sizes if not self._planless_kernel(bs)):
             views = self.graph_layout.views(self.graph_table, bs, bs, max_pages)
             self.graph_decode[bs] = {w: self._share(flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 self.workspace, "NHD", use_cuda_graph=True,
@@ -212,13 +259,16 @@ class FlashInferBackend(AttentionBackend):
                 paged_kv_last_page_len_buffer=views.last_page_len), w) for w in self.windows}
 
     def plan(self, batch: AttentionBatch) -> None:
-        xqa = batch.is_decode_only and batch.num_reqs <= self.xqa_max_batch
-        host, indptr = self._pack_table(batch, xqa)
+        kernel = self._planless_kernel(batch.num_reqs) if batch.is_decode_only else ""
+        host, indptr = self._pack_table(batch, kernel == "xqa")
         self._xqa_args = None
-        if xqa:  # nothing to plan: the kernel reads the padded table and the lengths
+        self._triton_step = kernel == "triton"
+        if kernel == "xqa":  # nothing to plan: the kernel reads the padded table and the lengths
             t = self._table
             rows = t.page_table.view(batch.num_reqs, -1)
             self._xqa_args = (rows, t.seq_lens, rows.shape[1] * self.block_size)
+            return
+        if kernel == "triton":  # nothing to plan either: it reads indptr, indices and seq_lens
             return
         common = dict(num_qo_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                       page_size=self.block_size, sm_scale=self.scale, q_data_type=self.dtype,
@@ -301,6 +351,9 @@ class FlashInferBackend(AttentionBackend):
         t = self._table
         self._append_kv(k, v, t.batch_indices, t.positions, kv_cache, t.indices, t.indptr,
                         t.last_page_len, "NHD")
+        if self._triton_step:
+            return self._triton_decode(q, kv_cache, t.indptr, t.indices, t.seq_lens, self.scale,
+                                       out=out, soft_cap=self.spec.logits_soft_cap, window=window)
         if self._xqa_args is not None:
             page_table, seq_lens, max_len = self._xqa_args
             return self._xqa(q.contiguous(), kv_cache, self.xqa_workspace, page_table, seq_lens,
