@@ -36,8 +36,9 @@ setup(
         # jsonschema: structured-output tests validate outputs against their schemas.
         # triton: the tests run zllm's Triton decode kernel on its CPU interpreter (3.7 is the
         # first whose interpreter takes a loop bound loaded from memory). CUDA builds of torch
-        # ship it already.
-        "test": ["pytest>=8", "openai>=1.0", "accelerate>=1.0", "jsonschema>=4", "triton>=3.7"],
+        # ship it already; it has wheels for Linux only.
+        "test": ["pytest>=8", "openai>=1.0", "accelerate>=1.0", "jsonschema>=4",
+                 "triton>=3.7; platform_system == 'Linux'"],
         "gpu": ["flashinfer-python>=0.6"],
     },
     entry_points={"console_scripts": ["zllm=zllm.cli:main"]},

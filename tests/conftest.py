@@ -6,10 +6,15 @@ import logging
 import os
 from typing import Optional
 
-import pytest
-import torch
+# Tests run Triton kernels (zllm/worker/attention/triton_decode.py) on Triton's CPU interpreter.
+# Triton reads this when it is first imported, which torch or transformers may do, so it is set
+# before anything else is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from zllm.demo import build_tiny_llama
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from zllm.demo import build_tiny_llama  # noqa: E402
 
 # Prompts of different lengths (in tokens of the demo tokenizer), some sharing prefixes.
 PROMPTS = [

@@ -9,7 +9,9 @@
 #         ready (issue 11: time to ready of zllm serve on the 8B shape, cold then warm),
 #         profile-1b, profile-8b (issue 11: W1 in process, then decode and prefill steps profiled),
 #         check-graphs (gpu_check on the small Llama: decode and piecewise CUDA graphs' greedy tokens
-#         against eager, flashinfer (and XQA) against torch; CHECK_ARGS=--skip-kernels skips check 1),
+#         against eager, flashinfer (and XQA, and the Triton decode kernel) against torch;
+#         CHECK_ARGS=--skip-kernels skips check 1; MODELS=llama,mistral,gemma2 adds the window and
+#         soft-cap models),
 #         piecewise-1b, piecewise-8b (issue 11: the same, piecewise CUDA graphs on (1024) and off (0)),
 #         piecewise-serve (issue 11: zllm bench serve on 1B, Poisson arrivals, piecewise on and off),
 #         decode-modes (issue 11: flashinfer decode alone, eager / CUDA graph / no split-KV, at two
@@ -100,7 +102,7 @@ case "$1" in
     timeout 300 python3 -m zllm bench throughput --model $m --executors inproc --workload W1 --profile 256,1 \
       --max-model-len 2304 --out "$OUT/profile-$m.json" --markdown "$OUT/profile-$m.md" 2>&1 | tee -a "$OUT/log.txt" ;;
   check-graphs)
-    timeout ${CHECK_TIMEOUT:-400} python3 -m zllm.bench.gpu_check --models llama --host-model '' ${CHECK_ARGS:-} \
+    timeout ${CHECK_TIMEOUT:-400} python3 -m zllm.bench.gpu_check --models ${MODELS:-llama} --host-model '' ${CHECK_ARGS:-} \
       --out "$OUT/gpu-check.json" 2>&1 | grep -v "Warn\|warn(" | tail -30 | tee -a "$OUT/log.txt" ;;
   piecewise-1b|piecewise-8b)
     m=$([ "$1" = piecewise-1b ] && echo llama-3.2-1b || echo llama-3.1-8b)

@@ -2,13 +2,12 @@
 interpreter. bfloat16 dots do not run in the interpreter (numpy has no bfloat16), so the caches
 here are float32 and float16; the GPU check (zllm.bench.gpu_check) runs the kernel in bfloat16."""
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel is defined; no GPU in CI
+pytest.importorskip("triton")  # Linux only (the test extra installs it there)
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
+# tests/conftest.py sets TRITON_INTERPRET before triton is imported.
 from zllm.worker.attention.triton_decode import gqa_decode, unsupported  # noqa: E402
 
 
@@ -95,6 +94,68 @@ def test_gqa_decode_soft_cap():
     torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
     uncapped = reference(q, cache, indptr, indices, lens, 0.2)
     assert (expected - uncapped).abs().max() > 1e-2  # the cap changed the answer
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (15, 3)])  # groups of 3 and 5: padded rows
+def test_gqa_decode_groups_not_a_power_of_two(heads, kv_heads):
+    q, cache, indptr, indices, lens = make_case(heads, kv_heads, 32, 16, [1, 16, 37, 65],
+                                                torch.float32, seed=4)
+    out = gqa_decode(q, cache, indptr, indices, lens, 0.2, block_n=16)
+    torch.testing.assert_close(out.double(), reference(q, cache, indptr, indices, lens, 0.2),
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("window", [15, 16, 17, 33])
+@pytest.mark.parametrize("block_size", [5, 64])  # pages smaller than a tile, and larger
+def test_gqa_decode_windows_at_tile_edges(window, block_size):
+    seq_lens = [1, 16, 32, 48, 33, 47, 130]  # tile multiples and one past or short of them
+    q, cache, indptr, indices, lens = make_case(8, 2, 32, block_size, seq_lens, torch.float32,
+                                                seed=3)
+    out = gqa_decode(q, cache, indptr, indices, lens, 0.3, window=window, block_n=16)
+    expected = reference(q, cache, indptr, indices, lens, 0.3, window=window)
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_gqa_decode_head_dim_256_default_tiles_with_cap_and_window():
+    """Gemma 2's shape: the default tiles shrink to 32 tokens at head_dim 256."""
+    q, cache, indptr, indices, lens = make_case(8, 2, 256, 16, [1, 31, 32, 33, 100],
+                                                torch.float16, seed=5)
+    out = gqa_decode(q * 4, cache, indptr, indices, lens, 256 ** -0.5, soft_cap=2.0, window=40)
+    expected = reference(q * 4, cache, indptr, indices, lens, 256 ** -0.5, soft_cap=2.0,
+                         window=40)
+    torch.testing.assert_close(out.double(), expected, atol=2e-3, rtol=2e-3)
+
+
+def test_gqa_decode_reads_q_as_a_view_of_a_fused_qkv_output():
+    heads, kv_heads, dim = 8, 2, 32
+    q0, cache, indptr, indices, lens = make_case(heads, kv_heads, dim, 16, [3, 40, 17],
+                                                 torch.float32, seed=7)
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * dim)
+    qkv[:, :heads * dim] = q0.reshape(3, -1)
+    q = qkv[:, :heads * dim].view(3, heads, dim)  # rows strided by the whole qkv width
+    assert not q.is_contiguous()
+    out = gqa_decode(q, cache, indptr, indices, lens, 0.2, block_n=16)
+    torch.testing.assert_close(out.double(), reference(q0, cache, indptr, indices, lens, 0.2),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_gqa_decode_addresses_past_two_to_the_31_elements():
+    """Block ids whose element offsets pass int32 (a large cache): the kernel must address in
+    int64. torch.empty leaves the untouched pages unallocated, so this costs little memory."""
+    num_blocks = 2**22 + 300  # x 512 elements per block: offsets up to about 2^31 + 150k
+    cache = torch.empty(num_blocks, 2, 16, 1, 16, dtype=torch.float16)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.tensor([num_blocks - 1, num_blocks - 2, 5, num_blocks - 200, 2**22 - 3,
+                        2**22 + 1], dtype=torch.int32)
+    for block in ids.tolist():
+        cache[block] = torch.randn(2, 16, 1, 16, generator=gen).half()
+    lens, indptr = torch.tensor([40, 40], dtype=torch.int32), torch.tensor([0, 3, 6],
+                                                                            dtype=torch.int32)
+    q = torch.randn(2, 16, 16, generator=gen).half()
+    out = gqa_decode(q, cache, indptr, ids, lens, 0.25, block_n=16)
+    expected = reference(q, cache[ids.long()], indptr, torch.arange(6, dtype=torch.int32), lens,
+                         0.25)  # the same blocks, renumbered from 0
+    torch.testing.assert_close(out.double(), expected, atol=2e-3, rtol=2e-3)
 
 
 def test_unsupported_head_dims_are_named():

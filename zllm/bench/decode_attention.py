@@ -124,7 +124,8 @@ def run(shapes: list[str], batches: list[int], contexts: list[int], layouts: lis
             variants = [(layout, block_size, mode, tensor_cores)
                         for layout in layouts for block_size in block_sizes for mode in modes
                         for tensor_cores in (True, False)
-                        if tensor_cores or mode in ("eager", "graph")]  # tensor cores only
+                        if (tensor_cores or mode in ("eager", "graph"))  # tensor cores only
+                        and ("triton" not in mode or layout == "NHD")]  # zllm's cache layout
             for layout, block_size, mode, tensor_cores in variants:
                 try:
                     t, err = time_decode(arch, batch, context, block_size, tensor_cores, layout,
