@@ -130,9 +130,12 @@ def gqa_decode(q: torch.Tensor, kv_cache: torch.Tensor, page_indptr: torch.Tenso
 
 
 def unsupported(head_dim: int, dtype: torch.dtype) -> str:
-    """Why this kernel cannot run a model's decode steps ("" if it can)."""
-    if head_dim & (head_dim - 1) or head_dim < 16:
-        return f"head_dim {head_dim} (the Triton decode kernel: a power of 2, at least 16)"
+    """Why FlashInferBackend should not run a model's decode steps on this kernel ("" if it
+    may). Past head_dim 128 (Gemma 2's 256) the kernel computes right, but it was never timed on
+    a GPU and its Hopper build spills registers there, so those models keep flashinfer's."""
+    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 128:
+        return (f"head_dim {head_dim} (the Triton decode kernel: a power of 2 in [16, 128], "
+                f"the sizes it was measured at)")
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"dtype {dtype}"
     return ""
