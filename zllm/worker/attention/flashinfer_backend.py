@@ -224,7 +224,7 @@ class FlashInferBackend(AttentionBackend):
 
     def _planless_kernel(self, num_reqs: int) -> str:
         return planless_kernel(num_reqs, self.num_kv_heads, self.xqa_max_batch,
-                               self.triton_min_programs if self._triton_decode else 0)
+                               self.triton_min_programs)
 
     def _decode_tensor_cores(self) -> bool:
         # Tensor-core decode (flashinfer's prefill kernels) pays off for GQA groups of 4 and up:

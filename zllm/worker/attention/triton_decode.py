@@ -134,8 +134,8 @@ def unsupported(head_dim: int, dtype: torch.dtype) -> str:
     may). Past head_dim 128 (Gemma 2's 256) the kernel computes right, but it was never timed on
     a GPU and its Hopper build spills registers there, so those models keep flashinfer's."""
     if head_dim & (head_dim - 1) or not 16 <= head_dim <= 128:
-        return (f"head_dim {head_dim} (the Triton decode kernel: a power of 2 in [16, 128], "
-                f"the sizes it was measured at)")
+        return (f"head_dim {head_dim} (the Triton decode kernel: a power of 2 in [16, 128]; "
+                f"it was timed at 64 and 128)")
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"dtype {dtype}"
     return ""
