@@ -82,8 +82,8 @@ def test_gqa_decode_sliding_window(window):
     seq_lens = [1, 9, 37, 50]
     q, cache, indptr, indices, lens = make_case(8, 2, 32, 8, seq_lens, torch.float32, seed=1)
     out = gqa_decode(q, cache, indptr, indices, lens, 0.2, window=window, block_n=16)
-    torch.testing.assert_close(out.double(), reference(q, cache, indptr, indices, lens, 0.2, window=window),
-                               atol=1e-4, rtol=1e-4)
+    expected = reference(q, cache, indptr, indices, lens, 0.2, window=window)
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_gqa_decode_soft_cap():

@@ -70,10 +70,10 @@ def time_decode(arch: ModelArchitecture, batch: int, context: int, block_size: i
         return lambda: wrapper.run(q, cache, out=out)
 
     reference = wrapper_for(False)
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)  # planless kernels
     if "triton" in mode:
         from zllm.worker.attention.triton_decode import gqa_decode
 
-        seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
         tiles = dict(zip(("block_n", "num_warps", "num_stages"),
                          (int(x) for x in mode.split("triton-")[1].split("x")))
                      ) if "triton-" in mode else {}  # none given: the kernel's defaults
@@ -81,7 +81,6 @@ def time_decode(arch: ModelArchitecture, batch: int, context: int, block_size: i
                                   out=out, **tiles)
     elif mode.endswith("xqa"):
         table = indices.view(batch, pages_per_req)
-        seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
         xqa_workspace = torch.zeros(256 * 2**20, dtype=torch.uint8, device=device)
         call = lambda: flashinfer.decode.xqa_batch_decode_with_kv_cache(  # noqa: E731
             q, cache, xqa_workspace, table, seq_lens, context, bmm1_scale=dim ** -0.5,
