@@ -31,6 +31,8 @@
 #         ab (this checkout's zllm against BASE's, ABBA, over RUNS="MODEL:WORKLOADS ...").
 #         worker-profile (issue 11: cProfile of the worker's host stages on the 1B shape at REQUESTS
 #         (default 1): which part of "plan" and "logits" is Python and which CUDA API time).
+#         profile-w1 (issue 11: W1 whole under torch.profiler, in process, on SHAPES: its kernel
+#         time against the GPU's span of its steps, and the lone prefill steps beside it).
 # A flashinfer JIT cache saved by an earlier run ($OUT/fi-cache.tar.xz, copied to
 # .device/fi-cache.tar.xz here) is unpacked first: a fresh machine then skips most compiling.
 # structured wants SmolLM2's tokenizer in .device/smollm2-tokenizer (the GGUF is too large to
@@ -103,7 +105,7 @@ case "$1" in
       --max-model-len 2304 --out "$OUT/profile-$m.json" --markdown "$OUT/profile-$m.md" 2>&1 | tee -a "$OUT/log.txt" ;;
   check-graphs)
     timeout ${CHECK_TIMEOUT:-400} python3 -m zllm.bench.gpu_check --models ${MODELS:-llama} --host-model '' ${CHECK_ARGS:-} \
-      --out "$OUT/gpu-check.json" 2>&1 | grep -v "Warn\|warn(" | tail -30 | tee -a "$OUT/log.txt" ;;
+      --out "$OUT/gpu-check.json" 2>&1 | grep -v "Warn\|warn(" | tee -a "$OUT/log.txt" | tail -30 ;;
   piecewise-1b|piecewise-8b)
     m=$([ "$1" = piecewise-1b ] && echo llama-3.2-1b || echo llama-3.1-8b)
     for t in 1024 0; do
@@ -169,6 +171,12 @@ s.sort_stats('cumulative').print_callees(r'\((plan|_plan_graph|compute_logits|_s
     done
     python3 -c "import glob, json, sys; json.dump({f: json.load(open(f)) for f in sorted(glob.glob('/tmp/ab/*.json'))},
       open(sys.argv[1], 'w'), indent=1)" "$OUT/ab.json" ;;
+  profile-w1)
+    for m in ${SHAPES:-llama-3.2-1b llama-3.1-8b}; do
+      timeout ${RUN_TIMEOUT:-240} python3 -m zllm bench throughput --model $m --executors inproc --workload W1 \
+        --profile W1 --max-model-len 2304 --out "$OUT/profile-w1-$m.json" --markdown '' 2>&1 | grep -v "USDT" \
+        | tail -40 | tee -a "$OUT/log.txt"
+    done ;;
   graph-split)
     timeout 200 python3 -m zllm.bench.decode_attention --batches 1,8,32,64,128,256 --contexts 640,2048 \
       --layouts NHD --block-sizes 16 --modes graph,graph-nosplit --out "$OUT/graph-split.json" 2>&1 \

@@ -49,7 +49,7 @@ class StubWorker:
         return True
 
     def take_host_times(self) -> dict[str, list]:
-        return {"launch": [], "grammar": []}
+        return {"launch": [], "grammar": [], "gpu": []}
 
     def get_pid(self) -> int:
         return os.getpid()

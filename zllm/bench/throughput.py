@@ -99,7 +99,9 @@ class Workload:
         return sum(len(p) for p in self.prompts)
 
 
-def make_workload(name: str, vocab_size: int, num_requests: Optional[int] = None) -> Workload:
+def make_workload(name: str, vocab_size: int, num_requests: Optional[int] = None,
+                  draw: str = "prompts") -> Workload:
+    """The workload's lengths; its prompts' ids are drawn afresh for each `draw`."""
     rng = random.Random(0)
     if name == "W1":
         n = num_requests or 256
@@ -113,7 +115,7 @@ def make_workload(name: str, vocab_size: int, num_requests: Optional[int] = None
         raise ValueError(f"workload {name!r}: expected W1, W2 or latency")
     # Ids above the special tokens, inside every tokenizer's range we use; each workload draws
     # its own, so no workload finds another's prompts in the prefix cache.
-    ids = random.Random(f"{name}/{len(lens)}/prompts")
+    ids = random.Random(f"{name}/{len(lens)}/{draw}")
     prompts = [[ids.randint(10, vocab_size - 1) for _ in range(p)] for p, _ in lens]
     return Workload(name, prompts, [o for _, o in lens])
 
@@ -129,6 +131,10 @@ def gpu_scheduling(config: dict[str, Any]) -> dict[str, Any]:
 
 # -- step recording ------------------------------------------------------------------------------
 
+# Which steps a summary line counts, by whether the step is all decodes.
+_STEP_KINDS = (("all", lambda d: True), ("prefill", lambda d: not d), ("decode", lambda d: d))
+
+
 @dataclass
 class StepLog:
     """Per executed step: wall time in the worker and its roofline floor."""
@@ -140,8 +146,7 @@ class StepLog:
 
     def summary(self) -> dict[str, Any]:
         out = {}
-        for label, pick in (("all", lambda d: True), ("prefill", lambda d: not d),
-                            ("decode", lambda d: d)):
+        for label, pick in _STEP_KINDS:
             idx = [i for i, d in enumerate(self.decode_only) if pick(d)]
             t = sum(self.times[i] for i in idx)
             f = sum(self.floors[i] for i in idx)
@@ -171,6 +176,17 @@ def step_log(entries: list[list], cost: ModelCost, hw: Hardware, since: float = 
         log.num_tokens.append(sum(new))
         last_done = done
     return log
+
+
+def gpu_summary(gpu: list[list]) -> dict[str, Any]:
+    """The GPU's time over a run's steps (the worker's (idle before, busy, requests, all
+    decodes) per step): busy, and idle between steps, which is the host making it wait."""
+    out = {}
+    for label, pick in _STEP_KINDS:
+        picked = [(idle, busy) for idle, busy, _, decodes in gpu if pick(decodes)]
+        out[label] = {"steps": len(picked), "busy_s": sum(b for _, b in picked),
+                      "idle_before_s": sum(i for i, _ in picked)}
+    return out
 
 
 def steady_host_ms(times: list[list], num_running: int) -> Optional[float]:
@@ -203,7 +219,8 @@ def _measure(llm, cost: ModelCost, hw: Hardware, wl: Workload,
     floor = steps["all"]["floor_s"]
     busiest = max((n for _, n, d in host["engine_core"] if d), default=0)
     grammar = {"grammar_times": host["grammar"]} if host["grammar"] else {}
-    return {**grammar,
+    gpu = {"gpu": gpu_summary(host["gpu"])} if host["gpu"] else {}
+    return {**grammar, **gpu,
         "elapsed_s": elapsed, "output_tokens": generated,
         "output_tok_per_s": generated / elapsed,
         "total_tok_per_s": (generated + wl.num_prompt_tokens) / elapsed,
@@ -354,6 +371,24 @@ def profile_prefill(llm, arch: ModelArchitecture, hw: Hardware, num_prompts: int
             **_kernel_summary(prof, steps)}
 
 
+def profile_workload(llm, cost: ModelCost, hw: Hardware, wl: Workload) -> dict[str, Any]:
+    """Where a whole workload's GPU time goes: the run again under torch.profiler (kernels
+    only), per step: kernel time by kind against the GPU's span of the steps (the worker's CUDA
+    events). Span beyond kernel time is the GPU idle inside steps, waiting for the host to queue
+    their kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        res = run_zllm(llm, cost, hw, wl)
+        _sync()
+    steps = res["steps"]["all"]
+    per_step = lambda seconds: 1e3 * seconds / steps["steps"]  # noqa: E731
+    return {"workload": wl.name, "steps": steps["steps"], "wall_ms_per_step": per_step(res["elapsed_s"]),
+            "span_ms_per_step": per_step(res["gpu"]["all"]["busy_s"]) if "gpu" in res else None,
+            "gpu": res.get("gpu"), "floor_ms_per_step": per_step(steps["floor_s"]),
+            "op_floor_ms_per_step": per_step(steps["op_floor_s"]), **_kernel_summary(prof, steps["steps"])}
+
+
 def run_hf_peer(model_dir: str, wl: Workload, dtype: torch.dtype) -> dict[str, Any]:
     """transformers continuous batching on the same shape, random weights, same workload."""
     import transformers
@@ -400,6 +435,7 @@ def result_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "tpot_floor_ms": fmt(r.get("tpot_floor_ms")),
             "core_host_ms": fmt(r.get("engine_core_host_ms")),
             "worker_host_ms": fmt(r.get("worker_host_ms")),
+            "gpu_idle_s": fmt(r["gpu"]["all"]["idle_before_s"]) if "gpu" in r else "-",
             "hf_tok_per_s": round(peer["output_tok_per_s"]) if peer else "-",
             "x_hf": round(r["output_tok_per_s"] / peer["output_tok_per_s"], 1) if peer else "-",
         })
@@ -412,6 +448,10 @@ def print_details(report: dict[str, Any]) -> None:
         print(f"{key}: engine outside the workers' steps {r['engine_overhead_s']:.2f} s of "
               f"{r['elapsed_s']:.2f} s; host per decode step at {r['decode_batch']} requests: "
               f"engine core {r['engine_core_host_ms']} ms, worker {r['worker_host_ms']} ms")
+        if "gpu" in r:
+            print(f"{key}: GPU busy / idle before, s: " + "; ".join(
+                f"{kind} steps {g['busy_s']:.3f} / {g['idle_before_s']:.3f}"
+                for kind, g in r["gpu"].items() if kind != "all"))
 
 
 def run_executor(model_dir: str, arch: ModelArchitecture, hw: Hardware, config: dict[str, Any],
@@ -434,7 +474,13 @@ def run_executor(model_dir: str, arch: ModelArchitecture, hw: Hardware, config: 
         results[name] = run(llm, cost, hw, wl)
         print(config.get("distributed_executor_backend"), name,
               json.dumps({k: v for k, v in results[name].items() if k != "steps"}), flush=True)
-    for spec in profile_steps:  # "B" (B decodes) or "B+N" (and an N-token prompt per step)
+    for spec in profile_steps:  # "B" (B decodes), "B+N" (and an N-token prompt per step), "W1"
+        if spec.startswith("W"):
+            # Prompts of its own: the run before left its prompts in the prefix cache.
+            wl = make_workload(spec, arch.vocab_size, num_requests, draw="profile")
+            results[f"profile-{spec}"] = profile_workload(llm, cost, hw, wl)
+            print("profile", json.dumps(results[f"profile-{spec}"]), flush=True)
+            continue
         batch, _, prompt_tokens = spec.partition("+")
         results[f"profile-{spec}"] = profile_decode(llm, arch, hw, int(batch),
                                                     prompt_tokens=int(prompt_tokens or 0))
@@ -520,6 +566,9 @@ def run_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, 
 
 
 def _profile_title(p: dict[str, Any]) -> str:
+    if "workload" in p:
+        return (f"{p['workload']} whole, per step (GPU span of the steps "
+                f"{p['span_ms_per_step']:.2f} ms)")
     if p.get("prompt_tokens"):
         return f"Step of {p['batch']} decodes and a {p['prompt_tokens']}-token prompt"
     if "batch" in p:
@@ -550,7 +599,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peer", choices=["none", "hf"], default="none")
     parser.add_argument("--profile", default="",
                         help="comma-separated steps to profile (inproc executor): B, a decode "
-                             "step at batch B; B+N, B decodes and a fresh N-token prompt")
+                             "step at batch B; B+N, B decodes and a fresh N-token prompt; W1 or "
+                             "W2, that workload's run, kernel time against the GPU's span")
     parser.add_argument("--peer-workloads", default="W1",
                         help="comma-separated workloads the peer runs (it is slow)")
     parser.add_argument("--executors", default="ray",

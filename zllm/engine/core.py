@@ -366,12 +366,14 @@ class EngineCore:
 
     def _host_times(self) -> dict[str, list]:
         """Host time per step, (seconds, running requests, all decodes), of the engine core and of
-        the workers' launch (rank 0); and rank 0's grammar work per constrained step, (fill
-        seconds, accept seconds, constrained rows). Cleared as read."""
+        the workers' launch (rank 0); rank 0's grammar work per constrained step, (fill seconds,
+        accept seconds, constrained rows); and its GPU's per step where it records them, (idle
+        seconds before it, busy seconds, requests, all decodes). Cleared as read."""
         core = list(self.host_times)
         self.host_times.clear()
         worker = self.executor.collective_rpc("take_host_times")[0]
-        return {"engine_core": core, "worker": worker["launch"], "grammar": worker["grammar"]}
+        return {"engine_core": core, "worker": worker["launch"], "grammar": worker["grammar"],
+                "gpu": worker["gpu"]}
 
     def engine_stats(self) -> EngineStats:
         s, bm = self.scheduler, self.block_manager

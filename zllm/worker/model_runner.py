@@ -99,6 +99,43 @@ class HostTimer:
             self._last = now
 
 
+class GpuTimer:
+    """The GPU's time on each step and how long it sat idle before it, from CUDA events, for
+    benchmarks (on with the scheduler's record_steps): idle time between steps is time the host
+    made the GPU wait. Off (the default, and on CPU), a mark costs one attribute check."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.marks: collections.deque = collections.deque(maxlen=8192)
+
+    def begin(self) -> Optional[torch.cuda.Event]:
+        """An event queued before the step's first GPU work (None when off)."""
+        if not self.enabled:
+            return None
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        return start
+
+    def end(self, start: Optional[torch.cuda.Event], done: torch.cuda.Event, num_reqs: int,
+            decode_only: bool) -> None:
+        if start is not None:
+            self.marks.append((start, done, num_reqs, decode_only))
+
+    def take(self) -> list[tuple[float, float, int, bool]]:
+        """Per step since the last call, oldest first: (seconds the GPU was idle between the
+        step before and this one (0 for the first), seconds from its first to its last GPU work,
+        requests, all decodes). Waits for steps still running."""
+        out, previous = [], None
+        marks = list(self.marks)
+        self.marks.clear()
+        for start, done, num_reqs, decode_only in marks:
+            done.synchronize()
+            idle = 0.0 if previous is None else max(0.0, previous.elapsed_time(start) / 1e3)
+            out.append((idle, start.elapsed_time(done) / 1e3, num_reqs, decode_only))
+            previous = done
+        return out
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, arch: ModelArchitecture, rank: int, tp_size: int,
                  device: torch.device, dtype: torch.dtype) -> None:
@@ -124,6 +161,7 @@ class ModelRunner:
         self.piecewise: PiecewiseGraphs | None = None
         self.launched: collections.deque[LaunchedStep] = collections.deque()  # not collected yet
         self.timer = HostTimer()
+        self.gpu_timer = GpuTimer(config.scheduler.record_steps and device.type == "cuda")
         # Structured outputs: made with the first constrained request, so that an engine serving
         # only plain requests runs no grammar code.
         self.grammar: GrammarMatchers | None = None
@@ -234,6 +272,7 @@ class ModelRunner:
     def launch(self, sched: SchedulerOutput) -> None:
         """Queue one step's work on the device; `collect` returns its tokens."""
         self.timer.start()
+        gpu_start = self.gpu_timer.begin()
         # Swaps first: blocks swapped out this step may be handed to other requests below.
         self._swap(sched.blocks_to_swap_out, out=True)
         self._swap(sched.blocks_to_swap_in, out=False)
@@ -276,6 +315,7 @@ class ModelRunner:
         launched = self._sample(sched, step, logits, previous)
         if step.prompt_logprobs is not None:
             launched.prompt_logprobs = self._prompt_logprobs(sched, step, hidden)
+        self.gpu_timer.end(gpu_start, launched.done_event, len(slots), num_tokens == len(slots))
         self.launched.append(launched)
 
     def _prompt_logprobs(self, sched: SchedulerOutput, step: StepInputs,
@@ -331,7 +371,7 @@ class ModelRunner:
             if launched.tokens is not None:
                 launched.host_tokens = torch.empty(len(slots), dtype=torch.long, pin_memory=True)
                 launched.host_tokens.copy_(launched.tokens, non_blocking=True)
-            launched.done_event = torch.cuda.Event()
+            launched.done_event = torch.cuda.Event(enable_timing=self.gpu_timer.enabled)
             launched.done_event.record()
         self.timer.lap("sample")
         return launched

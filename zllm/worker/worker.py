@@ -150,12 +150,15 @@ class Worker:
                                 scheduler_output.total_num_scheduled_tokens == num_reqs))
 
     def take_host_times(self) -> dict[str, list]:
-        """Since the last call: host time of each launch, (seconds, requests, all decodes), and
-        the grammar's per constrained step, (fill seconds, accept seconds, rows)."""
+        """Since the last call: host time of each launch, (seconds, requests, all decodes); the
+        grammar's per constrained step, (fill seconds, accept seconds, rows); and with
+        record_steps on CUDA, the GPU's per step, (idle seconds before it, busy seconds,
+        requests, all decodes)."""
         times = list(self.host_times)
         self.host_times.clear()
-        grammar = self.model_runner.grammar
-        return {"launch": times, "grammar": grammar.take_step_times() if grammar else []}
+        runner = self.model_runner
+        return {"launch": times, "grammar": runner.grammar.take_step_times() if runner.grammar else [],
+                "gpu": runner.gpu_timer.take()}
 
     def collect(self) -> ModelRunnerOutput:
         return self.model_runner.collect()
