@@ -120,3 +120,15 @@ def test_decode_kernel_choice_counts_programs_and_lets_xqa_go_first():
     assert [planless_kernel(r, 1, 0, 512) for r in (256, 511, 512)] == ["", "", "triton"]
     assert planless_kernel(256, 8, 0, 0) == ""  # off
     assert [planless_kernel(r, 8, 64, 512) for r in (64, 72)] == ["xqa", "triton"]
+
+
+def test_a_mixed_steps_leading_decodes_go_to_the_triton_kernel_when_enough():
+    from zllm.worker.attention.flashinfer_backend import leading_decodes
+
+    lens = lambda *q: np.array(q, dtype=np.int32)  # noqa: E731
+    # 64 decodes, then a prompt chunk and more: the 64 decodes x 8 KV heads reach 512.
+    assert leading_decodes(lens(*[1] * 64, 200, 1, 3), 8, 512) == 64
+    assert leading_decodes(lens(*[1] * 63, 200), 8, 512) == 0  # too few: all in the prefill kernel
+    assert leading_decodes(lens(*[1] * 63, 200), 8, 8) == 63
+    assert leading_decodes(lens(200, *[1] * 100), 8, 8) == 0  # only decodes that come first
+    assert leading_decodes(lens(*[1] * 100, 7), 8, 0) == 0  # the kernel off
