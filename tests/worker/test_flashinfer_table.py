@@ -132,3 +132,26 @@ def test_a_mixed_steps_leading_decodes_go_to_the_triton_kernel_when_enough():
     assert leading_decodes(lens(*[1] * 63, 200), 8, 8) == 63
     assert leading_decodes(lens(200, *[1] * 100), 8, 8) == 0  # only decodes that come first
     assert leading_decodes(lens(*[1] * 100, 7), 8, 0) == 0  # the kernel off
+
+
+def test_the_prefill_part_of_a_mixed_step_reads_as_a_step_of_its_own():
+    """With its leading decodes on the Triton kernel, the prefill kernel is planned from slices of
+    the whole step's table: they must describe the remaining requests exactly as a table built
+    for those requests alone would."""
+    from zllm.worker.attention.flashinfer_backend import prefill_part
+
+    seq_lens, query_lens = [101, 38, 514, 200, 23, 70], [1, 1, 1, 200, 3, 1]
+    whole = _batch(seq_lens, query_lens)
+    views, indptr = _fill(whole, 0)
+    decodes = 3
+    qo_indptr, page_indptr, first_page = prefill_part(whole, indptr, decodes)
+    alone = AttentionBatch(np.concatenate([[0], np.cumsum(query_lens[decodes:])]).astype(np.int32),
+                           whole.seq_lens[decodes:], whole.num_blocks[decodes:], whole.block_table,
+                           whole.table_rows[decodes:], whole.slot_mapping[whole.query_start_loc[decodes]:],
+                           whole.max_query_len)
+    own, own_indptr = _fill(alone, 0)
+    assert list(qo_indptr) == list(alone.query_start_loc)
+    assert list(page_indptr) == list(own_indptr)
+    assert list(views.indices[first_page:]) == list(own.indices)
+    assert list(views.last_page_len[decodes:]) == list(own.last_page_len)
+    assert list(views.seq_lens[decodes:]) == list(own.seq_lens)

@@ -139,6 +139,15 @@ def leading_decodes(query_lens: np.ndarray, num_kv_heads: int, triton_min_progra
     return decodes if decodes * num_kv_heads >= triton_min_programs else 0
 
 
+def prefill_part(batch: AttentionBatch, indptr: np.ndarray,
+                 decodes: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """What the prefill kernel reads of a mixed step whose first `decodes` requests run on
+    another kernel: the rest's query and page offsets, both counted from 0, and the first page of
+    the step's page list that is theirs."""
+    first_page = int(indptr[decodes])
+    return batch.query_start_loc[decodes:] - decodes, indptr[decodes:] - first_page, first_page
+
+
 def planless_kernel(num_reqs: int, num_kv_heads: int, xqa_max_batch: int,
                     triton_min_programs: int) -> str:
     """Which kernel without a flashinfer plan runs a pure-decode step of `num_reqs` requests:
@@ -299,9 +308,11 @@ class FlashInferBackend(AttentionBackend):
             batch.query_lens, self.num_kv_heads, self.triton_min_programs)
         if self._decode_rows:  # the prefill kernel sees only the requests after them
             d = self._decode_rows
-            first_page = int(indptr[d])
-            host = dataclasses.replace(host, qo_indptr=host.qo_indptr[d:] - d,
-                                       indptr=host.indptr[d:] - first_page,
+            qo_indptr, page_indptr, first_page = prefill_part(batch, indptr, d)
+            # Staged (pinned): flashinfer copies them to the device, and a copy from pageable
+            # memory would make the host wait for the GPU's queue to drain.
+            host = dataclasses.replace(host, qo_indptr=self.staging.host(qo_indptr),
+                                       indptr=self.staging.host(page_indptr),
                                        last_page_len=host.last_page_len[d:])
             seq_lens, indices = seq_lens[d:], indices[first_page:]
         if batch.cuda_graph:
