@@ -73,13 +73,16 @@ def check_kernels(device: torch.device) -> dict:
     torch.manual_seed(0)
     H, KVH, D, bs = 32, 8, 128, 16
     results = {}
+    # _xqa_triton: XQA runs the decode steps and Triton a mixed step's leading decodes, so a
+    # decode step follows a step that split (the route must not carry over).
     kernels = (("", {}), ("_xqa", dict(xqa_max_batch=1 << 20)),
-               ("_triton", dict(triton_min_programs=1)))
+               ("_triton", dict(triton_min_programs=1)),
+               ("_xqa_triton", dict(xqa_max_batch=1 << 20, triton_min_programs=1)))
     variants = [(variant + tag, cap, window, kernel)
                 for variant, cap, window in (("", None, None), ("_window100", None, 100),
                                              ("_softcap", 30.0, None))
                 for tag, kernel in kernels
-                if tag != "_xqa" or cap is None]  # XQA has no soft cap
+                if "_xqa" not in tag or cap is None]  # XQA has no soft cap
     for variant, cap, window, kernel in variants:
         spec = AttentionSpec(H, KVH, D, scale=D ** -0.5, logits_soft_cap=cap,
                              sliding_windows=(None, window) if window else (None,))

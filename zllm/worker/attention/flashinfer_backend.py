@@ -290,8 +290,12 @@ class FlashInferBackend(AttentionBackend):
     def plan(self, batch: AttentionBatch) -> None:
         kernel = self._planless_kernel(batch.num_reqs) if batch.is_decode_only else ""
         host, indptr = self._pack_table(batch, kernel == "xqa")
+        # Every field `forward` dispatches on is set here, before any early return: a step must
+        # never run on the route of the step before.
         self._xqa_args = None
         self._triton_step = kernel == "triton"
+        self._decode_rows = 0 if batch.is_decode_only else leading_decodes(
+            batch.query_lens, self.num_kv_heads, self.triton_min_programs)
         if kernel == "xqa":  # nothing to plan: the kernel reads the padded table and the lengths
             t = self._table
             rows = t.page_table.view(batch.num_reqs, -1)
@@ -304,8 +308,6 @@ class FlashInferBackend(AttentionBackend):
                       kv_data_type=self.dtype, logits_soft_cap=self.spec.logits_soft_cap)
         seq_lens = self.staging.host(batch.seq_lens)  # given, so flashinfer need not derive it
         indices = self._table.indices
-        self._decode_rows = 0 if batch.is_decode_only else leading_decodes(
-            batch.query_lens, self.num_kv_heads, self.triton_min_programs)
         if self._decode_rows:  # the prefill kernel sees only the requests after them
             d = self._decode_rows
             qo_indptr, page_indptr, first_page = prefill_part(batch, indptr, d)
