@@ -102,7 +102,9 @@ class HostTimer:
 class GpuTimer:
     """The GPU's time on each step and how long it sat idle before it, from CUDA events, for
     benchmarks (on with the scheduler's record_steps): idle time between steps is time the host
-    made the GPU wait. Off (the default, and on CPU), a mark costs one attribute check."""
+    made the GPU wait for a step's preparation. Waits inside a step (a kernel queued late) count
+    in its span; `zllm bench throughput --profile W1` sets the span against kernel time. Off
+    (the default, and on CPU), a mark costs one attribute check."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -123,12 +125,12 @@ class GpuTimer:
 
     def take(self) -> list[tuple[float, float, int, bool]]:
         """Per step since the last call, oldest first: (seconds the GPU was idle between the
-        step before and this one (0 for the first), seconds from its first to its last GPU work,
-        requests, all decodes). Waits for steps still running."""
+        step before and this one (0 for the first), seconds from the host having prepared it to
+        its last GPU work, requests, all decodes). Waits for steps still running. (Called from
+        a control thread while the step loop appends: popleft takes each mark exactly once.)"""
         out, previous = [], None
-        marks = list(self.marks)
-        self.marks.clear()
-        for start, done, num_reqs, decode_only in marks:
+        while self.marks:
+            start, done, num_reqs, decode_only = self.marks.popleft()
             done.synchronize()
             idle = 0.0 if previous is None else max(0.0, previous.elapsed_time(start) / 1e3)
             out.append((idle, start.elapsed_time(done) / 1e3, num_reqs, decode_only))
@@ -272,7 +274,6 @@ class ModelRunner:
     def launch(self, sched: SchedulerOutput) -> None:
         """Queue one step's work on the device; `collect` returns its tokens."""
         self.timer.start()
-        gpu_start = self.gpu_timer.begin()
         # Swaps first: blocks swapped out this step may be handed to other requests below.
         self._swap(sched.blocks_to_swap_out, out=True)
         self._swap(sched.blocks_to_swap_in, out=False)
@@ -295,6 +296,9 @@ class ModelRunner:
         graph_size = None if self.graphs is None else self.graphs.size_for(num_tokens, len(slots))
         step = batch.prepare(slots, num_scheduled, num_tokens, graph_size)
         self.timer.lap("prepare")
+        # Queued once the host has prepared the step, ahead of its copies and kernels: a GPU that
+        # finished the step before and waits here is waiting for the host.
+        gpu_start = self.gpu_timer.begin()
         input_ids, positions, sample_rows = self._device_inputs(step, previous)
         self.timer.lap("stage")
         self.attn.plan(step.attention)
