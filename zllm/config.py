@@ -118,7 +118,8 @@ class DeviceConfig:
     # split of a sequence, so it pays where there are enough of them to fill the GPU: on an H100
     # (2026-12-05) it cut a 256-request decode step's attention from 144 to 116-123 us per layer
     # on the Llama-3.2-1B shape and from 240 to 224 us on the 8B shape, and made W1 9% and 3%
-    # faster (docs/benchmarks.md).
+    # faster (docs/benchmarks.md). The same rule sends a mixed step's leading decodes (the
+    # running requests) to the kernel, and only the rest to flashinfer's prefill kernel.
     triton_decode_min_programs: int = 512
     enforce_eager: bool = False  # true: no CUDA graphs at all
     # Steps that carry prompt tokens, up to this many tokens in all, replay CUDA graphs captured
