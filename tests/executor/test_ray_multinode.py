@@ -63,7 +63,8 @@ def test_a_node_that_leaves_mid_generation_is_replaced_and_nothing_is_lost(two_n
                 outputs[out.request_id] = out.outputs[0].token_ids
         assert [outputs[f"r{i}"] for i in range(len(PROMPTS))] == reference_tokens
         assert core.stats.num_worker_restarts == 1
-        assert core.executor.node_ids[0] == before[0]
+        # A new placement group (its old one lost a node), placed by SPREAD: which rank lands on
+        # which of the two nodes is Ray's choice.
         assert set(core.executor.node_ids) == {before[0], joined.node_id}
     finally:
         llm.shutdown()
