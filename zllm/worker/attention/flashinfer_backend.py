@@ -186,8 +186,8 @@ class FlashInferBackend(AttentionBackend):
         # Decode steps of more than xqa_max_batch requests, and at least this many requests
         # times KV heads, run the Triton kernel; 0: none.
         self.triton_min_programs, self._triton_decode = self._triton_kernel(triton_min_programs)
-        self._triton_step = False  # this step runs the Triton kernel
-        # A mixed step's leading decodes that the Triton kernel runs (the prefill kernel the rest).
+        # The step's first rows that the Triton kernel runs: all of a decode step's, a mixed
+        # step's leading decodes (the prefill kernel runs the rest), or none.
         self._decode_rows = 0
         self.staging = staging or PinnedStaging(device)
         self.windows = spec.sliding_windows
@@ -293,9 +293,11 @@ class FlashInferBackend(AttentionBackend):
         # Every field `forward` dispatches on is set here, before any early return: a step must
         # never run on the route of the step before.
         self._xqa_args = None
-        self._triton_step = kernel == "triton"
-        self._decode_rows = 0 if batch.is_decode_only else leading_decodes(
-            batch.query_lens, self.num_kv_heads, self.triton_min_programs)
+        if batch.is_decode_only:
+            self._decode_rows = batch.num_reqs if kernel == "triton" else 0
+        else:
+            self._decode_rows = leading_decodes(batch.query_lens, self.num_kv_heads,
+                                                self.triton_min_programs)
         if kernel == "xqa":  # nothing to plan: the kernel reads the padded table and the lengths
             t = self._table
             rows = t.page_table.view(batch.num_reqs, -1)
@@ -394,16 +396,14 @@ class FlashInferBackend(AttentionBackend):
         t = self._table
         self._append_kv(k, v, t.batch_indices, t.positions, kv_cache, t.indices, t.indptr,
                         t.last_page_len, "NHD")
-        if self._triton_step:
-            return self._triton_decode(q, kv_cache, t.indptr, t.indices, t.seq_lens, self.scale,
-                                       out=out, soft_cap=self.spec.logits_soft_cap, window=window)
         if self._decode_rows:  # request i < d is row i: the decodes' rows come first
             d = self._decode_rows
             out = q.new_empty(q.shape) if out is None else out
             self._triton_decode(q[:d], kv_cache, t.indptr[:d + 1], t.indices, t.seq_lens[:d],
                                 self.scale, out=out[:d], soft_cap=self.spec.logits_soft_cap,
                                 window=window)
-            self._wrappers[window].run(q[d:].contiguous(), kv_cache, out=out[d:])
+            if d < q.shape[0]:  # a mixed step: the prefill kernel runs the requests after them
+                self._wrappers[window].run(q[d:].contiguous(), kv_cache, out=out[d:])
             return out
         if self._xqa_args is not None:
             page_table, seq_lens, max_len = self._xqa_args
