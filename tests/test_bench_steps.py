@@ -1,8 +1,11 @@
-"""How `zllm bench throughput` sums the GPU's per-step times that the worker records."""
+"""How `zllm bench throughput` sums the GPU's per-step times that the worker records, and how
+the worker's host time leaves out its waits for the GPU."""
 
 import pytest
+import torch
 
-from zllm.bench.throughput import gpu_summary
+from zllm.bench.throughput import gpu_summary, steady_host_ms
+from zllm.worker.staging import PinnedStaging
 
 
 def test_gpu_summary_splits_busy_and_idle_by_step_kind():
@@ -17,3 +20,37 @@ def test_gpu_summary_splits_busy_and_idle_by_step_kind():
     assert summary["all"]["steps"] == 4
     assert summary["all"]["busy_s"] == pytest.approx(0.066)
     assert summary["all"]["idle_before_s"] == pytest.approx(0.008)
+
+
+def test_steady_host_ms_picks_full_decode_steps_and_the_asked_field():
+    # The worker's (own seconds, requests, all decodes, seconds waiting for the GPU) per launch.
+    times = [(0.009, 16, False, 0.0), (0.001, 256, True, 0.004), (0.003, 256, True, 0.0),
+             (0.002, 256, True, 0.002), (0.0005, 200, True, 0.0)]
+    assert steady_host_ms(times, 256) == pytest.approx(2.0)
+    assert steady_host_ms(times, 256, field=3) == pytest.approx(2.0)
+    assert steady_host_ms(times, 255) is None
+
+
+class _Event:
+    """A stand-in for a CUDA event: done or not; synchronizing does some host work."""
+
+    def __init__(self, done: bool) -> None:
+        self.done, self.synced = done, False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        sum(range(20000))
+        self.synced = True
+
+
+def test_staging_counts_only_the_waits_for_unfinished_events():
+    staging = PinnedStaging(torch.device("cpu"))
+    staging.wait(None)
+    done = _Event(done=True)
+    staging.wait(done)
+    assert staging.waited_s == 0.0 and not done.synced
+    pending = _Event(done=False)
+    staging.wait(pending)
+    assert pending.synced and staging.waited_s > 0.0

@@ -158,6 +158,8 @@ def test_the_engine_core_reports_the_workers_grammar_time_per_constrained_step(l
     assert sum(rows) == 5 * 8 and max(rows) <= 5
     assert all(fill > 0 and accept >= 0 for fill, accept, _ in times["grammar"])
     assert times["worker"] and llm.engine.call("host_times")["grammar"] == []
+    # (own seconds, requests, all decodes, seconds waiting for the GPU): none to wait for on CPU.
+    assert all(own > 0 and waited == 0.0 for own, _, _, waited in times["worker"])
 
 
 def test_logit_bias_moves_greedy_choices(llm):

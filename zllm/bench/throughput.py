@@ -189,9 +189,11 @@ def gpu_summary(gpu: list[list]) -> dict[str, Any]:
     return out
 
 
-def steady_host_ms(times: list[list], num_running: int) -> Optional[float]:
-    """Median host time (ms) of decode-only steps at `num_running` requests (None if none)."""
-    picked = [t for t, n, decodes in times if decodes and n == num_running]
+def steady_host_ms(times: list[list], num_running: int, field: int = 0) -> Optional[float]:
+    """Median host time (ms) of decode-only steps at `num_running` requests (None if none):
+    entries are (seconds, requests, all decodes, ...), and `field` picks another seconds field
+    than the first (the worker's waits for the GPU: 3)."""
+    picked = [t[field] for t in times if t[2] and t[1] == num_running]
     return 1e3 * statistics.median(picked) if picked else None
 
 
@@ -231,6 +233,8 @@ def _measure(llm, cost: ModelCost, hw: Hardware, wl: Workload,
         "decode_batch": busiest,
         "engine_core_host_ms": steady_host_ms(host["engine_core"], busiest),
         "worker_host_ms": steady_host_ms(host["worker"], busiest),
+        # Inside the worker's launch, waiting for a GPU that is behind: not in worker_host_ms.
+        "worker_gpu_wait_ms": steady_host_ms(host["worker"], busiest, field=3),
         "steps": steps,
     }, log
 
@@ -422,6 +426,7 @@ def result_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (executor, workload), with the peer's figure beside zllm's."""
     rows = []
     fmt = lambda x: round(x, 2) if x else "-"  # noqa: E731
+    fmt0 = lambda x: "-" if x is None else round(x, 2)  # noqa: E731 (0 is a figure here)
     for key, r in report["workloads"].items():
         executor, name = key.split("/")
         peer = report.get("peer", {}).get(name)
@@ -438,6 +443,7 @@ def result_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "tpot_floor_ms": fmt(r.get("tpot_floor_ms")),
             "core_host_ms": fmt(r.get("engine_core_host_ms")),
             "worker_host_ms": fmt(r.get("worker_host_ms")),
+            "worker_wait_ms": fmt0(r.get("worker_gpu_wait_ms")),
             "gpu_idle_s": fmt(r["gpu"]["all"]["idle_before_s"]) if "gpu" in r else "-",
             "hf_tok_per_s": round(peer["output_tok_per_s"]) if peer else "-",
             "x_hf": round(r["output_tok_per_s"] / peer["output_tok_per_s"], 1) if peer else "-",
@@ -450,7 +456,8 @@ def print_details(report: dict[str, Any]) -> None:
     for key, r in report["workloads"].items():
         print(f"{key}: engine outside the workers' steps {r['engine_overhead_s']:.2f} s of "
               f"{r['elapsed_s']:.2f} s; host per decode step at {r['decode_batch']} requests: "
-              f"engine core {r['engine_core_host_ms']} ms, worker {r['worker_host_ms']} ms")
+              f"engine core {r['engine_core_host_ms']} ms, worker {r['worker_host_ms']} ms "
+              f"(and {r.get('worker_gpu_wait_ms')} ms waiting for the GPU)")
         if "gpu" in r:
             print(f"{key}: GPU busy / idle before, s: " + "; ".join(
                 f"{kind} steps {g['busy_s']:.3f} / {g['idle_before_s']:.3f}"

@@ -366,7 +366,8 @@ class EngineCore:
 
     def _host_times(self) -> dict[str, list]:
         """Host time per step, (seconds, running requests, all decodes), of the engine core and of
-        the workers' launch (rank 0); rank 0's grammar work per constrained step, (fill seconds,
+        the workers' launch (rank 0; with a fourth field, the seconds of it spent waiting for the
+        GPU, which the first leaves out); rank 0's grammar work per constrained step, (fill seconds,
         accept seconds, constrained rows); and its GPU's per step where it records them, (idle
         seconds before it, busy seconds, requests, all decodes). Cleared as read."""
         core = list(self.host_times)

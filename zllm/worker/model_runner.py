@@ -403,6 +403,7 @@ class ModelRunner:
         """Read the tokens of launched steps, oldest first, up to `last`, into the batch."""
         for step in self.launched:
             if step.output is None:
+                self.staging.wait(step.done_event)
                 tokens = step.read_tokens()
                 self.timer.start()  # the wait for the GPU is not host work
                 self.input_batch.append_sampled(step.slots, tokens)

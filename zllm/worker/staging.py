@@ -6,10 +6,15 @@ preparation of the next step no longer overlaps the GPU. A step's small index ar
 therefore staged in pinned memory: two buffers alternate by step, and before a buffer is
 reused, the host waits for the event recorded after the copies that last read from it (two
 steps back, so in practice long done). Off CUDA, arrays are wrapped as they are.
+
+Every wait of the worker's host for the GPU inside a step's launch goes through `wait`, which
+adds it up (`waited_s`): the benchmarks report the host's own work per step apart from the time
+it spent waiting for a GPU that is behind (time the GPU was busy, not the host).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import numpy as np
@@ -27,6 +32,14 @@ class PinnedStaging:
                         if self.pinned else [])
         self.events: list[Optional[torch.cuda.Event]] = [None, None]
         self.current, self.offset = 0, 0
+        self.waited_s = 0.0  # the host's waits for the GPU, summed (see `wait`)
+
+    def wait(self, event: Optional[torch.cuda.Event]) -> None:
+        """Block until `event` has completed on the GPU, counting the wait in `waited_s`."""
+        if event is not None and not event.query():
+            start = time.perf_counter()
+            event.synchronize()
+            self.waited_s += time.perf_counter() - start
 
     def next_step(self) -> None:
         """Start a step's copies in the other buffer, once it is free."""
@@ -36,8 +49,7 @@ class PinnedStaging:
         self.events[self.current].record()
         self.current ^= 1
         self.offset = 0
-        if self.events[self.current] is not None:
-            self.events[self.current].synchronize()
+        self.wait(self.events[self.current])
 
     def alloc(self, shape: int | tuple[int, ...], dtype) -> torch.Tensor:
         """An uninitialised CPU tensor to fill in place (through `.numpy()`) and then copy to the

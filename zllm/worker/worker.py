@@ -143,14 +143,17 @@ class Worker:
 
     def launch(self, scheduler_output: SchedulerOutput) -> None:
         """Queue a step on the device; `collect` returns its result (steps in order)."""
-        t0 = time.perf_counter()
+        staging = self.model_runner.staging
+        t0, waited = time.perf_counter(), staging.waited_s
         self.model_runner.launch(scheduler_output)
+        waited = staging.waited_s - waited
         num_reqs = len(scheduler_output.num_scheduled_tokens)
-        self.host_times.append((time.perf_counter() - t0, num_reqs,
-                                scheduler_output.total_num_scheduled_tokens == num_reqs))
+        self.host_times.append((time.perf_counter() - t0 - waited, num_reqs,
+                                scheduler_output.total_num_scheduled_tokens == num_reqs, waited))
 
     def take_host_times(self) -> dict[str, list]:
-        """Since the last call: host time of each launch, (seconds, requests, all decodes); the
+        """Since the last call: host time of each launch, (seconds of the host's own work,
+        requests, all decodes, seconds it waited for the GPU inside the launch); the
         grammar's per constrained step, (fill seconds, accept seconds, rows); and with
         record_steps on CUDA, the GPU's per step, (idle seconds before it, busy seconds,
         requests, all decodes)."""

@@ -337,8 +337,7 @@ class FlashInferBackend(AttentionBackend):
         unfinished (in process, async_steps_ahead 2), the staging buffers (zllm/worker/staging.py)
         wait for the older one anyway."""
         copied = self._plan_copied.get(id(wrapper))
-        if copied is not None:
-            copied.synchronize()
+        self.staging.wait(copied)
         if batch.cuda_graph:
             self._plan_graph(wrapper, host, seq_lens, kw)
         elif batch.is_decode_only:
