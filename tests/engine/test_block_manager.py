@@ -48,3 +48,26 @@ def test_freed_blocks_are_evicted_least_recently_freed_first_tail_first():
     _run_prompt(bm, d)
     # Next in line were the blocks of a's second run, tail first: only its head survives.
     assert bm.find_cached_prefix(_request("a4", 100)) == a_blocks[:1]
+
+
+def test_blocks_filled_by_generated_tokens_are_found_by_a_prompt_holding_the_same_tokens():
+    """A block that spans the prompt's end and the first outputs, and one of outputs only, are
+    named by their tokens alone: a later prompt made of the same tokens finds both."""
+    bm = BlockManager(num_blocks=16, block_size=BLOCK, watermark=0.0)
+    first = _request("first", 100, num_tokens=BLOCK + 2)  # one full block and two tokens
+    _run_prompt(bm, first)
+    outputs = [7, 8, 9, 10, 11, 12]  # fill the second block and a third
+    for token in outputs:
+        assert bm.allocate_slots(first, 1) is not None
+        first.num_computed_tokens += 1
+        first.num_pending_tokens += 1
+        first.append_output_token(token, max_model_len=1000)
+    assert first.token_ids_between(BLOCK, 2 * BLOCK) == (100 + BLOCK, 101 + BLOCK, 7, 8)
+    assert first.token_ids_between(2 * BLOCK, 3 * BLOCK) == (9, 10, 11, 12)
+    bm.cache_full_blocks(first)
+    same = Request("same", first.prompt_token_ids + outputs + [1], SamplingParams(max_tokens=4),
+                   [], 0.0)
+    assert bm.find_cached_prefix(same) == bm.block_table("first")[:3]
+    other = Request("other", first.prompt_token_ids + [7, 8, 0, 10, 11, 12, 1],
+                    SamplingParams(max_tokens=4), [], 0.0)
+    assert bm.find_cached_prefix(other) == bm.block_table("first")[:2]

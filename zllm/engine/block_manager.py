@@ -52,11 +52,10 @@ class BlockManager:
         hashes, bs = req.block_hashes, self.block_size
         if len(hashes) >= num_full_blocks:
             return hashes[:num_full_blocks]
-        tokens = req.all_token_ids if num_full_blocks * bs > len(req.prompt_token_ids) else req.prompt_token_ids
         while len(hashes) < num_full_blocks:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
-            hashes.append(hash((parent, tuple(tokens[i * bs:(i + 1) * bs]))))
+            hashes.append(hash((parent, req.token_ids_between(i * bs, (i + 1) * bs))))
         return hashes
 
     def find_cached_prefix(self, req: Request) -> list[int]:

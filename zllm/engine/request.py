@@ -103,9 +103,15 @@ class Request:
             return RequestStatus.FINISHED_LENGTH
         return None
 
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def token_ids_between(self, start: int, end: int) -> tuple[int, ...]:
+        """Token ids start..end-1 of prompt + output, without joining the two lists (a block's
+        worth, at every block boundary a decode crosses: joining would cost the whole length)."""
+        p = self.num_prompt_tokens
+        if end <= p:
+            return tuple(self.prompt_token_ids[start:end])
+        if start >= p:
+            return tuple(self.output_token_ids[start - p:end - p])
+        return tuple(self.prompt_token_ids[start:]) + tuple(self.output_token_ids[:end - p])
 
     def __repr__(self) -> str:
         return (f"Request({self.req_id}, {self.status.value}, tokens={self.num_tokens}, "
