@@ -285,6 +285,28 @@ def test_steady_decode_continues_from_the_previous_step_on_the_device():
     assert batch.token_ids[batch.slot_of["r0"], :5].tolist() == [5, 6, 7, 10, 20]
 
 
+def test_steady_decode_steps_read_every_input_from_the_device_until_tokens_land():
+    """Step after step of the same decodes (the batch's own array): every input comes from row i
+    of the step before, none from the host; once a step's tokens land, the next reads them."""
+    batch = InputBatch(4, MAX_LEN, BLOCK_SIZE, 512, SCRATCH)
+    new = [new_data(Req(f"r{i}", [5 + i, 6, 7], blocks=[i])) for i in range(3)]
+    slots = batch.update(SchedulerOutput(new, ContinuingRequestData(), np.full(3, 3, np.int32), 9, []))
+    steps = [batch.prepare(slots, np.full(3, 3, np.int64), 9)]
+    decode = SchedulerOutput([], ContinuingRequestData(["r0", "r1", "r2"]), np.ones(3, np.int32), 3, [])
+    for _ in range(3):  # positions 3, 4 and 5: nothing read back in between
+        slots = batch.update(decode)
+        assert not batch.needs_sampled_tokens(slots, decode.num_scheduled_tokens, 3)
+        steps.append(batch.prepare(slots, np.ones(3, np.int64), 3))
+        assert steps[-1].fill_rows.tolist() == [0, 1, 2] == steps[-1].fill_from.tolist()
+    assert steps[-1].positions.tolist() == [5, 5, 5]
+    for i, step in enumerate(steps):  # all land: r_j sampled 10 * i + j at step i
+        batch.append_sampled(step.sampled_slots, np.array([10 * i, 10 * i + 1, 10 * i + 2]))
+    slots = batch.update(decode)
+    last = batch.prepare(slots, np.ones(3, np.int64), 3)
+    assert len(last.fill_rows) == 0 and last.input_ids.tolist() == [30, 31, 32]
+    assert last.positions.tolist() == [6, 6, 6]
+
+
 def test_decode_steps_of_a_captured_size_replay_its_graph():
     """A decode step replays the smallest captured graph that holds it, an exact fit included
     (a step of exactly 8 or 256 requests must not run eagerly); longer queries run eagerly."""

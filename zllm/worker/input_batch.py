@@ -93,6 +93,9 @@ class InputBatch:
         self.order_slots = np.zeros(0, np.int64)
         self.last_sampled = np.zeros(0, np.int64)  # slots the last launched step sampled
         self._arange = np.arange(num_slots + 9)  # covers a CUDA graph's padded size
+        # The input ids of a step whose every input comes from the device (fill_rows).
+        self._no_tokens = np.zeros(num_slots + 9, np.int64)
+        self._no_tokens.flags.writeable = False
 
     # -- deltas ------------------------------------------------------------------------------------
 
@@ -169,7 +172,7 @@ class InputBatch:
     def _add_blocks(self, step_slots: np.ndarray, owners: np.ndarray, blocks: np.ndarray) -> None:
         """Append blocks[j] to the table of request owners[j] (an index into step_slots). One
         owner may gain several blocks (a prefill chunk), which keep their order."""
-        if len(owners) > 1 and not (np.diff(owners) > 0).all():
+        if len(owners) > 1 and not (owners[1:] > owners[:-1]).all():
             order = np.argsort(owners, kind="stable")
             owners, blocks = owners[order], blocks[order]
             rank = np.arange(len(owners)) - np.searchsorted(owners, owners)  # j-th of its owner
@@ -203,10 +206,11 @@ class InputBatch:
                              num_tokens: int) -> bool:
         """Whether the step needs tokens still in flight on the host: an input token that the
         last launched step did not sample for a one-token step, or a penalty's history."""
-        in_flight = self.num_pending_tokens[slots] > 0
-        if self.sampling.users["penalties"] and (self.sampling.has_penalties[slots] & in_flight).any():
+        if self.sampling.users["penalties"] and (
+                self.sampling.has_penalties[slots] & (self.num_pending_tokens[slots] > 0)).any():
             return True
-        if num_tokens == len(slots) and np.array_equal(slots, self.last_sampled):
+        if num_tokens == len(slots) and (slots is self.last_sampled  # (the steady batch's array)
+                                         or np.array_equal(slots, self.last_sampled)):
             return False  # steady decoding: each continues from the last step's token
         missing = self.num_computed_tokens[slots] + num_scheduled > self.num_tokens[slots]
         return bool(missing.any()
@@ -232,14 +236,21 @@ class InputBatch:
             req_of = np.repeat(self._arange[:num_reqs], num_scheduled)
             token_slots = slots[req_of]
             positions = start[req_of] + (np.arange(num_tokens) - starts[req_of])
-        input_ids = self.token_ids[token_slots, positions].astype(np.int64)
         slot_mapping = self.block_table[token_slots, positions // bs].astype(np.int64) * bs
         slot_mapping += positions % bs
         # Inputs past the host's tokens were sampled by the last launched step (the caller made
         # sure, `needs_sampled_tokens`): one token each, at flat index starts[request].
         known = self.num_tokens[slots]
         fill = np.flatnonzero(end > known)
-        fill_rows, fill_from = starts[fill], self.prev_index[slots[fill]]
+        if len(fill) == num_tokens:  # decodes, every input still on the device
+            input_ids = self._no_tokens[:num_tokens]
+        else:  # (a gather from rows far apart: on a busy CPU it misses the caches)
+            input_ids = self.token_ids[token_slots, positions].astype(np.int64)
+        if len(fill) == num_tokens and slots is self.last_sampled:
+            # Steady decoding (the batch's array, unchanged): request i sampled row i last step.
+            fill_rows = fill_from = self._arange[:num_tokens]
+        else:
+            fill_rows, fill_from = starts[fill], self.prev_index[slots[fill]]
         num_pad = num_rows - num_reqs  # padding rows: one token each, in the scratch block
         attention = AttentionBatch(
             query_start_loc=self._arange[:num_rows + 1] if num_pad else starts,

@@ -337,8 +337,9 @@ class ModelRunner:
         batch continues in the same order (steady decoding), else a gather."""
         num_fill = len(step.fill_rows)
         # fill_rows rises strictly, so ending at num_fill - 1 means it is 0, 1, ..., num_fill - 1.
-        in_order = (num_fill > 0 and step.fill_rows[-1] == num_fill - 1
-                    and np.array_equal(step.fill_rows, step.fill_from))
+        in_order = num_fill > 0 and (step.fill_rows is step.fill_from  # steady: 0..n-1 both
+                                     or (step.fill_rows[-1] == num_fill - 1
+                                         and np.array_equal(step.fill_rows, step.fill_from)))
         arrays = [step.input_ids, step.positions]
         if num_fill and not in_order:
             arrays += [step.fill_rows, step.fill_from]
