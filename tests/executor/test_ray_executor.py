@@ -112,14 +112,15 @@ def test_malformed_messages_are_rejected_without_executing(tp2_llm, reference_to
         assert a["num_rejected_messages"] == b["num_rejected_messages"] + len(bad)
 
 
-def test_worker_exception_raises_engine_dead_naming_the_rank(ray_session, gqa_model):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_worker_exception_raises_engine_dead_naming_the_rank(ray_session, gqa_model, tp):
     config = EngineConfig.from_dict({}, model=gqa_model, load_format="safetensors",
-                                    tensor_parallel_size=2, device="cpu",
+                                    tensor_parallel_size=tp, device="cpu",
                                     num_kv_blocks=8, block_size=4, execute_timeout_s=300)
     others = set(zllm_actor_names())
     executor = RayExecutor(config)
     mine = set(zllm_actor_names()) - others
-    assert len(mine) == 2
+    assert len(mine) == tp
     try:
         executor.init_kv_cache(8)
         # A request the workers never saw: every rank fails looking it up.

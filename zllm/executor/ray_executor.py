@@ -289,9 +289,12 @@ class RayExecutor(Executor):
 
     def _blame_dead_rank(self, error: WorkerError) -> None:
         """A rank whose peer died fails in its next collective, often before Ray reports the
-        death; give Ray a moment so the error names the rank that died, not its survivor."""
+        death; give Ray a moment so the error names the rank that died, not its survivor. (A
+        lone rank has no peer: its error is its own, reported at once.)"""
         import ray
 
+        if self.tp_size == 1:
+            return
         ray.wait(self.loop_refs, num_returns=1, timeout=_BLAME_WAIT_S)
         try:
             self._check_loops()
