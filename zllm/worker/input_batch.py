@@ -93,9 +93,6 @@ class InputBatch:
         self.order_slots = np.zeros(0, np.int64)
         self.last_sampled = np.zeros(0, np.int64)  # slots the last launched step sampled
         self._arange = np.arange(num_slots + 9)  # covers a CUDA graph's padded size
-        # The input ids of a step whose every input comes from the device (fill_rows).
-        self._no_tokens = np.zeros(num_slots + 9, np.int64)
-        self._no_tokens.flags.writeable = False
 
     # -- deltas ------------------------------------------------------------------------------------
 
@@ -243,7 +240,7 @@ class InputBatch:
         known = self.num_tokens[slots]
         fill = np.flatnonzero(end > known)
         if len(fill) == num_tokens:  # decodes, every input still on the device
-            input_ids = self._no_tokens[:num_tokens]
+            input_ids = np.zeros(num_tokens, np.int64)  # (fresh: on a CPU it becomes the input)
         else:  # (a gather from rows far apart: on a busy CPU it misses the caches)
             input_ids = self.token_ids[token_slots, positions].astype(np.int64)
         if len(fill) == num_tokens and slots is self.last_sampled:
