@@ -320,6 +320,43 @@ def check_engine(path: str, steps: int = 64) -> dict:
                    and replays["decode"] > 0 and replays["piecewise"] > 0)}
 
 
+def check_logprobs(path: str, steps: int = 16) -> dict:
+    """Log-probabilities come back through pinned copies queued behind each step
+    (ModelRunner._queue_results): with CUDA graphs and two steps in flight, each step's must be
+    its own. Against one step at a time and no graphs: the same tokens, and the same
+    log-probabilities of them and of the prompt tokens, within bf16's noise; and each greedy
+    token's is the largest of its step's top 5."""
+    from zllm.llm import LLM
+    from zllm.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True, logprobs=5,
+                            prompt_logprobs=3)
+    runs = {}
+    for name, config in (("async_graph", dict(enforce_eager=False, async_scheduling=True)),
+                         ("sync_eager", dict(enforce_eager=True, async_scheduling=False))):
+        llm = LLM(model=path, dtype="bfloat16", num_kv_blocks=512, **config)
+        runs[name] = llm.generate(prompts(), params, use_tqdm=False)
+        llm.shutdown()
+    gaps, greedy_is_top = [], True
+    for x, y in zip(runs["async_graph"], runs["sync_eager"]):
+        out_x, out_y = x.outputs[0], y.outputs[0]
+        for token, lx, ly in zip(out_x.token_ids, out_x.logprobs, out_y.logprobs):
+            gaps.append(abs(lx[token] - ly[token]))
+            greedy_is_top &= lx[token] >= max(lx.values()) - 1e-6
+        for token, px, py in zip(x.prompt_token_ids, x.prompt_logprobs, y.prompt_logprobs):
+            if px is not None:
+                gaps.append(abs(px[token] - py[token]))
+    same_tokens = all(x.outputs[0].token_ids == y.outputs[0].token_ids
+                      for x, y in zip(runs["async_graph"], runs["sync_eager"]))
+    worst = max(gaps)
+    return {"steps": steps, "same_tokens": same_tokens, "values_compared": len(gaps),
+            "max_logprob_gap_nats": worst, "greedy_is_top": greedy_is_top,
+            "ok": same_tokens and greedy_is_top and worst <= LOGPROB_TOLERANCE_NATS}
+
+
+LOGPROB_TOLERANCE_NATS = 0.05  # bf16 logits of the same step from graph and eager kernels
+
+
 HOST_TARGET_US = 1500  # the worker's host time per decode step at 256 requests (issue 11)
 
 
@@ -359,11 +396,15 @@ def main() -> int:
                   flush=True)
             res["engine"] = check_engine(path)
             print(f"[{time.perf_counter() - t0:.0f} s] {family} engine:", res["engine"], flush=True)
+            res["logprobs"] = check_logprobs(path)
+            print(f"[{time.perf_counter() - t0:.0f} s] {family} logprobs:", res["logprobs"],
+                  flush=True)
     if args.host_model:
         results["host_stages"] = check_host_stages(args.host_model)
         print(f"[{time.perf_counter() - t0:.0f} s] host stages:", results["host_stages"], flush=True)
     ok = all(r["ok"] for r in results["kernels"].values()) and all(
-        results[f]["model_logits"]["ok"] and results[f]["engine"]["ok"] for f in args.models.split(","))
+        results[f]["model_logits"]["ok"] and results[f]["engine"]["ok"]
+        and results[f]["logprobs"]["ok"] for f in args.models.split(","))
     results["ok"] = ok
     print("gpu_check:", "PASS" if ok else "FAIL", flush=True)
     if args.out:

@@ -44,7 +44,7 @@ from zllm.worker.input_batch import InputBatch, StepInputs
 from zllm.worker.models.registry import build_model
 from zllm.worker.models.weights import load_weights
 from zllm.worker.sampler import (GREEDY, DevicePromptLogprobs, SampledLogprobs,
-                                 make_sampling_metadata, prompt_logprobs, sample)
+                                 make_sampling_metadata, pinned_copy, prompt_logprobs, sample)
 from zllm.worker.staging import PinnedStaging
 
 logger = logging.getLogger(__name__)
@@ -319,6 +319,8 @@ class ModelRunner:
         launched = self._sample(sched, step, logits, previous)
         if step.prompt_logprobs is not None:
             launched.prompt_logprobs = self._prompt_logprobs(sched, step, hidden)
+        self._queue_results(launched)
+        self.timer.lap("sample")
         self.gpu_timer.end(gpu_start, launched.done_event, len(slots), num_tokens == len(slots))
         self.launched.append(launched)
 
@@ -336,8 +338,9 @@ class ModelRunner:
         previous step sampled are filled in from its device tensor: one copy when the whole
         batch continues in the same order (steady decoding), else a gather."""
         num_fill = len(step.fill_rows)
-        # fill_rows rises strictly, so ending at num_fill - 1 means it is 0, 1, ..., num_fill - 1.
-        in_order = num_fill > 0 and (step.fill_rows is step.fill_from  # steady: 0..n-1 both
+        # Steady decoding gives one array 0..n-1 for both. Else: fill_rows rises strictly, so
+        # ending at num_fill - 1 means it is 0, 1, ..., num_fill - 1.
+        in_order = num_fill > 0 and (step.fill_rows is step.fill_from
                                      or (step.fill_rows[-1] == num_fill - 1
                                          and np.array_equal(step.fill_rows, step.fill_from)))
         arrays = [step.input_ids, step.positions]
@@ -357,8 +360,7 @@ class ModelRunner:
     def _sample(self, sched: SchedulerOutput, step: StepInputs, logits: Optional[torch.Tensor],
                 previous: Optional[LaunchedStep]) -> LaunchedStep:
         """Sample the requests that reached their end (`logits`: theirs, None if there are
-        none); their tokens are copied to pinned host memory behind the step, to be read back
-        without another sync."""
+        none)."""
         slots = step.sampled_slots
         launched = LaunchedStep([], slots, None)
         if len(slots):
@@ -372,14 +374,22 @@ class ModelRunner:
             if self.grammar is not None and self.grammar.constrains(launched.req_ids):
                 meta = self._constrain(meta, launched, previous)
             launched.tokens, launched.logprobs = sample(logits, meta)
-        if self.device.type == "cuda":
-            if launched.tokens is not None:
-                launched.host_tokens = torch.empty(len(slots), dtype=torch.long, pin_memory=True)
-                launched.host_tokens.copy_(launched.tokens, non_blocking=True)
-            launched.done_event = torch.cuda.Event(enable_timing=self.gpu_timer.enabled)
-            launched.done_event.record()
-        self.timer.lap("sample")
         return launched
+
+    def _queue_results(self, launched: LaunchedStep) -> None:
+        """On CUDA, queue copies of the step's tokens and log-probabilities into pinned host
+        memory behind its work, then the event that marks them done: reading them back waits
+        for this step only, never for steps queued after it."""
+        if self.device.type != "cuda":
+            return
+        if launched.tokens is not None:
+            launched.host_tokens = pinned_copy(launched.tokens)
+        if launched.logprobs is not None:
+            launched.logprobs = launched.logprobs.pinned()
+        if launched.prompt_logprobs is not None:
+            launched.prompt_logprobs = launched.prompt_logprobs.pinned()
+        launched.done_event = torch.cuda.Event(enable_timing=self.gpu_timer.enabled)
+        launched.done_event.record()
 
     def _grammar(self) -> GrammarMatchers:
         if self.grammar is None:

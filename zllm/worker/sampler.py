@@ -10,6 +10,7 @@ tensor-parallel rank, after preemption, with no per-request loop.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -226,15 +227,27 @@ def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SampledLogprobs:
-    """Log-probabilities of a step's sampled tokens, still on the device: read back (`to_host`)
-    with the tokens, after the step, so that sampling never waits for the GPU."""
+    """Log-probabilities of a step's sampled tokens, on the device or (`pinned`) in flight to
+    the host: read back (`to_host`) with the tokens, after the step, so that sampling never
+    waits for the GPU."""
 
     sampled: torch.Tensor  # [B]
     top_ids: torch.Tensor  # [B, N]
     top_logprobs: torch.Tensor  # [B, N]
 
+    def pinned(self) -> "SampledLogprobs":
+        return SampledLogprobs(*map(pinned_copy, (self.sampled, self.top_ids, self.top_logprobs)))
+
     def to_host(self) -> Logprobs:
         return Logprobs(self.sampled.tolist(), self.top_ids.tolist(), self.top_logprobs.tolist())
+
+
+def pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A pinned host tensor that a copy queued on the current stream fills (read it once the
+    stream has passed this point: reading a device tensor instead would wait for everything
+    queued since)."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
 
 
 def _gather_logprobs(logprobs: Optional[torch.Tensor], tokens: torch.Tensor,
@@ -262,6 +275,12 @@ class DevicePromptLogprobs:
     ranks: torch.Tensor  # [rows]
     top_ids: torch.Tensor  # [rows, max(num_top)]
     top_logprobs: torch.Tensor
+
+    def pinned(self) -> "DevicePromptLogprobs":
+        """The same, with its tensors in flight to pinned host memory (see pinned_copy)."""
+        return dataclasses.replace(self, logprobs=pinned_copy(self.logprobs),
+                                   ranks=pinned_copy(self.ranks), top_ids=pinned_copy(self.top_ids),
+                                   top_logprobs=pinned_copy(self.top_logprobs))
 
     def to_host(self) -> PromptLogprobs:
         k = np.repeat(self.num_top, self.counts)  # each row keeps its request's top-N
