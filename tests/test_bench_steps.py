@@ -22,13 +22,19 @@ def test_gpu_summary_splits_busy_and_idle_by_step_kind():
     assert summary["all"]["idle_before_s"] == pytest.approx(0.008)
 
 
-def test_steady_host_ms_picks_full_decode_steps_and_the_asked_field():
-    # The worker's (own seconds, requests, all decodes, seconds waiting for the GPU) per launch.
-    times = [(0.009, 16, False, 0.0), (0.001, 256, True, 0.004), (0.003, 256, True, 0.0),
-             (0.002, 256, True, 0.002), (0.0005, 200, True, 0.0)]
-    assert steady_host_ms(times, 256) == pytest.approx(2.0)
-    assert steady_host_ms(times, 256, field=3) == pytest.approx(2.0)
-    assert steady_host_ms(times, 255) is None
+def test_steady_host_ms_reports_own_time_wait_and_whole_launch_of_full_decode_steps():
+    # The worker's (own seconds, requests, all decodes, seconds waiting for the GPU) per launch:
+    # one of the three full decode steps waited.
+    times = [(0.009, 16, False, 0.0), (0.001, 256, True, 0.0), (0.003, 256, True, 0.0),
+             (0.0015, 256, True, 0.0024), (0.0005, 200, True, 0.0)]
+    got = steady_host_ms(times, 256)
+    assert got["host"] == pytest.approx(1.5)  # median of 1, 3 and 1.5
+    assert got["wait"] == pytest.approx(0.8)  # mean: the median would hide the one wait
+    assert got["launch"] == pytest.approx(3.0)  # median of 1, 3 and 3.9
+    assert steady_host_ms(times, 255) == {"host": None, "wait": None, "launch": None}
+    # The engine core's entries have no wait.
+    core = steady_host_ms([(0.002, 256, True), (0.004, 256, True)], 256)
+    assert core == {"host": pytest.approx(3.0), "wait": None, "launch": None}
 
 
 class _Event:

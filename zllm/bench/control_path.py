@@ -89,7 +89,7 @@ def core_rows(counts: list[int], warmup: int, steps: int) -> list[dict]:
             # Prompts of 16..31 tokens: a sixteenth of the requests cross a block boundary at
             # each step, as in a real batch (equal prompts would all cross on one step in 16,
             # which the median would never see).
-            prompt = np.arange(10, 26 + i % BLOCK_SIZE, dtype=np.int32)
+            prompt = np.arange(10, 26 + i % config.cache.block_size, dtype=np.int32)
             core.add_request(EngineCoreRequest(f"r{i}", prompt, params, np.ones(1, np.int32),
                                                time.monotonic()))
         for _ in range(warmup):

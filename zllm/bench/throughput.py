@@ -189,12 +189,20 @@ def gpu_summary(gpu: list[list]) -> dict[str, Any]:
     return out
 
 
-def steady_host_ms(times: list[list], num_running: int, field: int = 0) -> Optional[float]:
-    """Median host time (ms) of decode-only steps at `num_running` requests (None if none):
-    entries are (seconds, requests, all decodes, ...), and `field` picks another seconds field
-    than the first (the worker's waits for the GPU: 3)."""
-    picked = [t[field] for t in times if t[2] and t[1] == num_running]
-    return 1e3 * statistics.median(picked) if picked else None
+def steady_host_ms(times: list[list], num_running: int) -> dict[str, Optional[float]]:
+    """Host time (ms) of the decode-only steps at `num_running` requests (None if none), from
+    entries (seconds, requests, all decodes) or the worker's (own seconds, requests, all
+    decodes, seconds waiting for the GPU): the median own time; for the worker also the mean
+    wait (a median would read 0 whenever fewer than half the steps wait) and the median of own
+    time plus wait (the whole launch, which the worker's figure was before 2026-12-05)."""
+    picked = [t for t in times if t[2] and t[1] == num_running]
+    if not picked:
+        return {"host": None, "wait": None, "launch": None}
+    out = {"host": 1e3 * statistics.median(t[0] for t in picked), "wait": None, "launch": None}
+    if len(picked[0]) > 3:
+        out["wait"] = 1e3 * statistics.fmean(t[3] for t in picked)
+        out["launch"] = 1e3 * statistics.median(t[0] + t[3] for t in picked)
+    return out
 
 
 # -- runs ------------------------------------------------------------------------------------------
@@ -220,6 +228,7 @@ def _measure(llm, cost: ModelCost, hw: Hardware, wl: Workload,
     steps = log.summary()
     floor = steps["all"]["floor_s"]
     busiest = max((n for _, n, d in host["engine_core"] if d), default=0)
+    worker = steady_host_ms(host["worker"], busiest)
     grammar = {"grammar_times": host["grammar"]} if host["grammar"] else {}
     gpu = {"gpu": gpu_summary(host["gpu"])} if host["gpu"] else {}
     return {**grammar, **gpu,
@@ -231,10 +240,10 @@ def _measure(llm, cost: ModelCost, hw: Hardware, wl: Workload,
         "engine_overhead_s": elapsed - steps["all"]["worker_s"],
         # Host time per decode step with every request running (e.g. 256 in W1).
         "decode_batch": busiest,
-        "engine_core_host_ms": steady_host_ms(host["engine_core"], busiest),
-        "worker_host_ms": steady_host_ms(host["worker"], busiest),
-        # Inside the worker's launch, waiting for a GPU that is behind: not in worker_host_ms.
-        "worker_gpu_wait_ms": steady_host_ms(host["worker"], busiest, field=3),
+        "engine_core_host_ms": steady_host_ms(host["engine_core"], busiest)["host"],
+        # The worker's own work; apart, its waits inside the launch for a GPU that is behind.
+        "worker_host_ms": worker["host"], "worker_gpu_wait_ms": worker["wait"],
+        "worker_launch_ms": worker["launch"],
         "steps": steps,
     }, log
 
@@ -457,7 +466,7 @@ def print_details(report: dict[str, Any]) -> None:
         print(f"{key}: engine outside the workers' steps {r['engine_overhead_s']:.2f} s of "
               f"{r['elapsed_s']:.2f} s; host per decode step at {r['decode_batch']} requests: "
               f"engine core {r['engine_core_host_ms']} ms, worker {r['worker_host_ms']} ms "
-              f"(and {r.get('worker_gpu_wait_ms')} ms waiting for the GPU)")
+              f"(and {r.get('worker_gpu_wait_ms')} ms per step, mean, waiting for the GPU)")
         if "gpu" in r:
             print(f"{key}: GPU busy / idle before, s: " + "; ".join(
                 f"{kind} steps {g['busy_s']:.3f} / {g['idle_before_s']:.3f}"

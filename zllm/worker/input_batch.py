@@ -239,14 +239,15 @@ class InputBatch:
         # sure, `needs_sampled_tokens`): one token each, at flat index starts[request].
         known = self.num_tokens[slots]
         fill = np.flatnonzero(end > known)
-        if len(fill) == num_tokens:  # decodes, every input still on the device
+        fill_rows, fill_from = None, None
+        if len(fill) == num_tokens:  # decodes, every input still on the device: no gather
             input_ids = np.zeros(num_tokens, np.int64)  # (fresh: on a CPU it becomes the input)
-        else:  # (a gather from rows far apart: on a busy CPU it misses the caches)
+            if slots is self.last_sampled:
+                # Steady decoding (the batch's array, unchanged): request i sampled row i.
+                fill_rows = fill_from = self._arange[:num_tokens]
+        else:  # (the gather reads rows far apart: on a busy CPU it misses the caches)
             input_ids = self.token_ids[token_slots, positions].astype(np.int64)
-        if len(fill) == num_tokens and slots is self.last_sampled:
-            # Steady decoding (the batch's array, unchanged): request i sampled row i last step.
-            fill_rows = fill_from = self._arange[:num_tokens]
-        else:
+        if fill_rows is None:
             fill_rows, fill_from = starts[fill], self.prev_index[slots[fill]]
         num_pad = num_rows - num_reqs  # padding rows: one token each, in the scratch block
         attention = AttentionBatch(

@@ -7,9 +7,11 @@ therefore staged in pinned memory: two buffers alternate by step, and before a b
 reused, the host waits for the event recorded after the copies that last read from it (two
 steps back, so in practice long done). Off CUDA, arrays are wrapped as they are.
 
-Every wait of the worker's host for the GPU inside a step's launch goes through `wait`, which
-adds it up (`waited_s`): the benchmarks report the host's own work per step apart from the time
-it spent waiting for a GPU that is behind (time the GPU was busy, not the host).
+The worker's waits for the GPU in a step's launch go through `wait`, which adds them up
+(`waited_s`): for a staging buffer, a flashinfer plan buffer, and a step's tokens read back
+before the next step. The benchmarks report the host's own work per step apart from that time
+(the GPU busy, not the host). Not counted (they stay in the host's figure): swaps, which copy
+through pageable memory and wait for the whole queue.
 """
 
 from __future__ import annotations
