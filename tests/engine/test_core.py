@@ -86,3 +86,25 @@ def test_requests_end_at_the_step_their_limit_says(async_scheduling, ahead):
         else:  # found when the token arrives: each step in flight computes one more
             extra = ahead if async_scheduling else 0
             assert computed[name] <= prompt_len + num_output - 1 + extra, name
+
+
+def test_the_step_log_records_each_steps_contexts_and_keeps_out_of_the_host_time():
+    """What zllm bench throughput computes a step's floor from: each step's contexts (tokens
+    already computed) and new tokens per request, submitted before done. Its bookkeeping is the
+    benchmark's, not the core's: its cost is counted apart from the core's host time."""
+    config = EngineConfig.from_dict({}, model=ensure_demo_model(), device="cpu",
+                                    max_model_len=MAX_MODEL_LEN, num_kv_blocks=256, block_size=4,
+                                    worker_cls=STUB, record_steps=True)
+    core = EngineCore(config)
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    for name, prompt_len in (("a", 5), ("b", 7)):
+        core.add_request(EngineCoreRequest(name, np.arange(10, 10 + prompt_len, dtype=np.int32),
+                                           params, np.array([1], np.int32), time.monotonic()))
+    while core.has_work():
+        core.step()
+    entries = core.call("step_log")
+    core.shutdown()
+    assert [(contexts, new) for _, _, contexts, new, _ in entries] == [
+        ([0, 0], [5, 7]), ([5, 7], [1, 1]), ([6, 8], [1, 1])]
+    assert all(submit < done for submit, done, *_ in entries)
+    assert core.step_log.cost_s > 0 and len(core.host_times) == 3
