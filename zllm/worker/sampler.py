@@ -246,6 +246,8 @@ def pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A pinned host tensor that a copy queued on the current stream fills (read it once the
     stream has passed this point: reading a device tensor instead would wait for everything
     queued since)."""
+    if not tensor.numel():  # (no logprobs but the sampled one's: top-0 columns)
+        return torch.empty(tensor.shape, dtype=tensor.dtype)
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     return host.copy_(tensor, non_blocking=True)
 
