@@ -5,6 +5,8 @@ and a mixed step."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -142,9 +144,13 @@ def test_the_prefill_part_of_a_mixed_step_reads_as_a_step_of_its_own():
 
     seq_lens, query_lens = [101, 38, 514, 200, 23, 70], [1, 1, 1, 200, 3, 1]
     whole = _batch(seq_lens, query_lens)
+    # int64 offsets, as the worker's InputBatch makes them: flashinfer reads int32 whatever it
+    # is given (an int64 array once reached its plan as garbage offsets).
+    whole = dataclasses.replace(whole, query_start_loc=whole.query_start_loc.astype(np.int64))
     views, indptr = _fill(whole, 0)
     decodes = 3
     qo_indptr, page_indptr, first_page = prefill_part(whole, indptr, decodes)
+    assert qo_indptr.dtype == page_indptr.dtype == np.int32
     alone = AttentionBatch(np.concatenate([[0], np.cumsum(query_lens[decodes:])]).astype(np.int32),
                            whole.seq_lens[decodes:], whole.num_blocks[decodes:], whole.block_table,
                            whole.table_rows[decodes:], whole.slot_mapping[whole.query_start_loc[decodes]:],

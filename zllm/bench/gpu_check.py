@@ -302,12 +302,19 @@ def check_engine(path: str, steps: int = 64) -> dict:
     runs["triton_eager"], _ = generate(
         path, steps, attention_backend="flashinfer", triton_decode_min_programs=1,
         enforce_eager=True)
+    # Mixed steps whose leading decodes run on the Triton kernel and the prompt chunks after
+    # them on flashinfer's prefill kernel: a 64-token budget chunks the prompts, so requests
+    # decode while later prompts are computed.
+    runs["triton_split"], _ = generate(
+        path, steps, attention_backend="flashinfer", triton_decode_min_programs=1,
+        max_num_batched_tokens=64, enforce_eager=False, async_scheduling=True)
     per_prompt = [first_divergence([x], [y]) for x, y in zip(runs["flashinfer_eager"], runs["torch"])]
     graph_vs_eager = first_divergence(runs["flashinfer_graph"], runs["flashinfer_eager"])
     parted = divergences(path, runs["flashinfer_eager"], runs["torch"])
     if "xqa_graph" in runs:
         parted += divergences(path, runs["xqa_graph"], runs["torch"])
     parted += divergences(path, runs["triton_graph"], runs["torch"])
+    parted += divergences(path, runs["triton_split"], runs["torch"])
     triton_graph_vs_eager = first_divergence(runs["triton_graph"], runs["triton_eager"])
     return {"steps": steps, "flashinfer_vs_torch_same_steps_per_prompt": per_prompt,
             "prompts_same_for_all_steps": sum(d == steps for d in per_prompt),

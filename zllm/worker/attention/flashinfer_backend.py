@@ -142,10 +142,12 @@ def leading_decodes(query_lens: np.ndarray, num_kv_heads: int, triton_min_progra
 def prefill_part(batch: AttentionBatch, indptr: np.ndarray,
                  decodes: int) -> tuple[np.ndarray, np.ndarray, int]:
     """What the prefill kernel reads of a mixed step whose first `decodes` requests run on
-    another kernel: the rest's query and page offsets, both counted from 0, and the first page of
-    the step's page list that is theirs."""
+    another kernel: the rest's query and page offsets, both counted from 0 and int32 (what
+    flashinfer reads, whatever the batch's own dtype), and the first page of the step's page
+    list that is theirs."""
     first_page = int(indptr[decodes])
-    return batch.query_start_loc[decodes:] - decodes, indptr[decodes:] - first_page, first_page
+    qo_indptr = (batch.query_start_loc[decodes:] - decodes).astype(np.int32)
+    return qo_indptr, (indptr[decodes:] - first_page).astype(np.int32), first_page
 
 
 def planless_kernel(num_reqs: int, num_kv_heads: int, xqa_max_batch: int,
