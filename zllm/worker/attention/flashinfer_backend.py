@@ -404,14 +404,17 @@ class FlashInferBackend(AttentionBackend):
                                 self.scale, out=out[:d], soft_cap=self.spec.logits_soft_cap,
                                 window=window)
             if d < q.shape[0]:  # a mixed step: the prefill kernel runs the requests after them
-                self._wrappers[window].run(q[d:].contiguous(), kv_cache, out=out[d:])
+                self._wrappers[window].run(q[d:], kv_cache, out=out[d:])
             return out
         if self._xqa_args is not None:
             page_table, seq_lens, max_len = self._xqa_args
             return self._xqa(q.contiguous(), kv_cache, self.xqa_workspace, page_table, seq_lens,
                              max_len, bmm1_scale=self.scale, window_left=_window_left(window),
                              out=out)
-        return self._wrappers[window].run(q.contiguous(), kv_cache, out=out)
+        # The prefill kernels read q through its strides (a view of the qkv projection's
+        # output): no copy of it per layer. Decode wrappers get a contiguous q.
+        return self._wrappers[window].run(q if self._wrappers is self.prefill else q.contiguous(),
+                                          kv_cache, out=out)
 
 
 def _window_left(window: Optional[int]) -> int:
