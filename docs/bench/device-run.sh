@@ -27,12 +27,14 @@
 #         steps-ahead (issue 11: batch-1 latency and W1 on Ray, async_steps_ahead 1 against 2, alternating).
 #         key (any config key KEY over RUNS="MODEL:VALUE ..." and WORKLOADS, one run per pair).
 #         linear-shapes (issue 11: each linear layer's matmul alone at 1, 256 and 8192 rows, F.linear
-#         against a transposed weight and split-K, against its floor).
+#         against a transposed weight and split-K, against its floor; LT_ALGOS=N adds the first N
+#         algorithms of cuBLASLt's heuristic).
 #         ab (this checkout's zllm against BASE's, ABBA, over RUNS="MODEL:WORKLOADS ...").
 #         worker-profile (issue 11: cProfile of the worker's host stages on the 1B shape at REQUESTS
 #         (default 1): which part of "plan" and "logits" is Python and which CUDA API time).
 #         profile-w1 (issue 11: W1 whole under torch.profiler, in process, on SHAPES: its kernel
-#         time against the GPU's span of its steps, and the lone prefill steps beside it).
+#         time against the GPU's span of its steps, and the lone prefill steps beside it; EXTRA:
+#         more flags for the bench, e.g. "--gemm-tuning-algos 16").
 # A flashinfer JIT cache saved by an earlier run ($OUT/fi-cache.tar.xz, copied to
 # .device/fi-cache.tar.xz here) is unpacked first: a fresh machine then skips most compiling.
 # structured wants SmolLM2's tokenizer in .device/smollm2-tokenizer (the GGUF is too large to
@@ -151,7 +153,7 @@ s.sort_stats('cumulative').print_callees(r'\((plan|_plan_graph|compute_logits|_s
       "$OUT/worker.prof" > "$OUT/worker-profile.txt" 2>&1; head -80 "$OUT/worker-profile.txt" ;;
   linear-shapes)
     timeout ${RUN_TIMEOUT:-200} python3 -m zllm.bench.linear_shapes --rows ${ROWS:-1,256,8192} \
-      --out "$OUT/linear-shapes.json" 2>&1 | grep '^{\|^best' | cut -c1-300 | tee -a "$OUT/log.txt" ;;
+      --shapes ${SHAPES:-llama-3.2-1b,llama-3.1-8b} --lt-algos ${LT_ALGOS:-0} --out "$OUT/linear-shapes.json" 2>&1 | grep '^{\|^best' | cut -c1-300 | tee -a "$OUT/log.txt" ;;
   ab)
     # This checkout against another's zllm (BASE: a folder holding a zllm package, e.g. main's
     # unpacked with `git archive main zllm | tar -x -C .ab-base`), run after run: each of RUNS
@@ -174,7 +176,7 @@ s.sort_stats('cumulative').print_callees(r'\((plan|_plan_graph|compute_logits|_s
   profile-w1)
     for m in ${SHAPES:-llama-3.2-1b llama-3.1-8b}; do
       timeout ${RUN_TIMEOUT:-240} python3 -m zllm bench throughput --model $m --executors inproc --workload W1 \
-        --profile W1 --max-model-len 2304 --out "$OUT/profile-w1-$m.json" --markdown '' 2>&1 | grep -v "USDT" \
+        --profile W1 --max-model-len 2304 ${EXTRA:-} --out "$OUT/profile-w1-$m-$RANDOM.json" --markdown '' 2>&1 | grep -v "USDT" \
         | tail -40 | tee -a "$OUT/log.txt"
     done ;;
   graph-split)

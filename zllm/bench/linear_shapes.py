@@ -9,6 +9,8 @@ in several forms:
   nn         torch.mm(x, Wt), the weight stored transposed ([in, out], contiguous)
   splitk2/4  the inner dimension cut in 2 or 4, partial products in float32 (bmm), summed
   lt, nn_lt  linear and nn with cuBLASLt as torch's preferred BLAS library
+  algoN      with --lt-algos: the column-major product through cuBLASLt directly, with the
+             heuristic's N-th algorithm (algo0 is its first pick; zllm.worker.models.cublaslt)
 and for the LM head, whose logits are float32:
   head       torch.mm(x, W.t(), out_dtype=float32) (the engine's call)
   head_nn    the same on the transposed weight
@@ -83,27 +85,27 @@ def forms(name: str) -> dict[str, Form]:
 def time_form(fn, x: torch.Tensor, weights: list[torch.Tensor], transposed: list[torch.Tensor],
               reps: int = 20) -> float:
     """Seconds per call: a graph of one call per weight copy, replayed `reps` times."""
-    for w, wt in zip(weights, transposed):  # warm-up (cuBLAS handles, workspaces)
-        fn(x, w, wt)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for w, wt in zip(weights, transposed):
-            fn(x, w, wt)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / len(weights))
-    del graph
-    return sorted(times)[len(times) // 2]
+    from zllm.worker.models.cublaslt import time_graph
+    calls = [lambda w=w, wt=wt: fn(x, w, wt) for w, wt in zip(weights, transposed)]
+    return time_graph(calls, reps) / len(weights)
 
 
-def run(shapes: list[str], rows_list: list[int]) -> dict[str, Any]:
+def lt_forms(name: str, m: int, k: int, n: int, count: int) -> dict[str, tuple[Form, dict]]:
+    """The heuristic's first `count` cuBLASLt algorithms for the column-major product, by form
+    name, each with its configuration (tile, stages, split-K ...) for the report."""
+    from zllm.worker.models.cublaslt import LtMatmul
+    plan = LtMatmul(m, k, n, weight_column_major=True,
+                    out_dtype=torch.float32 if name == "lm_head" else torch.bfloat16)
+    out = torch.empty(m, n, dtype=plan.out_dtype, device="cuda")
+
+    def form(algo):
+        return lambda x, w, wt: plan.run(x, wt.t(), algo, out)
+    return {f"algo{i}": (form(a), {**a.config, "waves": round(a.waves, 2),
+                                   "workspace": a.workspace_bytes})
+            for i, a in enumerate(plan.candidates(count))}
+
+
+def run(shapes: list[str], rows_list: list[int], lt_algos: int = 0) -> dict[str, Any]:
     device = torch.device("cuda")
     hw = measure_hardware(device)
     results = []
@@ -120,7 +122,10 @@ def run(shapes: list[str], rows_list: list[int]) -> dict[str, Any]:
                 out_bytes = m * n * (4 if name == "lm_head" else 2)
                 floor = max((2 * k * n + 2 * m * k + out_bytes) / hw.copy_bytes_per_s,
                             2 * m * k * n / hw.matmul_flops_per_s)
-                for form, fn in forms(name).items():
+                every = {f: (fn, {}) for f, fn in forms(name).items()}
+                if lt_algos:
+                    every.update(lt_forms(name, m, k, n, lt_algos))
+                for form, (fn, config) in every.items():
                     if form.startswith("splitk") and k % int(form[-1]):
                         continue
                     try:
@@ -134,8 +139,10 @@ def run(shapes: list[str], rows_list: list[int]) -> dict[str, Any]:
                     results.append({"shape": shape, "linear": name, "in": k, "out": n,
                                     "rows": m, "form": form, "us": round(1e6 * t, 2),
                                     "floor_us": round(1e6 * floor, 2),
-                                    "of_floor": round(floor / t, 3), "rel_err": round(err, 5)})
-                    print(json.dumps(results[-1]), flush=True)
+                                    "of_floor": round(floor / t, 3), "rel_err": round(err, 5),
+                                    **config})
+                    if not form.startswith("algo"):
+                        print(json.dumps(results[-1]), flush=True)
             del weights, transposed
             torch.cuda.empty_cache()
     return {"hardware": hw.as_dict(), "rows": results}
@@ -151,8 +158,9 @@ def best_forms(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         us = {r["form"]: r["us"] for r in rs}
         best = min(rs, key=lambda r: r["us"])
         out.append({"shape": shape, "layer": name, "rows": m, "floor_us": rs[0]["floor_us"],
-                    **{f: us[f] for f in ("linear", "nn", "head") if f in us},
-                    "best": best["form"], "best_us": best["us"]})
+                    **{f: us[f] for f in ("linear", "nn", "head", "head_nn", "algo0") if f in us},
+                    "best": best["form"], "best_us": best["us"],
+                    **{c: best[c] for c in ("tile", "stages", "splitk", "swizzle") if c in best}})
     return out
 
 
@@ -161,14 +169,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="llama-3.2-1b,llama-3.1-8b")
     parser.add_argument("--rows", default="1,256,8192", help="rows per call, comma-separated")
+    parser.add_argument("--lt-algos", type=int, default=0,
+                        help="also time the first N algorithms of cuBLASLt's heuristic")
     add_report_args(parser, markdown="")
     args = parser.parse_args(argv)
-    report = run(args.shapes.split(","), [int(r) for r in args.rows.split(",")])
+    report = run(args.shapes.split(","), [int(r) for r in args.rows.split(",")], args.lt_algos)
     report["best"] = best_forms(report["rows"])
     for b in report["best"]:
         print("best", json.dumps(b), flush=True)
     write_results("Linear layers' matmuls alone (python -m zllm.bench.linear_shapes)",
-                  {"shapes": args.shapes, "rows": args.rows}, report.pop("rows"), args.out,
+                  {"shapes": args.shapes, "rows": args.rows, "lt_algos": args.lt_algos},
+                  report.pop("rows"), args.out,
                   args.markdown, extra=report)
     return 0
 
