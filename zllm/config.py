@@ -127,6 +127,13 @@ class DeviceConfig:
     # by default: on an H200 (2026-12-03) 1024 gave the same greedy tokens as eager but made
     # the 1B shape's W1 3-8% slower, with more host time per decode step (docs/benchmarks.md).
     piecewise_cuda_graph_tokens: int = 0
+    # CUDA: before the decode CUDA graphs are captured, time each linear layer's product at each
+    # graph batch size, and at the step token budget, through the first this-many algorithms of
+    # cuBLASLt's heuristic against torch's own call, and use the one at least 3% faster where
+    # there is one (zllm/worker/models/cublaslt.py); 0: torch's call everywhere. Off by
+    # default: on an H100 (2026-12-05) 16 made the 8B shape's batch-1 token 1.1% faster (6.39
+    # -> 6.32 ms) and W1 no faster, and tuning adds about 4 s to start-up (docs/benchmarks.md).
+    gemm_tuning_algos: int = 0
 
 
 @dataclass
@@ -262,6 +269,8 @@ class EngineConfig:
         check("xqa_decode_max_batch", d.xqa_decode_max_batch, d.xqa_decode_max_batch >= 0, ">= 0")
         check("triton_decode_min_programs", d.triton_decode_min_programs,
               d.triton_decode_min_programs >= 0, ">= 0")
+        check("gemm_tuning_algos", d.gemm_tuning_algos, 0 <= d.gemm_tuning_algos <= 64,
+              "between 0 and 64")
         srv = self.server
         check("port", srv.port, 0 <= srv.port <= 65535, "in [0, 65535]")
         check("max_request_bytes", srv.max_request_bytes, srv.max_request_bytes >= 1024, ">= 1024")

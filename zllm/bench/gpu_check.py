@@ -94,6 +94,49 @@ def check_kernels(device: torch.device) -> dict:
             continue
         ref = TorchPagedBackend(device, spec, bs)
         results.update({name + variant: r for name, r in _compare_backends(fi, ref, window).items()})
+    results.update(check_gemm_algos(device))
+    return results
+
+
+def check_gemm_algos(device: torch.device, count: int = 16) -> dict:
+    """Every one of cuBLASLt's first `count` algorithms, called through zllm's ctypes binding
+    (zllm/worker/models/cublaslt.py), against a float32 product: both weight layouts, bf16 and
+    float32 outputs, 1 to 256 rows."""
+    from zllm.worker.models.cublaslt import LtChoice, LtMatmul
+
+    torch.manual_seed(0)
+    results = {}
+    for m, k, n, column_major, out_dtype in ((1, 4096, 6144, True, torch.bfloat16),
+                                             (8, 256, 768, True, torch.bfloat16),
+                                             (256, 4096, 4096, True, torch.bfloat16),
+                                             (256, 1024, 2048, False, torch.bfloat16),
+                                             (40, 512, 32000, True, torch.float32)):
+        x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+        w = torch.randn(n, k, dtype=torch.bfloat16, device=device) * k ** -0.5
+        if column_major:
+            w = w.t().contiguous().t()
+        ref = x.float() @ w.float().t()
+        plan = LtMatmul(m, k, n, column_major, torch.bfloat16, out_dtype, device)
+        errs = [rel_err(plan.run(x, w, algo).float(), ref) for algo in plan.candidates(count)]
+        name = f"gemm_{m}x{k}x{n}_{'col' if column_major else 'row'}_{str(out_dtype)[6:]}"
+        results[name] = {"algos": len(errs), "worst_rel_err": max(errs, default=None),
+                         "ok": bool(errs) and max(errs) < REL_TOL}
+    # Algorithms found for 8192 rows (a prompt step's budget), used at other counts as the
+    # prefill choice is: each either refuses a count or computes it right.
+    errs, refused = [], 0
+    w = (torch.randn(4096, 1024, dtype=torch.bfloat16, device=device) / 32).t().contiguous().t()
+    for algo in LtMatmul(8192, 1024, 4096, True, device=device).candidates(count):
+        choice = LtChoice(algo, 1024, 4096, True, torch.bfloat16, torch.bfloat16, device)
+        for m in (4097, 5000, 8191, 8192):
+            x = torch.randn(m, 1024, dtype=torch.bfloat16, device=device)
+            out = choice.run(x, w)
+            if out is None:
+                refused += 1
+            else:
+                errs.append(rel_err(out.float(), x.float() @ w.float().t()))
+    results["gemm_prefill_choice_other_rows"] = {
+        "runs": len(errs), "refused": refused, "worst_rel_err": max(errs, default=None),
+        "ok": bool(errs) and max(errs) < REL_TOL}
     return results
 
 
@@ -308,6 +351,16 @@ def check_engine(path: str, steps: int = 64) -> dict:
     runs["triton_split"], _ = generate(
         path, steps, attention_backend="flashinfer", triton_decode_min_programs=1,
         max_num_batched_tokens=64, enforce_eager=False, async_scheduling=True)
+    # The matmuls through the cuBLASLt algorithms that timed fastest: in the decode graphs, and
+    # in the prompts' step (984 tokens: at least half the 1024-token budget tuned for).
+    tuned = {}
+    runs["triton_graph_gemm_tuned"], _ = generate(
+        path, steps, attention_backend="flashinfer", triton_decode_min_programs=1,
+        gemm_tuning_algos=16, max_num_batched_tokens=1024, enforce_eager=False,
+        async_scheduling=True, engine_process=False,
+        distributed_executor_backend="uni",
+        inspect=lambda llm: tuned.update(rows=llm.engine.engine_core.executor.worker
+                                         .model_runner.gemm_tuning))
     per_prompt = [first_divergence([x], [y]) for x, y in zip(runs["flashinfer_eager"], runs["torch"])]
     graph_vs_eager = first_divergence(runs["flashinfer_graph"], runs["flashinfer_eager"])
     parted = divergences(path, runs["flashinfer_eager"], runs["torch"])
@@ -315,12 +368,15 @@ def check_engine(path: str, steps: int = 64) -> dict:
         parted += divergences(path, runs["xqa_graph"], runs["torch"])
     parted += divergences(path, runs["triton_graph"], runs["torch"])
     parted += divergences(path, runs["triton_split"], runs["torch"])
+    parted += divergences(path, runs["triton_graph_gemm_tuned"], runs["torch"])
     triton_graph_vs_eager = first_divergence(runs["triton_graph"], runs["triton_eager"])
     return {"steps": steps, "flashinfer_vs_torch_same_steps_per_prompt": per_prompt,
             "prompts_same_for_all_steps": sum(d == steps for d in per_prompt),
             "divergences_vs_fp32": parted, "graph_vs_eager_same_steps": graph_vs_eager,
             "triton_graph_vs_eager_same_steps": triton_graph_vs_eager,
             "graph_replays": replays,
+            "gemm_tuning_chosen": [r for r in tuned.get("rows", []) if r["chosen"]],
+            "gemm_tuning_products": len(tuned.get("rows", [])),
             "seconds": {"torch": t_torch, "flashinfer_eager": t_eager, "flashinfer_graph": t_graph},
             "ok": (graph_vs_eager == steps and triton_graph_vs_eager == steps
                    and all(d["near_tie"] for d in parted)

@@ -205,6 +205,8 @@ class ModelRunner:
         sizes = graph_batch_sizes(self.config.scheduler.max_num_seqs)
         max_len = self.config.model.max_model_len or self.arch.max_position_embeddings
         self.attn.enable_cuda_graphs(sizes, max_blocks_per_req=-(-max_len // self.block_size))
+        if self.config.device.gemm_tuning_algos:
+            self._tune_gemms(sizes)
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.attn, sizes, self.device)
         self.graphs.capture(lambda bs: self.attn.plan(self._padding_batch(bs)))
         tokens = min(self.config.device.piecewise_cuda_graph_tokens,
@@ -213,6 +215,21 @@ class ModelRunner:
             self.piecewise = PiecewiseGraphs(self.model, self.kv_caches, self.model.attention_spec,
                                              piecewise_sizes(tokens), self.dtype, self.device)
             self.piecewise.capture()
+
+    def _tune_gemms(self, sizes: list[int]) -> None:
+        from zllm.worker.models.cublaslt import tune_model
+        t0 = time.perf_counter()
+        prefill = self.config.scheduler.max_num_batched_tokens
+        self.gemm_tuning = tune_model(self.model, sizes, prefill if prefill > sizes[-1] else 0,
+                                      self.config.device.gemm_tuning_algos)
+        counts = {use: [sum(r["chosen"] for r in self.gemm_tuning if r["use"] == use),
+                        sum(r["use"] == use for r in self.gemm_tuning)]
+                  for use in ("decode", "prefill")}
+        logger.info("cuBLASLt algorithms chosen in %.1f s: decode graphs %d of %d products x "
+                    "batch sizes, prefill %d of %d products; prefill: %s", time.perf_counter() - t0,
+                    *counts["decode"], *counts["prefill"],
+                    [(r["in"], r["out"], round(r["torch_us"], 1), round(r["best_us"], 1))
+                     for r in self.gemm_tuning if r["use"] == "prefill"])
 
     def _padding_batch(self, num_rows: int) -> AttentionBatch:
         """A decode batch of padding rows only (for capturing graphs)."""

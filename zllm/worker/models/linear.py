@@ -29,6 +29,7 @@ from fairscale.nn.model_parallel.initialize import (get_model_parallel_group,
 from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region
 from torch import nn
 
+from zllm.worker.models.cublaslt import TunedProduct
 from zllm.worker.models.weights import Piece
 
 
@@ -44,7 +45,7 @@ def _sibling(prefix: str, name: str) -> str:
     return f"{parent}.{name}" if parent else name
 
 
-class ColumnParallelLinear(fairscale.ColumnParallelLinear):
+class ColumnParallelLinear(TunedProduct, fairscale.ColumnParallelLinear):
     """y = x W^T + b, W's rows split across ranks; several projections of the same input fused
     into one matmul. `sources` lists, per projection, its checkpoint module (beside this one) and
     the rows [start, end) of it that this rank holds, in output order. The output stays split
@@ -62,7 +63,10 @@ class ColumnParallelLinear(fairscale.ColumnParallelLinear):
         self.bias = _parameter(rows) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        out = self.tuned_product(x)
+        if out is None:
+            return F.linear(x, self.weight, self.bias)
+        return out if self.bias is None else out + self.bias
 
     @classmethod
     def split(cls, in_features: int, out_features: int, names: tuple[str, ...],
@@ -101,7 +105,7 @@ class QKVParallelLinear(ColumnParallelLinear):
                 v.view(-1, self.num_kv_heads, self.head_dim))
 
 
-class RowParallelLinear(fairscale.RowParallelLinear):
+class RowParallelLinear(TunedProduct, fairscale.RowParallelLinear):
     """y = x W^T + b, W's columns (input features) split across ranks, the input already split
     the same way; the partial products are all-reduced, then the (unsplit) bias is added once
     (as fairscale's with input_is_parallel=True)."""
@@ -118,7 +122,9 @@ class RowParallelLinear(fairscale.RowParallelLinear):
         self.group = get_model_parallel_group() if tp > 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+        out = self.tuned_product(x)
+        if out is None:
+            out = F.linear(x, self.weight)
         if self.group is not None:
             torch.distributed.all_reduce(out, group=self.group)
         return out if self.bias is None else out + self.bias
@@ -156,7 +162,7 @@ class VocabParallelEmbedding(fairscale.VocabParallelEmbedding):
         return [Piece(f"{prefix}.{param}", 0, self.start, self.end)]
 
 
-class ParallelLMHead(fairscale.ColumnParallelLinear):
+class ParallelLMHead(TunedProduct, fairscale.ColumnParallelLinear):
     """The output projection, split over the vocabulary like the embedding (whose weight it may
     share). Logits are gathered to the full vocabulary on every rank, so all ranks sample alike."""
 
@@ -171,14 +177,16 @@ class ParallelLMHead(fairscale.ColumnParallelLinear):
         # Tied: the embedding's [vocab / tp, hidden] shard, loaded under the embedding's name.
         self.tied = tied_to is not None
         self.weight = tied_to.weight if self.tied else _parameter(size, hidden_size)
+        self.lt_out_dtype, self.lt_tune_prefill = torch.float32, False  # rows: sequences
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [T, vocab]. On CUDA the 16-bit matmul writes float32 directly: rounding
         logits to bf16 (8 bits of mantissa) would turn many close candidates into exact ties and
         make greedy decoding depend on kernel choice."""
-        if hidden.is_cuda and hidden.dtype != torch.float32:
+        logits = self.tuned_product(hidden)
+        if logits is None and hidden.is_cuda and hidden.dtype != torch.float32:
             logits = torch.mm(hidden, self.weight.t(), out_dtype=torch.float32)
-        else:
+        elif logits is None:
             logits = F.linear(hidden, self.weight).float()
         return gather_from_model_parallel_region(logits)
 
