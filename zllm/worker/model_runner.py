@@ -219,17 +219,10 @@ class ModelRunner:
     def _tune_gemms(self, sizes: list[int]) -> None:
         from zllm.worker.models.cublaslt import tune_model
         t0 = time.perf_counter()
-        prefill = self.config.scheduler.max_num_batched_tokens
-        self.gemm_tuning = tune_model(self.model, sizes, prefill if prefill > sizes[-1] else 0,
-                                      self.config.device.gemm_tuning_algos)
-        counts = {use: [sum(r["chosen"] for r in self.gemm_tuning if r["use"] == use),
-                        sum(r["use"] == use for r in self.gemm_tuning)]
-                  for use in ("decode", "prefill")}
-        logger.info("cuBLASLt algorithms chosen in %.1f s: decode graphs %d of %d products x "
-                    "batch sizes, prefill %d of %d products; prefill: %s", time.perf_counter() - t0,
-                    *counts["decode"], *counts["prefill"],
-                    [(r["in"], r["out"], round(r["torch_us"], 1), round(r["best_us"], 1))
-                     for r in self.gemm_tuning if r["use"] == "prefill"])
+        self.gemm_tuning = tune_model(self.model, sizes, self.config.device.gemm_tuning_algos)
+        logger.info("cuBLASLt algorithms chosen for %d of %d products x batch sizes in %.1f s",
+                    sum(r["chosen"] for r in self.gemm_tuning), len(self.gemm_tuning),
+                    time.perf_counter() - t0)
 
     def _padding_batch(self, num_rows: int) -> AttentionBatch:
         """A decode batch of padding rows only (for capturing graphs)."""

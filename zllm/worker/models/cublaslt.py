@@ -8,9 +8,10 @@ though at W1's 256-row decode none beat torch's call by more than 1%.
 
 `LtMatmul` holds the descriptors of one product shape: `candidates` lists the heuristic's
 algorithms for it, `run` calls one. `tune_model` times them against torch's call over the
-model's own weights and hands the winners to the linear layers (`TunedProduct`), for the
-decode CUDA graphs' batch sizes and for steps of many prompt tokens (the
-`gemm_tuning_algos` config key).
+model's own weights and hands the winners to the linear layers (`TunedProduct`) for the
+decode CUDA graphs' batch sizes (the `gemm_tuning_algos` config key). Not for steps with
+prompt tokens: choices timed this way at 8192 rows made the 8B's prompt step's GEMMs slower
+in the engine (166.3 against 162.7 ms, H100), though faster in the tuner's own timing.
 
 The product is y[m, n] = x[m, k] W^T for a weight W [n, k] stored row-major (as checkpoints
 store it) or column-major (`column_major_linears`), bf16 or fp16 in, the same or float32 out,
@@ -65,7 +66,6 @@ def _load_library() -> ctypes.CDLL:
         "cublasLtMatmulPreferenceDestroy": [p],
         "cublasLtMatmulAlgoGetHeuristic": [p, p, p, p, p, p, p, i, p, p],
         "cublasLtMatmulAlgoConfigGetAttribute": [p, i, p, size, p],
-        "cublasLtMatmulAlgoCheck": [p, p, p, p, p, p, p, p],
         "cublasLtMatmulDescDestroy": [p],
         "cublasLtMatrixLayoutDestroy": [p],
         "cublasLtMatmul": [p, p, p, p, p, p, p, p, p, p, p, p, p, p, size, p],
@@ -166,14 +166,6 @@ class LtMatmul:
                 algos.append(LtAlgo(r.algo, r.workspace_size, r.waves, self._config(r.algo)))
         return algos
 
-    def accepts(self, algo: LtAlgo) -> bool:
-        """Whether `algo` (found for this product at another row count) runs this one."""
-        result = _HeuristicResult()
-        return self.lib.cublasLtMatmulAlgoCheck(
-            self.handle, self.desc, self.a_layout, self.b_layout, self.d_layout, self.d_layout,
-            ctypes.byref(algo.algo), ctypes.byref(result)) == 0 and (
-                result.workspace_size <= WORKSPACE_BYTES)
-
     def _config(self, algo: _Algo) -> dict[str, int]:
         config = {}
         for name, attr in _CONFIG_ATTRS.items():
@@ -202,53 +194,28 @@ class LtMatmul:
 
 class TunedProduct:
     """A linear layer whose matmul may run through a cuBLASLt algorithm that timed faster than
-    torch's own call on this GPU (`tune_model`): at the decode CUDA graphs' batch sizes, and in
-    steps of many prompt tokens. Elsewhere, and until tuned, torch's call."""
+    torch's own call on this GPU, at the decode CUDA graphs' batch sizes (`tune_model`).
+    Elsewhere, and until tuned, torch's call."""
 
-    lt_rows: Optional[dict[int, "LtChoice"]] = None  # exact row counts (decode graph sizes)
-    lt_prefill: Optional["LtChoice"] = None  # row counts from lt_prefill_rows up
-    lt_prefill_rows: int = 0
+    lt_rows: Optional[dict[int, "LtChoice"]] = None  # row count -> choice
     lt_out_dtype: Optional[torch.dtype] = None  # None: the weight's
-    lt_tune_prefill = True  # False where rows are sequences, not tokens (the LM head)
 
     def tuned_product(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """x @ weight.T through the algorithm tuned for x's row count, or None (call torch)."""
-        if (self.lt_rows is None and self.lt_prefill is None) or not x.is_contiguous():
+        if self.lt_rows is None or not x.is_contiguous():
             return None
-        m = x.shape[0]
-        choice = self.lt_rows.get(m) if self.lt_rows else None
-        if choice is None and self.lt_prefill is not None and m >= self.lt_prefill_rows:
-            choice = self.lt_prefill
+        choice = self.lt_rows.get(x.shape[0])
         return None if choice is None else choice.run(x, self.weight)
 
 
+@dataclass
 class LtChoice:
-    """The algorithm chosen for one product (in and out features, weight layout, dtypes), with
-    a plan per row count: made on first use, and None where the algorithm refuses that count
-    (the layer then calls torch). Tuned at one row count, an algorithm serves others: a step
-    with prompt tokens has a new count almost every time."""
+    """The algorithm chosen for one product at one row count."""
+    plan: LtMatmul
+    algo: LtAlgo
 
-    MAX_PLANS = 256  # row counts kept; past that the cache starts over
-
-    def __init__(self, algo: LtAlgo, k: int, n: int, column_major: bool, dtype: torch.dtype,
-                 out_dtype: torch.dtype, device: torch.device) -> None:
-        self.algo = algo
-        self.product = (k, n, column_major, dtype, out_dtype, device)
-        self.plans: dict[int, Optional[LtMatmul]] = {}
-
-    def plan(self, m: int) -> Optional[LtMatmul]:
-        if m not in self.plans:
-            if len(self.plans) >= self.MAX_PLANS:
-                self.plans.clear()
-            k, n, column_major, dtype, out_dtype, device = self.product
-            plan = LtMatmul(m, k, n, column_major, dtype, out_dtype, device)
-            self.plans[m] = plan if plan.accepts(self.algo) else None
-        return self.plans[m]
-
-    def run(self, x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
-        """x @ weight.T through the algorithm, or None where it refuses x's row count."""
-        plan = self.plan(x.shape[0])
-        return None if plan is None else plan.run(x, weight, self.algo)
+    def run(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.plan.run(x, weight, self.algo)
 
 
 def time_graph(calls: list, reps: int = 3) -> float:
@@ -315,8 +282,7 @@ def tune_linears(layers: list[torch.nn.Module], sizes: list[int], count: int,
                     best, best_s = algo, s
             chosen = best is not None and best_s < torch_s * (1 - min_gain)
             if chosen:
-                choice = LtChoice(best, k, n, column_major, w0.dtype, out_dtype, w0.device)
-                choice.plans[m] = plan
+                choice = LtChoice(plan, best)
                 for i in members:
                     choices[m][i] = choice
             report.append({"in": k, "out": n, "rows": m, "torch_us": 1e6 * torch_s / len(weights),
@@ -325,23 +291,14 @@ def tune_linears(layers: list[torch.nn.Module], sizes: list[int], count: int,
     return choices, report
 
 
-def tune_model(model: torch.nn.Module, decode_sizes: list[int], prefill_rows: int,
-               count: int) -> list[dict]:
-    """Tune every TunedProduct of `model`: at each decode graph batch size, and at
-    `prefill_rows` (the step token budget) for steps of at least half as many rows (0: no
-    prefill tuning). Returns the report rows, each with its `use` (decode or prefill)."""
+def tune_model(model: torch.nn.Module, sizes: list[int], count: int) -> list[dict]:
+    """Tune every bias-free TunedProduct of `model` at each of the decode graphs' batch `sizes`
+    (before they are captured). Returns the report rows."""
     # A layer with a bias would add it in a kernel of its own; torch's call fuses it.
     layers = [m for m in model.modules()
               if isinstance(m, TunedProduct) and getattr(m, "bias", None) is None]
-    choices, report = tune_linears(layers, decode_sizes, count)
+    choices, report = tune_linears(layers, sizes, count)
     for i, layer in enumerate(layers):
         rows = {m: per_layer[i] for m, per_layer in choices.items() if per_layer[i] is not None}
         layer.lt_rows = rows or None
-    report = [{**r, "use": "decode"} for r in report]
-    prefill = [layer for layer in layers if layer.lt_tune_prefill]
-    if prefill_rows and prefill:
-        choices, more = tune_linears(prefill, [prefill_rows], count)
-        for layer, choice in zip(prefill, choices[prefill_rows]):
-            layer.lt_prefill, layer.lt_prefill_rows = choice, prefill_rows // 2
-        report += [{**r, "use": "prefill"} for r in more]
     return report
