@@ -32,6 +32,8 @@
 #         ab (this checkout's zllm against BASE's, ABBA, over RUNS="MODEL:WORKLOADS ...").
 #         worker-profile (issue 11: cProfile of the worker's host stages on the 1B shape at REQUESTS
 #         (default 1): which part of "plan" and "logits" is Python and which CUDA API time).
+#         prefill-attention (issue 11: W1's prompt step's attention alone: flashinfer's paged kernel at
+#         page sizes 16 and 64, auto and FA2, against its ragged kernel and the FLOP floor).
 #         profile-w1 (issue 11: W1 whole under torch.profiler, in process, on SHAPES: its kernel
 #         time against the GPU's span of its steps, and the lone prefill steps beside it; EXTRA:
 #         more flags for the bench, e.g. "--gemm-tuning-algos 16").
@@ -179,6 +181,9 @@ s.sort_stats('cumulative').print_callees(r'\((plan|_plan_graph|compute_logits|_s
         --profile W1 --max-model-len 2304 ${EXTRA:-} --out "$OUT/profile-w1-$m-$RANDOM.json" --markdown '' 2>&1 | grep -v "USDT" \
         | tail -40 | tee -a "$OUT/log.txt"
     done ;;
+  prefill-attention)
+    timeout ${RUN_TIMEOUT:-300} python3 -m zllm.bench.prefill_attention --out "$OUT/prefill-attention.json" \
+      2>&1 | grep '^{' | tee -a "$OUT/log.txt" ;;
   graph-split)
     timeout 200 python3 -m zllm.bench.decode_attention --batches 1,8,32,64,128,256 --contexts 640,2048 \
       --layouts NHD --block-sizes 16 --modes graph,graph-nosplit --out "$OUT/graph-split.json" 2>&1 \
