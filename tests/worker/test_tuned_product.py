@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from zllm import LLM, SamplingParams
-from zllm.worker.models.cublaslt import TunedProduct
+from zllm.worker.models.gemm_tuning import TunedProduct
 from tests.conftest import PROMPTS
 
 
@@ -42,3 +42,39 @@ def test_tuned_rows_route_to_the_choice_and_keep_greedy_output(gqa_model, hf):
     # (more rows) ran torch's call.
     assert set(choice.rows) == {3}
     assert len(choice.rows) == len(layers) * 7 + 1
+
+
+class FixedChoice:
+    """A choice whose product is a known tensor, to see that the layer returns it."""
+
+    def __init__(self, out) -> None:
+        self.out = out
+
+    def run(self, x, weight):
+        return self.out.clone()
+
+
+def test_tuned_product_is_what_the_layer_returns(gqa_model):
+    import torch
+
+    from zllm.worker.models.linear import ColumnParallelLinear
+
+    with LLM(gqa_model, device="cpu", engine_process=False) as llm:
+        model = llm.engine.engine_core.executor.worker.model_runner.model
+        layer0 = model.model.layers[0]
+        biased = ColumnParallelLinear(8, [("q_proj", 0, 4)], bias=True)
+        biased.weight.data.normal_()
+        biased.bias.data.copy_(torch.arange(4.0))
+        for layer in (layer0.self_attn.o_proj, layer0.mlp.gate_up_proj, model.lm_head, biased):
+            rows, n = 2, layer.weight.shape[0]
+            x = torch.randn(rows, layer.weight.shape[1])
+            fixed = torch.full((rows, n), 7.0)
+            layer.lt_rows = {rows: FixedChoice(fixed)}
+            bias = 0 if layer.bias is None else layer.bias
+            assert torch.equal(layer(x), fixed + bias), layer
+            # Other row counts, and inputs the choice cannot take, go to torch's call.
+            assert torch.allclose(layer(x[:1]), F.linear(x[:1], layer.weight) + bias, atol=1e-5)
+            strided = torch.randn(layer.weight.shape[1], rows).t()
+            assert torch.allclose(layer(strided), F.linear(strided, layer.weight) + bias,
+                                  atol=1e-5)
+            layer.lt_rows = None

@@ -85,7 +85,7 @@ def forms(name: str) -> dict[str, Form]:
 def time_form(fn, x: torch.Tensor, weights: list[torch.Tensor], transposed: list[torch.Tensor],
               reps: int = 20) -> float:
     """Seconds per call: a graph of one call per weight copy, replayed `reps` times."""
-    from zllm.worker.models.cublaslt import time_graph
+    from zllm.worker.models.gemm_tuning import time_graph
     calls = [lambda w=w, wt=wt: fn(x, w, wt) for w, wt in zip(weights, transposed)]
     return time_graph(calls, reps) / len(weights)
 

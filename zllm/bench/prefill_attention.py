@@ -9,7 +9,8 @@ kernel at 5.5 ms of 184 (H100, 2026-12-05), several times its FLOP floor. For ea
 times, per layer call: the paged kernel at page sizes 16 and 64, with flashinfer's automatic
 backend choice (the engine's) and with its FA2 kernels; and the ragged kernel, which reads K
 and V from the step's own tensors (what a step whose prompts have nothing cached could use).
-Each is checked against the engine's call (max_abs_err); the floor is the causal attention's
+Each is checked against the first that runs, the engine's call (max_abs_err; `against` names
+it); each is timed eagerly, host launch included; the floor is the causal attention's
 FLOPs over the matmul rate measured in the same run. On a GPU only.
 """
 
@@ -88,11 +89,12 @@ def run(shapes: list[str], prompts: int, length: int) -> dict[str, Any]:
                 print(json.dumps({"shape": shape, "variant": name, "error": repr(e)[:300]}))
                 continue
             if reference is None:
-                reference = out.float()
+                reference, reference_name = out.float(), name
             rows.append({"shape": shape, "variant": name, "prompts": prompts, "length": length,
                          "us": round(1e6 * t, 1), "floor_us": round(1e6 * floor, 1),
                          "of_floor": round(floor / t, 3),
-                         "max_abs_err": round((out.float() - reference).abs().max().item(), 4)})
+                         "max_abs_err": round((out.float() - reference).abs().max().item(), 4),
+                         "against": reference_name})
             print(json.dumps(rows[-1]), flush=True)
     return {"hardware": hw.as_dict(), "rows": rows}
 

@@ -41,6 +41,7 @@ from zllm.worker.attention.base import AttentionBatch, make_attention_backend
 from zllm.worker.cuda_graphs import DecodeGraphs, PiecewiseGraphs, graph_batch_sizes, piecewise_sizes
 from zllm.worker.grammar import GrammarMatchers
 from zllm.worker.input_batch import InputBatch, StepInputs
+from zllm.worker.models.gemm_tuning import tune_model
 from zllm.worker.models.registry import build_model
 from zllm.worker.models.weights import load_weights
 from zllm.worker.sampler import (GREEDY, DevicePromptLogprobs, SampledLogprobs,
@@ -160,6 +161,7 @@ class ModelRunner:
         self.input_batch: InputBatch | None = None  # made with the cache, which sizes it
         self.scratch_block = 0  # padding rows of a CUDA-graph step write here (set with the cache)
         self.graphs: DecodeGraphs | None = None
+        self.gemm_tuning: list[dict] = []  # tune_model's report (gemm_tuning_algos)
         self.piecewise: PiecewiseGraphs | None = None
         self.launched: collections.deque[LaunchedStep] = collections.deque()  # not collected yet
         self.timer = HostTimer()
@@ -217,7 +219,6 @@ class ModelRunner:
             self.piecewise.capture()
 
     def _tune_gemms(self, sizes: list[int]) -> None:
-        from zllm.worker.models.cublaslt import tune_model
         t0 = time.perf_counter()
         self.gemm_tuning = tune_model(self.model, sizes, self.config.device.gemm_tuning_algos)
         logger.info("cuBLASLt algorithms chosen for %d of %d products x batch sizes in %.1f s",

@@ -1,4 +1,4 @@
-"""cuBLASLt matmuls with a chosen algorithm, through ctypes, and the tuner that chooses them.
+"""cuBLASLt matmuls with a chosen algorithm, through ctypes.
 
 torch picks one cuBLAS algorithm per call from cuBLAS's heuristic, and its TunableOp offers no
 alternatives on CUDA. The heuristic's first pick is not always its fastest: on an H100
@@ -7,15 +7,13 @@ ran the Llama-3.1-8B shape's qkv projection 10% faster at 8192 rows and 9% faste
 though at W1's 256-row decode none beat torch's call by more than 1%.
 
 `LtMatmul` holds the descriptors of one product shape: `candidates` lists the heuristic's
-algorithms for it, `run` calls one. `tune_model` times them against torch's call over the
-model's own weights and hands the winners to the linear layers (`TunedProduct`) for the
-decode CUDA graphs' batch sizes (the `gemm_tuning_algos` config key). Not for steps with
-prompt tokens: choices timed this way at 8192 rows made the 8B's prompt step's GEMMs slower
-in the engine (166.3 against 162.7 ms, H100), though faster in the tuner's own timing.
+algorithms for it (at most 8 here, however many are asked for), `run` calls one on torch's
+current stream (CUDA-graph capturable). zllm/worker/models/gemm_tuning.py times them.
 
 The product is y[m, n] = x[m, k] W^T for a weight W [n, k] stored row-major (as checkpoints
 store it) or column-major (`column_major_linears`), bf16 or fp16 in, the same or float32 out,
-float32 accumulation. CUDA only; the library is the one torch loaded.
+float32 accumulation, every pointer aligned to 256 bytes (the heuristic's default
+assumption; callers check it). CUDA only; the library is the one torch loaded.
 """
 
 from __future__ import annotations
@@ -34,6 +32,7 @@ _PREF_MAX_WORKSPACE_BYTES = 1  # cublasLtMatmulPreferenceAttributes_t
 _CONFIG_ATTRS = {"id": 0, "tile": 1, "splitk": 2, "reduction": 3, "swizzle": 4, "custom": 5,
                  "stages": 6}  # cublasLtMatmulAlgoConfigAttributes_t, all 32-bit
 WORKSPACE_BYTES = 32 * 2**20
+ALIGNMENT = 256  # bytes; the heuristic's algorithms may assume it of every pointer
 
 
 class _Algo(ctypes.Structure):
@@ -51,9 +50,9 @@ def _load_library() -> ctypes.CDLL:
     (a @ a).sum().item()
     with open("/proc/self/maps") as maps:
         paths = {line.split()[-1] for line in maps if "libcublasLt.so" in line}
-    if not paths:
-        raise RuntimeError("libcublasLt is not loaded in this process")
-    lib = ctypes.CDLL(sorted(paths)[0])
+    if len(paths) != 1:
+        raise RuntimeError(f"expected torch's one libcublasLt in this process, found {paths}")
+    lib = ctypes.CDLL(paths.pop())
     p, i, u64, i64, size = (ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_int64,
                             ctypes.c_size_t)
     signatures = {
@@ -190,115 +189,3 @@ class LtMatmul:
             ctypes.c_void_p(self.workspace.data_ptr()), ctypes.c_size_t(WORKSPACE_BYTES),
             stream), "matmul")
         return out
-
-
-class TunedProduct:
-    """A linear layer whose matmul may run through a cuBLASLt algorithm that timed faster than
-    torch's own call on this GPU, at the decode CUDA graphs' batch sizes (`tune_model`).
-    Elsewhere, and until tuned, torch's call."""
-
-    lt_rows: Optional[dict[int, "LtChoice"]] = None  # row count -> choice
-    lt_out_dtype: Optional[torch.dtype] = None  # None: the weight's
-
-    def tuned_product(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """x @ weight.T through the algorithm tuned for x's row count, or None (call torch)."""
-        if self.lt_rows is None or not x.is_contiguous():
-            return None
-        choice = self.lt_rows.get(x.shape[0])
-        return None if choice is None else choice.run(x, self.weight)
-
-
-@dataclass
-class LtChoice:
-    """The algorithm chosen for one product at one row count."""
-    plan: LtMatmul
-    algo: LtAlgo
-
-    def run(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return self.plan.run(x, weight, self.algo)
-
-
-def time_graph(calls: list, reps: int = 3) -> float:
-    """Median seconds of one replay of a CUDA graph of `calls` (after a warm-up replay)."""
-    for call in calls:
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del graph
-    return sorted(times)[len(times) // 2]
-
-
-TUNE_BYTES = 256 * 2**20  # weights a timing cycles through: several times any L2, as a forward
-
-
-def tune_linears(layers: list[torch.nn.Module], sizes: list[int], count: int,
-                 min_gain: float = 0.03) -> tuple[dict[int, list[LtChoice]], list[dict]]:
-    """For each product among `layers` (in and out features, weight layout, output dtype) at
-    each row count in `sizes`: the cuBLASLt algorithm among the heuristic's first `count` that
-    beats torch's own call by at least `min_gain`, timed over the product's own layers'
-    weights. `layers` have `weight` [out, in] and `lt_out_dtype` (None: the weight's).
-    Returns, by row count, the choice for each layer (None: torch's call), and one report row
-    per product and row count."""
-    groups: dict[tuple, list[int]] = {}
-    for i, layer in enumerate(layers):
-        w = layer.weight
-        groups.setdefault((w.shape[1], w.shape[0], w.stride(0) == 1, layer.lt_out_dtype),
-                          []).append(i)
-    choices: dict[int, list[Optional[LtChoice]]] = {m: [None] * len(layers) for m in sizes}
-    report = []
-    for (k, n, column_major, out_dtype), members in groups.items():
-        w0 = layers[members[0]].weight
-        per_copy = w0.numel() * w0.itemsize
-        weights = [layers[i].weight for i in members[:max(1, -(-TUNE_BYTES // per_copy))]]
-        out_dtype = out_dtype or w0.dtype
-        for m in sizes:
-            x = torch.randn(m, k, dtype=w0.dtype, device=w0.device)
-            if out_dtype == w0.dtype:
-                own = [lambda w=w: torch.nn.functional.linear(x, w) for w in weights]
-            else:
-                own = [lambda w=w: torch.mm(x, w.t(), out_dtype=out_dtype) for w in weights]
-            torch_s = time_graph(own)
-            plan = LtMatmul(m, k, n, column_major, w0.dtype, out_dtype, w0.device)
-            out = torch.empty(m, n, dtype=out_dtype, device=w0.device)
-            best, best_s = None, torch_s
-            for algo in plan.candidates(count):
-                try:
-                    s = time_graph([lambda w=w, a=algo: plan.run(x, w, a, out) for w in weights])
-                except RuntimeError:  # an algorithm that refuses this product: skip it
-                    continue
-                if s < best_s:
-                    best, best_s = algo, s
-            chosen = best is not None and best_s < torch_s * (1 - min_gain)
-            if chosen:
-                choice = LtChoice(plan, best)
-                for i in members:
-                    choices[m][i] = choice
-            report.append({"in": k, "out": n, "rows": m, "torch_us": 1e6 * torch_s / len(weights),
-                           "best_us": 1e6 * best_s / len(weights), "chosen": chosen,
-                           **(best.config if chosen else {})})
-    return choices, report
-
-
-def tune_model(model: torch.nn.Module, sizes: list[int], count: int) -> list[dict]:
-    """Tune every bias-free TunedProduct of `model` at each of the decode graphs' batch `sizes`
-    (before they are captured). Returns the report rows."""
-    # A layer with a bias would add it in a kernel of its own; torch's call fuses it.
-    layers = [m for m in model.modules()
-              if isinstance(m, TunedProduct) and getattr(m, "bias", None) is None]
-    choices, report = tune_linears(layers, sizes, count)
-    for i, layer in enumerate(layers):
-        rows = {m: per_layer[i] for m, per_layer in choices.items() if per_layer[i] is not None}
-        layer.lt_rows = rows or None
-    return report

@@ -29,7 +29,7 @@ from fairscale.nn.model_parallel.initialize import (get_model_parallel_group,
 from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region
 from torch import nn
 
-from zllm.worker.models.cublaslt import TunedProduct
+from zllm.worker.models.gemm_tuning import TunedProduct
 from zllm.worker.models.weights import Piece
 
 

@@ -1,0 +1,148 @@
+"""Tuned matmuls for the linear layers: cuBLASLt algorithms timed at start-up.
+
+With the `gemm_tuning_algos` config key, the model runner calls `tune_model` before it captures
+the decode CUDA graphs. For each product (in and out features, weight layout, output dtype) at
+each of the graphs' batch sizes, it times torch's own call and the heuristic's algorithms
+(zllm/worker/models/cublaslt.py) over the model's own weights, checks each algorithm's result
+against torch's, and gives the linear layers (`TunedProduct`) the one at least 3% faster where
+there is one. A layer then uses it for any input with exactly that many rows: the decode
+graphs' steps, and an eager step (or the LM head of one) that happens to have that many.
+
+Not for steps of many prompt tokens: on an H100 (2026-12-05) algorithms chosen this way at
+8192 rows made the 8B shape's prompt step's GEMMs slower in the engine (166.3 against 162.7
+ms), though faster in the tuner's own timing. The choice can differ between two start-ups
+(a timing within a few percent), and so can a near-tie's greedy token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from zllm.worker.models.cublaslt import ALIGNMENT, LtAlgo, LtMatmul
+
+TUNE_BYTES = 256 * 2**20  # weights a timing cycles through: several times any L2, as a forward
+REL_TOL = 1e-2  # an algorithm's result against torch's, both 16-bit
+
+
+@dataclass
+class LtChoice:
+    """The algorithm chosen for one product at one row count."""
+    plan: LtMatmul
+    algo: LtAlgo
+
+    def run(self, x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
+        """x @ weight.T, or None where x is not as the algorithm may assume."""
+        if x.dtype != weight.dtype or x.data_ptr() % ALIGNMENT:
+            return None
+        return self.plan.run(x, weight, self.algo)
+
+
+class TunedProduct:
+    """A linear layer whose matmul may run through a cuBLASLt algorithm that timed faster than
+    torch's own call on this GPU, at the row counts `tune_model` tuned it for. Elsewhere, and
+    until tuned, torch's call."""
+
+    lt_rows: Optional[dict[int, LtChoice]] = None  # row count -> choice
+    lt_out_dtype: Optional[torch.dtype] = None  # None: the weight's
+
+    def tuned_product(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """x @ weight.T through the algorithm tuned for x's row count, or None (call torch)."""
+        if self.lt_rows is None:
+            return None
+        choice = self.lt_rows.get(x.shape[0])
+        if choice is None or not x.is_contiguous():
+            return None
+        return choice.run(x, self.weight)
+
+
+def time_graph(calls: list[Callable[[], object]], reps: int = 3) -> float:
+    """Median seconds of one replay of a CUDA graph of `calls` (after a warm-up replay)."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def tune_linears(layers: list[torch.nn.Module], sizes: list[int], count: int,
+                 min_gain: float = 0.03) -> tuple[dict[int, list[Optional[LtChoice]]], list[dict]]:
+    """For each product among `layers` (in and out features, weight layout, output dtype) at
+    each row count in `sizes`: the cuBLASLt algorithm among the heuristic's first `count` that
+    beats torch's own call by at least `min_gain`, timed over the product's own layers'
+    weights, among those whose result matches torch's. `layers` have `weight` [out, in] and
+    `lt_out_dtype` (None: the weight's). Returns, by row count, the choice for each layer (None: torch's call), and one report row
+    per product and row count."""
+    groups: dict[tuple, list[int]] = {}
+    for i, layer in enumerate(layers):
+        w = layer.weight
+        groups.setdefault((w.shape[1], w.shape[0], w.stride(0) == 1, layer.lt_out_dtype),
+                          []).append(i)
+    choices: dict[int, list[Optional[LtChoice]]] = {m: [None] * len(layers) for m in sizes}
+    report = []
+    for (k, n, column_major, out_dtype), members in groups.items():
+        w0 = layers[members[0]].weight
+        per_copy = w0.numel() * w0.itemsize
+        weights = [layers[i].weight for i in members[:max(1, -(-TUNE_BYTES // per_copy))]]
+        out_dtype = out_dtype or w0.dtype
+        for m in sizes:
+            x = torch.randn(m, k, dtype=w0.dtype, device=w0.device)
+            if out_dtype == w0.dtype:
+                own = [lambda w=w: torch.nn.functional.linear(x, w) for w in weights]
+            else:
+                own = [lambda w=w: torch.mm(x, w.t(), out_dtype=out_dtype) for w in weights]
+            expected = own[0]()
+            torch_s = time_graph(own)
+            plan = LtMatmul(m, k, n, column_major, w0.dtype, out_dtype, w0.device)
+            out = torch.empty(m, n, dtype=out_dtype, device=w0.device)
+            best, best_s = None, torch_s
+            for algo in plan.candidates(count):
+                try:
+                    if _rel_err(plan.run(x, weights[0], algo, out), expected) > REL_TOL:
+                        continue
+                    s = time_graph([lambda w=w, a=algo: plan.run(x, w, a, out) for w in weights])
+                except RuntimeError:  # an algorithm that refuses this product: skip it
+                    continue
+                if s < best_s:
+                    best, best_s = algo, s
+            chosen = best is not None and best_s < torch_s * (1 - min_gain)
+            if chosen:
+                choice = LtChoice(plan, best)
+                for i in members:
+                    choices[m][i] = choice
+            report.append({"in": k, "out": n, "rows": m, "torch_us": 1e6 * torch_s / len(weights),
+                           "best_us": 1e6 * best_s / len(weights), "chosen": chosen,
+                           **(best.config if chosen else {})})
+    return choices, report
+
+
+def tune_model(model: torch.nn.Module, sizes: list[int], count: int) -> list[dict]:
+    """Tune every bias-free TunedProduct of `model` at each of the decode graphs' batch `sizes`
+    (before they are captured). Returns the report rows."""
+    # A layer with a bias would add it in a kernel of its own; torch's call fuses it.
+    layers = [m for m in model.modules()
+              if isinstance(m, TunedProduct) and getattr(m, "bias", None) is None]
+    choices, report = tune_linears(layers, sizes, count)
+    for i, layer in enumerate(layers):
+        rows = {m: per_layer[i] for m, per_layer in choices.items() if per_layer[i] is not None}
+        layer.lt_rows = rows or None
+    return report
