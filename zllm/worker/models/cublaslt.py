@@ -117,7 +117,7 @@ class LtMatmul:
         self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
 
     def __del__(self) -> None:
-        # Descriptors are host memory of the library; a plan cache that starts over frees them.
+        # Descriptors are host memory of the library: free those of plans the tuner drops.
         for name in ("a_layout", "b_layout", "d_layout"):
             if getattr(self, name, None):
                 self.lib.cublasLtMatrixLayoutDestroy(getattr(self, name))

@@ -84,25 +84,26 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def tune_linears(layers: list[torch.nn.Module], sizes: list[int], count: int,
-                 min_gain: float = 0.03) -> tuple[dict[int, list[Optional[LtChoice]]], list[dict]]:
-    """For each product among `layers` (in and out features, weight layout, output dtype) at
-    each row count in `sizes`: the cuBLASLt algorithm among the heuristic's first `count` that
-    beats torch's own call by at least `min_gain`, timed over the product's own layers'
-    weights, among those whose result matches torch's. `layers` have `weight` [out, in] and
-    `lt_out_dtype` (None: the weight's). Returns, by row count, the choice for each layer (None: torch's call), and one report row
+def tune_model(model: torch.nn.Module, sizes: list[int], count: int,
+               min_gain: float = 0.03) -> list[dict]:
+    """Give each bias-free TunedProduct of `model`, at each row count in `sizes` (the decode
+    graphs' batch sizes, before they are captured), the cuBLASLt algorithm among the
+    heuristic's first `count` that beats torch's own call by at least `min_gain`, among those
+    whose result matches torch's. Layers with the same product (in and out features, weight
+    layout, output dtype) are timed together, over their own weights. Returns one report row
     per product and row count."""
-    groups: dict[tuple, list[int]] = {}
-    for i, layer in enumerate(layers):
-        w = layer.weight
-        groups.setdefault((w.shape[1], w.shape[0], w.stride(0) == 1, layer.lt_out_dtype),
-                          []).append(i)
-    choices: dict[int, list[Optional[LtChoice]]] = {m: [None] * len(layers) for m in sizes}
+    # A layer with a bias would add it in a kernel of its own; torch's call fuses it.
+    groups: dict[tuple, list[TunedProduct]] = {}
+    for layer in model.modules():
+        if isinstance(layer, TunedProduct) and getattr(layer, "bias", None) is None:
+            w = layer.weight
+            key = (w.shape[1], w.shape[0], w.stride(0) == 1, layer.lt_out_dtype)
+            groups.setdefault(key, []).append(layer)
     report = []
     for (k, n, column_major, out_dtype), members in groups.items():
-        w0 = layers[members[0]].weight
+        w0 = members[0].weight
         per_copy = w0.numel() * w0.itemsize
-        weights = [layers[i].weight for i in members[:max(1, -(-TUNE_BYTES // per_copy))]]
+        weights = [layer.weight for layer in members[:max(1, -(-TUNE_BYTES // per_copy))]]
         out_dtype = out_dtype or w0.dtype
         for m in sizes:
             x = torch.randn(m, k, dtype=w0.dtype, device=w0.device)
@@ -127,22 +128,9 @@ def tune_linears(layers: list[torch.nn.Module], sizes: list[int], count: int,
             chosen = best is not None and best_s < torch_s * (1 - min_gain)
             if chosen:
                 choice = LtChoice(plan, best)
-                for i in members:
-                    choices[m][i] = choice
+                for layer in members:
+                    layer.lt_rows = {**(layer.lt_rows or {}), m: choice}
             report.append({"in": k, "out": n, "rows": m, "torch_us": 1e6 * torch_s / len(weights),
                            "best_us": 1e6 * best_s / len(weights), "chosen": chosen,
                            **(best.config if chosen else {})})
-    return choices, report
-
-
-def tune_model(model: torch.nn.Module, sizes: list[int], count: int) -> list[dict]:
-    """Tune every bias-free TunedProduct of `model` at each of the decode graphs' batch `sizes`
-    (before they are captured). Returns the report rows."""
-    # A layer with a bias would add it in a kernel of its own; torch's call fuses it.
-    layers = [m for m in model.modules()
-              if isinstance(m, TunedProduct) and getattr(m, "bias", None) is None]
-    choices, report = tune_linears(layers, sizes, count)
-    for i, layer in enumerate(layers):
-        rows = {m: per_layer[i] for m, per_layer in choices.items() if per_layer[i] is not None}
-        layer.lt_rows = rows or None
     return report

@@ -186,7 +186,7 @@ class ParallelLMHead(TunedProduct, fairscale.ColumnParallelLinear):
         logits = self.tuned_product(hidden)
         if logits is None and hidden.is_cuda and hidden.dtype != torch.float32:
             logits = torch.mm(hidden, self.weight.t(), out_dtype=torch.float32)
-        elif logits is None:
+        elif logits is None:  # CPU, or float32 weights
             logits = F.linear(hidden, self.weight).float()
         return gather_from_model_parallel_region(logits)
 
