@@ -28,7 +28,7 @@
 #         key (any config key KEY over RUNS="MODEL:VALUE ..." and WORKLOADS, one run per pair).
 #         linear-shapes (issue 11: each linear layer's matmul alone at 1, 256 and 8192 rows, F.linear
 #         against a transposed weight and split-K, against its floor; LT_ALGOS=N adds the first N
-#         algorithms of cuBLASLt's heuristic).
+#         algorithms of cuBLASLt's heuristic; EXTRA=--triton adds zllm's Triton kernel's tiles).
 #         ab (this checkout's zllm against BASE's, ABBA, over RUNS="MODEL:WORKLOADS ...").
 #         worker-profile (issue 11: cProfile of the worker's host stages on the 1B shape at REQUESTS
 #         (default 1): which part of "plan" and "logits" is Python and which CUDA API time).
@@ -155,7 +155,7 @@ s.sort_stats('cumulative').print_callees(r'\((plan|_plan_graph|compute_logits|_s
       "$OUT/worker.prof" > "$OUT/worker-profile.txt" 2>&1; head -80 "$OUT/worker-profile.txt" ;;
   linear-shapes)
     timeout ${RUN_TIMEOUT:-200} python3 -m zllm.bench.linear_shapes --rows ${ROWS:-1,256,8192} \
-      --shapes ${SHAPES:-llama-3.2-1b,llama-3.1-8b} --lt-algos ${LT_ALGOS:-0} --out "$OUT/linear-shapes.json" 2>&1 | grep '^{\|^best' | cut -c1-300 | tee -a "$OUT/log.txt" ;;
+      --shapes ${SHAPES:-llama-3.2-1b,llama-3.1-8b} --lt-algos ${LT_ALGOS:-0} ${EXTRA:-} --out "$OUT/linear-shapes.json" 2>&1 | grep '^{\|^best' | cut -c1-300 | tee -a "$OUT/log.txt" ;;
   ab)
     # This checkout against another's zllm (BASE: a folder holding a zllm package, e.g. main's
     # unpacked with `git archive main zllm | tar -x -C .ab-base`), run after run: each of RUNS

@@ -11,6 +11,8 @@ in several forms:
   lt, nn_lt  linear and nn with cuBLASLt as torch's preferred BLAS library
   algoN      with --lt-algos: the column-major product through cuBLASLt directly, with the
              heuristic's N-th algorithm (algo0 is its first pick; zllm.worker.models.cublaslt)
+  triN       with --triton: the column-major product through zllm's Triton kernel
+             (zllm.worker.models.triton_matmul), with the N-th of its tile configurations
 and for the LM head, whose logits are float32:
   head       torch.mm(x, W.t(), out_dtype=float32) (the engine's call)
   head_nn    the same on the transposed weight
@@ -105,7 +107,23 @@ def lt_forms(name: str, m: int, k: int, n: int, count: int) -> dict[str, tuple[F
             for i, a in enumerate(plan.candidates(count))}
 
 
-def run(shapes: list[str], rows_list: list[int], lt_algos: int = 0) -> dict[str, Any]:
+def triton_forms(name: str, m: int, k: int, n: int) -> dict[str, tuple[Form, dict]]:
+    """zllm's Triton kernel on the column-major weight, one form per tile configuration that
+    fits the product."""
+    from zllm.worker.models import triton_matmul as tm
+    out_dtype = torch.float32 if name == "lm_head" else torch.bfloat16
+    out = torch.empty(m, n, dtype=out_dtype, device="cuda")
+    configs = [c for c in tm.tile_configs(m) if c.fits(m, n, k)]
+    workspace = tm.Workspace(out.device, max(c.split_k for c in configs) * m * n,
+                             max(c.tiles(m, n) for c in configs))
+
+    def form(config):
+        return lambda x, w, wt: tm.matmul(x, wt.t(), config, workspace, out)
+    return {f"tri{i}": (form(c), c.config) for i, c in enumerate(configs)}
+
+
+def run(shapes: list[str], rows_list: list[int], lt_algos: int = 0,
+        triton: bool = False) -> dict[str, Any]:
     device = torch.device("cuda")
     hw = measure_hardware(device)
     results = []
@@ -125,6 +143,8 @@ def run(shapes: list[str], rows_list: list[int], lt_algos: int = 0) -> dict[str,
                 every = {f: (fn, {}) for f, fn in forms(name).items()}
                 if lt_algos:
                     every.update(lt_forms(name, m, k, n, lt_algos))
+                if triton:
+                    every.update(triton_forms(name, m, k, n))
                 for form, (fn, config) in every.items():
                     if form.startswith("splitk") and k % int(form[-1]):
                         continue
@@ -141,7 +161,7 @@ def run(shapes: list[str], rows_list: list[int], lt_algos: int = 0) -> dict[str,
                                     "floor_us": round(1e6 * floor, 2),
                                     "of_floor": round(floor / t, 3), "rel_err": round(err, 5),
                                     **config})
-                    if not form.startswith("algo"):
+                    if not form.startswith(("algo", "tri")):
                         print(json.dumps(results[-1]), flush=True)
             del weights, transposed
             torch.cuda.empty_cache()
@@ -160,7 +180,7 @@ def best_forms(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({"shape": shape, "layer": name, "rows": m, "floor_us": rs[0]["floor_us"],
                     **{f: us[f] for f in ("linear", "nn", "head", "head_nn", "algo0") if f in us},
                     "best": best["form"], "best_us": best["us"],
-                    **{c: best[c] for c in ("tile", "stages", "splitk", "swizzle") if c in best}})
+                    **{c: best[c] for c in ("tile", "stages", "splitk", "swizzle", "warps") if c in best}})
     return out
 
 
@@ -171,14 +191,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--rows", default="1,256,8192", help="rows per call, comma-separated")
     parser.add_argument("--lt-algos", type=int, default=0,
                         help="also time the first N algorithms of cuBLASLt's heuristic")
+    parser.add_argument("--triton", action="store_true",
+                        help="also time zllm's Triton kernel at each of its tile configurations")
     add_report_args(parser, markdown="")
     args = parser.parse_args(argv)
-    report = run(args.shapes.split(","), [int(r) for r in args.rows.split(",")], args.lt_algos)
+    report = run(args.shapes.split(","), [int(r) for r in args.rows.split(",")], args.lt_algos,
+                 args.triton)
     report["best"] = best_forms(report["rows"])
     for b in report["best"]:
         print("best", json.dumps(b), flush=True)
     write_results("Linear layers' matmuls alone (python -m zllm.bench.linear_shapes)",
-                  {"shapes": args.shapes, "rows": args.rows, "lt_algos": args.lt_algos},
+                  {"shapes": args.shapes, "rows": args.rows, "lt_algos": args.lt_algos,
+                   "triton": args.triton},
                   report.pop("rows"), args.out,
                   args.markdown, extra=report)
     return 0

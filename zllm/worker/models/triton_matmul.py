@@ -1,0 +1,160 @@
+"""x @ W^T in one Triton kernel with a chosen tile and split of the inner dimension.
+
+At W1's decode batch (256 rows) cuBLAS runs the Llama-3.1-8B shape's narrow products well
+short of their floor on an H100 (o: 18.2 us against 12.7; qkv 25.2 against 18.7; 2026-12-05,
+zllm.bench.linear_shapes), and none of cuBLASLt's heuristic algorithms does better. At 256 rows
+these products sit where their bytes and their FLOPs take about as long, and with 128 x 128
+tiles an [256, 4096] output is 64 tiles for 132 SMs. This kernel lets the tuner
+(zllm/worker/models/gemm_tuning.py) try other tiles and split the inner dimension (SPLIT_K) so
+that every SM works.
+
+Each program computes one BLOCK_M x BLOCK_N tile of the output over one of SPLIT_K equal slices
+of the inner dimension. Programs run the tiles of one column of W side by side (M fastest), so
+W is read from memory once. With SPLIT_K > 1 each program leaves its float32 partial sum in a
+workspace and takes a ticket for its tile; the last program of a tile adds the slices in order
+(so the result does not depend on which finished first), writes the output and puts the ticket
+counter back to zero for the next call. One launch, no memset: a CUDA graph captures it as one
+node.
+
+The weight may be row-major ([out, in] as checkpoints store it) or column-major (the engine's
+layout, see column_major_linears); its strides say which. On CPU the tests run it through
+Triton's interpreter (TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+    def fits(self, m: int, n: int, k: int) -> bool:
+        """Whether the inner dimension cuts into split_k slices of whole BLOCK_K steps."""
+        return k % (self.block_k * self.split_k) == 0
+
+    def tiles(self, m: int, n: int) -> int:
+        return triton.cdiv(m, self.block_m) * triton.cdiv(n, self.block_n)
+
+    @property
+    def config(self) -> dict:
+        """For reports: the tile and how it runs."""
+        return {"tile": f"{self.block_m}x{self.block_n}x{self.block_k}", "splitk": self.split_k,
+                "warps": self.num_warps, "stages": self.num_stages}
+
+
+def tile_configs(m: int) -> list[TileConfig]:
+    """The configurations worth timing for a product of m rows: tiles no taller than m needs
+    (tl.dot's smallest is 16 rows), wide and narrow, split 1, 2 or 4 ways, within an H100's
+    shared memory (stages x the tile's two operands in 16-bit)."""
+    block_ms = sorted({min(b, max(16, triton.next_power_of_2(m))) for b in (64, 128)})
+    out = []
+    for bm in block_ms:
+        for bn in (64, 128, 256):
+            for bk in (64, 128):
+                for split in (1, 2, 4):
+                    for warps, stages in ((4, 4), (8, 3)):
+                        if stages * (bm * bk + bk * bn) * 2 <= 200 * 1024:
+                            out.append(TileConfig(bm, bn, bk, split, warps, stages))
+    return out
+
+
+class Workspace:
+    """Float32 partial sums and per-tile ticket counters (zero between calls) for split-K calls.
+    A CUDA graph keeps the addresses it captured: size it before capturing."""
+
+    def __init__(self, device: torch.device, floats: int, tiles: int = 1 << 14) -> None:
+        self.partials = torch.empty(floats, dtype=torch.float32, device=device)
+        self.tickets = torch.zeros(tiles, dtype=torch.int32, device=device)
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, config: TileConfig,
+           workspace: Optional[Workspace] = None, out: Optional[torch.Tensor] = None,
+           out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """x [M, K] (unit stride along K) times weight [N, K]^T, into out [M, N] (out_dtype: x's by
+    default). Split-K configurations need a workspace of at least split_k * M * N floats and
+    as many tickets as output tiles."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if x.stride(1) != 1 or not config.fits(m, n, k):
+        raise ValueError(f"shape {tuple(x.shape)} strides {x.stride()}: needs unit stride along "
+                         f"the inner dimension and {k} a multiple of block_k * split_k "
+                         f"({config.block_k} * {config.split_k})")
+    if out is None:
+        out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+    tiles = config.tiles(m, n)
+    if config.split_k > 1:
+        if (workspace is None or workspace.partials.numel() < config.split_k * m * n
+                or workspace.tickets.numel() < tiles):
+            raise ValueError(f"split_k {config.split_k} at {m} x {n} needs a workspace of "
+                             f"{config.split_k * m * n} floats and {tiles} tickets")
+        partials, tickets = workspace.partials, workspace.tickets
+    else:
+        partials, tickets = out, out  # not read
+    _matmul_kernel[(tiles, config.split_k)](
+        x, weight, out, partials, tickets, m, n, k, x.stride(0), weight.stride(0),
+        weight.stride(1), out.stride(0), SPLIT_K=config.split_k, BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_M=m % config.block_m == 0,
+        EVEN_N=n % config.block_n == 0, num_warps=config.num_warps, num_stages=config.num_stages)
+    return out
+
+
+@triton.jit
+def _matmul_kernel(x_ptr, w_ptr, out_ptr, part_ptr, ticket_ptr, M, N, K, stride_xm, stride_wn,
+                   stride_wk, stride_om, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_M: tl.constexpr,
+                   EVEN_N: tl.constexpr):
+    tile = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    pid_m = tile % m_tiles  # M fastest: the tiles of one column of W run side by side
+    pid_n = tile // m_tiles
+    k_slice = K // SPLIT_K
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * k_slice + tl.arange(0, BLOCK_K)
+    m_ok = offs_m[:, None] < M
+    n_ok = offs_n[None, :] < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(0, k_slice, BLOCK_K):
+        if EVEN_M:
+            a = tl.load(x_ptrs)
+        else:
+            a = tl.load(x_ptrs, mask=m_ok, other=0.0)
+        if EVEN_N:
+            b = tl.load(w_ptrs)
+        else:
+            b = tl.load(w_ptrs, mask=n_ok, other=0.0)
+        acc = tl.dot(a, b, acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    mask = m_ok & n_ok
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    if SPLIT_K > 1:
+        # Leave this slice's sum; the tile's last program to arrive adds all slices in order.
+        p_offs = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(part_ptr + pid_k * M * N + p_offs, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken
+        ticket = tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                acc += tl.load(part_ptr + s * M * N + p_offs, mask=mask, other=0.0,
+                               cache_modifier=".cg")
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(ticket_ptr + tile, 0)
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
