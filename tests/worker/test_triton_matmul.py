@@ -1,0 +1,48 @@
+"""The tiled split-K Triton matmul (zllm/worker/models/triton_matmul.py) on Triton's CPU
+interpreter against float64 products: both weight layouts, ragged edges, splits of 1 to 4, a
+float32 output, and a second call on the same workspace (the tickets must read zero again).
+bfloat16 dots do not run in the interpreter, so the cases are float32 and float16;
+zllm.bench.linear_shapes --triton runs it in bfloat16 on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")  # Linux only (the test extra installs it there)
+
+# tests/conftest.py sets TRITON_INTERPRET before triton is imported.
+from zllm.worker.models import triton_matmul as tm  # noqa: E402
+
+CASES = [  # m, n, k, column-major weight, tile, output dtype (None: x's)
+    (5, 64, 128, True, tm.TileConfig(16, 32, 32, 2), None),
+    (40, 96, 256, False, tm.TileConfig(32, 64, 32, 4), None),
+    (64, 64, 128, True, tm.TileConfig(32, 32, 64, 1), torch.float32),
+    (33, 50, 64, True, tm.TileConfig(16, 32, 16, 2), torch.float32),
+]
+
+
+@pytest.mark.parametrize("m,n,k,column_major,config,out_dtype", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matmul_matches_float64(m, n, k, column_major, config, out_dtype, dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    if column_major:
+        w = w.t().contiguous().t()
+    ref = x.double() @ w.double().t()
+    ws = tm.Workspace(torch.device("cpu"), config.split_k * m * n, config.tiles(m, n))
+    for _ in range(2):
+        out = tm.matmul(x, w, config, ws, out_dtype=out_dtype)
+        assert out.dtype == (out_dtype or dtype) and out.shape == (m, n)
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert err < (1e-6 if out_dtype == torch.float32 or dtype == torch.float32 else 1e-3)
+        assert int(ws.tickets.abs().sum()) == 0
+
+
+def test_matmul_refuses_what_it_cannot_split():
+    x, w = torch.randn(4, 96), torch.randn(8, 96)
+    with pytest.raises(ValueError, match="96 a multiple of block_k \\* split_k \\(64 \\* 1\\)"):
+        tm.matmul(x, w, tm.TileConfig(16, 16, 64))
+    with pytest.raises(ValueError, match="needs a workspace"):
+        tm.matmul(x, w, tm.TileConfig(16, 16, 16, 2))
