@@ -90,12 +90,19 @@ class _AttendBetweenPieces:
     def __init__(self, owner: PiecewiseGraphs, attn, num_tokens: int) -> None:
         self.owner, self.attn, self.n = owner, attn, num_tokens
 
-    def forward(self, q, k, v, kv_cache, window=None):
+    def forward_rotated(self, rope, positions, q, k, v, kv_cache, window=None):
+        return self.forward(q, k, v, kv_cache, window, rope)
+
+    def forward(self, q, k, v, kv_cache, window=None, rope=None):
         o, n, size = self.owner, self.n, len(q)
         o.q[:size].copy_(q)
         o.k[:size].copy_(k)
         o.v[:size].copy_(v)
-        self.attn.forward(o.q[:n], o.k[:n], o.v[:n], kv_cache, window, out=o.out[:n])
+        if rope is None:
+            self.attn.forward(o.q[:n], o.k[:n], o.v[:n], kv_cache, window, out=o.out[:n])
+        else:  # as PiecewiseGraphs.replay calls it
+            self.attn.forward_rotated(rope, o.positions[:n], o.q[:n], o.k[:n], o.v[:n], kv_cache,
+                                      window, out=o.out[:n])
         return o.out[:size]
 
 

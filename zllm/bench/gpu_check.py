@@ -7,7 +7,8 @@ CI has no GPU, so this is a program to run on one, not a test. It checks, in bf1
      batch that mixes a fresh prompt, a prefill chunk over a cached prefix and decodes, on a
      pure-decode batch, and on a padded decode batch planned into a CUDA-graph wrapper's buffers
      by the light plan (fast_decode_plan); each with full attention, a sliding window, and
-     soft-capped scores; decodes also on XQA and on zllm's Triton kernel;
+     soft-capped scores; decodes also on XQA and on zllm's Triton kernel; zllm's fused RoPE +
+     K/V store against PyTorch's rotation and the torch backend's store;
   2. model: last-token logits of small random models (Llama; Mistral with a sliding window;
      Gemma 2 with alternating windows, soft-capping, GeGLU) agree between the two backends and
      between flashinfer's fused norm/RoPE/activation kernels and PyTorch's;
@@ -94,7 +95,55 @@ def check_kernels(device: torch.device) -> dict:
             continue
         ref = TorchPagedBackend(device, spec, bs)
         results.update({name + variant: r for name, r in _compare_backends(fi, ref, window).items()})
+    results.update(check_rope_store(device))
     results.update(check_gemm_algos(device))
+    return results
+
+
+def check_rope_store(device: torch.device) -> dict:
+    """FlashInferBackend's fused RoPE + K/V store (zllm/worker/attention/rope_store.py) against
+    PyTorch's rotation and the torch backend's store: attention output, the rotated q and k, and
+    the cache, on the mixed step and a padded graph decode step (plain wrappers, then Triton)."""
+    from zllm.worker.models.layers import FusedRotaryEmbedding, RotaryEmbedding
+
+    torch.manual_seed(0)
+    H, KVH, D, bs, N = 32, 8, 128, 16, 512
+    spec = AttentionSpec(H, KVH, D, scale=D ** -0.5)
+    fused = FusedRotaryEmbedding(D, 4096, 500000.0, None).to(device)
+    plain = RotaryEmbedding(D, 4096, 500000.0, None).to(device)
+    results = {}
+    for tag, kernel in (("", {}), ("_triton", dict(triton_min_programs=1))):
+        fi = FlashInferBackend(device, torch.bfloat16, spec, bs, max_num_tokens=1024, **kernel)
+        ref = TorchPagedBackend(device, spec, bs)
+        fi.enable_cuda_graphs([8], max_blocks_per_req=N // 8)
+        for name, cached, new, pad in [("mixed", [100, 37, 0, 513, 0], [1, 1, 200, 57, 3], 0),
+                                       ("decode_graph", [5, 16, 17, 300, 1023], [1] * 5, 3)]:
+            batch = make_batch(cached, new, bs, N, pad)
+            cache = torch.randn(N, 2, bs, KVH, D, device=device, dtype=torch.bfloat16)
+            cache_ref = cache.clone()
+            T = batch.num_tokens
+            qkv = torch.randn(T, (H + 2 * KVH) * D, device=device, dtype=torch.bfloat16)
+            q, k, v = (t.view(T, -1, D) for t in qkv.split([H * D, KVH * D, KVH * D], dim=-1))
+            positions = torch.from_numpy(batch.seq_lens - batch.query_lens).repeat_interleave(
+                torch.from_numpy(batch.query_lens)) + torch.cat(
+                [torch.arange(n) for n in batch.query_lens.tolist()])
+            positions = positions.to(device)
+            expect_q, expect_k = plain(positions, q.clone(), k.clone())
+            ref.plan(batch)
+            expect = ref.forward(expect_q.float(), expect_k.float(), v.float(), cache_ref.float())
+            fi.plan(batch)
+            if pad:  # then the light plan, as a replayed step takes it
+                fi.plan(batch)
+            out = fi.forward_rotated(fused, positions, q, k, v, cache)
+            real = T - pad
+            slots = torch.from_numpy(batch.slot_mapping).to(device)
+            cache_ref[slots // bs, 0, slots % bs] = expect_k
+            cache_ref[slots // bs, 1, slots % bs] = v
+            r = {"rel_err": rel_err(out[:real], expect[:real]),
+                 "q_rel_err": rel_err(q, expect_q), "k_rel_err": rel_err(k, expect_k),
+                 "cache_rel_err": rel_err(cache[:N - 1], cache_ref[:N - 1])}
+            r["ok"] = all(e < REL_TOL for e in r.values())
+            results[f"rope_store_{name}{tag}"] = r
     return results
 
 

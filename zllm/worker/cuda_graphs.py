@@ -21,9 +21,10 @@ the first layer's q/k/v, then each layer's output projection and MLP to the next
 then the last MLP to the final norm. A step replays piece 0, runs the first layer's attention
 eagerly (planned for the step's real tokens, not the padding), replays piece 1, and so on:
 L + 1 graph launches and L attention calls instead of the ten or more launches per layer that
-an eager forward makes from Python. Pieces hand q, k and v to attention, and take its output
-back, through static buffers that every size shares; padding rows compute on stale inputs and
-are never read.
+an eager forward makes from Python. Pieces hand q, k and v to attention (unrotated: RoPE runs
+in the attention call, as in an eager step, where the backend may fuse it with its K/V store),
+and take its output back, through static buffers that every size shares; padding rows compute
+on stale inputs and are never read.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -139,7 +140,9 @@ class PiecewiseGraphs:
         self.out = torch.zeros(largest, heads, dim, dtype=dtype, device=device)
         self.pieces: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.hidden: dict[int, torch.Tensor] = {}
-        self.calls: list[tuple[torch.Tensor, Optional[int]]] = []  # each layer's (cache, window)
+        # Each layer's (cache, window, rope): the rope where the layer's attention call rotates
+        # q and k (between the pieces, so a fused RoPE + K/V store runs as in an eager step).
+        self.calls: list[tuple[torch.Tensor, Optional[int], Any]] = []
         self.num_replays = 0  # for checks that the piecewise path is really taken
 
     def size_for(self, num_tokens: int) -> int | None:
@@ -179,9 +182,12 @@ class PiecewiseGraphs:
         self.positions[:n].copy_(positions, non_blocking=True)
         q, k, v, out = self.q[:n], self.k[:n], self.v[:n], self.out[:n]
         pieces = self.pieces[size]
-        for piece, (kv_cache, window) in zip(pieces, self.calls):
+        for piece, (kv_cache, window, rope) in zip(pieces, self.calls):
             piece.replay()
-            attn.forward(q, k, v, kv_cache, window, out=out)
+            if rope is None:
+                attn.forward(q, k, v, kv_cache, window, out=out)
+            else:
+                attn.forward_rotated(rope, self.positions[:n], q, k, v, kv_cache, window, out=out)
         pieces[-1].replay()
         self.num_replays += 1
         return self.hidden[size][:n]
@@ -196,7 +202,7 @@ class _AttentionSplit:
     def __init__(self, owner: PiecewiseGraphs, pool) -> None:
         self.owner, self.pool = owner, pool
         self.graphs: list[torch.cuda.CUDAGraph] = []
-        self.calls: list[tuple[torch.Tensor, Optional[int]]] = []
+        self.calls: list[tuple[torch.Tensor, Optional[int], Any]] = []
 
     def open_piece(self) -> None:
         if self.pool is not None:
@@ -207,13 +213,19 @@ class _AttentionSplit:
         if self.pool is not None:
             self.graphs[-1].capture_end()
 
+    def forward_rotated(self, rope, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor, kv_cache: torch.Tensor,
+                        window: Optional[int] = None) -> torch.Tensor:
+        """q and k leave the piece unrotated: replay rotates them in the backend's call."""
+        return self.forward(q, k, v, kv_cache, window, rope)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                window: Optional[int] = None) -> torch.Tensor:
+                window: Optional[int] = None, rope=None) -> torch.Tensor:
         o, n = self.owner, len(q)
         o.q[:n].copy_(q)
         o.k[:n].copy_(k)
         o.v[:n].copy_(v)
-        self.calls.append((kv_cache, window))
+        self.calls.append((kv_cache, window, rope))
         self.close_piece()
         self.open_piece()
         return o.out[:n]

@@ -124,6 +124,14 @@ class AttentionBackend(ABC):
         into `out` if given). `window` is the layer's sliding window, one of
         spec.sliding_windows."""
 
+    def forward_rotated(self, rope, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor, kv_cache: torch.Tensor, window: Optional[int] = None,
+                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`forward` of q and k rotated by `rope` (a RotaryEmbedding) at `positions`. A backend
+        whose K/V store can rotate on the way overrides this to do both in one kernel."""
+        q, k = rope(positions, q, k)
+        return self.forward(q, k, v, kv_cache, window, out)
+
 
 def make_attention_backend(name: str, device: torch.device, dtype: torch.dtype,
                            max_num_tokens: int, spec: AttentionSpec, block_size: int,

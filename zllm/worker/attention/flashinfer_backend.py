@@ -10,7 +10,9 @@ last_page_len, and each new token's request and position for the K/V store) is b
 with vectorized numpy from the step's arrays, packed into one pinned int32 buffer
 (zllm/worker/staging.py) and copied to the device in one transfer, so planning step N+1 never
 waits for step N to finish on the GPU. flashinfer reads indptr on the host to choose its split-k
-schedule. Each layer stores its new K and V with one kernel (flashinfer's append_paged_kv_cache).
+schedule. Each layer stores its new K and V with one kernel: zllm's, which applies RoPE to q and k
+on the way (zllm/worker/attention/rope_store.py), or flashinfer's append_paged_kv_cache after
+flashinfer's RoPE where the model's RoPE is not the fused one.
 
 CUDA graphs: a captured decode step replays fixed kernels on fixed buffers, so for each captured
 batch size there is a decode wrapper in flashinfer's CUDA-graph mode whose page table lives in
@@ -216,6 +218,7 @@ class FlashInferBackend(AttentionBackend):
             fast_decode_plan = None
         self._fast_decode_plan = fast_decode_plan
         self._append_kv = flashinfer.append_paged_kv_cache
+        self._rope_and_store = self._rope_store_kernel()
 
     def _xqa_unsupported(self) -> str:
         """Why XQA cannot run this backend's decode steps ("" if it can)."""
@@ -234,6 +237,16 @@ class FlashInferBackend(AttentionBackend):
                   # XQA takes windows, but no GPU run has checked them against torch yet.
                   (self.spec.sliding_windows == (None,), "sliding windows"))
         return next((why for ok, why in checks if not ok), "")
+
+    def _rope_store_kernel(self):
+        """zllm's fused RoPE + K/V store kernel, or None where Triton is missing (then RoPE and
+        the store run as flashinfer's two kernels)."""
+        try:
+            from zllm.worker.attention.rope_store import rope_and_store
+        except ImportError as e:
+            logger.warning("no Triton (%s): RoPE and the K/V store run as two kernels", e)
+            return None
+        return rope_and_store
 
     def _triton_kernel(self, min_programs: int):
         """(min_programs, the kernel) where the Triton decode kernel can run this backend's decode
@@ -397,6 +410,25 @@ class FlashInferBackend(AttentionBackend):
         t = self._table
         self._append_kv(k, v, t.batch_indices, t.positions, kv_cache, t.indices, t.indptr,
                         t.last_page_len, "NHD")
+        return self._attend(q, kv_cache, window, out)
+
+    def forward_rotated(self, rope, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor, kv_cache: torch.Tensor, window: Optional[int] = None,
+                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """RoPE and the K/V store in one kernel where the rope carries a cos | sin table
+        (FusedRotaryEmbedding), then attention."""
+        cos_sin = getattr(rope, "cos_sin", None)
+        if self._rope_and_store is None or cos_sin is None:
+            return super().forward_rotated(rope, positions, q, k, v, kv_cache, window, out)
+        t = self._table
+        self._rope_and_store(q, k, v, positions, cos_sin, kv_cache, t.batch_indices, t.positions,
+                             t.indptr, t.indices)
+        return self._attend(q, kv_cache, window, out)
+
+    def _attend(self, q: torch.Tensor, kv_cache: torch.Tensor, window: Optional[int],
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attention of the step's queries over the cache, which holds their K and V already."""
+        t = self._table
         if self._decode_rows:  # request i < d is row i: the decodes' rows come first
             d = self._decode_rows
             out = q.new_empty(q.shape) if out is None else out

@@ -202,8 +202,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 # -- attention and MLP blocks ----------------------------------------------------------------------
 
 class SelfAttention(nn.Module):
-    """qkv projection, optional per-head q/k norm, RoPE, paged attention over this layer's window
-    (the backend planned each distinct window once for the step), output projection."""
+    """qkv projection, optional per-head q/k norm, RoPE and paged attention over this layer's
+    window (the backend planned each distinct window once for the step; it applies RoPE, which
+    it may fuse with its K/V store), output projection."""
 
     def __init__(self, arch: ModelArchitecture, layer: int,
                  qk_norm: Optional[Callable[[int], RMSNorm]] = None) -> None:
@@ -220,8 +221,7 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv_proj(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
-        out = attn.forward(q, k, v, kv_cache, self.window)
+        out = attn.forward_rotated(rope, positions, q, k, v, kv_cache, self.window)
         return self.o_proj(out.reshape(-1, self.qkv_proj.q_size))
 
     def spec(self, arch: ModelArchitecture) -> AttentionSpec:
