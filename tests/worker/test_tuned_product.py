@@ -33,7 +33,7 @@ def test_tuned_rows_route_to_the_choice_and_keep_greedy_output(gqa_model, hf):
         layers = [m for m in model.modules() if isinstance(m, TunedProduct)]
         choice = RecordingChoice()
         for layer in layers:
-            layer.lt_rows = {3: choice}  # three requests decode together: 3 rows
+            layer.tuned_rows = {3: choice}  # three requests decode together: 3 rows
         outputs = llm.generate(prompts, params, use_tqdm=False)
     for out in outputs:
         assert out.outputs[0].token_ids == hf.greedy(gqa_model, out.prompt_token_ids, 8)
@@ -69,7 +69,7 @@ def test_tuned_product_is_what_the_layer_returns(gqa_model):
             rows, n = 2, layer.weight.shape[0]
             x = torch.randn(rows, layer.weight.shape[1])
             fixed = torch.full((rows, n), 7.0)
-            layer.lt_rows = {rows: FixedChoice(fixed)}
+            layer.tuned_rows = {rows: FixedChoice(fixed)}
             bias = 0 if layer.bias is None else layer.bias
             assert torch.equal(layer(x), fixed + bias), layer
             # Other row counts, and inputs the choice cannot take, go to torch's call.
@@ -77,4 +77,24 @@ def test_tuned_product_is_what_the_layer_returns(gqa_model):
             strided = torch.randn(layer.weight.shape[1], rows).t()
             assert torch.allclose(layer(strided), F.linear(strided, layer.weight) + bias,
                                   atol=1e-5)
-            layer.lt_rows = None
+            layer.tuned_rows = None
+
+
+def test_triton_tiles_in_the_model_keep_greedy_output(gqa_model, hf):
+    """The Triton matmul as the tuner hands it to the layers (TritonChoice), run by the
+    interpreter for every linear layer's three-row products: Hugging Face's greedy tokens."""
+    import torch
+
+    from zllm.worker.models.gemm_tuning import TritonChoice
+    from zllm.worker.models.triton_matmul import TileConfig
+
+    params = SamplingParams(temperature=0, max_tokens=6)
+    with LLM(gqa_model, device="cpu", engine_process=False, async_scheduling=False) as llm:
+        model = llm.engine.engine_core.executor.worker.model_runner.model
+        layers = [m for m in model.modules() if isinstance(m, TunedProduct)]
+        for layer in layers:
+            layer.tuned_rows = {3: TritonChoice(TileConfig(16, 32, 16), torch.float32)}
+        outputs = llm.generate(PROMPTS[:3], params, use_tqdm=False)
+        assert all(layer.tuned_rows[3].tile.fits(3, *layer.weight.shape) for layer in layers)
+    for out in outputs:
+        assert out.outputs[0].token_ids == hf.greedy(gqa_model, out.prompt_token_ids, 6)

@@ -221,7 +221,8 @@ class ModelRunner:
     def _tune_gemms(self, sizes: list[int]) -> None:
         t0 = time.perf_counter()
         self.gemm_tuning = tune_model(self.model, sizes, self.config.device.gemm_tuning_algos)
-        logger.info("cuBLASLt algorithms chosen for %d of %d products x batch sizes in %.1f s",
+        logger.info("cuBLASLt algorithms or Triton tiles chosen for %d of %d products x batch "
+                    "sizes in %.1f s",
                     sum(r["chosen"] for r in self.gemm_tuning), len(self.gemm_tuning),
                     time.perf_counter() - t0)
 

@@ -1,17 +1,23 @@
-"""Tuned matmuls for the linear layers: cuBLASLt algorithms timed at start-up.
+"""Tuned matmuls for the linear layers: cuBLASLt algorithms and Triton tiles timed at start-up.
 
 With the `gemm_tuning_algos` config key, the model runner calls `tune_model` before it captures
 the decode CUDA graphs. For each product (in and out features, weight layout, output dtype) at
-each of the graphs' batch sizes, it times torch's own call and the heuristic's algorithms
-(zllm/worker/models/cublaslt.py) over the model's own weights, checks each algorithm's result
-against torch's, and gives the linear layers (`TunedProduct`) the one at least 3% faster where
-there is one. A layer then uses it for any input with exactly that many rows: the decode
+each of the graphs' batch sizes, it times torch's own call, the heuristic's algorithms
+(zllm/worker/models/cublaslt.py) and, from 64 rows, a few tiles of zllm's Triton matmul
+(zllm/worker/models/triton_matmul.py: TRITON_TILES) over the model's own weights, checks each
+one's result against torch's, and gives the linear layers (`TunedProduct`) the one at least 3%
+faster where there is one. A layer then uses it for any input with exactly that many rows: the decode
 graphs' steps, and an eager step (or the LM head of one) that happens to have that many.
 
 Not for steps of many prompt tokens: on an H100 (2026-12-05) algorithms chosen this way at
 8192 rows made the 8B shape's prompt step's GEMMs slower in the engine (166.3 against 162.7
 ms), though faster in the tuner's own timing. The choice can differ between two start-ups
 (a timing within a few percent), and so can a near-tie's greedy token.
+
+The Triton tiles are those that beat cuBLAS in `python -m zllm.bench.linear_shapes --triton` on
+an H100 (2026-12-06): at W1's 256 rows the 8B shape's o and down products took 17.5 and 53.5 µs
+with 64 x 128 x 128 tiles against cuBLAS's 19.5 and 59.1 (split-K did not pay, so none is
+offered and no workspace is needed).
 """
 
 from __future__ import annotations
@@ -22,6 +28,14 @@ from typing import Callable, Optional
 import torch
 
 from zllm.worker.models.cublaslt import ALIGNMENT, LtAlgo, LtMatmul
+from zllm.worker.models.triton_matmul import TileConfig, matmul
+
+# (block_m, block_n, block_k, split_k, warps, stages): the fastest tiles for some decode product
+# in linear_shapes' sweep; tried from TRITON_MIN_ROWS rows, where a 64-row tile is not mostly
+# padding.
+TRITON_TILES = [TileConfig(64, 128, 128, 1, 4, 4), TileConfig(64, 128, 64, 1, 4, 4),
+                TileConfig(128, 256, 64, 1, 8, 3)]
+TRITON_MIN_ROWS = 64
 
 TUNE_BYTES = 256 * 2**20  # weights a timing cycles through: several times any L2, as a forward
 REL_TOL = 1e-2  # an algorithm's result against torch's, both 16-bit
@@ -39,20 +53,41 @@ class LtChoice:
             return None
         return self.plan.run(x, weight, self.algo)
 
+    @property
+    def config(self) -> dict:
+        return {"kernel": "cublaslt", **self.algo.config}
+
+
+@dataclass
+class TritonChoice:
+    """The Triton tile chosen for one product at one row count."""
+    tile: TileConfig
+    out_dtype: torch.dtype
+
+    def run(self, x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
+        """x @ weight.T, or None where x is not as the tile was timed on."""
+        if x.dtype != weight.dtype or not self.tile.fits(x.shape[0], weight.shape[0], x.shape[1]):
+            return None
+        return matmul(x, weight, self.tile, out_dtype=self.out_dtype)
+
+    @property
+    def config(self) -> dict:
+        return {"kernel": "triton", **self.tile.config}
+
 
 class TunedProduct:
-    """A linear layer whose matmul may run through a cuBLASLt algorithm that timed faster than
-    torch's own call on this GPU, at the row counts `tune_model` tuned it for. Elsewhere, and
-    until tuned, torch's call."""
+    """A linear layer whose matmul may run through a cuBLASLt algorithm or a Triton tile that
+    timed faster than torch's own call on this GPU, at the row counts `tune_model` tuned it
+    for. Elsewhere, and until tuned, torch's call."""
 
-    lt_rows: Optional[dict[int, LtChoice]] = None  # row count -> choice
+    tuned_rows: Optional[dict[int, "LtChoice | TritonChoice"]] = None  # row count -> choice
     lt_out_dtype: Optional[torch.dtype] = None  # None: the weight's
 
     def tuned_product(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """x @ weight.T through the algorithm tuned for x's row count, or None (call torch)."""
-        if self.lt_rows is None:
+        """x @ weight.T through the choice tuned for x's row count, or None (call torch)."""
+        if self.tuned_rows is None:
             return None
-        choice = self.lt_rows.get(x.shape[0])
+        choice = self.tuned_rows.get(x.shape[0])
         if choice is None or not x.is_contiguous():
             return None
         return choice.run(x, self.weight)
@@ -87,9 +122,9 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def tune_model(model: torch.nn.Module, sizes: list[int], count: int,
                min_gain: float = 0.03) -> list[dict]:
     """Give each bias-free TunedProduct of `model`, at each row count in `sizes` (the decode
-    graphs' batch sizes, before they are captured), the cuBLASLt algorithm among the
-    heuristic's first `count` that beats torch's own call by at least `min_gain`, among those
-    whose result matches torch's. Layers with the same product (in and out features, weight
+    graphs' batch sizes, before they are captured), the fastest of the cuBLASLt algorithms among
+    the heuristic's first `count` and (from TRITON_MIN_ROWS rows) the TRITON_TILES, if it beats
+    torch's own call by at least `min_gain`, among those whose result matches torch's. Layers with the same product (in and out features, weight
     layout, output dtype) are timed together, over their own weights. Returns one report row
     per product and row count."""
     # A layer with a bias would add it in a kernel of its own; torch's call fuses it.
@@ -114,22 +149,26 @@ def tune_model(model: torch.nn.Module, sizes: list[int], count: int,
             expected = own[0]()
             torch_s = time_graph(own)
             plan = LtMatmul(m, k, n, column_major, w0.dtype, out_dtype, w0.device)
-            out = torch.empty(m, n, dtype=out_dtype, device=w0.device)
+            candidates: list[LtChoice | TritonChoice] = [
+                LtChoice(plan, algo) for algo in plan.candidates(count)]
+            if m >= TRITON_MIN_ROWS:
+                candidates += [TritonChoice(tile, out_dtype) for tile in TRITON_TILES
+                               if tile.fits(m, n, k)]
             best, best_s = None, torch_s
-            for algo in plan.candidates(count):
+            for choice in candidates:
                 try:
-                    if _rel_err(plan.run(x, weights[0], algo, out), expected) > REL_TOL:
+                    result = choice.run(x, weights[0])
+                    if result is None or _rel_err(result, expected) > REL_TOL:
                         continue
-                    s = time_graph([lambda w=w, a=algo: plan.run(x, w, a, out) for w in weights])
+                    s = time_graph([lambda w=w, c=choice: c.run(x, w) for w in weights])
                 except RuntimeError:  # an algorithm that refuses this product: skip it
                     continue
                 if s < best_s:
-                    best, best_s = algo, s
+                    best, best_s = choice, s
             chosen = best is not None and best_s < torch_s * (1 - min_gain)
             if chosen:
-                choice = LtChoice(plan, best)
                 for layer in members:
-                    layer.lt_rows = {**(layer.lt_rows or {}), m: choice}
+                    layer.tuned_rows = {**(layer.tuned_rows or {}), m: best}
             report.append({"in": k, "out": n, "rows": m, "torch_us": 1e6 * torch_s / len(weights),
                            "best_us": 1e6 * best_s / len(weights), "chosen": chosen,
                            **(best.config if chosen else {})})
