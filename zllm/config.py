@@ -128,12 +128,13 @@ class DeviceConfig:
     # the 1B shape's W1 3-8% slower, with more host time per decode step (docs/benchmarks.md).
     piecewise_cuda_graph_tokens: int = 0
     # CUDA: before the decode CUDA graphs are captured, time each linear layer's product at each
-    # graph batch size through the first this-many algorithms of cuBLASLt's heuristic against
-    # torch's own call, and use the one at least 3% faster, where there is one, for inputs of
-    # exactly that many rows (zllm/worker/models/gemm_tuning.py); 0: torch's call everywhere.
-    # Off by default: on an H100 (2026-12-05) 16 made the 8B shape's batch-1 token 1.1% faster
-    # (6.39 -> 6.32 ms) and W1 no faster, tuning adds about 4 s to start-up, and the choice may
-    # differ between start-ups (docs/benchmarks.md).
+    # graph batch size through the first this-many algorithms of cuBLASLt's heuristic (and, from
+    # 64 rows, three tiles of zllm's Triton matmul) against torch's own call, and use the one at
+    # least 3% faster, where there is one, for inputs of exactly that many rows
+    # (zllm/worker/models/gemm_tuning.py); 0: torch's call everywhere. Off by default: on an
+    # H100 (2026-12-05) 16 made the 8B shape's batch-1 token 1.1% faster (6.39 -> 6.32 ms) and
+    # W1 no faster, tuning adds about 4 s to start-up, and the choice may differ between
+    # start-ups; with the Triton tiles, on an H200 (2026-12-06), W1 +0.3% (docs/benchmarks.md).
     gemm_tuning_algos: int = 0
 
 
