@@ -47,7 +47,7 @@ def test_rope_and_store_matches_rotation_and_slots(heads, kv_heads, dim, dtype):
     tokens = batch.num_tokens
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
     q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
-    q, k, v = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim), v.view(tokens, kv_heads, dim)
+    q, k, v = (t.view(tokens, -1, dim) for t in (q, k, v))
     cache = torch.randn(num_blocks, 2, BS, kv_heads, dim, generator=gen).to(dtype)
     rope = FusedRotaryEmbedding(dim, 64, 10000.0, None)
     pos = torch.from_numpy(positions).long()

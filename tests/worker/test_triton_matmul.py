@@ -46,3 +46,7 @@ def test_matmul_refuses_what_it_cannot_split():
         tm.matmul(x, w, tm.TileConfig(16, 16, 64))
     with pytest.raises(ValueError, match="needs a workspace"):
         tm.matmul(x, w, tm.TileConfig(16, 16, 16, 2))
+    with pytest.raises(ValueError, match=r"out \(8, 4\) .*needs \[4, 8\]"):
+        tm.matmul(x, w, tm.TileConfig(16, 16, 16), out=torch.empty(8, 4))
+    with pytest.raises(ValueError, match="share the inner dimension and dtype"):
+        tm.matmul(x, w.half(), tm.TileConfig(16, 16, 16))

@@ -114,6 +114,8 @@ def triton_forms(name: str, m: int, k: int, n: int) -> dict[str, tuple[Form, dic
     out_dtype = torch.float32 if name == "lm_head" else torch.bfloat16
     out = torch.empty(m, n, dtype=out_dtype, device="cuda")
     configs = [c for c in tm.tile_configs(m) if c.fits(m, n, k)]
+    if not configs:
+        return {}
     workspace = tm.Workspace(out.device, max(c.split_k for c in configs) * m * n,
                              max(c.tiles(m, n) for c in configs))
 

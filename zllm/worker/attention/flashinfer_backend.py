@@ -11,8 +11,8 @@ with vectorized numpy from the step's arrays, packed into one pinned int32 buffe
 (zllm/worker/staging.py) and copied to the device in one transfer, so planning step N+1 never
 waits for step N to finish on the GPU. flashinfer reads indptr on the host to choose its split-k
 schedule. Each layer stores its new K and V with one kernel: zllm's, which applies RoPE to q and k
-on the way (zllm/worker/attention/rope_store.py), or flashinfer's append_paged_kv_cache after
-flashinfer's RoPE where the model's RoPE is not the fused one.
+on the way (zllm/worker/attention/rope_store.py), or, where the model's RoPE is PyTorch's (a
+model built unfused) or Triton is missing, flashinfer's append_paged_kv_cache after the RoPE.
 
 CUDA graphs: a captured decode step replays fixed kernels on fixed buffers, so for each captured
 batch size there is a decode wrapper in flashinfer's CUDA-graph mode whose page table lives in

@@ -36,9 +36,15 @@ def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
     kv_heads = k.shape[1]
     if dim % 2 or q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
         raise ValueError(f"head_dim {dim} must be even and q, k, v of unit stride along it")
-    if not kv_cache.is_contiguous() or cos_sin.shape[1] != dim:
+    if (not kv_cache.is_contiguous() or not cos_sin.is_contiguous()
+            or cos_sin.dtype != torch.float32 or cos_sin.shape[1] != dim):
         raise ValueError(f"cache {tuple(kv_cache.shape)} must be contiguous, cos_sin "
-                         f"{tuple(cos_sin.shape)} [positions, {dim}]")
+                         f"{tuple(cos_sin.shape)} {cos_sin.dtype} contiguous float32 "
+                         f"[positions, {dim}]")
+    if min(len(positions), len(batch_indices), len(seq_positions)) < tokens:
+        raise ValueError(f"{tokens} tokens, but {len(positions)} positions, "
+                         f"{len(batch_indices)} batch indices and {len(seq_positions)} sequence "
+                         f"positions")
     if tokens == 0:
         return
     half = dim // 2

@@ -6,8 +6,8 @@ each of the graphs' batch sizes, it times torch's own call, the heuristic's algo
 (zllm/worker/models/cublaslt.py) and, from 64 rows, a few tiles of zllm's Triton matmul
 (zllm/worker/models/triton_matmul.py: TRITON_TILES) over the model's own weights, checks each
 one's result against torch's, and gives the linear layers (`TunedProduct`) the one at least 3%
-faster where there is one. A layer then uses it for any input with exactly that many rows: the decode
-graphs' steps, and an eager step (or the LM head of one) that happens to have that many.
+faster where there is one. A layer then uses it for any input with exactly that many rows: the
+decode graphs' steps, and an eager step (or the LM head of one) that happens to have that many.
 
 Not for steps of many prompt tokens: on an H100 (2026-12-05) algorithms chosen this way at
 8192 rows made the 8B shape's prompt step's GEMMs slower in the engine (166.3 against 162.7
@@ -81,7 +81,7 @@ class TunedProduct:
     for. Elsewhere, and until tuned, torch's call."""
 
     tuned_rows: Optional[dict[int, "LtChoice | TritonChoice"]] = None  # row count -> choice
-    lt_out_dtype: Optional[torch.dtype] = None  # None: the weight's
+    tuned_out_dtype: Optional[torch.dtype] = None  # None: the weight's
 
     def tuned_product(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """x @ weight.T through the choice tuned for x's row count, or None (call torch)."""
@@ -124,15 +124,15 @@ def tune_model(model: torch.nn.Module, sizes: list[int], count: int,
     """Give each bias-free TunedProduct of `model`, at each row count in `sizes` (the decode
     graphs' batch sizes, before they are captured), the fastest of the cuBLASLt algorithms among
     the heuristic's first `count` and (from TRITON_MIN_ROWS rows) the TRITON_TILES, if it beats
-    torch's own call by at least `min_gain`, among those whose result matches torch's. Layers with the same product (in and out features, weight
-    layout, output dtype) are timed together, over their own weights. Returns one report row
-    per product and row count."""
+    torch's own call by at least `min_gain`, among those whose result matches torch's. Layers
+    with the same product (in and out features, weight layout, output dtype) are timed
+    together, over their own weights. Returns one report row per product and row count."""
     # A layer with a bias would add it in a kernel of its own; torch's call fuses it.
     groups: dict[tuple, list[TunedProduct]] = {}
     for layer in model.modules():
         if isinstance(layer, TunedProduct) and getattr(layer, "bias", None) is None:
             w = layer.weight
-            key = (w.shape[1], w.shape[0], w.stride(0) == 1, layer.lt_out_dtype)
+            key = (w.shape[1], w.shape[0], w.stride(0) == 1, layer.tuned_out_dtype)
             groups.setdefault(key, []).append(layer)
     report = []
     for (k, n, column_major, out_dtype), members in groups.items():

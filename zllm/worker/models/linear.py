@@ -177,7 +177,7 @@ class ParallelLMHead(TunedProduct, fairscale.ColumnParallelLinear):
         # Tied: the embedding's [vocab / tp, hidden] shard, loaded under the embedding's name.
         self.tied = tied_to is not None
         self.weight = tied_to.weight if self.tied else _parameter(size, hidden_size)
-        self.lt_out_dtype = torch.float32
+        self.tuned_out_dtype = torch.float32
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [T, vocab]. On CUDA the 16-bit matmul writes float32 directly: rounding

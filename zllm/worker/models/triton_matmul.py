@@ -91,10 +91,18 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, config: TileConfig,
         raise ValueError(f"shape {tuple(x.shape)} strides {x.stride()}: needs unit stride along "
                          f"the inner dimension and {k} a multiple of block_k * split_k "
                          f"({config.block_k} * {config.split_k})")
+    if x.dtype != weight.dtype or weight.shape[1] != k:
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype} and weight {tuple(weight.shape)} "
+                         f"{weight.dtype} must share the inner dimension and dtype")
     if out is None:
         out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+    elif out.shape != (m, n) or out.stride(1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} strides {out.stride()}: needs [{m}, {n}] with "
+                         f"unit stride along the last dimension")
     tiles = config.tiles(m, n)
     if config.split_k > 1:
+        if m * n >= 2**31:  # the kernel steps between slices by M * N in int32
+            raise ValueError(f"split_k {config.split_k} at {m} x {n}: at most 2^31 outputs")
         if (workspace is None or workspace.partials.numel() < config.split_k * m * n
                 or workspace.tickets.numel() < tiles):
             raise ValueError(f"split_k {config.split_k} at {m} x {n} needs a workspace of "
@@ -121,9 +129,10 @@ def _matmul_kernel(x_ptr, w_ptr, out_ptr, part_ptr, ticket_ptr, M, N, K, stride_
     pid_m = tile % m_tiles  # M fastest: the tiles of one column of W run side by side
     pid_n = tile // m_tiles
     k_slice = K // SPLIT_K
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = pid_k * k_slice + tl.arange(0, BLOCK_K)
+    # Offsets into x, W, the output and the partials in int64: an LM head's may pass 2^31.
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k.to(tl.int64) * k_slice + tl.arange(0, BLOCK_K)
     m_ok = offs_m[:, None] < M
     n_ok = offs_n[None, :] < N
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
@@ -146,14 +155,15 @@ def _matmul_kernel(x_ptr, w_ptr, out_ptr, part_ptr, ticket_ptr, M, N, K, stride_
     if SPLIT_K > 1:
         # Leave this slice's sum; the tile's last program to arrive adds all slices in order.
         p_offs = offs_m[:, None] * N + offs_n[None, :]
-        tl.store(part_ptr + pid_k * M * N + p_offs, acc, mask=mask)
+        tl.store(part_ptr + pid_k.to(tl.int64) * M * N + p_offs, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial is written before the ticket is taken
         ticket = tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel")
         if ticket == SPLIT_K - 1:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):
-                acc += tl.load(part_ptr + s * M * N + p_offs, mask=mask, other=0.0,
-                               cache_modifier=".cg")
+            slice_ptrs = part_ptr + p_offs
+            for _ in tl.static_range(SPLIT_K):
+                acc += tl.load(slice_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                slice_ptrs += M * N
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(ticket_ptr + tile, 0)
     else:
