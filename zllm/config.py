@@ -134,8 +134,19 @@ class DeviceConfig:
     # (zllm/worker/models/gemm_tuning.py); 0: torch's call everywhere. Off by default: on an
     # H100 (2026-12-05) 16 made the 8B shape's batch-1 token 1.1% faster (6.39 -> 6.32 ms) and
     # W1 no faster, tuning adds about 4 s to start-up, and the choice may differ between
-    # start-ups; with the Triton tiles, on an H200 (2026-12-06), W1 +0.3% (docs/benchmarks.md).
+    # start-ups; with the Triton tiles, on an H200 (2026-12-06), W1 +0.3% (docs/benchmarks.md);
+    # on an H100 (2026-12-06, with the weight prefetch) W1 -0.1%, batch 1 6.48 -> 6.28 ms.
     gemm_tuning_algos: int = 0
+    # CUDA: in the decode graphs of at most this many rows, each linear layer, after its
+    # product, reads the first weight_prefetch_mb MB of the next linear layer's weight into L2
+    # on a side stream while the small kernels between the two matmuls run
+    # (weight_prefetch_attention_mb where attention runs in between; it takes longest)
+    # (zllm/worker/models/weight_prefetch.py); 0: never. Reads only: the same tokens. On an
+    # H100 (2026-12-06) it made the 8B shape's batch-1 token 1.5% faster (6.47 -> 6.37 ms; with
+    # 4 and 24 MB: no faster) and the 1B shape's no faster (1.49 ms); measured at batch 1 only.
+    weight_prefetch_max_rows: int = 8
+    weight_prefetch_mb: int = 8
+    weight_prefetch_attention_mb: int = 16
 
 
 @dataclass
@@ -273,6 +284,10 @@ class EngineConfig:
               d.triton_decode_min_programs >= 0, ">= 0")
         check("gemm_tuning_algos", d.gemm_tuning_algos, 0 <= d.gemm_tuning_algos <= 64,
               "between 0 and 64")
+        check("weight_prefetch_max_rows", d.weight_prefetch_max_rows,
+              d.weight_prefetch_max_rows >= 0, ">= 0")
+        for key in ("weight_prefetch_mb", "weight_prefetch_attention_mb"):
+            check(key, getattr(d, key), 0 <= getattr(d, key) <= 256, "in [0, 256] (MB)")
         srv = self.server
         check("port", srv.port, 0 <= srv.port <= 65535, "in [0, 65535]")
         check("max_request_bytes", srv.max_request_bytes, srv.max_request_bytes >= 1024, ">= 1024")

@@ -37,6 +37,8 @@
 #         profile-w1 (issue 11: W1 whole under torch.profiler, in process, on SHAPES: its kernel
 #         time against the GPU's span of its steps, and the lone prefill steps beside it; EXTRA:
 #         more flags for the bench, e.g. "--gemm-tuning-algos 16").
+#         l2-prefetch (issue 11: batch-1 decode layers' matmuls with the next weight read into L2
+#         during the small kernels before it, on a side stream; EXTRA: more flags).
 # A flashinfer JIT cache saved by an earlier run ($OUT/fi-cache.tar.xz, copied to
 # .device/fi-cache.tar.xz here) is unpacked first: a fresh machine then skips most compiling.
 # structured wants SmolLM2's tokenizer in .device/smollm2-tokenizer (the GGUF is too large to
@@ -181,6 +183,9 @@ s.sort_stats('cumulative').print_callees(r'\((plan|_plan_graph|compute_logits|_s
         --profile W1 --max-model-len 2304 ${EXTRA:-} --out "$OUT/profile-w1-$m-$RANDOM.json" --markdown '' 2>&1 | grep -v "USDT" \
         | tail -40 | tee -a "$OUT/log.txt"
     done ;;
+  l2-prefetch)
+    timeout ${RUN_TIMEOUT:-200} python3 -m zllm.bench.l2_prefetch ${EXTRA:-} --out "$OUT/l2-prefetch.json" \
+      2>&1 | grep '^{' | tee -a "$OUT/log.txt" ;;
   prefill-attention)
     timeout ${RUN_TIMEOUT:-300} python3 -m zllm.bench.prefill_attention --out "$OUT/prefill-attention.json" \
       2>&1 | grep '^{' | tee -a "$OUT/log.txt" ;;

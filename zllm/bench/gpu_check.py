@@ -368,7 +368,13 @@ def check_engine(path: str, steps: int = 64) -> dict:
     runs["flashinfer_graph"], t_graph = generate(
         path, steps, attention_backend="flashinfer", enforce_eager=False, async_scheduling=True,
         piecewise_cuda_graph_tokens=1024, engine_process=False, distributed_executor_backend="uni",
-        inspect=count_replays)
+        weight_prefetch_max_rows=0, inspect=count_replays)
+    # The same with the next weight read into L2 in the decode graphs (8 rows: every decode
+    # step; the default): reads only, so exactly the same tokens.
+    runs["flashinfer_graph_prefetch"], _ = generate(
+        path, steps, attention_backend="flashinfer", enforce_eager=False, async_scheduling=True,
+        piecewise_cuda_graph_tokens=1024, engine_process=False, distributed_executor_backend="uni",
+        weight_prefetch_max_rows=8)
     # Decode steps (8 requests) on the XQA kernel instead of flashinfer's, replayed from their
     # graphs, against torch; where XQA may run the model (the backend refuses windows and soft
     # caps).
@@ -407,15 +413,18 @@ def check_engine(path: str, steps: int = 64) -> dict:
     parted += divergences(path, runs["triton_split"], runs["torch"])
     parted += divergences(path, runs["triton_graph_gemm_tuned"], runs["torch"])
     triton_graph_vs_eager = first_divergence(runs["triton_graph"], runs["triton_eager"])
+    prefetch_vs_graph = first_divergence(runs["flashinfer_graph_prefetch"], runs["flashinfer_graph"])
     return {"steps": steps, "flashinfer_vs_torch_same_steps_per_prompt": per_prompt,
             "prompts_same_for_all_steps": sum(d == steps for d in per_prompt),
             "divergences_vs_fp32": parted, "graph_vs_eager_same_steps": graph_vs_eager,
             "triton_graph_vs_eager_same_steps": triton_graph_vs_eager,
+            "prefetch_graph_vs_graph_same_steps": prefetch_vs_graph,
             "graph_replays": replays,
             "gemm_tuning_chosen": [r for r in tuned.get("rows", []) if r["chosen"]],
             "gemm_tuning_products": len(tuned.get("rows", [])),
             "seconds": {"torch": t_torch, "flashinfer_eager": t_eager, "flashinfer_graph": t_graph},
             "ok": (graph_vs_eager == steps and triton_graph_vs_eager == steps
+                   and prefetch_vs_graph == steps
                    and all(d["near_tie"] for d in parted)
                    and any(r["chosen"] for r in tuned.get("rows", []))  # cuBLASLt really ran
                    and replays["decode"] > 0 and replays["piecewise"] > 0)}

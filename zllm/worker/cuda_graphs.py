@@ -32,11 +32,15 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from typing import Any, Callable, Optional
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
 from zllm.worker.attention.base import AttentionBackend, AttentionSpec
+
+if TYPE_CHECKING:
+    from zllm.worker.models.weight_prefetch import WeightPrefetch
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +62,10 @@ def graph_size_for(batch_sizes: list[int], num_tokens: int, num_reqs: int) -> in
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], attn,
-                 batch_sizes: list[int], device: torch.device) -> None:
+                 batch_sizes: list[int], device: torch.device,
+                 prefetch: Optional[WeightPrefetch] = None) -> None:
         self.model, self.kv_caches, self.attn = model, kv_caches, attn
+        self.prefetch = prefetch  # weights read into L2 ahead of their matmuls at few rows
         self.batch_sizes = sorted(batch_sizes)
         largest = self.batch_sizes[-1]
         # Static inputs: each replay reads the step's values from here.
@@ -85,7 +91,7 @@ class DecodeGraphs:
             self._forward(bs)  # warm-up: lazy initialisation must not happen during capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
+            with torch.cuda.graph(graph, pool=pool, stream=stream), self._prefetching(bs):
                 self.outputs[bs] = self._forward(bs)
             pool = graph.pool() if pool is None else pool
             self.graphs[bs] = graph
@@ -93,6 +99,9 @@ class DecodeGraphs:
         logger.info("captured %d decode CUDA graphs (batch sizes %d..%d) in %.1f s",
                     len(self.graphs), self.batch_sizes[0], self.batch_sizes[-1],
                     time.perf_counter() - t0)
+
+    def _prefetching(self, bs: int):
+        return self.prefetch.capturing(bs) if self.prefetch is not None else nullcontext()
 
     def _forward(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches, self.attn)

@@ -41,8 +41,9 @@ from zllm.worker.attention.base import AttentionBatch, make_attention_backend
 from zllm.worker.cuda_graphs import DecodeGraphs, PiecewiseGraphs, graph_batch_sizes, piecewise_sizes
 from zllm.worker.grammar import GrammarMatchers
 from zllm.worker.input_batch import InputBatch, StepInputs
-from zllm.worker.models.gemm_tuning import tune_model
+from zllm.worker.models.gemm_tuning import TunedProduct, tune_model
 from zllm.worker.models.registry import build_model
+from zllm.worker.models.weight_prefetch import WeightPrefetch, chain_linears
 from zllm.worker.models.weights import load_weights
 from zllm.worker.sampler import (GREEDY, DevicePromptLogprobs, SampledLogprobs,
                                  make_sampling_metadata, pinned_copy, prompt_logprobs, sample)
@@ -209,7 +210,8 @@ class ModelRunner:
         self.attn.enable_cuda_graphs(sizes, max_blocks_per_req=-(-max_len // self.block_size))
         if self.config.device.gemm_tuning_algos:
             self._tune_gemms(sizes)
-        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.attn, sizes, self.device)
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.attn, sizes, self.device,
+                                   self._weight_prefetch())
         self.graphs.capture(lambda bs: self.attn.plan(self._padding_batch(bs)))
         tokens = min(self.config.device.piecewise_cuda_graph_tokens,
                      self.config.scheduler.max_num_batched_tokens)
@@ -217,6 +219,19 @@ class ModelRunner:
             self.piecewise = PiecewiseGraphs(self.model, self.kv_caches, self.model.attention_spec,
                                              piecewise_sizes(tokens), self.dtype, self.device)
             self.piecewise.capture()
+
+    def _weight_prefetch(self) -> Optional[WeightPrefetch]:
+        """The side stream on which the linear layers of decode graphs of few rows read the next
+        layer's weight into L2 (weight_prefetch_max_rows), or None."""
+        d = self.config.device
+        if not d.weight_prefetch_max_rows:
+            return None
+        prefetch = WeightPrefetch(self.device, d.weight_prefetch_max_rows,
+                                  max(d.weight_prefetch_mb, d.weight_prefetch_attention_mb) << 20)
+        linears = [m for m in self.model.modules() if isinstance(m, TunedProduct)]
+        chain_linears(linears, prefetch, d.weight_prefetch_mb << 20,
+                      d.weight_prefetch_attention_mb << 20)
+        return prefetch
 
     def _tune_gemms(self, sizes: list[int]) -> None:
         t0 = time.perf_counter()

@@ -23,12 +23,15 @@ offered and no workspace is needed).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
 from zllm.worker.models.cublaslt import ALIGNMENT, LtAlgo, LtMatmul
 from zllm.worker.models.triton_matmul import TileConfig, matmul
+
+if TYPE_CHECKING:
+    from zllm.worker.models.weight_prefetch import NextWeight
 
 # (block_m, block_n, block_k, split_k, warps, stages): the fastest tiles for some decode product
 # in linear_shapes' sweep; tried from TRITON_MIN_ROWS rows, where a 64-row tile is not mostly
@@ -82,6 +85,8 @@ class TunedProduct:
 
     tuned_rows: Optional[dict[int, "LtChoice | TritonChoice"]] = None  # row count -> choice
     tuned_out_dtype: Optional[torch.dtype] = None  # None: the weight's
+    # Read ahead into L2 after this layer's product (zllm/worker/models/weight_prefetch.py).
+    next_weight: Optional["NextWeight"] = None
 
     def tuned_product(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """x @ weight.T through the choice tuned for x's row count, or None (call torch)."""

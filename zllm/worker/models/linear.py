@@ -65,8 +65,12 @@ class ColumnParallelLinear(TunedProduct, fairscale.ColumnParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.tuned_product(x)
         if out is None:
-            return F.linear(x, self.weight, self.bias)
-        return out if self.bias is None else out + self.bias
+            out = F.linear(x, self.weight, self.bias)
+        elif self.bias is not None:
+            out = out + self.bias
+        if self.next_weight is not None:
+            self.next_weight.read()
+        return out
 
     @classmethod
     def split(cls, in_features: int, out_features: int, names: tuple[str, ...],
@@ -125,6 +129,8 @@ class RowParallelLinear(TunedProduct, fairscale.RowParallelLinear):
         out = self.tuned_product(x)
         if out is None:
             out = F.linear(x, self.weight)
+        if self.next_weight is not None:  # before the all-reduce: it is part of the window
+            self.next_weight.read()
         if self.group is not None:
             torch.distributed.all_reduce(out, group=self.group)
         return out if self.bias is None else out + self.bias
