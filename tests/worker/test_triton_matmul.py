@@ -50,3 +50,35 @@ def test_matmul_refuses_what_it_cannot_split():
         tm.matmul(x, w, tm.TileConfig(16, 16, 16), out=torch.empty(8, 4))
     with pytest.raises(ValueError, match="share the inner dimension and dtype"):
         tm.matmul(x, w.half(), tm.TileConfig(16, 16, 16))
+
+
+@pytest.mark.parametrize("m,i,k,column_major,config", [
+    (5, 48, 64, True, tm.TileConfig(16, 32, 32)),
+    (33, 100, 128, False, tm.TileConfig(32, 64, 64)),
+    (64, 64, 64, True, tm.TileConfig(64, 32, 16)),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gated_matmul_is_silu_of_gate_times_up(m, i, k, column_major, config, dtype):
+    """The fused gate_up product and SiLU against the unfused layers' arithmetic: the product
+    rounded to the dtype, silu(gate) * up in float32, rounded again."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = (torch.randn(2 * i, k, generator=gen) * k ** -0.5).to(dtype)  # [gate; up]
+    if column_major:
+        w = w.t().contiguous().t()
+    gate, up = (x.double() @ w.double().t()).to(dtype).float().chunk(2, dim=-1)
+    ref = (torch.nn.functional.silu(gate) * up).to(dtype)
+    out = tm.gated_matmul(x, w, config)
+    assert out.dtype == dtype and out.shape == (m, i)
+    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err < (1e-6 if dtype == torch.float32 else 2e-3)
+
+
+def test_gated_matmul_refuses_what_it_cannot_tile():
+    x = torch.randn(4, 96)
+    with pytest.raises(ValueError, match="an even number of weight rows"):
+        tm.gated_matmul(x, torch.randn(7, 96), tm.TileConfig(16, 16, 32))
+    with pytest.raises(ValueError, match="split_k 1"):
+        tm.gated_matmul(x, torch.randn(8, 96), tm.TileConfig(16, 16, 32, 3))
+    with pytest.raises(ValueError, match="share the inner dimension and dtype"):
+        tm.gated_matmul(x, torch.randn(8, 96).half(), tm.TileConfig(16, 16, 32))

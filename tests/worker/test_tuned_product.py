@@ -98,3 +98,31 @@ def test_triton_tiles_in_the_model_keep_greedy_output(gqa_model, hf):
         assert all(layer.tuned_rows[3].tile.fits(3, *layer.weight.shape) for layer in layers)
     for out in outputs:
         assert out.outputs[0].token_ids == hf.greedy(gqa_model, out.prompt_token_ids, 6)
+
+
+def test_gate_up_fused_with_silu_in_the_model_keeps_greedy_output(gqa_model, hf):
+    """A gated MLP's gate_up product and SiLU in one Triton kernel (GatedChoice), as the tuner
+    hands it to the layers, at the decode steps' three rows: Hugging Face's greedy tokens, and
+    the kernel really ran in place of the product and the activation."""
+    from zllm.worker.models.gemm_tuning import GatedChoice
+    from zllm.worker.models.layers import GatedMLP
+    from zllm.worker.models.triton_matmul import TileConfig
+
+    class CountingGated(GatedChoice):
+        calls = 0
+
+        def run(self, x, weight):
+            CountingGated.calls += 1
+            return super().run(x, weight)
+
+    params = SamplingParams(temperature=0, max_tokens=6)
+    with LLM(gqa_model, device="cpu", engine_process=False, async_scheduling=False) as llm:
+        model = llm.engine.engine_core.executor.worker.model_runner.model
+        mlps = [m for m in model.modules() if isinstance(m, GatedMLP)]
+        assert all(mlp.gate_up_proj.gated_act is not None for mlp in mlps)  # Llama: SiLU
+        for mlp in mlps:
+            mlp.gate_up_proj.tuned_gated_rows = {3: CountingGated(TileConfig(16, 32, 16))}
+        outputs = llm.generate(PROMPTS[:3], params, use_tqdm=False)
+    for out in outputs:
+        assert out.outputs[0].token_ids == hf.greedy(gqa_model, out.prompt_token_ids, 6)
+    assert CountingGated.calls == len(mlps) * 5  # five decode steps of three rows

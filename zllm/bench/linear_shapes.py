@@ -13,6 +13,9 @@ in several forms:
              heuristic's N-th algorithm (algo0 is its first pick; zllm.worker.models.cublaslt)
   triN       with --triton: the column-major product through zllm's Triton kernel
              (zllm.worker.models.triton_matmul), with the N-th of its tile configurations
+and for gate_up with --triton, the product and the SiLU after it (the floor counts the product):
+  linear_act F.linear, then flashinfer's silu_and_mul (the engine's unfused calls)
+  gatedN     zllm's Triton kernel computing both at once (gated_matmul), N-th tile
 and for the LM head, whose logits are float32:
   head       torch.mm(x, W.t(), out_dtype=float32) (the engine's call)
   head_nn    the same on the transposed weight
@@ -124,14 +127,32 @@ def triton_forms(name: str, m: int, k: int, n: int) -> dict[str, tuple[Form, dic
     return {f"tri{i}": (form(c), c.config) for i, c in enumerate(configs)}
 
 
+def gated_forms(m: int, k: int, n: int) -> dict[str, tuple[Form, dict]]:
+    """gate_up's product and SiLU: the engine's two calls, and zllm's fused kernel at each tile
+    that fits (a gate and an up tile per program, in an H100's shared memory)."""
+    from flashinfer.activation import silu_and_mul
+
+    from zllm.worker.models import triton_matmul as tm
+    configs = [c for c in tm.tile_configs(m) if c.split_k == 1 and c.fits(m, n // 2, k)
+               and c.num_stages * (c.block_m * c.block_k + 2 * c.block_k * c.block_n) * 2
+               <= 200 * 1024]
+
+    def form(config):
+        return lambda x, w, wt: tm.gated_matmul(x, wt.t(), config)
+    return {"linear_act": (lambda x, w, wt: silu_and_mul(F.linear(x, wt.t())), {}),
+            **{f"gated{i}": (form(c), c.config) for i, c in enumerate(configs)}}
+
+
 def run(shapes: list[str], rows_list: list[int], lt_algos: int = 0,
-        triton: bool = False) -> dict[str, Any]:
+        triton: bool = False, layers: Optional[list[str]] = None) -> dict[str, Any]:
     device = torch.device("cuda")
     hw = measure_hardware(device)
     results = []
     for shape in shapes:
         arch = ModelArchitecture.from_model_dir(model_dir_for(shape))
         for name, k, n in layer_shapes(arch):
+            if layers and name not in layers:
+                continue
             copies = max(2, -(-ROTATE_BYTES // (2 * k * n)))
             weights = [torch.randn(n, k, dtype=torch.bfloat16, device=device) * k ** -0.5
                        for _ in range(copies)]
@@ -139,6 +160,9 @@ def run(shapes: list[str], rows_list: list[int], lt_algos: int = 0,
             for m in rows_list:
                 x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
                 ref = x.float() @ weights[0].float().t()
+                if name == "gate_up" and triton:
+                    gate, up = ref.to(x.dtype).float().chunk(2, dim=-1)
+                    act_ref = F.silu(gate) * up
                 out_bytes = m * n * (4 if name == "lm_head" else 2)
                 floor = max((2 * k * n + 2 * m * k + out_bytes) / hw.copy_bytes_per_s,
                             2 * m * k * n / hw.matmul_flops_per_s)
@@ -147,12 +171,15 @@ def run(shapes: list[str], rows_list: list[int], lt_algos: int = 0,
                     every.update(lt_forms(name, m, k, n, lt_algos))
                 if triton:
                     every.update(triton_forms(name, m, k, n))
+                if triton and name == "gate_up":
+                    every.update(gated_forms(m, k, n))
                 for form, (fn, config) in every.items():
                     if form.startswith("splitk") and k % int(form[-1]):
                         continue
                     try:
-                        err = ((fn(x, weights[0], transposed[0]).float() - ref).norm()
-                               / ref.norm()).item()
+                        want = act_ref if form.startswith(("gated", "linear_act")) else ref
+                        err = ((fn(x, weights[0], transposed[0]).float() - want).norm()
+                               / want.norm()).item()
                         t = time_form(fn, x, weights, transposed)
                     except Exception as e:  # a form this torch lacks: say so, go on
                         print(json.dumps({"shape": shape, "linear": name, "rows": m,
@@ -163,7 +190,7 @@ def run(shapes: list[str], rows_list: list[int], lt_algos: int = 0,
                                     "floor_us": round(1e6 * floor, 2),
                                     "of_floor": round(floor / t, 3), "rel_err": round(err, 5),
                                     **config})
-                    if not form.startswith(("algo", "tri")):
+                    if not form.startswith(("algo", "tri", "gated")):
                         print(json.dumps(results[-1]), flush=True)
             del weights, transposed
             torch.cuda.empty_cache()
@@ -171,16 +198,19 @@ def run(shapes: list[str], rows_list: list[int], lt_algos: int = 0,
 
 
 def best_forms(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per layer and row count: the engine's call, the column-major one, and the fastest form."""
+    """Per layer and row count: the engine's call, the column-major one, and the fastest form;
+    gate_up's product with its activation ("gate_up+act") apart from the product alone."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["shape"], r["linear"], r["rows"]), []).append(r)
+        act = "+act" if r["form"].startswith(("gated", "linear_act")) else ""
+        groups.setdefault((r["shape"], r["linear"] + act, r["rows"]), []).append(r)
     out = []
     for (shape, name, m), rs in groups.items():
         us = {r["form"]: r["us"] for r in rs}
         best = min(rs, key=lambda r: r["us"])
         out.append({"shape": shape, "layer": name, "rows": m, "floor_us": rs[0]["floor_us"],
-                    **{f: us[f] for f in ("linear", "nn", "head", "head_nn", "algo0") if f in us},
+                    **{f: us[f] for f in ("linear", "nn", "head", "head_nn", "algo0", "linear_act")
+                       if f in us},
                     "best": best["form"], "best_us": best["us"],
                     **{c: best[c] for c in ("tile", "stages", "splitk", "swizzle", "warps") if c in best}})
     return out
@@ -194,11 +224,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--lt-algos", type=int, default=0,
                         help="also time the first N algorithms of cuBLASLt's heuristic")
     parser.add_argument("--triton", action="store_true",
-                        help="also time zllm's Triton kernel at each of its tile configurations")
+                        help="also time zllm's Triton kernel at each of its tile configurations "
+                             "(and for gate_up, fused with SiLU)")
+    parser.add_argument("--layers", default="", help="only these layers (e.g. gate_up,o)")
     add_report_args(parser, markdown="")
     args = parser.parse_args(argv)
     report = run(args.shapes.split(","), [int(r) for r in args.rows.split(",")], args.lt_algos,
-                 args.triton)
+                 args.triton, [name for name in args.layers.split(",") if name])
     report["best"] = best_forms(report["rows"])
     for b in report["best"]:
         print("best", json.dumps(b), flush=True)

@@ -18,6 +18,12 @@ The Triton tiles are those that beat cuBLAS in `python -m zllm.bench.linear_shap
 an H100 (2026-12-06): at W1's 256 rows the 8B shape's o and down products took 17.5 and 53.5 µs
 with 64 x 128 x 128 tiles against cuBLAS's 19.5 and 59.1 (split-K did not pay, so none is
 offered and no workspace is needed).
+
+A gated MLP's gate_up projection with SiLU may also get `gated_matmul` (GATED_TILES), which
+computes the activation in the product's epilogue: no [rows, 2 x intermediate] product in memory
+and no activation kernel. On an H100 (2026-12-06, linear_shapes --triton --layers gate_up) the
+8B shape's gate_up and SiLU took 85.1 µs at 128 rows against 94.0 for cuBLAS's product and
+flashinfer's activation, and 113.5 against 109.9 at 256 rows (where the tuner keeps the two).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from zllm.worker.models.cublaslt import ALIGNMENT, LtAlgo, LtMatmul
-from zllm.worker.models.triton_matmul import TileConfig, matmul
+from zllm.worker.models.triton_matmul import TileConfig, gated_matmul, matmul
 
 if TYPE_CHECKING:
     from zllm.worker.models.weight_prefetch import NextWeight
@@ -39,6 +45,10 @@ if TYPE_CHECKING:
 TRITON_TILES = [TileConfig(64, 128, 128, 1, 4, 4), TileConfig(64, 128, 64, 1, 4, 4),
                 TileConfig(128, 256, 64, 1, 8, 3)]
 TRITON_MIN_ROWS = 64
+# Tiles for a gated MLP's gate_up product with its SiLU in the same kernel (gated_matmul): each
+# program holds a gate and an up tile, so within an H100's shared memory at these stages.
+GATED_TILES = [TileConfig(64, 64, 128, 1, 4, 4), TileConfig(64, 128, 64, 1, 4, 4),
+               TileConfig(64, 64, 64, 1, 4, 4), TileConfig(128, 128, 64, 1, 8, 3)]
 
 TUNE_BYTES = 256 * 2**20  # weights a timing cycles through: several times any L2, as a forward
 REL_TOL = 1e-2  # an algorithm's result against torch's, both 16-bit
@@ -78,6 +88,23 @@ class TritonChoice:
         return {"kernel": "triton", **self.tile.config}
 
 
+@dataclass
+class GatedChoice:
+    """The Triton tile chosen for a gated MLP's gate_up product fused with its SiLU."""
+    tile: TileConfig
+
+    def run(self, x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
+        """silu(x @ gate.T) * (x @ up.T), or None where x is not as the tile was timed on."""
+        if x.dtype != weight.dtype or not self.tile.fits(x.shape[0], weight.shape[0] // 2,
+                                                          x.shape[1]):
+            return None
+        return gated_matmul(x, weight, self.tile)
+
+    @property
+    def config(self) -> dict:
+        return {"kernel": "triton_gated", **self.tile.config}
+
+
 class TunedProduct:
     """A linear layer whose matmul may run through a cuBLASLt algorithm or a Triton tile that
     timed faster than torch's own call on this GPU, at the row counts `tune_model` tuned it
@@ -87,6 +114,10 @@ class TunedProduct:
     tuned_out_dtype: Optional[torch.dtype] = None  # None: the weight's
     # Read ahead into L2 after this layer's product (zllm/worker/models/weight_prefetch.py).
     next_weight: Optional["NextWeight"] = None
+    # A gated MLP's gate_up projection followed by SiLU: that activation (GatedMLP sets it), and
+    # the row counts at which the tuner found the product and SiLU in one kernel faster.
+    gated_act: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    tuned_gated_rows: Optional[dict[int, GatedChoice]] = None
 
     def tuned_product(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """x @ weight.T through the choice tuned for x's row count, or None (call torch)."""
@@ -96,6 +127,19 @@ class TunedProduct:
         if choice is None or not x.is_contiguous():
             return None
         return choice.run(x, self.weight)
+
+    def tuned_gated_product(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """gated_act(x @ weight.T) in one kernel where the tuner chose one for x's row count,
+        else None (the caller runs the product, then the activation)."""
+        if self.tuned_gated_rows is None:
+            return None
+        choice = self.tuned_gated_rows.get(x.shape[0])
+        if choice is None or not x.is_contiguous():
+            return None
+        out = choice.run(x, self.weight)
+        if out is not None and self.next_weight is not None:
+            self.next_weight.read()
+        return out
 
 
 def time_graph(calls: list[Callable[[], object]], reps: int = 3) -> float:
@@ -131,16 +175,20 @@ def tune_model(model: torch.nn.Module, sizes: list[int], count: int,
     the heuristic's first `count` and (from TRITON_MIN_ROWS rows) the TRITON_TILES, if it beats
     torch's own call by at least `min_gain`, among those whose result matches torch's. Layers
     with the same product (in and out features, weight layout, output dtype) are timed
-    together, over their own weights. Returns one report row per product and row count."""
+    together, over their own weights. A gated MLP's gate_up projection (`gated_act` set) also
+    gets, from TRITON_MIN_ROWS rows, the GATED_TILES that compute it and its SiLU in one kernel,
+    if one beats the product so chosen followed by the activation. Returns one report row per
+    product and row count (and per fused product and row count)."""
     # A layer with a bias would add it in a kernel of its own; torch's call fuses it.
     groups: dict[tuple, list[TunedProduct]] = {}
     for layer in model.modules():
         if isinstance(layer, TunedProduct) and getattr(layer, "bias", None) is None:
             w = layer.weight
-            key = (w.shape[1], w.shape[0], w.stride(0) == 1, layer.tuned_out_dtype)
+            key = (w.shape[1], w.shape[0], w.stride(0) == 1, layer.tuned_out_dtype,
+                   layer.gated_act is not None)
             groups.setdefault(key, []).append(layer)
     report = []
-    for (k, n, column_major, out_dtype), members in groups.items():
+    for (k, n, column_major, out_dtype, gated), members in groups.items():
         w0 = members[0].weight
         per_copy = w0.numel() * w0.itemsize
         weights = [layer.weight for layer in members[:max(1, -(-TUNE_BYTES // per_copy))]]
@@ -177,4 +225,41 @@ def tune_model(model: torch.nn.Module, sizes: list[int], count: int,
             report.append({"in": k, "out": n, "rows": m, "torch_us": 1e6 * torch_s / len(weights),
                            "best_us": 1e6 * best_s / len(weights), "chosen": chosen,
                            **(best.config if chosen else {})})
+            if gated and m >= TRITON_MIN_ROWS:
+                report.append(_tune_gated(members, weights, x, best if chosen else None, min_gain))
     return report
+
+
+def _tune_gated(members: list[TunedProduct], weights: list[torch.Tensor], x: torch.Tensor,
+                product: Optional["LtChoice | TritonChoice"], min_gain: float) -> dict:
+    """Give `members` (gate_up projections) the fastest GATED_TILES kernel at x's row count if
+    it beats their product (`product`, or torch's call) and activation by `min_gain`."""
+    act = members[0].gated_act
+
+    def unfused(w: torch.Tensor) -> torch.Tensor:
+        out = product.run(x, w) if product is not None else None
+        return act(torch.nn.functional.linear(x, w) if out is None else out)
+
+    expected = unfused(weights[0])
+    unfused_s = time_graph([lambda w=w: unfused(w) for w in weights])
+    best, best_s = None, unfused_s
+    for tile in GATED_TILES:
+        choice = GatedChoice(tile)
+        try:
+            result = choice.run(x, weights[0])
+            if result is None or _rel_err(result, expected) > REL_TOL:
+                continue
+            s = time_graph([lambda w=w: choice.run(x, w) for w in weights])
+        except RuntimeError:  # a tile this GPU cannot run (shared memory): skip it
+            continue
+        if s < best_s:
+            best, best_s = choice, s
+    chosen = best is not None and best_s < unfused_s * (1 - min_gain)
+    m = x.shape[0]
+    if chosen:
+        for layer in members:
+            layer.tuned_gated_rows = {**(layer.tuned_gated_rows or {}), m: best}
+    w0 = weights[0]
+    return {"in": w0.shape[1], "out": w0.shape[0] // 2, "rows": m, "fused": "gate_up+act",
+            "torch_us": 1e6 * unfused_s / len(weights), "best_us": 1e6 * best_s / len(weights),
+            "chosen": chosen, **(best.config if chosen else {})}

@@ -242,9 +242,14 @@ class GatedMLP(nn.Module):
             arch.hidden_size, arch.intermediate_size, ("gate_proj", "up_proj"), bias=arch.mlp_bias)
         self.act = gated_activation(arch.hidden_act, fused)
         self.down_proj = RowParallelLinear(arch.intermediate_size, arch.hidden_size, arch.mlp_bias)
+        if arch.hidden_act == "silu":  # the tuner may fuse it with the product (gemm_tuning.py)
+            self.gate_up_proj.gated_act = self.act.forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        act = self.gate_up_proj.tuned_gated_product(x)
+        if act is None:
+            act = self.act(self.gate_up_proj(x))
+        return self.down_proj(act)
 
 
 class CausalLM(nn.Module):

@@ -87,13 +87,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, config: TileConfig,
     as many tickets as output tiles."""
     m, k = x.shape
     n = weight.shape[0]
-    if x.stride(1) != 1 or not config.fits(m, n, k):
-        raise ValueError(f"shape {tuple(x.shape)} strides {x.stride()}: needs unit stride along "
-                         f"the inner dimension and {k} a multiple of block_k * split_k "
-                         f"({config.block_k} * {config.split_k})")
-    if x.dtype != weight.dtype or weight.shape[1] != k:
-        raise ValueError(f"x {tuple(x.shape)} {x.dtype} and weight {tuple(weight.shape)} "
-                         f"{weight.dtype} must share the inner dimension and dtype")
+    _check_operands(x, weight, config, n)
     if out is None:
         out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     elif out.shape != (m, n) or out.stride(1) != 1:
@@ -114,15 +108,29 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, config: TileConfig,
         x, weight, out, partials, tickets, m, n, k, x.stride(0), weight.stride(0),
         weight.stride(1), out.stride(0), SPLIT_K=config.split_k, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_M=m % config.block_m == 0,
-        EVEN_N=n % config.block_n == 0, num_warps=config.num_warps, num_stages=config.num_stages)
+        EVEN_N=n % config.block_n == 0, GATED=False, num_warps=config.num_warps,
+        num_stages=config.num_stages)
     return out
+
+
+def _check_operands(x: torch.Tensor, weight: torch.Tensor, config: TileConfig, n: int) -> None:
+    m, k = x.shape
+    if x.stride(1) != 1 or not config.fits(m, n, k):
+        raise ValueError(f"shape {tuple(x.shape)} strides {x.stride()}: needs unit stride along "
+                         f"the inner dimension and {k} a multiple of block_k * split_k "
+                         f"({config.block_k} * {config.split_k})")
+    if x.dtype != weight.dtype or weight.shape[1] != k:
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype} and weight {tuple(weight.shape)} "
+                         f"{weight.dtype} must share the inner dimension and dtype")
 
 
 @triton.jit
 def _matmul_kernel(x_ptr, w_ptr, out_ptr, part_ptr, ticket_ptr, M, N, K, stride_xm, stride_wn,
                    stride_wk, stride_om, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_M: tl.constexpr,
-                   EVEN_N: tl.constexpr):
+                   EVEN_N: tl.constexpr, GATED: tl.constexpr):
+    """GATED (split 1 only): W is [gate; up] with N rows each; the output is silu(gate) * up,
+    both products rounded to the output's dtype first."""
     tile = tl.program_id(0)
     pid_k = tl.program_id(1)
     m_tiles = tl.cdiv(M, BLOCK_M)
@@ -138,6 +146,7 @@ def _matmul_kernel(x_ptr, w_ptr, out_ptr, part_ptr, ticket_ptr, M, N, K, stride_
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N) if GATED else (1, 1), dtype=tl.float32)
     for _ in range(0, k_slice, BLOCK_K):
         if EVEN_M:
             a = tl.load(x_ptrs)
@@ -148,10 +157,20 @@ def _matmul_kernel(x_ptr, w_ptr, out_ptr, part_ptr, ticket_ptr, M, N, K, stride_
         else:
             b = tl.load(w_ptrs, mask=n_ok, other=0.0)
         acc = tl.dot(a, b, acc)
+        if GATED:  # the same columns of up, N rows of W further on
+            if EVEN_N:
+                b = tl.load(w_ptrs + N * stride_wn)
+            else:
+                b = tl.load(w_ptrs + N * stride_wn, mask=n_ok, other=0.0)
+            acc_up = tl.dot(a, b, acc_up)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
     mask = m_ok & n_ok
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    if GATED:
+        dtype = out_ptr.dtype.element_ty
+        gate = acc.to(dtype).to(tl.float32)
+        acc = gate / (1.0 + tl.exp(-gate)) * acc_up.to(dtype).to(tl.float32)
     if SPLIT_K > 1:
         # Leave this slice's sum; the tile's last program to arrive adds all slices in order.
         p_offs = offs_m[:, None] * N + offs_n[None, :]
@@ -168,3 +187,25 @@ def _matmul_kernel(x_ptr, w_ptr, out_ptr, part_ptr, ticket_ptr, M, N, K, stride_
             tl.atomic_xchg(ticket_ptr + tile, 0)
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def gated_matmul(x: torch.Tensor, weight: torch.Tensor, config: TileConfig,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """silu(x @ gate^T) * (x @ up^T) for weight = [gate; up] ([2I, K], a gated MLP's gate_up
+    projection): out [M, I] in x's dtype, without the [M, 2I] product in memory between. Each
+    program computes the same BLOCK_N columns of gate and of up; both sums are rounded to x's
+    dtype before the activation, as the unfused layers round the product. Split 1 only."""
+    m, k = x.shape
+    n = weight.shape[0] // 2
+    if weight.shape[0] % 2 or config.split_k != 1:
+        raise ValueError(f"weight {tuple(weight.shape)}, split_k {config.split_k}: needs an even "
+                         f"number of weight rows ([gate; up]) and split_k 1")
+    _check_operands(x, weight, config, n)
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    _matmul_kernel[(config.tiles(m, n), 1)](
+        x, weight, out, out, out, m, n, k, x.stride(0), weight.stride(0), weight.stride(1),
+        out.stride(0), SPLIT_K=1, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, EVEN_M=m % config.block_m == 0, EVEN_N=n % config.block_n == 0,
+        GATED=True, num_warps=config.num_warps, num_stages=config.num_stages)
+    return out
