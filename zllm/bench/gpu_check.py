@@ -97,6 +97,7 @@ def check_kernels(device: torch.device) -> dict:
         results.update({name + variant: r for name, r in _compare_backends(fi, ref, window).items()})
     results.update(check_rope_store(device))
     results.update(check_gemm_algos(device))
+    results.update(check_gated_matmul(device))
     return results
 
 
@@ -176,6 +177,37 @@ def check_gemm_algos(device: torch.device, count: int = 16) -> dict:
         results[name] = {"algos": len(errs), "refused": refused,
                          "worst_rel_err": max(errs, default=None),
                          "ok": bool(errs) and max(errs) < REL_TOL}
+    return results
+
+
+def check_gated_matmul(device: torch.device) -> dict:
+    """The tuner's fused gate_up + SiLU kernel (gated_matmul) at each of its tiles, against
+    silu(gate) * up from a float32 product rounded to bf16: 64 and 128 rows of the 8B shape's
+    gate_up (column-major, as the engine keeps it), and a row-major one whose width no tile
+    divides."""
+    from zllm.worker.models.gemm_tuning import GATED_TILES, GatedChoice, matches_torch
+    from zllm.worker.models.triton_matmul import gated_matmul
+
+    torch.manual_seed(0)
+    results = {}
+    for m, k, i, column_major in ((64, 4096, 14336, True), (128, 4096, 14336, True),
+                                  (100, 1024, 1000, False)):
+        x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+        w = torch.randn(2 * i, k, dtype=torch.bfloat16, device=device) * k ** -0.5
+        if column_major:
+            w = w.t().contiguous().t()
+        gate, up = (x.float() @ w.float().t()).bfloat16().float().chunk(2, dim=-1)
+        ref = torch.nn.functional.silu(gate) * up
+        errs, matched = [], True
+        for tile in GATED_TILES:
+            if GatedChoice(tile).run(x, w) is None:
+                continue
+            out = gated_matmul(x, w, tile)
+            errs.append(rel_err(out.float(), ref))
+            matched = matched and matches_torch(out, ref)
+        name = f"gated_{m}x{k}x{i}_{'col' if column_major else 'row'}"
+        results[name] = {"tiles": len(errs), "worst_rel_err": max(errs, default=None),
+                         "ok": bool(errs) and matched and max(errs) < REL_TOL}
     return results
 
 
@@ -426,7 +458,8 @@ def check_engine(path: str, steps: int = 64) -> dict:
             "ok": (graph_vs_eager == steps and triton_graph_vs_eager == steps
                    and prefetch_vs_graph == steps
                    and all(d["near_tie"] for d in parted)
-                   and any(r["chosen"] for r in tuned.get("rows", []))  # cuBLASLt really ran
+                   # cuBLASLt or a Triton tile really ran (not only a fused gate_up)
+                   and any(r["chosen"] and "fused" not in r for r in tuned.get("rows", []))
                    and replays["decode"] > 0 and replays["piecewise"] > 0)}
 
 

@@ -88,7 +88,9 @@ class DecodeGraphs:
         stream = torch.cuda.Stream()
         for bs in reversed(self.batch_sizes):
             plan_padding_batch(bs)
-            self._forward(bs)  # warm-up: lazy initialisation must not happen during capture
+            # Warm-up: lazy initialisation (a kernel's compile) must not happen during capture.
+            with self._prefetching(bs):
+                self._forward(bs)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream), self._prefetching(bs):

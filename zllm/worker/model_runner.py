@@ -224,7 +224,8 @@ class ModelRunner:
         """The side stream on which the linear layers of decode graphs of few rows read the next
         layer's weight into L2 (weight_prefetch_max_rows), or None."""
         d = self.config.device
-        if not d.weight_prefetch_max_rows:
+        if not d.weight_prefetch_max_rows or not (d.weight_prefetch_mb
+                                                  or d.weight_prefetch_attention_mb):
             return None
         prefetch = WeightPrefetch(self.device, d.weight_prefetch_max_rows,
                                   max(d.weight_prefetch_mb, d.weight_prefetch_attention_mb) << 20)

@@ -159,9 +159,9 @@ def _matmul_kernel(x_ptr, w_ptr, out_ptr, part_ptr, ticket_ptr, M, N, K, stride_
         acc = tl.dot(a, b, acc)
         if GATED:  # the same columns of up, N rows of W further on
             if EVEN_N:
-                b = tl.load(w_ptrs + N * stride_wn)
+                b = tl.load(w_ptrs + N.to(tl.int64) * stride_wn)
             else:
-                b = tl.load(w_ptrs + N * stride_wn, mask=n_ok, other=0.0)
+                b = tl.load(w_ptrs + N.to(tl.int64) * stride_wn, mask=n_ok, other=0.0)
             acc_up = tl.dot(a, b, acc_up)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
@@ -180,7 +180,7 @@ def _matmul_kernel(x_ptr, w_ptr, out_ptr, part_ptr, ticket_ptr, M, N, K, stride_
         if ticket == SPLIT_K - 1:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             slice_ptrs = part_ptr + p_offs
-            for _ in tl.static_range(SPLIT_K):
+            for _slice in tl.static_range(SPLIT_K):
                 acc += tl.load(slice_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
                 slice_ptrs += M * N
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -14,10 +14,11 @@ capture ends. Eager steps and other graphs never prefetch (the check is one attr
 reads only load: no result can change.
 
 On an H100 (2026-12-06): `python -m zllm.bench.l2_prefetch` (8B shape, one row, 23 µs of
-stand-in small kernels per layer) took 173.5-177.0 µs per layer with 8 MB per window (24 before
-o) against 182.8 without, the matmuls alone 160.4; in the engine (`zllm bench throughput
---workload latency`, Ray) the 8B shape's batch-1 token took 6.37 ms with 8 and 16 MB against
-6.47 without (4 and 24 MB: 6.47), the 1B shape's 1.49 ms either way.
+stand-in small kernels per layer) took 176.0 µs per layer with 8 MB per window and 16 before o
+(173.5 with 24 before o and 8 before down) against 182.8 without, the matmuls alone 160.4. In
+the engine (`zllm bench throughput --workload latency`, Ray) the 8B shape's batch-1 token took
+6.37 ms with 8 and 16 MB (the defaults) against 6.47 without (4 and 24 MB: 6.47), the 1B
+shape's 1.49 ms either way.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from zllm.worker.models.linear import QKVParallelLinear
 READ_WORDS = 2048  # int64 words (16 KB) per program
 
 
-@triton.jit
+# n_words not specialised: one compiled variant for every size (compiled before any capture).
+@triton.jit(do_not_specialize=["n_words"])
 def _read_kernel(src, sink, n_words, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     words = tl.load(src + offs, mask=offs < n_words, other=0, eviction_policy="evict_last")
@@ -72,23 +74,26 @@ class WeightPrefetch:
         self.sink = torch.zeros(triton.cdiv(max_bytes, 8 * READ_WORDS), dtype=torch.int64,
                                 device=device)
         self.active = False
+        self.forked = False  # the side stream has work queued in the forward being captured
         read_into_l2(self.sink, 8, self.sink)  # compiled and loaded now: not while capturing
 
     @contextmanager
     def capturing(self, rows: int) -> Iterator[None]:
         """Around the capture of a forward of `rows` rows: its linear layers prefetch if rows <=
         max_rows; the side stream is joined back at the end, as a capture requires."""
-        self.active = rows <= self.max_rows
+        self.active, self.forked = rows <= self.max_rows, False
         try:
             yield
         finally:
-            if self.active:
+            # Join only a fork this forward made: a capture may not wait on work queued before it.
+            if self.forked:
                 torch.cuda.current_stream().wait_stream(self.stream)
-            self.active = False
+            self.active = self.forked = False
 
     def read(self, words: torch.Tensor, n_bytes: int) -> None:
         """On the side stream, after all work queued so far on the current one."""
         self.stream.wait_stream(torch.cuda.current_stream())
+        self.forked = True
         with torch.cuda.stream(self.stream):
             read_into_l2(words, n_bytes, self.sink)
 
