@@ -28,7 +28,8 @@
 #         key (any config key KEY over RUNS="MODEL:VALUE ..." and WORKLOADS, one run per pair).
 #         linear-shapes (issue 11: each linear layer's matmul alone at 1, 256 and 8192 rows, F.linear
 #         against a transposed weight and split-K, against its floor; LT_ALGOS=N adds the first N
-#         algorithms of cuBLASLt's heuristic; EXTRA=--triton adds zllm's Triton kernel's tiles).
+#         algorithms of cuBLASLt's heuristic; EXTRA=--triton adds zllm's Triton kernel's tiles, and
+#         for gate_up the kernel fused with SiLU; "--layers gate_up" times only those).
 #         ab (this checkout's zllm against BASE's, ABBA, over RUNS="MODEL:WORKLOADS ...").
 #         worker-profile (issue 11: cProfile of the worker's host stages on the 1B shape at REQUESTS
 #         (default 1): which part of "plan" and "logits" is Python and which CUDA API time).
