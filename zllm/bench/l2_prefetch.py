@@ -64,7 +64,7 @@ def run(shape: str, layers: int, windows_us: list[float], size_specs: list[str],
 
     def forward(sizes_mb: list[int], windows: bool):
         def call():
-            with prefetch.capturing(1 if any(sizes_mb) else 2):
+            with prefetch.capturing(1):  # joins only if some window read
                 for ws, wds in zip(weights, words):
                     for (k, _), w, wd, window, mb in zip(shapes, ws, wds, windows_us, sizes_mb):
                         if mb and prefetch.active:

@@ -120,6 +120,11 @@ class TunedProduct:
     gated_act: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     tuned_gated_rows: Optional[dict[int, GatedChoice]] = None
 
+    def read_next_weight(self) -> None:
+        """After this layer's product: start reading the next layer's weight into L2."""
+        if self.next_weight is not None:
+            self.next_weight.read()
+
     def tuned_product(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """x @ weight.T through the choice tuned for x's row count, or None (call torch)."""
         if self.tuned_rows is None:
@@ -138,8 +143,8 @@ class TunedProduct:
         if choice is None or not x.is_contiguous():
             return None
         out = choice.run(x, self.weight)
-        if out is not None and self.next_weight is not None:
-            self.next_weight.read()
+        if out is not None:
+            self.read_next_weight()
         return out
 
 
@@ -172,6 +177,24 @@ def matches_torch(result: torch.Tensor, expected: torch.Tensor) -> bool:
     scale = b.norm() / b.numel() ** 0.5
     return bool((a - b).norm() <= REL_TOL * b.norm().clamp_min(1e-30)
                 and ((a - b).abs() <= ELEMENT_TOL * (b.abs() + scale)).all())
+
+
+def _fastest(candidates: list, x: torch.Tensor, weights: list[torch.Tensor],
+             expected: torch.Tensor, baseline_s: float) -> tuple[Optional[object], float]:
+    """The candidate (a choice with `run(x, weight)`) whose result matches torch's `expected`
+    and whose graph over `weights` is fastest, if faster than `baseline_s`, and its time."""
+    best, best_s = None, baseline_s
+    for choice in candidates:
+        try:
+            result = choice.run(x, weights[0])
+            if result is None or not matches_torch(result, expected):
+                continue
+            s = time_graph([lambda w=w, c=choice: c.run(x, w) for w in weights])
+        except Exception:  # refused here (cuBLASLt; Triton: out of shared memory): skip
+            continue
+        if s < best_s:
+            best, best_s = choice, s
+    return best, best_s
 
 
 def tune_model(model: torch.nn.Module, sizes: list[int], count: int,
@@ -213,17 +236,7 @@ def tune_model(model: torch.nn.Module, sizes: list[int], count: int,
             if m >= TRITON_MIN_ROWS:
                 candidates += [TritonChoice(tile, out_dtype) for tile in TRITON_TILES
                                if tile.fits(m, n, k)]
-            best, best_s = None, torch_s
-            for choice in candidates:
-                try:
-                    result = choice.run(x, weights[0])
-                    if result is None or not matches_torch(result, expected):
-                        continue
-                    s = time_graph([lambda w=w, c=choice: c.run(x, w) for w in weights])
-                except Exception:  # refused here (cuBLASLt; Triton: out of shared memory): skip
-                    continue
-                if s < best_s:
-                    best, best_s = choice, s
+            best, best_s = _fastest(candidates, x, weights, expected, torch_s)
             chosen = best is not None and best_s < torch_s * (1 - min_gain)
             if chosen:
                 for layer in members:
@@ -248,18 +261,8 @@ def _tune_gated(members: list[TunedProduct], weights: list[torch.Tensor], x: tor
 
     expected = act(torch.nn.functional.linear(x, weights[0]))  # torch's, as for the products
     unfused_s = time_graph([lambda w=w: unfused(w) for w in weights])
-    best, best_s = None, unfused_s
-    for tile in GATED_TILES:
-        choice = GatedChoice(tile)
-        try:
-            result = choice.run(x, weights[0])
-            if result is None or not matches_torch(result, expected):
-                continue
-            s = time_graph([lambda w=w: choice.run(x, w) for w in weights])
-        except Exception:  # a tile this GPU cannot run (out of shared memory): skip it
-            continue
-        if s < best_s:
-            best, best_s = choice, s
+    best, best_s = _fastest([GatedChoice(tile) for tile in GATED_TILES], x, weights, expected,
+                            unfused_s)
     chosen = best is not None and best_s < unfused_s * (1 - min_gain)
     m = x.shape[0]
     if chosen:

@@ -68,8 +68,7 @@ class ColumnParallelLinear(TunedProduct, fairscale.ColumnParallelLinear):
             out = F.linear(x, self.weight, self.bias)
         elif self.bias is not None:
             out = out + self.bias
-        if self.next_weight is not None:
-            self.next_weight.read()
+        self.read_next_weight()
         return out
 
     @classmethod
@@ -129,8 +128,7 @@ class RowParallelLinear(TunedProduct, fairscale.RowParallelLinear):
         out = self.tuned_product(x)
         if out is None:
             out = F.linear(x, self.weight)
-        if self.next_weight is not None:  # before the all-reduce: it is part of the window
-            self.next_weight.read()
+        self.read_next_weight()  # before the all-reduce: it is part of the window
         if self.group is not None:
             torch.distributed.all_reduce(out, group=self.group)
         return out if self.bias is None else out + self.bias
