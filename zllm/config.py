@@ -121,6 +121,14 @@ class DeviceConfig:
     # faster (docs/benchmarks.md). The same rule sends a mixed step's leading decodes (the
     # running requests) to the kernel, and only the rest to flashinfer's prefill kernel.
     triton_decode_min_programs: int = 512
+    # flashinfer backend, with the Triton kernel on: pure-decode steps of at most this many
+    # requests run it too, each sequence split among programs (the last to finish merges them,
+    # in the same launch) so that requests x KV heads x parts reach triton_decode_min_programs;
+    # 0: such steps run flashinfer's decode. On an H100 (2026-12-06) flashinfer's captured
+    # decode at batch 1 took 12.1 us per layer of the 1B shape for 640 tokens of context (0.4 us
+    # of KV read; with q's copy and the merge, three kernels) and this 8.3; batch-1 time per
+    # token fell from 1.52 to 1.45 ms (1B) and from 6.53 to 6.39 ms (8B) (docs/benchmarks.md).
+    triton_decode_split_max_batch: int = 64
     enforce_eager: bool = False  # true: no CUDA graphs at all
     # Steps that carry prompt tokens, up to this many tokens in all, replay CUDA graphs captured
     # in pieces between attention calls (zllm/worker/cuda_graphs.py); 0: they run eagerly. Off
@@ -282,6 +290,8 @@ class EngineConfig:
         check("xqa_decode_max_batch", d.xqa_decode_max_batch, d.xqa_decode_max_batch >= 0, ">= 0")
         check("triton_decode_min_programs", d.triton_decode_min_programs,
               d.triton_decode_min_programs >= 0, ">= 0")
+        check("triton_decode_split_max_batch", d.triton_decode_split_max_batch,
+              0 <= d.triton_decode_split_max_batch <= 1024, "in [0, 1024]")
         check("gemm_tuning_algos", d.gemm_tuning_algos, 0 <= d.gemm_tuning_algos <= 64,
               "between 0 and 64")
         check("weight_prefetch_max_rows", d.weight_prefetch_max_rows,

@@ -122,6 +122,23 @@ def test_decode_kernel_choice_counts_programs_and_lets_xqa_go_first():
     assert [planless_kernel(r, 1, 0, 512) for r in (256, 511, 512)] == ["", "", "triton"]
     assert planless_kernel(256, 8, 0, 0) == ""  # off
     assert [planless_kernel(r, 8, 64, 512) for r in (64, 72)] == ["xqa", "triton"]
+    # Small steps, each sequence split: up to the split batch, and never with the kernel off.
+    assert [planless_kernel(r, 8, 0, 512, 16) for r in (1, 16, 17, 63, 64)] == \
+        ["triton", "triton", "", "", "triton"]
+    assert planless_kernel(1, 8, 0, 0, 16) == ""
+    assert [planless_kernel(r, 8, 4, 512, 16) for r in (4, 5)] == ["xqa", "triton"]
+
+
+def test_small_decode_steps_split_each_sequence_to_reach_the_program_count():
+    from zllm.worker.attention.flashinfer_backend import MAX_SPLITS, split_count
+
+    assert [split_count(r, 8, 512) for r in (1, 2, 3, 16, 63, 64, 256)] == [64, 32, 22, 4, 2, 1, 1]
+    assert split_count(1, 1, 512) == MAX_SPLITS  # capped
+    assert split_count(3, 8, 512) * 3 * 8 >= 512
+    with pytest.raises(ValueError, match="'triton_decode_split_max_batch' = -1 .*in \\[0, 1024\\]"):
+        from zllm.config import EngineConfig
+
+        EngineConfig.from_dict({}, triton_decode_split_max_batch=-1)
 
 
 def test_a_mixed_steps_leading_decodes_go_to_the_triton_kernel_when_enough():

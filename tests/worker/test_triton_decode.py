@@ -8,7 +8,8 @@ import torch
 pytest.importorskip("triton")  # Linux only (the test extra installs it there)
 
 # tests/conftest.py sets TRITON_INTERPRET before triton is imported.
-from zllm.worker.attention.triton_decode import gqa_decode, unsupported  # noqa: E402
+from zllm.worker.attention.triton_decode import (SplitWorkspace, gqa_decode,  # noqa: E402
+                                                 unsupported)
 
 
 def reference(q, kv_cache, indptr, indices, seq_lens, scale, soft_cap=None, window=None):
@@ -157,6 +158,49 @@ def test_gqa_decode_addresses_past_two_to_the_31_elements():
     expected = reference(q, cache[ids.long()], indptr, torch.arange(6, dtype=torch.int32), lens,
                          0.25)  # the same blocks, renumbered from 0
     torch.testing.assert_close(out.double(), expected, atol=2e-3, rtol=2e-3)
+
+
+def workspace_for(q, kv_heads, splits):
+    reqs, heads, dim = q.shape
+    return SplitWorkspace(q.device, reqs * kv_heads * splits, reqs * kv_heads, heads, kv_heads,
+                          dim)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 8, 64])
+@pytest.mark.parametrize("window", [None, 20])
+def test_split_sequences_merge_to_the_same_attention(splits, window):
+    """Each sequence's tiles shared among `splits` programs (more than a short one has tiles:
+    those exit), merged by the last to finish (300 tokens: 19 live splits, more than one of the
+    merge's blocks of 16); the ticket counters end at zero, so a second call, as a CUDA graph
+    replays it, gives the same result."""
+    seq_lens = [1, 9, 16, 37, 50, 130, 300]
+    q, cache, indptr, indices, lens = make_case(8, 2, 32, 8, seq_lens, torch.float32, seed=11)
+    ws = workspace_for(q, 2, splits)
+    expected = reference(q, cache, indptr, indices, lens, 0.2, window=window)
+    for _ in range(2):
+        out = gqa_decode(q, cache, indptr, indices, lens, 0.2, window=window, block_n=16,
+                         splits=splits, workspace=ws)
+        torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+        assert int(ws.tickets.abs().sum()) == 0
+
+
+def test_split_sequences_with_soft_cap_a_padded_group_and_float16_into_out():
+    q, cache, indptr, indices, lens = make_case(6, 2, 32, 16, [5, 70, 33], torch.float16, seed=12)
+    q = q * 4
+    out = torch.full((4, 6, 32), 7.0, dtype=torch.float16)  # only the first three rows are the step's
+    gqa_decode(q, cache, indptr, indices, lens, 0.2, soft_cap=3.0, block_n=16, out=out[:3],
+               splits=4, workspace=workspace_for(q, 2, 4))
+    expected = reference(q, cache, indptr, indices, lens, 0.2, soft_cap=3.0)
+    torch.testing.assert_close(out[:3].double(), expected, atol=2e-3, rtol=2e-3)
+    assert bool((out[3] == 7.0).all())
+
+
+def test_split_needs_a_workspace_large_enough():
+    q, cache, indptr, indices, lens = make_case(8, 2, 32, 8, [5, 9], torch.float32)
+    with pytest.raises(ValueError, match="splits 4 for 2 requests x 2 KV heads"):
+        gqa_decode(q, cache, indptr, indices, lens, 0.2, splits=4)
+    with pytest.raises(ValueError, match="splits 4"):
+        gqa_decode(q, cache, indptr, indices, lens, 0.2, splits=4, workspace=workspace_for(q, 2, 3))
 
 
 def test_unsupported_head_dims_are_named():

@@ -11,7 +11,8 @@ the same run. `--layouts NHD,HND` adds flashinfer's head-major page layout, `--c
 context lengths (a fixed cost per call shows as a share of the floor that grows with them), and
 `--modes graph,nosplit,graph-nosplit` the CUDA-graph wrapper replayed from a captured graph (as
 the engine's decode steps run it), the split-KV schedule turned off, and both; `fa3`, `xqa`,
-`graph-xqa`, `triton-NxWxS` and `graph-triton-NxWxS` other kernels for the same call, each
+`graph-xqa`, `triton-NxWxS`, `graph-triton-NxWxS`, `triton-split` and `graph-triton-split`
+(each sequence split as the engine splits small decode steps) other kernels for the same call, each
 checked against the plain wrapper's output (max_abs_err). On a GPU only: this is the
 measurement behind FlashInferBackend's kernel choice.
 """
@@ -31,7 +32,7 @@ from zllm.bench.throughput import model_dir_for
 
 def time_decode(arch: ModelArchitecture, batch: int, context: int, block_size: int,
                 tensor_cores: bool, layout: str = "NHD", mode: str = "eager",
-                reps: int = 50) -> tuple[float, float]:
+                reps: int = 50, graph_calls: int = 1) -> tuple[float, float]:
     """Seconds per call of one layer's decode attention, and the largest absolute difference of
     its output from the plain tensor-core wrapper's. mode: "eager" (a plain wrapper, run from
     Python), "graph" (a CUDA-graph wrapper, its run captured once and replayed, as the engine's
@@ -40,7 +41,11 @@ def time_decode(arch: ModelArchitecture, batch: int, context: int, block_size: i
     "fa3" (the wrapper on flashinfer's Hopper prefill kernel), "xqa" (TensorRT-LLM's XQA GQA
     decode kernel as flashinfer ships it: no plan, a padded page table), "graph-xqa" (XQA
     captured and replayed), "triton[-NxWxS]" and "graph-triton[-NxWxS]" (zllm's Triton kernel,
-    zllm/worker/attention/triton_decode.py, with tiles of N tokens, W warps, S stages)."""
+    zllm/worker/attention/triton_decode.py, with tiles of N tokens, W warps, S stages),
+    "triton-split[-NxWxS]" and "graph-triton-split[-NxWxS]" (the same, each sequence split among
+    programs as FlashInferBackend splits small decode steps for 512 programs). A graph holds
+    `graph_calls` calls back to back (as a decode step's layers follow each other), and the time
+    is per call."""
     import flashinfer
 
     device = torch.device("cuda")
@@ -71,7 +76,19 @@ def time_decode(arch: ModelArchitecture, batch: int, context: int, block_size: i
 
     reference = wrapper_for(False)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)  # planless kernels
-    if "triton" in mode:
+    if "triton-split" in mode:  # each sequence split as the engine splits small steps
+        from zllm.worker.attention.flashinfer_backend import split_count
+        from zllm.worker.attention.triton_decode import SplitWorkspace, gqa_decode
+
+        tiles = dict(zip(("block_n", "num_warps", "num_stages"),
+                         (int(x) for x in mode.split("triton-split-")[1].split("x")))
+                     ) if "triton-split-" in mode else {}  # none given: the kernel's defaults
+        splits = split_count(batch, kv_heads, 512)
+        split_workspace = SplitWorkspace(device, batch * kv_heads * splits, batch * kv_heads,
+                                         heads, kv_heads, dim)
+        call = lambda: gqa_decode(q, cache, indptr, indices, seq_lens, dim ** -0.5,  # noqa: E731
+                                  out=out, splits=splits, workspace=split_workspace, **tiles)
+    elif "triton" in mode:
         from zllm.worker.attention.triton_decode import gqa_decode
 
         tiles = dict(zip(("block_n", "num_warps", "num_stages"),
@@ -91,12 +108,14 @@ def time_decode(arch: ModelArchitecture, batch: int, context: int, block_size: i
     for _ in range(5):
         call()
     captured = call  # keeps the wrapper, whose buffers a replay reads, alive until the end
-    if mode.startswith("graph"):
+    per_call = 1
+    if mode.startswith("graph"):  # graph_calls calls in one graph, as a step's layers replay
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            captured()
-        call = graph.replay
+            for _ in range(graph_calls):
+                captured()
+        call, per_call = graph.replay, graph_calls
     call()
     result = out.clone()
     reference()
@@ -108,11 +127,11 @@ def time_decode(arch: ModelArchitecture, batch: int, context: int, block_size: i
     end.record()
     end.synchronize()
     del captured
-    return start.elapsed_time(end) / 1e3 / reps, err
+    return start.elapsed_time(end) / 1e3 / reps / per_call, err
 
 
 def run(shapes: list[str], batches: list[int], contexts: list[int], layouts: list[str],
-        block_sizes: list[int], modes: list[str]) -> dict[str, Any]:
+        block_sizes: list[int], modes: list[str], graph_calls: int = 1) -> dict[str, Any]:
     hw = measure_hardware(torch.device("cuda"))
     rows = []
     for shape in shapes:
@@ -128,7 +147,7 @@ def run(shapes: list[str], batches: list[int], contexts: list[int], layouts: lis
             for layout, block_size, mode, tensor_cores in variants:
                 try:
                     t, err = time_decode(arch, batch, context, block_size, tensor_cores, layout,
-                                         mode)
+                                         mode, graph_calls=graph_calls)
                 except Exception as e:  # a kernel this flashinfer or GPU lacks: say so, go on
                     print(json.dumps({"shape": shape, "batch": batch, "context": context,
                                       "mode": mode, "error": repr(e)[:300]}), flush=True)
@@ -137,6 +156,7 @@ def run(shapes: list[str], batches: list[int], contexts: list[int], layouts: lis
                              "group": arch.num_heads // arch.num_kv_heads,
                              "context": context, "layout": layout, "mode": mode,
                              "block_size": block_size, "tensor_cores": tensor_cores,
+                             "graph_calls": graph_calls if mode.startswith("graph") else 0,
                              "us_per_layer": round(1e6 * t, 1),
                              "floor_us_per_layer": round(1e6 * floor, 1),
                              "ms_per_step": round(1e3 * t * arch.num_layers, 3),
@@ -158,12 +178,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="eager, graph (captured and replayed, as the engine runs decode), "
                              "nosplit (split-KV off), graph-nosplit, fa3, xqa, graph-xqa, "
                              "triton[-NxWxS] and graph-triton[-NxWxS] (zllm's Triton kernel: "
-                             "N tokens a tile, W warps, S stages); comma-separated")
+                             "N tokens a tile, W warps, S stages), triton-split and "
+                             "graph-triton-split (each sequence split); comma-separated")
+    parser.add_argument("--graph-calls", type=int, default=1,
+                        help="calls captured back to back in each graph (the time is per call)")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     ints = lambda arg: [int(x) for x in arg.split(",")]  # noqa: E731
     report = run(args.shapes.split(","), ints(args.batches), ints(args.contexts),
-                 args.layouts.split(","), ints(args.block_sizes), args.modes.split(","))
+                 args.layouts.split(","), ints(args.block_sizes), args.modes.split(","),
+                 args.graph_calls)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

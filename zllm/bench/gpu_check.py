@@ -7,7 +7,8 @@ CI has no GPU, so this is a program to run on one, not a test. It checks, in bf1
      batch that mixes a fresh prompt, a prefill chunk over a cached prefix and decodes, on a
      pure-decode batch, and on a padded decode batch planned into a CUDA-graph wrapper's buffers
      by the light plan (fast_decode_plan); each with full attention, a sliding window, and
-     soft-capped scores; decodes also on XQA and on zllm's Triton kernel; zllm's fused RoPE +
+     soft-capped scores; decodes also on XQA and on zllm's Triton kernel (whole sequences, and
+     each split among programs); zllm's fused RoPE +
      K/V store against PyTorch's rotation and the torch backend's store;
   2. model: last-token logits of small random models (Llama; Mistral with a sliding window;
      Gemma 2 with alternating windows, soft-capping, GeGLU) agree between the two backends and
@@ -70,7 +71,8 @@ def check_kernels(device: torch.device) -> dict:
     """flashinfer against the torch backend on one step: the prefill kernel (mixed), the decode
     kernel (eager), and a CUDA-graph decode wrapper re-planned by the light plan (graph; run
     eagerly here, on the same fixed buffers a replay reads); the decode steps with flashinfer's
-    decode kernel, with XQA (`_xqa`) and with zllm's Triton kernel (`_triton`)."""
+    decode kernel, with XQA (`_xqa`), with zllm's Triton kernel (`_triton`) and with it splitting
+    each sequence of these small steps (`_triton_seqsplit`)."""
     torch.manual_seed(0)
     H, KVH, D, bs = 32, 8, 128, 16
     results = {}
@@ -78,7 +80,8 @@ def check_kernels(device: torch.device) -> dict:
     # decode step follows a step that split (the route must not carry over).
     kernels = (("", {}), ("_xqa", dict(xqa_max_batch=1 << 20)),
                ("_triton", dict(triton_min_programs=1)),
-               ("_xqa_triton", dict(xqa_max_batch=1 << 20, triton_min_programs=1)))
+               ("_xqa_triton", dict(xqa_max_batch=1 << 20, triton_min_programs=1)),
+               ("_triton_seqsplit", dict(triton_min_programs=512, triton_split_max_batch=64)))
     variants = [(variant + tag, cap, window, kernel)
                 for variant, cap, window in (("", None, None), ("_window100", None, 100),
                                              ("_softcap", 30.0, None))
@@ -113,7 +116,9 @@ def check_rope_store(device: torch.device) -> dict:
     fused = FusedRotaryEmbedding(D, 4096, 500000.0, None).to(device)
     plain = RotaryEmbedding(D, 4096, 500000.0, None).to(device)
     results = {}
-    for tag, kernel in (("", {}), ("_triton", dict(triton_min_programs=1))):
+    for tag, kernel in (("", {}), ("_triton", dict(triton_min_programs=1)),
+                        ("_triton_seqsplit", dict(triton_min_programs=512,
+                                                  triton_split_max_batch=64))):
         fi = FlashInferBackend(device, torch.bfloat16, spec, bs, max_num_tokens=1024, **kernel)
         ref = TorchPagedBackend(device, spec, bs)
         fi.enable_cuda_graphs([8], max_blocks_per_req=N // 8)
@@ -386,8 +391,10 @@ def check_engine(path: str, steps: int = 64) -> dict:
     part is checked against float32 (both choices within NEAR_TIE_NATS of its best)."""
     runs = {}
     runs["torch"], t_torch = generate(path, steps, attention_backend="torch", enforce_eager=True)
+    # flashinfer's decode kernels: the small steps here would otherwise run the Triton kernel,
+    # each sequence split (the default; its own runs below).
     runs["flashinfer_eager"], t_eager = generate(path, steps, attention_backend="flashinfer",
-                                                 enforce_eager=True)
+                                                 enforce_eager=True, triton_decode_split_max_batch=0)
     # The production fast path: CUDA graphs and async scheduling (decodes read their input
     # token from the previous step's device tensor). In process, to count the graphs replayed:
     # the prompts' step (984 tokens) pads to the piecewise size 1024, the decodes to 8.
@@ -400,13 +407,13 @@ def check_engine(path: str, steps: int = 64) -> dict:
     runs["flashinfer_graph"], t_graph = generate(
         path, steps, attention_backend="flashinfer", enforce_eager=False, async_scheduling=True,
         piecewise_cuda_graph_tokens=1024, engine_process=False, distributed_executor_backend="uni",
-        weight_prefetch_max_rows=0, inspect=count_replays)
+        weight_prefetch_max_rows=0, triton_decode_split_max_batch=0, inspect=count_replays)
     # The same with the next weight read into L2 in the decode graphs (8 rows: every decode
     # step; the default): reads only, so exactly the same tokens.
     runs["flashinfer_graph_prefetch"], _ = generate(
         path, steps, attention_backend="flashinfer", enforce_eager=False, async_scheduling=True,
         piecewise_cuda_graph_tokens=1024, engine_process=False, distributed_executor_backend="uni",
-        weight_prefetch_max_rows=8)
+        weight_prefetch_max_rows=8, triton_decode_split_max_batch=0)
     # Decode steps (8 requests) on the XQA kernel instead of flashinfer's, replayed from their
     # graphs, against torch; where XQA may run the model (the backend refuses windows and soft
     # caps).
@@ -422,6 +429,12 @@ def check_engine(path: str, steps: int = 64) -> dict:
     runs["triton_eager"], _ = generate(
         path, steps, attention_backend="flashinfer", triton_decode_min_programs=1,
         enforce_eager=True)
+    # The defaults: these 8-request decode steps (2 KV heads) on the Triton kernel, each sequence
+    # split in 32.
+    runs["triton_seqsplit_graph"], _ = generate(
+        path, steps, attention_backend="flashinfer", enforce_eager=False, async_scheduling=True)
+    runs["triton_seqsplit_eager"], _ = generate(
+        path, steps, attention_backend="flashinfer", enforce_eager=True)
     # Mixed steps whose leading decodes run on the Triton kernel and the prompt chunks after
     # them on flashinfer's prefill kernel: a 64-token budget chunks the prompts, so requests
     # decode while later prompts are computed.
@@ -443,19 +456,24 @@ def check_engine(path: str, steps: int = 64) -> dict:
         parted += divergences(path, runs["xqa_graph"], runs["torch"])
     parted += divergences(path, runs["triton_graph"], runs["torch"])
     parted += divergences(path, runs["triton_split"], runs["torch"])
+    parted += divergences(path, runs["triton_seqsplit_graph"], runs["torch"])
     parted += divergences(path, runs["triton_graph_gemm_tuned"], runs["torch"])
     triton_graph_vs_eager = first_divergence(runs["triton_graph"], runs["triton_eager"])
+    seqsplit_graph_vs_eager = first_divergence(runs["triton_seqsplit_graph"],
+                                               runs["triton_seqsplit_eager"])
     prefetch_vs_graph = first_divergence(runs["flashinfer_graph_prefetch"], runs["flashinfer_graph"])
     return {"steps": steps, "flashinfer_vs_torch_same_steps_per_prompt": per_prompt,
             "prompts_same_for_all_steps": sum(d == steps for d in per_prompt),
             "divergences_vs_fp32": parted, "graph_vs_eager_same_steps": graph_vs_eager,
             "triton_graph_vs_eager_same_steps": triton_graph_vs_eager,
+            "triton_seqsplit_graph_vs_eager_same_steps": seqsplit_graph_vs_eager,
             "prefetch_graph_vs_graph_same_steps": prefetch_vs_graph,
             "graph_replays": replays,
             "gemm_tuning_chosen": [r for r in tuned.get("rows", []) if r["chosen"]],
             "gemm_tuning_products": len(tuned.get("rows", [])),
             "seconds": {"torch": t_torch, "flashinfer_eager": t_eager, "flashinfer_graph": t_graph},
             "ok": (graph_vs_eager == steps and triton_graph_vs_eager == steps
+                   and seqsplit_graph_vs_eager == steps
                    and prefetch_vs_graph == steps
                    and all(d["near_tie"] for d in parted)
                    # cuBLASLt or a Triton tile really ran (not only a fused gate_up)

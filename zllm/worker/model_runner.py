@@ -156,7 +156,8 @@ class ModelRunner:
         self.attn = make_attention_backend(
             config.device.attention_backend, device, dtype, max_num_tokens,
             self.model.attention_spec, self.block_size, self.staging,
-            config.device.xqa_decode_max_batch, config.device.triton_decode_min_programs)
+            config.device.xqa_decode_max_batch, config.device.triton_decode_min_programs,
+            config.device.triton_decode_split_max_batch)
         self.kv_caches: list[torch.Tensor] = []
         self.swap_caches: list[torch.Tensor] = []
         self.input_batch: InputBatch | None = None  # made with the cache, which sizes it

@@ -136,19 +136,21 @@ class AttentionBackend(ABC):
 def make_attention_backend(name: str, device: torch.device, dtype: torch.dtype,
                            max_num_tokens: int, spec: AttentionSpec, block_size: int,
                            staging=None, xqa_max_batch: int = 0,
-                           triton_min_programs: int = 0) -> AttentionBackend:
+                           triton_min_programs: int = 0,
+                           triton_split_max_batch: int = 0) -> AttentionBackend:
     """`staging` (a PinnedStaging) carries the backend's host-to-device copies, if it has any;
     `xqa_max_batch`: flashinfer's decode steps of up to this many requests run XQA
     (DeviceConfig.xqa_decode_max_batch); `triton_min_programs`: its decode steps of at least
     this many requests times KV heads run zllm's Triton kernel
-    (DeviceConfig.triton_decode_min_programs)."""
+    (DeviceConfig.triton_decode_min_programs), and so do those of at most
+    `triton_split_max_batch` requests, each sequence split (DeviceConfig.triton_decode_split_max_batch)."""
     if name == "auto":
         name = "flashinfer" if device.type == "cuda" else "torch"
     if name == "flashinfer":
         from zllm.worker.attention.flashinfer_backend import FlashInferBackend
 
         return FlashInferBackend(device, dtype, spec, block_size, max_num_tokens, staging,
-                                 xqa_max_batch, triton_min_programs)
+                                 xqa_max_batch, triton_min_programs, triton_split_max_batch)
     from zllm.worker.attention.torch_backend import TorchPagedBackend
 
     return TorchPagedBackend(device, spec, block_size)

@@ -27,7 +27,9 @@ wrappers; the K/V store is the same kernel either way.
 - zllm's Triton GQA decode kernel (zllm/worker/attention/triton_decode.py) runs steps whose
   requests times KV heads reach `triton_decode_min_programs` (one program of the kernel each; it
   does not split a sequence, so it needs many to fill the GPU). It reads the page table (indptr,
-  indices) and the sequence lengths that the packed table holds anyway.
+  indices) and the sequence lengths that the packed table holds anyway. Steps of at most
+  `triton_decode_split_max_batch` requests run it with each sequence split among programs
+  (`split_count`), which merge in the same launch.
   It also runs a mixed step's leading decodes (the running requests come first) where they
   reach the same threshold (`leading_decodes`); the prefill kernel, planned for the requests
   after them, runs the rest.
@@ -58,6 +60,8 @@ from zllm.worker.staging import PinnedStaging
 logger = logging.getLogger(__name__)
 
 FLOAT_WORKSPACE_BYTES = 256 * 2**20
+# The Triton decode kernel's split of one sequence, at most (a part is at least one 64-token tile).
+MAX_SPLITS = 128
 # XQA's own: 8 MiB of semaphores, which must read zero at each call (the kernel leaves them so),
 # then scratch for the partial results of sequences split across CTAs at small batch sizes.
 XQA_WORKSPACE_BYTES = 32 * 2**20
@@ -152,14 +156,24 @@ def prefill_part(batch: AttentionBatch, indptr: np.ndarray,
     return qo_indptr, (indptr[decodes:] - first_page).astype(np.int32), first_page
 
 
+def split_count(num_reqs: int, num_kv_heads: int, min_programs: int) -> int:
+    """Into how many parts the Triton decode kernel splits each sequence of a small decode step,
+    so that its programs (requests x KV heads x parts) reach `min_programs`: 1 where one program
+    per (request, KV head) already does, at most MAX_SPLITS. Parts past a short sequence's end
+    exit at once."""
+    return max(1, min(MAX_SPLITS, -(-min_programs // (num_reqs * num_kv_heads))))
+
+
 def planless_kernel(num_reqs: int, num_kv_heads: int, xqa_max_batch: int,
-                    triton_min_programs: int) -> str:
+                    triton_min_programs: int, triton_split_max_batch: int = 0) -> str:
     """Which kernel without a flashinfer plan runs a pure-decode step of `num_reqs` requests:
     "xqa" (up to xqa_max_batch requests), "triton" (at least triton_min_programs requests times
-    KV heads; 0: never) or "" (flashinfer's decode wrappers)."""
+    KV heads, or, each sequence split, at most triton_split_max_batch requests; 0: never) or ""
+    (flashinfer's decode wrappers)."""
     if num_reqs <= xqa_max_batch:
         return "xqa"
-    if triton_min_programs and num_reqs * num_kv_heads >= triton_min_programs:
+    if triton_min_programs and (num_reqs * num_kv_heads >= triton_min_programs
+                                or num_reqs <= triton_split_max_batch):
         return "triton"
     return ""
 
@@ -169,7 +183,8 @@ class FlashInferBackend(AttentionBackend):
 
     def __init__(self, device: torch.device, dtype: torch.dtype, spec: AttentionSpec,
                  block_size: int, max_num_tokens: int, staging: PinnedStaging | None = None,
-                 xqa_max_batch: int = 0, triton_min_programs: int = 0) -> None:
+                 xqa_max_batch: int = 0, triton_min_programs: int = 0,
+                 triton_split_max_batch: int = 0) -> None:
         super().__init__(spec, block_size)
         import flashinfer
 
@@ -190,6 +205,18 @@ class FlashInferBackend(AttentionBackend):
         # Decode steps of more than xqa_max_batch requests, and at least this many requests
         # times KV heads, run the Triton kernel; 0: none.
         self.triton_min_programs, self._triton_decode = self._triton_kernel(triton_min_programs)
+        # Decode steps of at most this many requests run it too, each sequence split among
+        # programs so that there are triton_min_programs of them (`split_count`).
+        self.triton_split_max_batch = triton_split_max_batch if self._triton_decode else 0
+        self._split_workspace = None
+        if self.triton_split_max_batch:
+            from zllm.worker.attention.triton_decode import SplitWorkspace
+
+            pairs = self.triton_split_max_batch * self.num_kv_heads
+            slots = min(self.triton_min_programs + pairs, MAX_SPLITS * pairs)  # split_count's
+            self._split_workspace = SplitWorkspace(device, slots, pairs, self.num_heads,
+                                                   self.num_kv_heads, self.head_dim)
+        self._decode_splits = 1  # this step's split of each sequence on the Triton kernel
         # The step's first rows that the Triton kernel runs: all of a decode step's, a mixed
         # step's leading decodes (the prefill kernel runs the rest), or none.
         self._decode_rows = 0
@@ -268,7 +295,7 @@ class FlashInferBackend(AttentionBackend):
 
     def _planless_kernel(self, num_reqs: int) -> str:
         return planless_kernel(num_reqs, self.num_kv_heads, self.xqa_max_batch,
-                               self.triton_min_programs)
+                               self.triton_min_programs, self.triton_split_max_batch)
 
     def _decode_tensor_cores(self) -> bool:
         # Tensor-core decode (flashinfer's prefill kernels) pays off for GQA groups of 4 and up:
@@ -308,8 +335,12 @@ class FlashInferBackend(AttentionBackend):
         # Every field `forward` dispatches on is set here, before any early return: a step must
         # never run on the route of the step before.
         self._xqa_args = None
+        self._decode_splits = 1
         if batch.is_decode_only:
             self._decode_rows = batch.num_reqs if kernel == "triton" else 0
+            if self._decode_rows and batch.num_reqs <= self.triton_split_max_batch:
+                self._decode_splits = split_count(batch.num_reqs, self.num_kv_heads,
+                                                  self.triton_min_programs)
         else:
             self._decode_rows = leading_decodes(batch.query_lens, self.num_kv_heads,
                                                 self.triton_min_programs)
@@ -434,7 +465,8 @@ class FlashInferBackend(AttentionBackend):
             out = q.new_empty(q.shape) if out is None else out
             self._triton_decode(q[:d], kv_cache, t.indptr[:d + 1], t.indices, t.seq_lens[:d],
                                 self.scale, out=out[:d], soft_cap=self.spec.logits_soft_cap,
-                                window=window)
+                                window=window, splits=self._decode_splits,
+                                workspace=self._split_workspace)
             if d < q.shape[0]:  # a mixed step: the prefill kernel runs the requests after them
                 self._wrappers[window].run(q[d:], kv_cache, out=out[d:])
             return out

@@ -10,9 +10,16 @@ over the copy bandwidth). This kernel took 116-123 us, and 224 us against flashi
 The kernel is the plain design: one program per (KV head, request) reads that request's pages
 once, through the page table flashinfer's kernels read (indptr and indices), and attends with all
 the query heads of its group at once (tensor-core dots of [16, D] x [D, BLOCK_N], the group's
-rows padded to 16), with an online softmax in float32. No plan, no split of a sequence across
-programs, no merge: it needs enough requests to fill the GPU, so FlashInferBackend runs it for
+rows padded to 16), with an online softmax in float32. No plan: FlashInferBackend runs it for
 pure-decode steps whose requests times KV heads reach `triton_decode_min_programs`.
+
+Small decode steps (batch 1 above all) have too few (request, KV head) pairs to fill the GPU, and
+there a step's attention is latency, not bytes. For them each sequence's tiles are split among
+SPLITS programs per pair. Each leaves its running max, sum and unnormalised output in a
+workspace and takes a ticket; the last of the pair's live splits merges them in split order (so
+the result does not depend on which finished first), writes the output and zeroes the ticket
+counter for the next call. One launch, no plan, no merge kernel, q read through its strides:
+flashinfer's captured decode at batch 1 is three kernels (q's copy, the split decode, the merge).
 
 The cache is zllm's layer layout [blocks, 2, block_size, KVH, D] (flashinfer's NHD): the program
 for KV head h of request r reads rows of D contiguous values, one per token. Programs run KV
@@ -36,16 +43,30 @@ _LOG2E = 1 / math.log(2)
 
 @triton.jit
 def _gqa_decode_kernel(q_ptr, cache_ptr, indptr_ptr, indices_ptr, seq_lens_ptr, out_ptr,
-                       score_scale, cap_log2, window,
+                       part_ptr, ticket_ptr, score_scale, cap_log2, window,
                        q_stride_req, q_stride_head,
                        cache_stride_block, cache_stride_kv, cache_stride_token, cache_stride_head,
                        out_stride_req, out_stride_head,
                        GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
                        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                       SOFT_CAP: tl.constexpr, WINDOW: tl.constexpr):
+                       SOFT_CAP: tl.constexpr, WINDOW: tl.constexpr, SPLITS: tl.constexpr,
+                       GROUP_P2: tl.constexpr, MERGE_SPLITS: tl.constexpr):
     kv_head = tl.program_id(0)
     req = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + req)
+    first = 0
+    if WINDOW:  # the query at position seq_len - 1 sees the `window` keys ending there
+        first = tl.maximum(seq_len - window, 0)
+    start = first // BLOCK_N * BLOCK_N
+    end = seq_len
+    if SPLITS > 1:  # this program's share of the tiles: the same whole number for each split
+        split = tl.program_id(2)
+        per_split = tl.cdiv(tl.cdiv(seq_len - start, BLOCK_N), SPLITS)
+        live_splits = tl.cdiv(tl.cdiv(seq_len - start, BLOCK_N), per_split)
+        if split >= live_splits:  # a short sequence: the splits past its end have nothing
+            return
+        start += split * per_split * BLOCK_N
+        end = tl.minimum(start + per_split * BLOCK_N, seq_len)
     rows = tl.arange(0, GROUP_ROWS)  # the group's query heads, padded to a dot's 16 rows
     dims = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + rows
@@ -53,10 +74,6 @@ def _gqa_decode_kernel(q_ptr, cache_ptr, indptr_ptr, indices_ptr, seq_lens_ptr, 
     q = tl.load(q_ptr + req * q_stride_req + heads[:, None] * q_stride_head + dims[None, :],
                 mask=real[:, None], other=0.0)
 
-    first = 0
-    if WINDOW:  # the query at position seq_len - 1 sees the `window` keys ending there
-        first = tl.maximum(seq_len - window, 0)
-    start = first // BLOCK_N * BLOCK_N
     k_base = cache_ptr + kv_head * cache_stride_head
     v_base = k_base + cache_stride_kv
     pages = indices_ptr + tl.load(indptr_ptr + req)  # this request's blocks, in order
@@ -64,7 +81,7 @@ def _gqa_decode_kernel(q_ptr, cache_ptr, indptr_ptr, indices_ptr, seq_lens_ptr, 
     m_i = tl.full([GROUP_ROWS], float("-inf"), tl.float32)  # running max, in log2 units
     l_i = tl.zeros([GROUP_ROWS], tl.float32)
     acc = tl.zeros([GROUP_ROWS, HEAD_DIM], tl.float32)
-    for n in range(start, seq_len, BLOCK_N):
+    for n in range(start, end, BLOCK_N):
         tokens = n + tl.arange(0, BLOCK_N)
         live = (tokens < seq_len) & (tokens >= first)
         blocks = tl.load(pages + tokens // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
@@ -81,8 +98,61 @@ def _gqa_decode_kernel(q_ptr, cache_ptr, indptr_ptr, indices_ptr, seq_lens_ptr, 
         v = tl.load(v_base + offsets[:, None] + dims[None, :], mask=live[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    out = acc / l_i[:, None]
-    tl.store(out_ptr + req * out_stride_req + heads[:, None] * out_stride_head + dims[None, :],
+    out_ptrs = out_ptr + req * out_stride_req + heads[:, None] * out_stride_head + dims[None, :]
+    if SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=real[:, None])
+    else:
+        # Leave this split's running max, sum and unnormalised output (the group's real rows);
+        # the last of the request's live splits to arrive merges them all, in split order.
+        pair = req * tl.num_programs(0) + kv_head
+        slot_floats = GROUP * (HEAD_DIM + 2)
+        pair_part = part_ptr + pair.to(tl.int64) * SPLITS * slot_floats
+        acc_offs = rows[:, None] * HEAD_DIM + dims[None, :]
+        slot = pair_part + split * slot_floats
+        tl.store(slot + acc_offs, acc, mask=real[:, None])
+        tl.store(slot + GROUP * HEAD_DIM + rows, m_i, mask=real)
+        tl.store(slot + GROUP * (HEAD_DIM + 1) + rows, l_i, mask=real)
+        tl.debug_barrier()  # every thread's share is written before the ticket is taken
+        ticket = tl.atomic_add(ticket_ptr + pair, 1, sem="acq_rel")
+        if ticket == live_splits - 1:
+            _merge_splits(pair_part, out_ptr + req * out_stride_req, out_stride_head,
+                          kv_head * GROUP, live_splits, GROUP, GROUP_P2, HEAD_DIM, MERGE_SPLITS)
+            tl.atomic_xchg(ticket_ptr + pair, 0)  # zero again for the next call
+
+
+@triton.jit
+def _merge_splits(part, out_ptr, out_stride_head, first_head, live_splits, GROUP: tl.constexpr,
+                  GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, MERGE_SPLITS: tl.constexpr):
+    """Merge a (request, KV head)'s live splits into its output heads: MERGE_SPLITS slots a
+    load (issued together, not one round trip per split), in split order."""
+    splits = tl.arange(0, MERGE_SPLITS)
+    rows = tl.arange(0, GROUP_P2)
+    dims = tl.arange(0, HEAD_DIM)
+    real = rows < GROUP
+    slot_floats = GROUP * (HEAD_DIM + 2)
+    m_all = tl.full([GROUP_P2], float("-inf"), tl.float32)
+    l_all = tl.zeros([GROUP_P2], tl.float32)
+    acc = tl.zeros([GROUP_P2, HEAD_DIM], tl.float32)
+    for first in range(0, live_splits, MERGE_SPLITS):  # the first block holds split 0: m_all
+        s = first + splits                             # is finite for the real rows from then
+        live = (s < live_splits)[:, None] & real[None, :]
+        base = part + s[:, None] * slot_floats  # [MERGE_SPLITS, 1]
+        m_s = tl.load(base + GROUP * HEAD_DIM + rows[None, :], mask=live, other=float("-inf"),
+                      cache_modifier=".cg")
+        m_s = tl.where(real[None, :], m_s, 0.0)  # padding rows: finite, never stored
+        l_s = tl.load(base + GROUP * (HEAD_DIM + 1) + rows[None, :], mask=live, other=0.0,
+                      cache_modifier=".cg")
+        acc_s = tl.load(base[:, :, None] + rows[None, :, None] * HEAD_DIM + dims[None, None, :],
+                        mask=live[:, :, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_all, tl.max(m_s, 0))
+        alpha = tl.exp2(m_all - m_new)
+        weight = tl.exp2(m_s - m_new[None, :])  # [MERGE_SPLITS, GROUP_P2]; 0 where not live
+        l_all = l_all * alpha + tl.sum(l_s * weight, 0)
+        acc = acc * alpha[:, None] + tl.sum(acc_s * weight[:, :, None], 0)
+        m_all = m_new
+    out = acc / tl.where(real, l_all, 1.0)[:, None]
+    tl.store(out_ptr + (first_head + rows)[:, None] * out_stride_head + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=real[:, None])
 
 
@@ -97,7 +167,8 @@ def gqa_decode(q: torch.Tensor, kv_cache: torch.Tensor, page_indptr: torch.Tenso
                out: Optional[torch.Tensor] = None,
                soft_cap: Optional[float] = None, window: Optional[int] = None,
                block_n: Optional[int] = None, num_warps: int = 2,
-               num_stages: int = 3) -> torch.Tensor:
+               num_stages: int = 3, splits: int = 1,
+               workspace: Optional[SplitWorkspace] = None) -> torch.Tensor:
     """One decode query per request: q [R, H, D] (each head's D values contiguous), kv_cache
     [blocks, 2, block_size, KVH, D], the page table as flashinfer takes it (int32: request r's
     blocks, in order, are page_indices[page_indptr[r]:page_indptr[r + 1]]), seq_lens [R] int32
@@ -107,7 +178,12 @@ def gqa_decode(q: torch.Tensor, kv_cache: torch.Tensor, page_indptr: torch.Tenso
 
     Tiles: `block_n` tokens a loop (default 64; 32 past head_dim 128, so that a K tile stays
     within 16 KiB), `num_warps`, `num_stages` (Triton's software pipelining). The defaults were
-    the best of a sweep on an H100 at 128 and 256 requests, at both head sizes."""
+    the best of a sweep on an H100 at 128 and 256 requests, at both head sizes.
+
+    `splits` > 1: each sequence's tiles are shared among that many programs per KV head (a
+    short sequence leaves the last ones idle), which merge their results in the same launch;
+    for small batches, which one program per (request, KV head) would leave the GPU mostly
+    idle. Needs a `workspace` sized for R x KVH x splits (`SplitWorkspace`)."""
     if q.stride(2) != 1:
         q = q.contiguous()
     num_reqs, num_heads, head_dim = q.shape
@@ -115,18 +191,48 @@ def gqa_decode(q: torch.Tensor, kv_cache: torch.Tensor, page_indptr: torch.Tenso
     group = num_heads // num_kv_heads
     if out is None:
         out = torch.empty_like(q)
+    if splits > 1:
+        if workspace is None or not workspace.fits(num_reqs, num_kv_heads, splits):
+            raise ValueError(f"splits {splits} for {num_reqs} requests x {num_kv_heads} KV heads "
+                             f"need a SplitWorkspace of at least that many slots and pairs")
+        partials, tickets = workspace.partials, workspace.tickets
+    else:
+        partials, tickets = out, out  # not read
     # The kernel's softmax runs on exp2: log2(e) goes into the last factor of the scores.
     score_scale = scale / soft_cap if soft_cap else scale * _LOG2E
-    _gqa_decode_kernel[(num_kv_heads, num_reqs)](
-        q, kv_cache, page_indptr, page_indices, seq_lens, out,
+    _gqa_decode_kernel[(num_kv_heads, num_reqs, splits)](
+        q, kv_cache, page_indptr, page_indices, seq_lens, out, partials, tickets,
         score_scale, (soft_cap or 0.0) * _LOG2E, window or 0,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         out.stride(0), out.stride(1),
         GROUP=group, GROUP_ROWS=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n or min(64, max(16, 8192 // head_dim)),
-        SOFT_CAP=bool(soft_cap), WINDOW=bool(window), num_warps=num_warps, num_stages=num_stages)
+        SOFT_CAP=bool(soft_cap), WINDOW=bool(window), SPLITS=splits,
+        GROUP_P2=triton.next_power_of_2(group),
+        # the merge's block of slots: about 4096 floats of partial outputs in registers at once
+        MERGE_SPLITS=max(2, min(16, 4096 // (triton.next_power_of_2(group) * head_dim))),
+        num_warps=num_warps, num_stages=num_stages)
     return out
+
+
+class SplitWorkspace:
+    """Where split programs leave their partial results (float32: each query head's running
+    max, sum and unnormalised output) and the per-(request, KV head) ticket counters that find
+    the last of them (zero between calls). A CUDA graph keeps the addresses it captured, so a
+    backend makes one before capturing and keeps it."""
+
+    def __init__(self, device: torch.device, slots: int, pairs: int, num_heads: int,
+                 num_kv_heads: int, head_dim: int) -> None:
+        group = num_heads // num_kv_heads
+        self.slots, self.pairs = slots, pairs
+        self.partials = torch.empty(slots * group * (head_dim + 2), dtype=torch.float32,
+                                    device=device)
+        self.tickets = torch.zeros(pairs, dtype=torch.int32, device=device)
+
+    def fits(self, num_reqs: int, num_kv_heads: int, splits: int) -> bool:
+        return (num_reqs * num_kv_heads * splits <= self.slots
+                and num_reqs * num_kv_heads <= self.pairs)
 
 
 def unsupported(head_dim: int, dtype: torch.dtype) -> str:
