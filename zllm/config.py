@@ -122,12 +122,13 @@ class DeviceConfig:
     # running requests) to the kernel, and only the rest to flashinfer's prefill kernel.
     triton_decode_min_programs: int = 512
     # flashinfer backend, with the Triton kernel on: pure-decode steps of at most this many
-    # requests run it too, each sequence split among programs (the last to finish merges them,
-    # in the same launch) so that requests x KV heads x parts reach triton_decode_min_programs;
-    # 0: such steps run flashinfer's decode. On an H100 (2026-12-06) flashinfer's captured
-    # decode at batch 1 took 12.1 us per layer of the 1B shape for 640 tokens of context (0.4 us
-    # of KV read; with q's copy and the merge, three kernels) and this 8.3; batch-1 time per
-    # token fell from 1.52 to 1.45 ms (1B) and from 6.53 to 6.39 ms (8B) (docs/benchmarks.md).
+    # requests (a CUDA-graph step's padded batch size) run it too, each sequence split among
+    # programs (the last to finish merges them, in the same launch) so that requests x KV heads
+    # x parts reach triton_decode_min_programs; 0: such steps run flashinfer's decode. On an
+    # H100 (2026-12-06) flashinfer's captured decode at batch 1 took 10.2 us per layer of the 1B
+    # shape for 640 tokens of context (0.4 us of KV read; with q's copy and the merge, three
+    # kernels) and this 5.7; batch-1 time per token fell from 1.52 to 1.43 ms (1B) and from
+    # 6.54 to 6.41 ms (8B) (docs/benchmarks.md).
     triton_decode_split_max_batch: int = 64
     enforce_eager: bool = False  # true: no CUDA graphs at all
     # Steps that carry prompt tokens, up to this many tokens in all, replay CUDA graphs captured

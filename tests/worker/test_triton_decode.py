@@ -195,6 +195,30 @@ def test_split_sequences_with_soft_cap_a_padded_group_and_float16_into_out():
     assert bool((out[3] == 7.0).all())
 
 
+@pytest.mark.parametrize("heads,kv_heads,dim,window", [
+    (16, 1, 128, None), (16, 1, 128, 270),  # group 16 at head_dim 128: merge blocks of 2 slots
+    (6, 2, 32, 250), (6, 2, 32, 260)])  # group 3: exactly one block of 16 live slots, and 17
+def test_split_merge_blocks_partly_live_and_with_windows(heads, kv_heads, dim, window):
+    q, cache, indptr, indices, lens = make_case(heads, kv_heads, dim, 8, [1, 17, 300],
+                                                torch.float32, seed=3)
+    ws = workspace_for(q, kv_heads, 64)
+    out = gqa_decode(q, cache, indptr, indices, lens, 0.1, window=window, block_n=16, splits=64,
+                     workspace=ws)
+    torch.testing.assert_close(out.double(), reference(q, cache, indptr, indices, lens, 0.1,
+                                                       window=window), atol=1e-4, rtol=1e-4)
+    assert int(ws.tickets.abs().sum()) == 0
+
+
+def test_split_calls_on_one_workspace_as_graph_replays_with_new_lengths():
+    q, cache, indptr, indices, _ = make_case(8, 2, 32, 8, [300, 300], torch.float32, seed=4)
+    ws = workspace_for(q, 2, 32)
+    for lengths in ([300, 1], [16, 290], [1, 1], [33, 300]):
+        lens = torch.tensor(lengths, dtype=torch.int32)
+        out = gqa_decode(q, cache, indptr, indices, lens, 0.1, block_n=16, splits=32, workspace=ws)
+        torch.testing.assert_close(out.double(), reference(q, cache, indptr, indices, lens, 0.1),
+                                   atol=1e-4, rtol=1e-4)
+
+
 def test_split_needs_a_workspace_large_enough():
     q, cache, indptr, indices, lens = make_case(8, 2, 32, 8, [5, 9], torch.float32)
     with pytest.raises(ValueError, match="splits 4 for 2 requests x 2 KV heads"):

@@ -15,7 +15,8 @@ pure-decode steps whose requests times KV heads reach `triton_decode_min_program
 
 Small decode steps (batch 1 above all) have too few (request, KV head) pairs to fill the GPU, and
 there a step's attention is latency, not bytes. For them each sequence's tiles are split among
-SPLITS programs per pair. Each leaves its running max, sum and unnormalised output in a
+`splits` programs per pair (the grid's third dimension, read at run time: one compiled kernel
+serves every count). Each leaves its running max, sum and unnormalised output in a
 workspace and takes a ticket; the last of the pair's live splits merges them in split order (so
 the result does not depend on which finished first), writes the output and zeroes the ticket
 counter for the next call. One launch, no plan, no merge kernel, q read through its strides:
@@ -49,7 +50,7 @@ def _gqa_decode_kernel(q_ptr, cache_ptr, indptr_ptr, indices_ptr, seq_lens_ptr, 
                        out_stride_req, out_stride_head,
                        GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
                        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                       SOFT_CAP: tl.constexpr, WINDOW: tl.constexpr, SPLITS: tl.constexpr,
+                       SOFT_CAP: tl.constexpr, WINDOW: tl.constexpr, SPLIT: tl.constexpr,
                        GROUP_P2: tl.constexpr, MERGE_SPLITS: tl.constexpr):
     kv_head = tl.program_id(0)
     req = tl.program_id(1)
@@ -59,10 +60,12 @@ def _gqa_decode_kernel(q_ptr, cache_ptr, indptr_ptr, indices_ptr, seq_lens_ptr, 
         first = tl.maximum(seq_len - window, 0)
     start = first // BLOCK_N * BLOCK_N
     end = seq_len
-    if SPLITS > 1:  # this program's share of the tiles: the same whole number for each split
+    if SPLIT:  # this program's share of the tiles: the same whole number for each split
         split = tl.program_id(2)
-        per_split = tl.cdiv(tl.cdiv(seq_len - start, BLOCK_N), SPLITS)
-        live_splits = tl.cdiv(tl.cdiv(seq_len - start, BLOCK_N), per_split)
+        splits = tl.num_programs(2)  # not a constexpr: one compiled kernel for every count
+        tiles = tl.cdiv(seq_len - start, BLOCK_N)
+        per_split = tl.maximum(tl.cdiv(tiles, splits), 1)
+        live_splits = tl.cdiv(tiles, per_split)
         if split >= live_splits:  # a short sequence: the splits past its end have nothing
             return
         start += split * per_split * BLOCK_N
@@ -99,7 +102,7 @@ def _gqa_decode_kernel(q_ptr, cache_ptr, indptr_ptr, indices_ptr, seq_lens_ptr, 
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     out_ptrs = out_ptr + req * out_stride_req + heads[:, None] * out_stride_head + dims[None, :]
-    if SPLITS == 1:
+    if not SPLIT:
         out = acc / l_i[:, None]
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=real[:, None])
     else:
@@ -107,7 +110,7 @@ def _gqa_decode_kernel(q_ptr, cache_ptr, indptr_ptr, indices_ptr, seq_lens_ptr, 
         # the last of the request's live splits to arrive merges them all, in split order.
         pair = req * tl.num_programs(0) + kv_head
         slot_floats = GROUP * (HEAD_DIM + 2)
-        pair_part = part_ptr + pair.to(tl.int64) * SPLITS * slot_floats
+        pair_part = part_ptr + pair.to(tl.int64) * splits * slot_floats
         acc_offs = rows[:, None] * HEAD_DIM + dims[None, :]
         slot = pair_part + split * slot_floats
         tl.store(slot + acc_offs, acc, mask=real[:, None])
@@ -126,7 +129,7 @@ def _merge_splits(part, out_ptr, out_stride_head, first_head, live_splits, GROUP
                   GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, MERGE_SPLITS: tl.constexpr):
     """Merge a (request, KV head)'s live splits into its output heads: MERGE_SPLITS slots a
     load (issued together, not one round trip per split), in split order."""
-    splits = tl.arange(0, MERGE_SPLITS)
+    block = tl.arange(0, MERGE_SPLITS)
     rows = tl.arange(0, GROUP_P2)
     dims = tl.arange(0, HEAD_DIM)
     real = rows < GROUP
@@ -135,7 +138,7 @@ def _merge_splits(part, out_ptr, out_stride_head, first_head, live_splits, GROUP
     l_all = tl.zeros([GROUP_P2], tl.float32)
     acc = tl.zeros([GROUP_P2, HEAD_DIM], tl.float32)
     for first in range(0, live_splits, MERGE_SPLITS):  # the first block holds split 0: m_all
-        s = first + splits                             # is finite for the real rows from then
+        s = first + block                              # is finite for the real rows from then
         live = (s < live_splits)[:, None] & real[None, :]
         base = part + s[:, None] * slot_floats  # [MERGE_SPLITS, 1]
         m_s = tl.load(base + GROUP * HEAD_DIM + rows[None, :], mask=live, other=float("-inf"),
@@ -208,7 +211,7 @@ def gqa_decode(q: torch.Tensor, kv_cache: torch.Tensor, page_indptr: torch.Tenso
         out.stride(0), out.stride(1),
         GROUP=group, GROUP_ROWS=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n or min(64, max(16, 8192 // head_dim)),
-        SOFT_CAP=bool(soft_cap), WINDOW=bool(window), SPLITS=splits,
+        SOFT_CAP=bool(soft_cap), WINDOW=bool(window), SPLIT=splits > 1,
         GROUP_P2=triton.next_power_of_2(group),
         # the merge's block of slots: about 4096 floats of partial outputs in registers at once
         MERGE_SPLITS=max(2, min(16, 4096 // (triton.next_power_of_2(group) * head_dim))),
