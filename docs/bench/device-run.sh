@@ -40,6 +40,9 @@
 #         more flags for the bench, e.g. "--gemm-tuning-algos 16").
 #         l2-prefetch (issue 11: batch-1 decode layers' matmuls with the next weight read into L2
 #         during the small kernels before it, on a side stream; EXTRA: more flags).
+#         decode-split (issue 11: the Triton decode kernel splitting each sequence of small decode
+#         steps, alone against flashinfer's at 1-64 requests, gpu_check's check 1, and batch-1
+#         latency with the split off and on).
 # A flashinfer JIT cache saved by an earlier run ($OUT/fi-cache.tar.xz, copied to
 # .device/fi-cache.tar.xz here) is unpacked first: a fresh machine then skips most compiling.
 # structured wants SmolLM2's tokenizer in .device/smollm2-tokenizer (the GGUF is too large to
@@ -190,6 +193,16 @@ s.sort_stats('cumulative').print_callees(r'\((plan|_plan_graph|compute_logits|_s
   prefill-attention)
     timeout ${RUN_TIMEOUT:-300} python3 -m zllm.bench.prefill_attention --out "$OUT/prefill-attention.json" \
       2>&1 | grep '^{' | tee -a "$OUT/log.txt" ;;
+  decode-split)
+    # The Triton decode kernel with each sequence split (small decode steps) against flashinfer's
+    # captured decode and one program per pair, 16 calls per graph; then check 1 of gpu_check and
+    # batch-1 latency with triton_decode_split_max_batch 0 and 64 (the default), in that order.
+    timeout 150 python3 -m zllm.bench.decode_attention --batches ${BATCHES:-1,4,16,32,64} --contexts 640,2048 \
+      --block-sizes 16 --graph-calls 16 --modes graph,graph-triton,graph-triton-split \
+      --out "$OUT/decode-split.json" 2>&1 | grep '^{' | cut -c1-300 | tee -a "$OUT/log.txt"
+    timeout 150 python3 -m zllm.bench.gpu_check --models '' --host-model '' --out "$OUT/gpu-check-kernels.json" \
+      2>&1 | grep "gpu_check" | tee -a "$OUT/log.txt"
+    key_runs triton-decode-split-max-batch "llama-3.2-1b:0 llama-3.2-1b:64 llama-3.1-8b:0 llama-3.1-8b:64" latency ;;
   graph-split)
     timeout 200 python3 -m zllm.bench.decode_attention --batches 1,8,32,64,128,256 --contexts 640,2048 \
       --layouts NHD --block-sizes 16 --modes graph,graph-nosplit --out "$OUT/graph-split.json" 2>&1 \
