@@ -76,26 +76,21 @@ def time_decode(arch: ModelArchitecture, batch: int, context: int, block_size: i
 
     reference = wrapper_for(False)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)  # planless kernels
-    if "triton-split" in mode:  # each sequence split as the engine splits small steps
+    if "triton" in mode:
         from zllm.worker.attention.flashinfer_backend import split_count
         from zllm.worker.attention.triton_decode import SplitWorkspace, gqa_decode
 
-        tiles = dict(zip(("block_n", "num_warps", "num_stages"),
-                         (int(x) for x in mode.split("triton-split-")[1].split("x")))
-                     ) if "triton-split-" in mode else {}  # none given: the kernel's defaults
-        splits = split_count(batch, kv_heads, 512)
-        split_workspace = SplitWorkspace(device, batch * kv_heads * splits, batch * kv_heads,
-                                         heads, kv_heads, dim)
+        split = "triton-split" in mode  # each sequence split as the engine splits small steps
+        prefix = "triton-split-" if split else "triton-"
+        kernel_args = dict(zip(("block_n", "num_warps", "num_stages"),
+                               (int(x) for x in mode.split(prefix)[1].split("x")))
+                           ) if prefix in mode else {}  # no tiles given: the kernel's defaults
+        if split:
+            splits = split_count(batch, kv_heads, 512)
+            kernel_args.update(splits=splits, workspace=SplitWorkspace(
+                device, batch * kv_heads * splits, batch * kv_heads, heads, kv_heads, dim))
         call = lambda: gqa_decode(q, cache, indptr, indices, seq_lens, dim ** -0.5,  # noqa: E731
-                                  out=out, splits=splits, workspace=split_workspace, **tiles)
-    elif "triton" in mode:
-        from zllm.worker.attention.triton_decode import gqa_decode
-
-        tiles = dict(zip(("block_n", "num_warps", "num_stages"),
-                         (int(x) for x in mode.split("triton-")[1].split("x")))
-                     ) if "triton-" in mode else {}  # none given: the kernel's defaults
-        call = lambda: gqa_decode(q, cache, indptr, indices, seq_lens, dim ** -0.5,  # noqa: E731
-                                  out=out, **tiles)
+                                  out=out, **kernel_args)
     elif mode.endswith("xqa"):
         table = indices.view(batch, pages_per_req)
         xqa_workspace = torch.zeros(256 * 2**20, dtype=torch.uint8, device=device)
