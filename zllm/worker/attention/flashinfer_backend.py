@@ -338,7 +338,7 @@ class FlashInferBackend(AttentionBackend):
         self._decode_splits = 1
         if batch.is_decode_only:
             self._decode_rows = batch.num_reqs if kernel == "triton" else 0
-            if self._decode_rows and batch.num_reqs <= self.triton_split_max_batch:
+            if self._decode_rows:  # 1 unless a step of few requests (`planless_kernel`)
                 self._decode_splits = split_count(batch.num_reqs, self.num_kv_heads,
                                                   self.triton_min_programs)
         else:
