@@ -156,6 +156,16 @@ class DeviceConfig:
     weight_prefetch_max_rows: int = 8
     weight_prefetch_mb: int = 8
     weight_prefetch_attention_mb: int = 16
+    # CUDA, 16-bit weights: a SiLU gated MLP's gate_up projection and its activation run as
+    # one Triton kernel (gated_matmul) for inputs of at most this many rows, with a 16-row tile
+    # picked by a rule from the shape and the SM count (gemm_tuning.py: few_rows_gated_tile),
+    # where the tuner (gemm_tuning_algos) chose nothing for that row count; 0: never. On an
+    # H100 (2026-12-06, linear_shapes --triton --layers gate_up) at 1 and 4 rows it took 78.8
+    # and 79.4 us on the 8B shape against 83.3 and 83.5 for cuBLAS's product and flashinfer's
+    # activation (floor 79.1), and 24.5 and 24.7 against 26.1 and 26.3 on the 1B shape (floor
+    # 22.6). Rows 8 to 16 are not measured yet (the next GPU run times them), nor the engine's
+    # time per token.
+    gated_mlp_max_rows: int = 16
 
 
 @dataclass
@@ -299,6 +309,7 @@ class EngineConfig:
               d.weight_prefetch_max_rows >= 0, ">= 0")
         for key in ("weight_prefetch_mb", "weight_prefetch_attention_mb"):
             check(key, getattr(d, key), 0 <= getattr(d, key) <= 256, "in [0, 256] (MB)")
+        check("gated_mlp_max_rows", d.gated_mlp_max_rows, d.gated_mlp_max_rows >= 0, ">= 0")
         srv = self.server
         check("port", srv.port, 0 <= srv.port <= 65535, "in [0, 65535]")
         check("max_request_bytes", srv.max_request_bytes, srv.max_request_bytes >= 1024, ">= 1024")

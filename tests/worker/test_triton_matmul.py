@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("triton")  # Linux only (the test extra installs it there)
 
@@ -52,6 +53,25 @@ def test_matmul_refuses_what_it_cannot_split():
         tm.matmul(x, w.half(), tm.TileConfig(16, 16, 16))
 
 
+def gated_operands(m: int, i: int, k: int, column_major: bool, dtype: torch.dtype):
+    """x [m, k] and a gate_up weight [gate; up] ([2i, k]) in either layout."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = (torch.randn(2 * i, k, generator=gen) * k ** -0.5).to(dtype)
+    return x, (w.t().contiguous().t() if column_major else w)
+
+
+def assert_silu_of_gate_times_up(out: torch.Tensor, gate_up: torch.Tensor,
+                                 dtype: torch.dtype) -> None:
+    """`out` against the unfused layers' arithmetic on the product `gate_up`: rounded to the
+    dtype, silu(gate) * up in float32, rounded again."""
+    gate, up = gate_up.to(dtype).float().chunk(2, dim=-1)
+    ref = (F.silu(gate) * up).to(dtype)
+    assert out.dtype == dtype and out.shape == ref.shape
+    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err < (1e-6 if dtype == torch.float32 else 2e-3)
+
+
 @pytest.mark.parametrize("m,i,k,column_major,config", [
     (5, 48, 64, True, tm.TileConfig(16, 32, 32)),
     (33, 100, 128, False, tm.TileConfig(32, 64, 64)),
@@ -59,19 +79,24 @@ def test_matmul_refuses_what_it_cannot_split():
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gated_matmul_is_silu_of_gate_times_up(m, i, k, column_major, config, dtype):
-    """The fused gate_up product and SiLU against the unfused layers' arithmetic: the product
-    rounded to the dtype, silu(gate) * up in float32, rounded again."""
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(m, k, generator=gen).to(dtype)
-    w = (torch.randn(2 * i, k, generator=gen) * k ** -0.5).to(dtype)  # [gate; up]
-    if column_major:
-        w = w.t().contiguous().t()
-    gate, up = (x.double() @ w.double().t()).to(dtype).float().chunk(2, dim=-1)
-    ref = (torch.nn.functional.silu(gate) * up).to(dtype)
-    out = tm.gated_matmul(x, w, config)
-    assert out.dtype == dtype and out.shape == (m, i)
-    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-    assert err < (1e-6 if dtype == torch.float32 else 2e-3)
+    """The fused gate_up product and SiLU against a float64 product."""
+    x, w = gated_operands(m, i, k, column_major, dtype)
+    assert_silu_of_gate_times_up(tm.gated_matmul(x, w, config), x.double() @ w.double().t(),
+                                 dtype)
+
+
+@pytest.mark.parametrize("config", [tm.TileConfig(16, 128, 64, 1, 8, 3),
+                                    tm.TileConfig(16, 64, 128, 1, 8, 3)])
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("column_major", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_few_rows_gated_tiles_match_f_linear(config, m, column_major, dtype):
+    """The 16-row tiles that few_rows_gated_tile picks (gated_mlp_max_rows), at one row, a
+    ragged five and a full sixteen, against F.linear's product (in float32): 192 columns make
+    a ragged last program of 128 columns, or three of 64."""
+    x, w = gated_operands(m, 192, 128, column_major, dtype)
+    assert_silu_of_gate_times_up(tm.gated_matmul(x, w, config), F.linear(x.float(), w.float()),
+                                 dtype)
 
 
 def test_gated_matmul_refuses_what_it_cannot_tile():

@@ -3,14 +3,17 @@ row counts it was tuned for, and to torch's call everywhere else, without changi
 
 cuBLASLt needs CUDA (gpu_check runs the real algorithms against float32 products); here a
 stand-in choice computes the same product on the CPU and records the row counts it was asked
-for, which is what the routing decides."""
+for, which is what the routing decides. A gated MLP's gate_up projection may instead run its
+product and SiLU in one Triton kernel (on Triton's interpreter here): where the tuner chose it,
+or up to gated_mlp_max_rows rows with the tile few_rows_gated_tile picks."""
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 
 from zllm import LLM, SamplingParams
-from zllm.worker.models.gemm_tuning import TunedProduct
+from zllm.worker.models.gemm_tuning import GatedChoice, TunedProduct, few_rows_gated_tile
+from zllm.worker.models.triton_matmul import TileConfig
 from tests.conftest import PROMPTS
 
 
@@ -86,7 +89,6 @@ def test_triton_tiles_in_the_model_keep_greedy_output(gqa_model, hf):
     import torch
 
     from zllm.worker.models.gemm_tuning import TritonChoice
-    from zllm.worker.models.triton_matmul import TileConfig
 
     params = SamplingParams(temperature=0, max_tokens=6)
     with LLM(gqa_model, device="cpu", engine_process=False, async_scheduling=False) as llm:
@@ -100,34 +102,102 @@ def test_triton_tiles_in_the_model_keep_greedy_output(gqa_model, hf):
         assert out.outputs[0].token_ids == hf.greedy(gqa_model, out.prompt_token_ids, 6)
 
 
+class CountingGated(GatedChoice):
+    """A GatedChoice (the Triton kernel) that counts its calls and fails where it cannot run."""
+    calls = 0
+
+    def run(self, x, weight):
+        out = super().run(x, weight)
+        assert out is not None  # the kernel ran, not the layer's product and activation
+        self.calls += 1
+        return out
+
+
 def test_gate_up_fused_with_silu_in_the_model_keeps_greedy_output(gqa_model, hf):
     """A gated MLP's gate_up product and SiLU in one Triton kernel (GatedChoice), as the tuner
     hands it to the layers, at the decode steps' three rows: Hugging Face's greedy tokens, and
     the kernel really ran in place of the product and the activation."""
-    from zllm.worker.models.gemm_tuning import GatedChoice
     from zllm.worker.models.layers import GatedMLP
-    from zllm.worker.models.triton_matmul import TileConfig
-
-    class CountingGated(GatedChoice):
-        calls = 0
-
-        def run(self, x, weight):
-            out = super().run(x, weight)
-            assert out is not None  # the kernel ran, not the layer's product and activation
-            CountingGated.calls += 1
-            return out
 
     params = SamplingParams(temperature=0, max_tokens=6)
+    choice = CountingGated(TileConfig(16, 32, 16))
     with LLM(gqa_model, device="cpu", engine_process=False, async_scheduling=False) as llm:
         model = llm.engine.engine_core.executor.worker.model_runner.model
         mlps = [m for m in model.modules() if isinstance(m, GatedMLP)]
         assert all(mlp.gate_up_proj.gated_act is not None for mlp in mlps)  # Llama: SiLU
         for mlp in mlps:
-            mlp.gate_up_proj.tuned_gated_rows = {3: CountingGated(TileConfig(16, 32, 16))}
+            mlp.gate_up_proj.tuned_gated_rows = {3: choice}
         outputs = llm.generate(PROMPTS[:3], params, use_tqdm=False)
     for out in outputs:
         assert out.outputs[0].token_ids == hf.greedy(gqa_model, out.prompt_token_ids, 6)
-    assert CountingGated.calls == len(mlps) * 5  # five decode steps of three rows
+    assert choice.calls == len(mlps) * 5  # five decode steps of three rows
+
+
+def test_few_rows_gated_tile_gives_every_program_an_sm_on_an_h100():
+    """The rule's tile at 132 SMs: the 8B shape's 14336 columns make 112 programs of 128 (at
+    least 0.8 x 132), so 16 x 128 x 64; the 1B's 8192 only 64, so 16 x 64 x 128 (both the
+    fastest measured). None where the inner dimension is no multiple of block_k."""
+    assert few_rows_gated_tile(14336, 4096, 132) == TileConfig(16, 128, 64, 1, 8, 3)
+    assert few_rows_gated_tile(8192, 2048, 132) == TileConfig(16, 64, 128, 1, 8, 3)
+    assert few_rows_gated_tile(106 * 128, 4096, 132).block_n == 128  # 106 >= 105.6
+    assert few_rows_gated_tile(105 * 128, 4096, 132).block_n == 64
+    assert few_rows_gated_tile(14336, 4128, 132) is None  # 64.5 x 64
+    assert few_rows_gated_tile(8192, 2112, 132) is None  # 16.5 x 128
+
+
+def test_few_rows_gated_runs_up_to_max_rows_where_the_tuner_chose_nothing(gqa_model):
+    """give_few_rows_gated (the model runner's call, gated_mlp_max_rows) hands the gate_up
+    projections the rule's tile where it fits their shape; they then run the fused kernel for
+    1 to max rows, not above, and not at a row count where the tuner chose a fused kernel or a
+    product of its own."""
+    import torch
+
+    from zllm.worker.models.gemm_tuning import give_few_rows_gated
+
+    with LLM(gqa_model, device="cpu", engine_process=False) as llm:
+        model = llm.engine.engine_core.executor.worker.model_runner.model
+        layer = model.model.layers[0].mlp.gate_up_proj  # [2 x 128, 64]
+        # 132 SMs: 16 x 64 x 128, whose block_k the 64 inputs do not fill: nothing given.
+        assert give_few_rows_gated(model, 4, sm_count=132) == {(128, 64): None}
+        assert layer.few_rows_gated is None
+        assert layer.tuned_gated_product(torch.randn(1, 64)) is None
+        # One SM: 16 x 128 x 64, given to the gate_up projections only.
+        tile = TileConfig(16, 128, 64, 1, 8, 3)
+        assert give_few_rows_gated(model, 4, sm_count=1) == {(128, 64): tile}
+        given = [m for m in model.modules() if isinstance(m, TunedProduct) and m.few_rows_gated]
+        assert given == [decoder.mlp.gate_up_proj for decoder in model.model.layers]
+        assert all(m.few_rows_gated.tile == tile and m.gated_max_rows == 4 for m in given)
+        for rows in (1, 4):
+            x = torch.randn(rows, 64)
+            expected = layer.gated_act(F.linear(x, layer.weight))
+            assert torch.allclose(layer.tuned_gated_product(x), expected, atol=1e-5)
+        assert layer.tuned_gated_product(torch.randn(5, 64)) is None
+        # The tuner's choices for an exact row count win over the rule.
+        fixed = torch.full((2, 128), 7.0)
+        layer.tuned_gated_rows = {2: FixedChoice(fixed)}
+        assert torch.equal(layer.tuned_gated_product(torch.randn(2, 64)), fixed)
+        layer.tuned_rows = {3: FixedChoice(torch.zeros(3, 256))}
+        assert layer.tuned_gated_product(torch.randn(3, 64)) is None
+
+
+def test_few_rows_gated_in_the_model_keeps_greedy_output(gqa_model, hf):
+    """The rule's tile through give_few_rows_gated, up to 4 rows: the decode steps' three rows
+    run the fused kernel, the prompts' step (more rows) the product and activation, and the
+    tokens are Hugging Face's greedy ones."""
+    from zllm.worker.models.gemm_tuning import give_few_rows_gated
+
+    params = SamplingParams(temperature=0, max_tokens=6)
+    with LLM(gqa_model, device="cpu", engine_process=False, async_scheduling=False) as llm:
+        model = llm.engine.engine_core.executor.worker.model_runner.model
+        give_few_rows_gated(model, 4, sm_count=1)
+        layers = [m for m in model.modules() if isinstance(m, TunedProduct) and m.few_rows_gated]
+        choice = CountingGated(layers[0].few_rows_gated.tile)
+        for layer in layers:
+            layer.few_rows_gated = choice
+        outputs = llm.generate(PROMPTS[:3], params, use_tqdm=False)
+    for out in outputs:
+        assert out.outputs[0].token_ids == hf.greedy(gqa_model, out.prompt_token_ids, 6)
+    assert choice.calls == len(layers) * 5  # five decode steps of three rows
 
 
 def test_a_choice_must_match_torch_in_every_element():

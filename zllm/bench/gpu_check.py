@@ -186,17 +186,26 @@ def check_gemm_algos(device: torch.device, count: int = 16) -> dict:
 
 
 def check_gated_matmul(device: torch.device) -> dict:
-    """The tuner's fused gate_up + SiLU kernel (gated_matmul) at each of its tiles, against
-    silu(gate) * up from a float32 product rounded to bf16: 64 and 128 rows of the 8B shape's
-    gate_up (column-major, as the engine keeps it), and a row-major one whose width no tile
-    divides."""
-    from zllm.worker.models.gemm_tuning import GATED_TILES, GatedChoice, matches_torch
+    """The fused gate_up + SiLU kernel (gated_matmul) against silu(gate) * up from a float32
+    product rounded to bf16: the tuner's tiles (GATED_TILES) at 64 and 128 rows of the 8B
+    shape's gate_up (column-major, as the engine keeps it) and on a row-major one whose width
+    no tile divides; and the tile few_rows_gated_tile picks for this GPU's SMs, as the engine
+    runs it up to gated_mlp_max_rows rows, at 1, 8 and 16 rows of the 8B and 1B shapes in both
+    weight layouts."""
+    from zllm.worker.models.gemm_tuning import (GATED_TILES, GatedChoice, few_rows_gated_tile,
+                                                matches_torch)
     from zllm.worker.models.triton_matmul import gated_matmul
 
     torch.manual_seed(0)
     results = {}
-    for m, k, i, column_major in ((64, 4096, 14336, True), (128, 4096, 14336, True),
-                                  (100, 1024, 1000, False)):
+    cases = [("", 64, 4096, 14336, True, GATED_TILES), ("", 128, 4096, 14336, True, GATED_TILES),
+             ("", 100, 1024, 1000, False, GATED_TILES)]
+    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    for k, i in ((4096, 14336), (2048, 8192)):  # the 8B and 1B shapes
+        tile = few_rows_gated_tile(i, k, sm_count)
+        cases += [("few_rows_", m, k, i, column_major, [tile])
+                  for m in (1, 8, 16) for column_major in (True, False)]
+    for tag, m, k, i, column_major, tiles in cases:
         x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
         w = torch.randn(2 * i, k, dtype=torch.bfloat16, device=device) * k ** -0.5
         if column_major:
@@ -204,15 +213,17 @@ def check_gated_matmul(device: torch.device) -> dict:
         gate, up = (x.float() @ w.float().t()).bfloat16().float().chunk(2, dim=-1)
         ref = torch.nn.functional.silu(gate) * up
         errs, matched = [], True
-        for tile in GATED_TILES:
+        for tile in tiles:
             if GatedChoice(tile).run(x, w) is None:
                 continue
             out = gated_matmul(x, w, tile)
             errs.append(rel_err(out.float(), ref))
             matched = matched and matches_torch(out, ref)
-        name = f"gated_{m}x{k}x{i}_{'col' if column_major else 'row'}"
+        name = f"gated_{tag}{m}x{k}x{i}_{'col' if column_major else 'row'}"
         results[name] = {"tiles": len(errs), "worst_rel_err": max(errs, default=None),
                          "ok": bool(errs) and matched and max(errs) < REL_TOL}
+        if tag:
+            results[name]["tile"] = tiles[0].config["tile"]
     return results
 
 

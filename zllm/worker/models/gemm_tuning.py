@@ -24,6 +24,13 @@ computes the activation in the product's epilogue: no [rows, 2 x intermediate] p
 and no activation kernel. On an H100 (2026-12-06, linear_shapes --triton --layers gate_up) the
 8B shape's gate_up and SiLU took 85.1 µs at 128 rows against 94.0 for cuBLAS's product and
 flashinfer's activation, and 113.5 against 109.9 at 256 rows (where the tuner keeps the two).
+
+At a few rows the same kernel runs without the tuner (`gated_mlp_max_rows`, on by default): the
+model runner gives every such projection the tile `few_rows_gated_tile` picks from its shape and
+the GPU's SM count, for inputs of at most that many rows for which the tuner chose nothing. On an
+H100 (2026-12-06) at 1 and 4 rows the rule's tiles took 78.8 and 79.4 µs on the 8B shape
+(16 x 128 x 64; floor 79.1) against 83.3 and 83.5 for cuBLAS's product and flashinfer's
+activation, and 24.5 and 24.7 on the 1B shape (16 x 64 x 128; floor 22.6) against 26.1 and 26.3.
 """
 
 from __future__ import annotations
@@ -49,6 +56,10 @@ TRITON_MIN_ROWS = 64
 # program holds a gate and an up tile, so within an H100's shared memory at these stages.
 GATED_TILES = [TileConfig(64, 64, 128, 1, 4, 4), TileConfig(64, 128, 64, 1, 4, 4),
                TileConfig(64, 64, 64, 1, 4, 4), TileConfig(128, 128, 64, 1, 8, 3)]
+# The few-rows gated tile (few_rows_gated_tile): block_n x block_k weight elements of gate and
+# of up per stage, so 96 KiB of 16-bit weight tiles in flight per program at 3 stages, whichever
+# block_n.
+FEW_ROWS_GATED_ELEMENTS = 8192
 
 TUNE_BYTES = 256 * 2**20  # weights a timing cycles through: several times any L2, as a forward
 REL_TOL = 1e-2  # an algorithm's result against torch's, both 16-bit, as a whole
@@ -106,6 +117,20 @@ class GatedChoice:
         return {"kernel": "triton_gated", **self.tile.config}
 
 
+def few_rows_gated_tile(intermediate: int, k: int, sm_count: int) -> Optional[TileConfig]:
+    """The gated_matmul tile for a gate_up product ([2 x intermediate, k]) of at most 16 rows on
+    a GPU of `sm_count` SMs, or None where k is no multiple of its block_k. At such rows the
+    kernel only streams the weight, so what counts is enough programs (one per block_n columns)
+    to keep the SMs reading: 128 columns each where that still gives 80% of the SMs one, else
+    64 with twice the depth. On an H100 (132 SMs, 2026-12-06, linear_shapes --triton) that is the
+    fastest tile measured on both shapes: the 8B's 14336 columns make 112 programs of 128
+    (16 x 128 x 64: 78.8 µs at 1 row; 16 x 64 x 64: 79.9), the 1B's 8192 only 64, which left
+    SMs idle (16 x 128 x 64: 27.5 µs; 16 x 64 x 128: 24.5)."""
+    block_n = 128 if -(-intermediate // 128) >= 0.8 * sm_count else 64
+    tile = TileConfig(16, block_n, FEW_ROWS_GATED_ELEMENTS // block_n, 1, 8, 3)
+    return tile if tile.fits(16, intermediate, k) else None
+
+
 class TunedProduct:
     """A linear layer whose matmul may run through a cuBLASLt algorithm or a Triton tile that
     timed faster than torch's own call on this GPU, at the row counts `tune_model` tuned it
@@ -119,6 +144,11 @@ class TunedProduct:
     # the row counts at which the tuner found the product and SiLU in one kernel faster.
     gated_act: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     tuned_gated_rows: Optional[dict[int, GatedChoice]] = None
+    # And for inputs of 1 to gated_max_rows rows at whose count the tuner chose nothing: the
+    # fused kernel with few_rows_gated_tile's tile (the model runner sets both, from
+    # gated_mlp_max_rows, through give_few_rows_gated).
+    few_rows_gated: Optional[GatedChoice] = None
+    gated_max_rows: int = 0
 
     def read_next_weight(self) -> None:
         """After this layer's product: start reading the next layer's weight into L2."""
@@ -135,17 +165,41 @@ class TunedProduct:
         return choice.run(x, self.weight)
 
     def tuned_gated_product(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """gated_act(x @ weight.T) in one kernel where the tuner chose one for x's row count,
-        else None (the caller runs the product, then the activation)."""
-        if self.tuned_gated_rows is None or getattr(self, "bias", None) is not None:
+        """gated_act(x @ weight.T) in one kernel where the tuner chose one for x's row count, or
+        where x has at most gated_max_rows rows and the tuner chose nothing for that count,
+        fused or not (what it timed wins over the rule); else None (the caller runs the
+        product, then the activation)."""
+        if getattr(self, "bias", None) is not None or not x.is_contiguous():
             return None
-        choice = self.tuned_gated_rows.get(x.shape[0])
-        if choice is None or not x.is_contiguous():
+        m = x.shape[0]
+        choice = None if self.tuned_gated_rows is None else self.tuned_gated_rows.get(m)
+        if (choice is None and 0 < m <= self.gated_max_rows
+                and (self.tuned_rows is None or m not in self.tuned_rows)):
+            choice = self.few_rows_gated
+        if choice is None:
             return None
         out = choice.run(x, self.weight)
         if out is not None:
             self.read_next_weight()
         return out
+
+
+def give_few_rows_gated(model: torch.nn.Module, max_rows: int,
+                        sm_count: int) -> dict[tuple[int, int], Optional[TileConfig]]:
+    """Give each bias-free gated MLP gate_up projection of `model` (`gated_act` set) the fused
+    kernel with few_rows_gated_tile's tile for inputs of at most `max_rows` rows, where the
+    tile fits its shape. Returns the tile (or None) per (intermediate, in features) met."""
+    tiles: dict[tuple[int, int], Optional[TileConfig]] = {}
+    for layer in model.modules():
+        if (not isinstance(layer, TunedProduct) or layer.gated_act is None
+                or getattr(layer, "bias", None) is not None):
+            continue
+        shape = (layer.weight.shape[0] // 2, layer.weight.shape[1])
+        if shape not in tiles:
+            tiles[shape] = few_rows_gated_tile(*shape, sm_count)
+        if tiles[shape] is not None:
+            layer.few_rows_gated, layer.gated_max_rows = GatedChoice(tiles[shape]), max_rows
+    return tiles
 
 
 def time_graph(calls: list[Callable[[], object]], reps: int = 3) -> float:
