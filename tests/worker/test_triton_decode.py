@@ -8,8 +8,10 @@ import torch
 pytest.importorskip("triton")  # Linux only (the test extra installs it there)
 
 # tests/conftest.py sets TRITON_INTERPRET before triton is imported.
-from zllm.worker.attention.triton_decode import (SplitWorkspace, gqa_decode,  # noqa: E402
+from zllm.worker.attention.rope_store import rope_and_store  # noqa: E402
+from zllm.worker.attention.triton_decode import (NewKV, SplitWorkspace, gqa_decode,  # noqa: E402
                                                  unsupported)
+from zllm.worker.models.layers import FusedRotaryEmbedding  # noqa: E402
 
 
 def reference(q, kv_cache, indptr, indices, seq_lens, scale, soft_cap=None, window=None):
@@ -225,6 +227,78 @@ def test_split_needs_a_workspace_large_enough():
         gqa_decode(q, cache, indptr, indices, lens, 0.2, splits=4)
     with pytest.raises(ValueError, match="splits 4"):
         gqa_decode(q, cache, indptr, indices, lens, 0.2, splits=4, workspace=workspace_for(q, 2, 3))
+
+
+def new_kv_case(heads, kv_heads, dim, seq_lens, dtype, seed):
+    """make_case's cache and page table, and the step's q, k and v as views of one qkv output,
+    not yet rotated; the new tokens' slots (position seq_len - 1) hold stale values."""
+    _, cache, indptr, indices, lens = make_case(heads, kv_heads, dim, 8, seq_lens, dtype, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    qkv = torch.randn(len(seq_lens), (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
+    q, k, v = (t.view(len(seq_lens), -1, dim)
+               for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1))
+    return q, k, v, cache, indptr, indices, lens
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim,dtype", [
+    (8, 2, 32, torch.float32), (6, 2, 64, torch.float16), (4, 4, 16, torch.float32)])
+@pytest.mark.parametrize("splits,window,soft_cap", [
+    (1, None, None), (3, None, 3.0), (64, 20, None), (1, 20, None), (8, 1, None)])
+def test_new_kv_rotates_stores_and_attends_as_rope_store_then_decode(
+        heads, kv_heads, dim, dtype, splits, window, soft_cap):
+    """RoPE and the K/V store in the decode kernel: the same cache and the same attention as
+    rope_and_store followed by the kernel, split or not (the program holding the new token
+    attends to it from registers). Lengths: one token, a tile's last, past tile and block edges,
+    and long enough for many splits; window 1 sees the new token alone."""
+    seq_lens = [1, 16, 17, 45, 300]
+    q, k, v, cache, indptr, indices, lens = new_kv_case(heads, kv_heads, dim, seq_lens, dtype, 5)
+    rope = FusedRotaryEmbedding(dim, 512, 10000.0, None)
+    positions = (lens - 1).long()
+    expected_cache, expected_q = cache.clone(), q.clone()
+    rope_and_store(expected_q, k.clone(), v, positions, rope.cos_sin, expected_cache,
+                   torch.arange(len(seq_lens), dtype=torch.int32), lens - 1, indptr, indices)
+    expected = gqa_decode(expected_q, expected_cache, indptr, indices, lens, 0.2, window=window,
+                          soft_cap=soft_cap, block_n=16)
+    q_before = q.clone()
+    ws = workspace_for(q, kv_heads, splits) if splits > 1 else None
+    for _ in range(2):  # as a graph replays: the same slots rewritten, the tickets back at 0
+        out = gqa_decode(q, cache, indptr, indices, lens, 0.2, window=window, soft_cap=soft_cap,
+                         block_n=16, splits=splits, workspace=ws,
+                         new_kv=NewKV(k, v, positions, rope.cos_sin))
+        assert torch.equal(cache, expected_cache)  # every other slot untouched
+        tol = 2e-3 if dtype == torch.float16 else 1e-5
+        torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+    assert torch.equal(q, q_before)  # rotated in registers only
+
+
+def test_new_kv_with_padding_rows_sharing_one_scratch_slot():
+    """A CUDA-graph step's padding rows (length 1, all in one scratch block) each write their
+    k and v to the same slot and attend to their own only; the real rows are unaffected."""
+    q, k, v, cache, indptr, indices, lens = new_kv_case(8, 2, 32, [40, 1, 1, 1], torch.float32, 6)
+    scratch = indices[indptr[1]].clone()
+    indices[indptr[1]:indptr[4]] = scratch
+    rope = FusedRotaryEmbedding(32, 64, 10000.0, None)
+    positions = torch.tensor([39, 0, 0, 0])
+    expected_cache, expected_q = cache.clone(), q.clone()
+    rope_and_store(expected_q[:1], k[:1].clone(), v[:1], positions, rope.cos_sin, expected_cache,
+                   torch.zeros(1, dtype=torch.int32), lens[:1] - 1, indptr, indices)
+    expected = gqa_decode(expected_q[:1], expected_cache, indptr, indices, lens[:1], 0.2)
+    out = gqa_decode(q, cache, indptr, indices, lens, 0.2, splits=4,
+                     workspace=workspace_for(q, 2, 4), new_kv=NewKV(k, v, positions, rope.cos_sin))
+    torch.testing.assert_close(out[:1], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1:], v[1:].repeat_interleave(4, dim=1), atol=1e-6, rtol=0)
+
+
+def test_new_kv_shapes_are_checked():
+    q, k, v, cache, indptr, indices, lens = new_kv_case(8, 2, 32, [5, 9], torch.float32, 7)
+    cos_sin = FusedRotaryEmbedding(32, 64, 10000.0, None).cos_sin
+    with pytest.raises(ValueError, match=r"new k \(2, 8, 32\)"):
+        gqa_decode(q, cache, indptr, indices, lens, 0.2, new_kv=NewKV(q, v, lens, cos_sin))
+    with pytest.raises(ValueError, match="1 positions for 2 requests"):
+        gqa_decode(q, cache, indptr, indices, lens, 0.2, new_kv=NewKV(k, v, lens[:1], cos_sin))
+    with pytest.raises(ValueError, match="cos_sin"):
+        gqa_decode(q, cache, indptr, indices, lens, 0.2,
+                   new_kv=NewKV(k, v, lens, cos_sin.half()))
 
 
 def test_unsupported_head_dims_are_named():

@@ -13,8 +13,10 @@ context lengths (a fixed cost per call shows as a share of the floor that grows 
 the engine's decode steps run it), the split-KV schedule turned off, and both; `fa3`, `xqa`,
 `graph-xqa`, `triton-NxWxS`, `graph-triton-NxWxS`, `triton-split` and `graph-triton-split`
 (each sequence split as the engine splits small decode steps) other kernels for the same call, each
-checked against the plain wrapper's output (max_abs_err). On a GPU only: this is the
-measurement behind FlashInferBackend's kernel choice.
+checked against the plain wrapper's output (max_abs_err). A Triton mode with `+rope` adds
+zllm's RoPE + K/V store kernel before each call, with `+newkv` the kernel doing both itself (as
+the engine runs pure-decode steps on it); neither is checked here (gpu_check checks them). On a
+GPU only: this is the measurement behind FlashInferBackend's kernel choice.
 """
 
 from __future__ import annotations
@@ -76,10 +78,12 @@ def time_decode(arch: ModelArchitecture, batch: int, context: int, block_size: i
 
     reference = wrapper_for(False)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)  # planless kernels
+    rope = ""
     if "triton" in mode:
         from zllm.worker.attention.flashinfer_backend import split_count
         from zllm.worker.attention.triton_decode import SplitWorkspace, gqa_decode
 
+        mode, _, rope = mode.partition("+")
         split = "triton-split" in mode  # each sequence split as the engine splits small steps
         prefix = "triton-split-" if split else "triton-"
         kernel_args = dict(zip(("block_n", "num_warps", "num_stages"),
@@ -91,6 +95,8 @@ def time_decode(arch: ModelArchitecture, batch: int, context: int, block_size: i
                 device, batch * kv_heads * splits, batch * kv_heads, heads, kv_heads, dim))
         call = lambda: gqa_decode(q, cache, indptr, indices, seq_lens, dim ** -0.5,  # noqa: E731
                                   out=out, **kernel_args)
+        if rope:  # RoPE and the new token's K/V store too, as a decode step's layer runs them
+            call = _with_new_kv(call, rope, q, out, cache, indptr, indices, seq_lens, kernel_args)
     elif mode.endswith("xqa"):
         table = indices.view(batch, pages_per_req)
         xqa_workspace = torch.zeros(256 * 2**20, dtype=torch.uint8, device=device)
@@ -114,7 +120,8 @@ def time_decode(arch: ModelArchitecture, batch: int, context: int, block_size: i
     call()
     result = out.clone()
     reference()
-    err = (result.float() - out.float()).abs().max().item()
+    # With RoPE the call's q is rotated and the cache holds the new keys: no reference to match.
+    err = float("nan") if rope else (result.float() - out.float()).abs().max().item()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):
@@ -123,6 +130,33 @@ def time_decode(arch: ModelArchitecture, batch: int, context: int, block_size: i
     end.synchronize()
     del captured
     return start.elapsed_time(end) / 1e3 / reps / per_call, err
+
+
+def _with_new_kv(attend, rope: str, q, out, cache, indptr, indices, seq_lens, kernel_args):
+    """The call with RoPE and the store of each request's new K and V (views of one qkv output,
+    as a layer's): "rope", zllm's rope_and_store kernel then the attention kernel (two
+    launches); "newkv", the attention kernel doing both (`new_kv`, one launch)."""
+    from zllm.worker.attention.rope_store import rope_and_store
+    from zllm.worker.attention.triton_decode import NewKV, gqa_decode
+    from zllm.worker.models.layers import FusedRotaryEmbedding
+
+    batch, heads, dim = q.shape
+    kv_heads = cache.shape[3]
+    table = FusedRotaryEmbedding(dim, int(seq_lens.max()), 500000.0, None).to(q.device).cos_sin
+    qkv = torch.randn(batch, (heads + 2 * kv_heads) * dim, dtype=q.dtype, device=q.device)
+    q_new, k, v = (t.view(batch, -1, dim)
+                   for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1))
+    positions = (seq_lens - 1).long()
+    if rope == "newkv":
+        new_kv = NewKV(k, v, positions, table)
+        return lambda: gqa_decode(q_new, cache, indptr, indices, seq_lens, dim ** -0.5,
+                                  out=out, new_kv=new_kv, **kernel_args)
+    rows = torch.arange(batch, dtype=torch.int32, device=q.device)
+
+    def two_kernels():
+        rope_and_store(q_new, k, v, positions, table, cache, rows, seq_lens - 1, indptr, indices)
+        return attend()
+    return two_kernels
 
 
 def run(shapes: list[str], batches: list[int], contexts: list[int], layouts: list[str],
@@ -174,7 +208,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                              "nosplit (split-KV off), graph-nosplit, fa3, xqa, graph-xqa, "
                              "triton[-NxWxS] and graph-triton[-NxWxS] (zllm's Triton kernel: "
                              "N tokens a tile, W warps, S stages), triton-split and "
-                             "graph-triton-split (each sequence split); comma-separated")
+                             "graph-triton-split (each sequence split), each with +rope "
+                             "(and zllm's RoPE + K/V store kernel) or +newkv (the kernel "
+                             "doing both); comma-separated")
     parser.add_argument("--graph-calls", type=int, default=1,
                         help="calls captured back to back in each graph (the time is per call)")
     parser.add_argument("--out", default="")

@@ -12,7 +12,9 @@ with vectorized numpy from the step's arrays, packed into one pinned int32 buffe
 waits for step N to finish on the GPU. flashinfer reads indptr on the host to choose its split-k
 schedule. Each layer stores its new K and V with one kernel: zllm's, which applies RoPE to q and k
 on the way (zllm/worker/attention/rope_store.py), or, where the model's RoPE is PyTorch's (a
-model built unfused) or Triton is missing, flashinfer's append_paged_kv_cache after the RoPE.
+model built unfused) or Triton is missing, flashinfer's append_paged_kv_cache after the RoPE. A
+pure-decode step on zllm's Triton decode kernel (below) needs neither: that kernel rotates, stores
+and attends in one launch (`NewKV`).
 
 CUDA graphs: a captured decode step replays fixed kernels on fixed buffers, so for each captured
 batch size there is a decode wrapper in flashinfer's CUDA-graph mode whose page table lives in
@@ -217,6 +219,8 @@ class FlashInferBackend(AttentionBackend):
             self._split_workspace = SplitWorkspace(device, slots, pairs, self.num_heads,
                                                    self.num_kv_heads, self.head_dim)
         self._decode_splits = 1  # this step's split of each sequence on the Triton kernel
+        # A pure-decode step on the Triton kernel: RoPE and the K/V store run inside it.
+        self._decode_new_kv = False
         # The step's first rows that the Triton kernel runs: all of a decode step's, a mixed
         # step's leading decodes (the prefill kernel runs the rest), or none.
         self._decode_rows = 0
@@ -291,6 +295,7 @@ class FlashInferBackend(AttentionBackend):
             logger.info("the Triton decode kernel cannot run %s: decode steps run flashinfer's",
                         why_not)
             return 0, None
+        self._new_kv = triton_decode.NewKV
         return min_programs, triton_decode.gqa_decode
 
     def _planless_kernel(self, num_reqs: int) -> str:
@@ -336,8 +341,10 @@ class FlashInferBackend(AttentionBackend):
         # never run on the route of the step before.
         self._xqa_args = None
         self._decode_splits = 1
+        self._decode_new_kv = False
         if batch.is_decode_only:
             self._decode_rows = batch.num_reqs if kernel == "triton" else 0
+            self._decode_new_kv = kernel == "triton"
             if self._decode_rows:  # 1 unless a step of few requests (`planless_kernel`)
                 self._decode_splits = split_count(batch.num_reqs, self.num_kv_heads,
                                                   self.triton_min_programs)
@@ -447,11 +454,18 @@ class FlashInferBackend(AttentionBackend):
                         v: torch.Tensor, kv_cache: torch.Tensor, window: Optional[int] = None,
                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """RoPE and the K/V store in one kernel where the rope carries a cos | sin table
-        (FusedRotaryEmbedding), then attention."""
+        (FusedRotaryEmbedding), then attention; in a pure-decode step on the Triton kernel, all
+        three in that one kernel (one launch per layer instead of two)."""
         cos_sin = getattr(rope, "cos_sin", None)
         if self._rope_and_store is None or cos_sin is None:
             return super().forward_rotated(rope, positions, q, k, v, kv_cache, window, out)
         t = self._table
+        if self._decode_new_kv:
+            return self._triton_decode(q, kv_cache, t.indptr, t.indices, t.seq_lens, self.scale,
+                                       out=out, soft_cap=self.spec.logits_soft_cap, window=window,
+                                       splits=self._decode_splits,
+                                       workspace=self._split_workspace,
+                                       new_kv=self._new_kv(k, v, positions, cos_sin))
         self._rope_and_store(q, k, v, positions, cos_sin, kv_cache, t.batch_indices, t.positions,
                              t.indptr, t.indices)
         return self._attend(q, kv_cache, window, out)

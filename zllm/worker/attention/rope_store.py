@@ -16,6 +16,9 @@ angle comes from `positions` (the model's), from one float32 [P, D] table of cos
 rotate-half layout of Hugging Face checkpoints; FusedRotaryEmbedding.cos_sin), computed in
 float32 and rounded once, as flashinfer's kernel does.
 
+Pure-decode steps on zllm's Triton decode kernel skip this one: that kernel rotates and stores
+the step's new q and k itself (triton_decode.py, `NewKV`), with the same arithmetic.
+
 On CPU the tests run it through Triton's interpreter (TRITON_INTERPRET=1).
 """
 

@@ -22,6 +22,14 @@ the result does not depend on which finished first), writes the output and zeroe
 counter for the next call. One launch, no plan, no merge kernel, q read through its strides:
 flashinfer's captured decode at batch 1 is three kernels (q's copy, the split decode, the merge).
 
+With `new_kv` the kernel also does what rope_store.py does before it in other steps: it rotates
+q and the new k by RoPE (in registers), and the program whose tokens end at the new position
+writes k and v to the cache and attends to them from registers, so no program reads a slot the
+launch writes. FlashInferBackend runs every pure-decode step on this kernel this way: one launch
+per layer instead of two. On an H100 (2026-12-06, 16 calls per graph, 640 tokens of context) the
+pair took 8.9 us per layer at batch 1 of the Llama-3.2-1B shape and this 6.0 (8B shape: 11.0 and
+8.3); at 256 requests 119.0 and 116.5 (8B: 226.5 and 222.9).
+
 The cache is zllm's layer layout [blocks, 2, block_size, KVH, D] (flashinfer's NHD): the program
 for KV head h of request r reads rows of D contiguous values, one per token. Programs run KV
 head fastest, so the heads of one request, which share each page, run side by side.
@@ -33,7 +41,7 @@ kernel through Triton's interpreter (TRITON_INTERPRET=1).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -44,14 +52,20 @@ _LOG2E = 1 / math.log(2)
 
 @triton.jit
 def _gqa_decode_kernel(q_ptr, cache_ptr, indptr_ptr, indices_ptr, seq_lens_ptr, out_ptr,
-                       part_ptr, ticket_ptr, score_scale, cap_log2, window,
-                       q_stride_req, q_stride_head,
+                       part_ptr, ticket_ptr, k_new_ptr, v_new_ptr, pos_ptr, cos_sin_ptr,
+                       score_scale, cap_log2, window,
+                       q_stride_req, q_stride_head, k_new_stride_req, k_new_stride_head,
+                       v_new_stride_req, v_new_stride_head,
                        cache_stride_block, cache_stride_kv, cache_stride_token, cache_stride_head,
                        out_stride_req, out_stride_head,
                        GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
                        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                        SOFT_CAP: tl.constexpr, WINDOW: tl.constexpr, SPLIT: tl.constexpr,
-                       GROUP_P2: tl.constexpr, MERGE_SPLITS: tl.constexpr):
+                       GROUP_P2: tl.constexpr, MERGE_SPLITS: tl.constexpr,
+                       ROPE_STORE: tl.constexpr):
+    """ROPE_STORE: q and the new k (at position seq_len - 1) arrive unrotated; the program
+    rotates them, and the one whose tokens hold that position writes k and v to the cache and
+    attends to them from registers (no program of the launch reads that slot)."""
     kv_head = tl.program_id(0)
     req = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + req)
@@ -74,8 +88,18 @@ def _gqa_decode_kernel(q_ptr, cache_ptr, indptr_ptr, indices_ptr, seq_lens_ptr, 
     dims = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + rows
     real = rows < GROUP
-    q = tl.load(q_ptr + req * q_stride_req + heads[:, None] * q_stride_head + dims[None, :],
-                mask=real[:, None], other=0.0)
+    q_at = q_ptr + req * q_stride_req + heads[:, None] * q_stride_head
+    if ROPE_STORE:
+        cos, sin, partner = _rope_table(cos_sin_ptr, pos_ptr + req, dims, HEAD_DIM)
+        q = _rotated(q_at, dims, partner, cos, sin, real[:, None])
+        cached = seq_len - 1  # the new token's K and V are not in the cache yet
+        end_cached = tl.minimum(end, cached)
+        if end_cached <= first:  # no cached token in sight: no tile of them (all would be -inf)
+            end_cached = start
+    else:
+        q = tl.load(q_at + dims[None, :], mask=real[:, None], other=0.0)
+        cached = seq_len
+        end_cached = end
 
     k_base = cache_ptr + kv_head * cache_stride_head
     v_base = k_base + cache_stride_kv
@@ -84,9 +108,9 @@ def _gqa_decode_kernel(q_ptr, cache_ptr, indptr_ptr, indices_ptr, seq_lens_ptr, 
     m_i = tl.full([GROUP_ROWS], float("-inf"), tl.float32)  # running max, in log2 units
     l_i = tl.zeros([GROUP_ROWS], tl.float32)
     acc = tl.zeros([GROUP_ROWS, HEAD_DIM], tl.float32)
-    for n in range(start, end, BLOCK_N):
+    for n in range(start, end_cached, BLOCK_N):
         tokens = n + tl.arange(0, BLOCK_N)
-        live = (tokens < seq_len) & (tokens >= first)
+        live = (tokens < cached) & (tokens >= first)
         blocks = tl.load(pages + tokens // BLOCK_SIZE, mask=live, other=0).to(tl.int64)
         offsets = blocks * cache_stride_block + (tokens % BLOCK_SIZE) * cache_stride_token
         k = tl.load(k_base + offsets[:, None] + dims[None, :], mask=live[:, None], other=0.0)
@@ -101,6 +125,27 @@ def _gqa_decode_kernel(q_ptr, cache_ptr, indptr_ptr, indices_ptr, seq_lens_ptr, 
         v = tl.load(v_base + offsets[:, None] + dims[None, :], mask=live[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    if ROPE_STORE:
+        if (cached >= start) & (cached < end):  # this program's tokens end with the new one
+            k_new = _rotated(k_new_ptr + req * k_new_stride_req + kv_head * k_new_stride_head,
+                             dims, partner, cos, sin, dims < HEAD_DIM)
+            v_new = tl.load(v_new_ptr + req * v_new_stride_req + kv_head * v_new_stride_head
+                            + dims)
+            page = tl.load(pages + cached // BLOCK_SIZE).to(tl.int64)
+            slot = page * cache_stride_block + (cached % BLOCK_SIZE) * cache_stride_token
+            tl.store(k_base + slot + dims, k_new)
+            tl.store(v_base + slot + dims, v_new)
+            # One more key, as a tile of one: the same float32 scores and bf16 weights.
+            scores = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * score_scale
+            if SOFT_CAP:
+                scores = cap_log2 * _tanh(scores)
+            m_new = tl.maximum(m_i, scores)
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(scores - m_new)
+            l_i = l_i * alpha + p
+            p = p.to(v_new.dtype).to(tl.float32)
+            acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
+            m_i = m_new
     out_ptrs = out_ptr + req * out_stride_req + heads[:, None] * out_stride_head + dims[None, :]
     if not SPLIT:
         out = acc / l_i[:, None]
@@ -160,9 +205,41 @@ def _merge_splits(part, out_ptr, out_stride_head, first_head, live_splits, GROUP
 
 
 @triton.jit
+def _rope_table(cos_sin_ptr, pos_at, dims, HEAD_DIM: tl.constexpr):
+    """RoPE at the position at pos_at, from a float32 [P, D] table of cos | sin (the
+    rotate-half layout, as rope_store.py reads it): per dimension d, its cos and signed sin and
+    the partner dimension, so that rotated[d] = x[d] * cos + x[partner] * sin."""
+    half: tl.constexpr = HEAD_DIM // 2
+    table = cos_sin_ptr + tl.load(pos_at).to(tl.int64) * HEAD_DIM
+    cos = tl.load(table + dims % half)
+    sin = tl.load(table + half + dims % half)
+    return cos, tl.where(dims < half, -sin, sin), (dims + half) % HEAD_DIM
+
+
+@triton.jit
+def _rotated(x_at, dims, partner, cos, sin, mask):
+    """The rows at x_at (one head of D values per row; x_at a column of row pointers, or a
+    single pointer) rotated in float32 and rounded once to their dtype, as rope_store.py
+    writes them."""
+    x = tl.load(x_at + dims, mask=mask, other=0.0).to(tl.float32)
+    x_partner = tl.load(x_at + partner, mask=mask, other=0.0).to(tl.float32)
+    return (x * cos + x_partner * sin).to(x_at.dtype.element_ty)
+
+
+@triton.jit
 def _tanh(x):
     # tanh(x) = 1 - 2 / (exp(2x) + 1), which saturates cleanly at +-1 for large |x|.
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+class NewKV(NamedTuple):
+    """A decode step's new keys and values, not yet rotated nor stored: k and v [R, KVH, D]
+    (views into the qkv projection's output allowed, unit stride along D), each request's
+    position [>= R] and RoPE's float32 [P, D] table of cos | sin (FusedRotaryEmbedding)."""
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    cos_sin: torch.Tensor
 
 
 def gqa_decode(q: torch.Tensor, kv_cache: torch.Tensor, page_indptr: torch.Tensor,
@@ -171,7 +248,8 @@ def gqa_decode(q: torch.Tensor, kv_cache: torch.Tensor, page_indptr: torch.Tenso
                soft_cap: Optional[float] = None, window: Optional[int] = None,
                block_n: Optional[int] = None, num_warps: int = 2,
                num_stages: int = 3, splits: int = 1,
-               workspace: Optional[SplitWorkspace] = None) -> torch.Tensor:
+               workspace: Optional[SplitWorkspace] = None,
+               new_kv: Optional[NewKV] = None) -> torch.Tensor:
     """One decode query per request: q [R, H, D] (each head's D values contiguous), kv_cache
     [blocks, 2, block_size, KVH, D], the page table as flashinfer takes it (int32: request r's
     blocks, in order, are page_indices[page_indptr[r]:page_indptr[r + 1]]), seq_lens [R] int32
@@ -186,12 +264,22 @@ def gqa_decode(q: torch.Tensor, kv_cache: torch.Tensor, page_indptr: torch.Tenso
     `splits` > 1: each sequence's tiles are shared among that many programs per KV head (a
     short sequence leaves the last ones idle), which merge their results in the same launch;
     for small batches, which one program per (request, KV head) would leave the GPU mostly
-    idle. Needs a `workspace` sized for R x KVH x splits (`SplitWorkspace`)."""
+    idle. Needs a `workspace` sized for R x KVH x splits (`SplitWorkspace`).
+
+    `new_kv`: q and the step's new keys arrive unrotated and the cache does not hold the new
+    keys and values yet (slot: position seq_len - 1 of each request's pages). The kernel applies
+    RoPE to both, writes k and v to their slots and attends to them, as rope_store.py followed
+    by this kernel would, in one launch instead of two."""
     if q.stride(2) != 1:
         q = q.contiguous()
     num_reqs, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     group = num_heads // num_kv_heads
+    if new_kv is not None:
+        _check_new_kv(new_kv, num_reqs, num_kv_heads, head_dim)
+        k_new, v_new, positions, cos_sin = new_kv
+    else:
+        k_new = v_new = positions = cos_sin = q  # not read
     if out is None:
         out = torch.empty_like(q)
     if splits > 1:
@@ -205,8 +293,9 @@ def gqa_decode(q: torch.Tensor, kv_cache: torch.Tensor, page_indptr: torch.Tenso
     score_scale = scale / soft_cap if soft_cap else scale * _LOG2E
     _gqa_decode_kernel[(num_kv_heads, num_reqs, splits)](
         q, kv_cache, page_indptr, page_indices, seq_lens, out, partials, tickets,
-        score_scale, (soft_cap or 0.0) * _LOG2E, window or 0,
-        q.stride(0), q.stride(1),
+        k_new, v_new, positions, cos_sin, score_scale, (soft_cap or 0.0) * _LOG2E, window or 0,
+        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0),
+        v_new.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         out.stride(0), out.stride(1),
         GROUP=group, GROUP_ROWS=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
@@ -215,8 +304,22 @@ def gqa_decode(q: torch.Tensor, kv_cache: torch.Tensor, page_indptr: torch.Tenso
         GROUP_P2=triton.next_power_of_2(group),
         # the merge's block of slots: about 4096 floats of partial outputs in registers at once
         MERGE_SPLITS=max(2, min(16, 4096 // (triton.next_power_of_2(group) * head_dim))),
-        num_warps=num_warps, num_stages=num_stages)
+        ROPE_STORE=new_kv is not None, num_warps=num_warps, num_stages=num_stages)
     return out
+
+
+def _check_new_kv(new_kv: NewKV, num_reqs: int, num_kv_heads: int, head_dim: int) -> None:
+    k, v, positions, cos_sin = new_kv
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != (num_reqs, num_kv_heads, head_dim) or x.stride(2) != 1:
+            raise ValueError(f"new {name} {tuple(x.shape)} strides {x.stride()}: needs "
+                             f"[{num_reqs}, {num_kv_heads}, {head_dim}], unit stride along D")
+    if len(positions) < num_reqs:
+        raise ValueError(f"{len(positions)} positions for {num_reqs} requests")
+    if (cos_sin.dtype != torch.float32 or not cos_sin.is_contiguous()
+            or cos_sin.shape[1] != head_dim):
+        raise ValueError(f"cos_sin {tuple(cos_sin.shape)} {cos_sin.dtype}: needs contiguous "
+                         f"float32 [positions, {head_dim}]")
 
 
 class SplitWorkspace:
