@@ -159,8 +159,8 @@ class DeviceConfig:
     # CUDA, 16-bit weights: a SiLU gated MLP's gate_up projection and its activation run as
     # one Triton kernel (gated_matmul) for inputs of at most this many rows, with a 16-row tile
     # picked by a rule from the shape and the SM count (gemm_tuning.py: few_rows_gated_tile),
-    # where the tuner (gemm_tuning_algos) chose nothing for that row count; 0: never. On an
-    # H100 (2026-12-06, linear_shapes --triton --layers gate_up) at 1 and 4 rows it took 78.8
+    # where the tuner (gemm_tuning_algos) chose no fused kernel for that row count; 0: never.
+    # On an H100 (2026-12-06, linear_shapes --triton --layers gate_up) at 1 and 4 rows it took 78.8
     # and 79.4 us on the 8B shape against 83.3 and 83.5 for cuBLAS's product and flashinfer's
     # activation (floor 79.1), and 24.5 and 24.7 against 26.1 and 26.3 on the 1B shape (floor
     # 22.6). Rows 8 to 16 are not measured yet (the next GPU run times them), nor the engine's

@@ -148,8 +148,7 @@ def test_few_rows_gated_tile_gives_every_program_an_sm_on_an_h100():
 def test_few_rows_gated_runs_up_to_max_rows_where_the_tuner_chose_nothing(gqa_model):
     """give_few_rows_gated (the model runner's call, gated_mlp_max_rows) hands the gate_up
     projections the rule's tile where it fits their shape; they then run the fused kernel for
-    1 to max rows, not above, and not at a row count where the tuner chose a fused kernel or a
-    product of its own."""
+    1 to max rows, not above, and not at a row count where the tuner chose a fused kernel."""
     import torch
 
     from zllm.worker.models.gemm_tuning import give_few_rows_gated
@@ -172,12 +171,15 @@ def test_few_rows_gated_runs_up_to_max_rows_where_the_tuner_chose_nothing(gqa_mo
             expected = layer.gated_act(F.linear(x, layer.weight))
             assert torch.allclose(layer.tuned_gated_product(x), expected, atol=1e-5)
         assert layer.tuned_gated_product(torch.randn(5, 64)) is None
-        # The tuner's choices for an exact row count win over the rule.
+        # The tuner's fused choice for an exact row count wins over the rule; a product it
+        # chose does not (the rule's kernel beat products plus the activation).
         fixed = torch.full((2, 128), 7.0)
         layer.tuned_gated_rows = {2: FixedChoice(fixed)}
         assert torch.equal(layer.tuned_gated_product(torch.randn(2, 64)), fixed)
         layer.tuned_rows = {3: FixedChoice(torch.zeros(3, 256))}
-        assert layer.tuned_gated_product(torch.randn(3, 64)) is None
+        x = torch.randn(3, 64)
+        assert torch.allclose(layer.tuned_gated_product(x),
+                              layer.gated_act(F.linear(x, layer.weight)), atol=1e-5)
 
 
 def test_few_rows_gated_in_the_model_keeps_greedy_output(gqa_model, hf):

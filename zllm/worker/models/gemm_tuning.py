@@ -27,10 +27,11 @@ flashinfer's activation, and 113.5 against 109.9 at 256 rows (where the tuner ke
 
 At a few rows the same kernel runs without the tuner (`gated_mlp_max_rows`, on by default): the
 model runner gives every such projection the tile `few_rows_gated_tile` picks from its shape and
-the GPU's SM count, for inputs of at most that many rows for which the tuner chose nothing. On an
-H100 (2026-12-06) at 1 and 4 rows the rule's tiles took 78.8 and 79.4 µs on the 8B shape
-(16 x 128 x 64; floor 79.1) against 83.3 and 83.5 for cuBLAS's product and flashinfer's
-activation, and 24.5 and 24.7 on the 1B shape (16 x 64 x 128; floor 22.6) against 26.1 and 26.3.
+the GPU's SM count, for inputs of at most that many rows for which the tuner chose no fused
+kernel. On an H100 (2026-12-06) at 1 and 4 rows the rule's tiles took 78.8 and 79.4 µs on the
+8B shape (16 x 128 x 64; floor 79.1) against 83.3 and 83.5 for cuBLAS's product and
+flashinfer's activation, and 24.5 and 24.7 on the 1B shape (16 x 64 x 128; floor 22.6) against
+26.1 and 26.3.
 """
 
 from __future__ import annotations
@@ -144,8 +145,8 @@ class TunedProduct:
     # the row counts at which the tuner found the product and SiLU in one kernel faster.
     gated_act: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     tuned_gated_rows: Optional[dict[int, GatedChoice]] = None
-    # And for inputs of 1 to gated_max_rows rows at whose count the tuner chose nothing: the
-    # fused kernel with few_rows_gated_tile's tile (the model runner sets both, from
+    # And for inputs of 1 to gated_max_rows rows at whose count the tuner chose no fused kernel:
+    # the fused kernel with few_rows_gated_tile's tile (the model runner sets both, from
     # gated_mlp_max_rows, through give_few_rows_gated).
     few_rows_gated: Optional[GatedChoice] = None
     gated_max_rows: int = 0
@@ -165,16 +166,15 @@ class TunedProduct:
         return choice.run(x, self.weight)
 
     def tuned_gated_product(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """gated_act(x @ weight.T) in one kernel where the tuner chose one for x's row count, or
-        where x has at most gated_max_rows rows and the tuner chose nothing for that count,
-        fused or not (what it timed wins over the rule); else None (the caller runs the
+        """gated_act(x @ weight.T) in one kernel where the tuner chose one for x's row count,
+        else where x has at most gated_max_rows rows (the rule's tile: at such rows it beat
+        every product plus the activation that was timed); else None (the caller runs the
         product, then the activation)."""
         if getattr(self, "bias", None) is not None or not x.is_contiguous():
             return None
         m = x.shape[0]
         choice = None if self.tuned_gated_rows is None else self.tuned_gated_rows.get(m)
-        if (choice is None and 0 < m <= self.gated_max_rows
-                and (self.tuned_rows is None or m not in self.tuned_rows)):
+        if choice is None and 0 < m <= self.gated_max_rows:
             choice = self.few_rows_gated
         if choice is None:
             return None
