@@ -144,27 +144,31 @@ class DeviceConfig:
     # H100 (2026-12-05) 16 made the 8B shape's batch-1 token 1.1% faster (6.39 -> 6.32 ms) and
     # W1 no faster, tuning adds about 4 s to start-up, and the choice may differ between
     # start-ups; with the Triton tiles, on an H200 (2026-12-06), W1 +0.3% (docs/benchmarks.md);
-    # on an H100 (2026-12-06, with the weight prefetch) W1 -0.1%, batch 1 6.48 -> 6.28 ms.
+    # on an H100 (2026-12-06, with the weight prefetch) W1 -0.1%, batch 1 6.48 -> 6.28 ms;
+    # later that day, with RoPE in the attention kernel, the fused gate_up and no prefetch,
+    # batch 1 5.90 -> 5.80 ms (8B) and 1.31 -> 1.31 (1B), one run each.
     gemm_tuning_algos: int = 0
     # CUDA: in the decode graphs of at most this many rows, each linear layer, after its
     # product, reads the first weight_prefetch_mb MB of the next linear layer's weight into L2
     # on a side stream while the small kernels between the two matmuls run
     # (weight_prefetch_attention_mb where attention runs in between; it takes longest)
-    # (zllm/worker/models/weight_prefetch.py); 0: never. Reads only: the same tokens. On an
-    # H100 (2026-12-06) it made the 8B shape's batch-1 token 1.5% faster (6.47 -> 6.37 ms; with
-    # 4 and 24 MB: no faster) and the 1B shape's no faster (1.49 ms); measured at batch 1 only.
-    weight_prefetch_max_rows: int = 8
+    # (zllm/worker/models/weight_prefetch.py); 0: never (the default). Reads only: the same
+    # tokens. On an H100 (2026-12-06) it made the 8B shape's batch-1 token 1.5% faster (6.47 ->
+    # 6.37 ms) while RoPE + K/V store and SiLU were kernels of their own; since they run inside
+    # the attention and gate_up kernels it makes both shapes slower: 8B 5.90 ms off against
+    # 6.10 on, 1B 1.31 against 1.40 (same H100, later that day; docs/benchmarks.md).
+    weight_prefetch_max_rows: int = 0
     weight_prefetch_mb: int = 8
     weight_prefetch_attention_mb: int = 16
     # CUDA, 16-bit weights: a SiLU gated MLP's gate_up projection and its activation run as
     # one Triton kernel (gated_matmul) for inputs of at most this many rows, with a 16-row tile
     # picked by a rule from the shape and the SM count (gemm_tuning.py: few_rows_gated_tile),
     # where the tuner (gemm_tuning_algos) chose no fused kernel for that row count; 0: never.
-    # On an H100 (2026-12-06, linear_shapes --triton --layers gate_up) at 1 and 4 rows it took 78.8
-    # and 79.4 us on the 8B shape against 83.3 and 83.5 for cuBLAS's product and flashinfer's
-    # activation (floor 79.1), and 24.5 and 24.7 against 26.1 and 26.3 on the 1B shape (floor
-    # 22.6). Rows 8 to 16 are not measured yet (the next GPU run times them), nor the engine's
-    # time per token.
+    # On an H100 (2026-12-06, linear_shapes --triton --layers gate_up) at 1, 8 and 16 rows it
+    # took 78.5, 79.8 and 80.2 us on the 8B shape against 81.8, 85.2 and 84.4 for cuBLAS's
+    # product and flashinfer's activation (floor 78.6-78.9), and 24.4, 24.7 and 25.1 against
+    # 25.9, 26.3 and 26.5 on the 1B shape (floor 22.5-22.7); the 8B shape's batch-1 token took
+    # 6.10 ms against 6.19 with 0 (docs/benchmarks.md).
     gated_mlp_max_rows: int = 16
 
 

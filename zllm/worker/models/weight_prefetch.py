@@ -17,8 +17,13 @@ On an H100 (2026-12-06): `python -m zllm.bench.l2_prefetch` (8B shape, one row, 
 stand-in small kernels per layer) took 176.0 µs per layer with 8 MB per window and 16 before o
 (173.5 with 24 before o and 8 before down) against 182.8 without, the matmuls alone 160.4. In
 the engine (`zllm bench throughput --workload latency`, Ray) the 8B shape's batch-1 token took
-6.37 ms with 8 and 16 MB (the defaults) against 6.47 without (4 and 24 MB: 6.47), the 1B
-shape's 1.49 ms either way.
+6.37 ms with 8 and 16 MB against 6.47 without (4 and 24 MB: 6.47), the 1B shape's 1.49 ms
+either way. That was while RoPE + K/V store and the SiLU ran as kernels of their own. Once they
+ran inside the attention kernel and the gate_up kernel (few_rows_gated_tile), the same H100 gave
+5.90 ms without against 6.10 with, and 1.31 against 1.40 on the 1B shape, so the key is off by
+default (0). Why it now costs was not measured; the fused gate_up kernel runs one wave of
+programs with 96 KiB of shared memory each, which a read kernel beside it on some SMs may push
+into a second.
 """
 
 from __future__ import annotations
