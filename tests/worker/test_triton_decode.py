@@ -294,8 +294,11 @@ def test_new_kv_shapes_are_checked():
     cos_sin = FusedRotaryEmbedding(32, 64, 10000.0, None).cos_sin
     with pytest.raises(ValueError, match=r"new k \(2, 8, 32\)"):
         gqa_decode(q, cache, indptr, indices, lens, 0.2, new_kv=NewKV(q, v, lens, cos_sin))
-    with pytest.raises(ValueError, match="1 positions for 2 requests"):
+    with pytest.raises(ValueError, match=r"positions \(1,\) .* each of 2 requests"):
         gqa_decode(q, cache, indptr, indices, lens, 0.2, new_kv=NewKV(k, v, lens[:1], cos_sin))
+    strided = torch.stack([lens, lens], 1)[:, 0]  # the right values, every other element
+    with pytest.raises(ValueError, match=r"strides \(2,\)"):
+        gqa_decode(q, cache, indptr, indices, lens, 0.2, new_kv=NewKV(k, v, strided, cos_sin))
     with pytest.raises(ValueError, match="cos_sin"):
         gqa_decode(q, cache, indptr, indices, lens, 0.2,
                    new_kv=NewKV(k, v, lens, cos_sin.half()))

@@ -96,7 +96,7 @@ def time_decode(arch: ModelArchitecture, batch: int, context: int, block_size: i
         call = lambda: gqa_decode(q, cache, indptr, indices, seq_lens, dim ** -0.5,  # noqa: E731
                                   out=out, **kernel_args)
         if rope:  # RoPE and the new token's K/V store too, as a decode step's layer runs them
-            call = _with_new_kv(call, rope, q, out, cache, indptr, indices, seq_lens, kernel_args)
+            call = _with_new_kv(rope, q, out, cache, indptr, indices, seq_lens, kernel_args)
     elif mode.endswith("xqa"):
         table = indices.view(batch, pages_per_req)
         xqa_workspace = torch.zeros(256 * 2**20, dtype=torch.uint8, device=device)
@@ -132,10 +132,10 @@ def time_decode(arch: ModelArchitecture, batch: int, context: int, block_size: i
     return start.elapsed_time(end) / 1e3 / reps / per_call, err
 
 
-def _with_new_kv(attend, rope: str, q, out, cache, indptr, indices, seq_lens, kernel_args):
-    """The call with RoPE and the store of each request's new K and V (views of one qkv output,
-    as a layer's): "rope", zllm's rope_and_store kernel then the attention kernel (two
-    launches); "newkv", the attention kernel doing both (`new_kv`, one launch)."""
+def _with_new_kv(rope: str, q, out, cache, indptr, indices, seq_lens, kernel_args):
+    """The call with RoPE and the store of each request's new K and V (q, k and v views of one
+    qkv output, as a layer's): "rope", zllm's rope_and_store kernel then the attention kernel
+    (two launches); "newkv", the attention kernel doing both (`new_kv`, one launch)."""
     from zllm.worker.attention.rope_store import rope_and_store
     from zllm.worker.attention.triton_decode import NewKV, gqa_decode
     from zllm.worker.models.layers import FusedRotaryEmbedding
@@ -147,16 +147,16 @@ def _with_new_kv(attend, rope: str, q, out, cache, indptr, indices, seq_lens, ke
     q_new, k, v = (t.view(batch, -1, dim)
                    for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1))
     positions = (seq_lens - 1).long()
-    if rope == "newkv":
-        new_kv = NewKV(k, v, positions, table)
-        return lambda: gqa_decode(q_new, cache, indptr, indices, seq_lens, dim ** -0.5,
-                                  out=out, new_kv=new_kv, **kernel_args)
+    new_kv = NewKV(k, v, positions, table) if rope == "newkv" else None
     rows = torch.arange(batch, dtype=torch.int32, device=q.device)
 
-    def two_kernels():
-        rope_and_store(q_new, k, v, positions, table, cache, rows, seq_lens - 1, indptr, indices)
-        return attend()
-    return two_kernels
+    def call():
+        if new_kv is None:
+            rope_and_store(q_new, k, v, positions, table, cache, rows, seq_lens - 1, indptr,
+                           indices)
+        return gqa_decode(q_new, cache, indptr, indices, seq_lens, dim ** -0.5, out=out,
+                          new_kv=new_kv, **kernel_args)
+    return call
 
 
 def run(shapes: list[str], batches: list[int], contexts: list[int], layouts: list[str],

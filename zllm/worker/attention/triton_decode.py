@@ -314,8 +314,9 @@ def _check_new_kv(new_kv: NewKV, num_reqs: int, num_kv_heads: int, head_dim: int
         if x.shape != (num_reqs, num_kv_heads, head_dim) or x.stride(2) != 1:
             raise ValueError(f"new {name} {tuple(x.shape)} strides {x.stride()}: needs "
                              f"[{num_reqs}, {num_kv_heads}, {head_dim}], unit stride along D")
-    if len(positions) < num_reqs:
-        raise ValueError(f"{len(positions)} positions for {num_reqs} requests")
+    if positions.dim() != 1 or positions.stride(0) != 1 or len(positions) < num_reqs:
+        raise ValueError(f"positions {tuple(positions.shape)} strides {positions.stride()}: "
+                         f"needs one contiguous position for each of {num_reqs} requests")
     if (cos_sin.dtype != torch.float32 or not cos_sin.is_contiguous()
             or cos_sin.shape[1] != head_dim):
         raise ValueError(f"cos_sin {tuple(cos_sin.shape)} {cos_sin.dtype}: needs contiguous "
