@@ -205,8 +205,10 @@ class FlashInferBackend(AttentionBackend):
             self.xqa_workspace = torch.zeros(XQA_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self._xqa_args: tuple | None = None  # (page table [R, W], seq_lens, W * block_size)
         # Decode steps of more than xqa_max_batch requests, and at least this many requests
-        # times KV heads, run the Triton kernel; 0: none.
-        self.triton_min_programs, self._triton_decode = self._triton_kernel(triton_min_programs)
+        # times KV heads, run the Triton kernel; 0: none. (`_new_kv`: the kernel's NewKV, which
+        # its pure-decode steps hand it so that it also does their RoPE and K/V store.)
+        self.triton_min_programs, self._triton_decode, self._new_kv = self._triton_kernel(
+            triton_min_programs)
         # Decode steps of at most this many requests run it too, each sequence split among
         # programs so that there are triton_min_programs of them (`split_count`).
         self.triton_split_max_batch = triton_split_max_batch if self._triton_decode else 0
@@ -280,23 +282,22 @@ class FlashInferBackend(AttentionBackend):
         return rope_and_store
 
     def _triton_kernel(self, min_programs: int):
-        """(min_programs, the kernel) where the Triton decode kernel can run this backend's decode
-        steps, else (0, None): it is on by default, so a model or install it cannot serve falls
-        back to flashinfer's decode rather than failing."""
+        """(min_programs, the kernel, its NewKV) where the Triton decode kernel can run this
+        backend's decode steps, else (0, None, None): it is on by default, so a model or install
+        it cannot serve falls back to flashinfer's decode rather than failing."""
         if not min_programs:
-            return 0, None
+            return 0, None, None
         try:
             from zllm.worker.attention import triton_decode
         except ImportError as e:
             logger.warning("no Triton (%s): decode steps run flashinfer's decode kernel", e)
-            return 0, None
+            return 0, None, None
         why_not = triton_decode.unsupported(self.head_dim, self.dtype)
         if why_not:
             logger.info("the Triton decode kernel cannot run %s: decode steps run flashinfer's",
                         why_not)
-            return 0, None
-        self._new_kv = triton_decode.NewKV
-        return min_programs, triton_decode.gqa_decode
+            return 0, None, None
+        return min_programs, triton_decode.gqa_decode, triton_decode.NewKV
 
     def _planless_kernel(self, num_reqs: int) -> str:
         return planless_kernel(num_reqs, self.num_kv_heads, self.xqa_max_batch,
