@@ -101,6 +101,24 @@ def check_kernels(device: torch.device) -> dict:
     results.update(check_rope_store(device))
     results.update(check_gemm_algos(device))
     results.update(check_gated_matmul(device))
+    results.update(check_argmax(device))
+    return results
+
+
+def check_argmax(device: torch.device) -> dict:
+    """The sampler's Triton argmax (zllm/worker/argmax.py) against torch's, on a 128,256-wide
+    vocabulary at 1, 16 and 256 rows: random logits, ties across pieces (the first wins) and a
+    row of -inf."""
+    from zllm.worker.argmax import vocab_argmax
+
+    results = {}
+    for rows in (1, 16, 256):
+        logits = torch.randn(rows, 128256, device=device)
+        logits[0, [100000, 5000, 70000]] = 30.0
+        logits[-1] = float("-inf") if rows > 1 else logits[-1]
+        got, want = vocab_argmax(logits), logits.argmax(dim=-1)
+        results[f"argmax_{rows}"] = {"ok": bool(torch.equal(got, want)),
+                                     "mismatches": int((got != want).sum())}
     return results
 
 
