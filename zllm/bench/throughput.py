@@ -286,9 +286,26 @@ def _kernel_summary(prof, steps: int) -> dict[str, Any]:
         kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / steps / 1e3
     top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]
     return {"gpu_busy_ms_per_step": sum(e.self_device_time_total for e in kernels) / steps / 1e3,
-            "kernels_per_step": sum(e.count for e in kernels) / steps,
+            "kernels_per_step": sum(e.count for e in kernels) / steps, **_gaps(prof, steps),
             "ms_by_kind": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda x: -x[1])},
             "top_kernels": [(e.key[:80], round(e.self_device_time_total / steps / 1e3, 3)) for e in top]}
+
+
+def _gaps(prof, steps: int, short_us: float = 10.0) -> dict[str, float]:
+    """The GPU's idle time between kernels, per step: gaps under `short_us` (the launch of a
+    kernel that was queued behind its predecessor: a CUDA graph's node to node) apart from
+    longer ones (the GPU waiting for the host)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if str(getattr(e, "device_type", "")).endswith("CUDA"))
+    short = long = 0.0
+    end = spans[0][1] if spans else 0.0
+    for start, stop in spans[1:]:
+        gap = start - end
+        if gap > 0:
+            short, long = (short + gap, long) if gap < short_us else (short, long + gap)
+        end = max(end, stop)
+    return {"short_gaps_ms_per_step": round(short / steps / 1e3, 4),
+            "long_gaps_ms_per_step": round(long / steps / 1e3, 4)}
 
 
 def profile_decode(llm, arch: ModelArchitecture, hw: Hardware, batch: int, steps: int = 32,
