@@ -18,6 +18,7 @@ from zllm.worker.attention.base import AttentionBatch  # noqa: E402
 from zllm.worker.attention.flashinfer_backend import _TableLayout, fill_table  # noqa: E402
 from zllm.worker.attention.rope_store import rope_and_store  # noqa: E402
 from zllm.worker.models.layers import FusedRotaryEmbedding, RotaryEmbedding  # noqa: E402
+from zllm.worker.models.linear import split_qkv  # noqa: E402
 
 BS = 8
 
@@ -46,8 +47,7 @@ def test_rope_and_store_matches_rotation_and_slots(heads, kv_heads, dim, dtype):
 
     tokens = batch.num_tokens
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
-    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
-    q, k, v = (t.view(tokens, -1, dim) for t in (q, k, v))
+    q, k, v = split_qkv(qkv, heads, kv_heads, dim)
     cache = torch.randn(num_blocks, 2, BS, kv_heads, dim, generator=gen).to(dtype)
     rope = FusedRotaryEmbedding(dim, 64, 10000.0, None)
     pos = torch.from_numpy(positions).long()

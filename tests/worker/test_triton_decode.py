@@ -12,6 +12,7 @@ from zllm.worker.attention.rope_store import rope_and_store  # noqa: E402
 from zllm.worker.attention.triton_decode import (NewKV, SplitWorkspace, gqa_decode,  # noqa: E402
                                                  unsupported)
 from zllm.worker.models.layers import FusedRotaryEmbedding  # noqa: E402
+from zllm.worker.models.linear import split_qkv  # noqa: E402
 
 
 def reference(q, kv_cache, indptr, indices, seq_lens, scale, soft_cap=None, window=None):
@@ -235,8 +236,7 @@ def new_kv_case(heads, kv_heads, dim, seq_lens, dtype, seed):
     _, cache, indptr, indices, lens = make_case(heads, kv_heads, dim, 8, seq_lens, dtype, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     qkv = torch.randn(len(seq_lens), (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
-    q, k, v = (t.view(len(seq_lens), -1, dim)
-               for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1))
+    q, k, v = split_qkv(qkv, heads, kv_heads, dim)
     return q, k, v, cache, indptr, indices, lens
 
 

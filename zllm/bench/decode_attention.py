@@ -139,13 +139,13 @@ def _with_new_kv(rope: str, q, out, cache, indptr, indices, seq_lens, kernel_arg
     from zllm.worker.attention.rope_store import rope_and_store
     from zllm.worker.attention.triton_decode import NewKV, gqa_decode
     from zllm.worker.models.layers import FusedRotaryEmbedding
+    from zllm.worker.models.linear import split_qkv
 
     batch, heads, dim = q.shape
     kv_heads = cache.shape[3]
     table = FusedRotaryEmbedding(dim, int(seq_lens.max()), 500000.0, None).to(q.device).cos_sin
     qkv = torch.randn(batch, (heads + 2 * kv_heads) * dim, dtype=q.dtype, device=q.device)
-    q_new, k, v = (t.view(batch, -1, dim)
-                   for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1))
+    q_new, k, v = split_qkv(qkv, heads, kv_heads, dim)
     positions = (seq_lens - 1).long()
     new_kv = NewKV(k, v, positions, table) if rope == "newkv" else None
     rows = torch.arange(batch, dtype=torch.int32, device=q.device)

@@ -129,6 +129,7 @@ def check_rope_store(device: torch.device) -> dict:
     whose decode steps rotate and store inside the attention kernel and leave q and k as they
     were)."""
     from zllm.worker.models.layers import FusedRotaryEmbedding, RotaryEmbedding
+    from zllm.worker.models.linear import split_qkv
 
     torch.manual_seed(0)
     H, KVH, D, bs, N = 32, 8, 128, 16, 512
@@ -149,7 +150,7 @@ def check_rope_store(device: torch.device) -> dict:
             cache_ref = cache.clone()
             T = batch.num_tokens
             qkv = torch.randn(T, (H + 2 * KVH) * D, device=device, dtype=torch.bfloat16)
-            q, k, v = (t.view(T, -1, D) for t in qkv.split([H * D, KVH * D, KVH * D], dim=-1))
+            q, k, v = split_qkv(qkv, H, KVH, D)
             positions = torch.from_numpy(batch.seq_lens - batch.query_lens).repeat_interleave(
                 torch.from_numpy(batch.query_lens)) + torch.cat(
                 [torch.arange(n) for n in batch.query_lens.tolist()])

@@ -102,10 +102,17 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [T, H, D], k and v [T, KVH, D] (views into one output)."""
-        q, k, v = super().forward(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        return (q.view(-1, self.num_heads, self.head_dim),
-                k.view(-1, self.num_kv_heads, self.head_dim),
-                v.view(-1, self.num_kv_heads, self.head_dim))
+        return split_qkv(super().forward(x), self.num_heads, self.num_kv_heads, self.head_dim)
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int,
+              head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fused qkv product [T, (H + 2 KVH) D] as q [T, H, D], k and v [T, KVH, D]: views, each
+    head's D values contiguous, rows strided by the whole width (what attention backends get)."""
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim,
+                         num_kv_heads * head_dim], dim=-1)
+    return (q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim),
+            v.view(-1, num_kv_heads, head_dim))
 
 
 class RowParallelLinear(TunedProduct, fairscale.RowParallelLinear):
