@@ -1,7 +1,8 @@
 """The sampler's Triton argmax (zllm/worker/argmax.py) on Triton's CPU interpreter against
 torch.argmax: rows that span one piece or many, ties across pieces (the first index wins),
-rows of -inf, a row's maximum in the last, partial piece, a strided batch, and a second call on
-the same workspace (its tickets must read zero again)."""
+rows of -inf, a row's maximum in the last, partial piece, rows read through a row stride wider
+than the vocabulary, NaN, and a second call on the same workspace (its tickets must read zero
+again)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,15 @@ def test_matches_torch_argmax(rows, vocab):
         out = am.vocab_argmax(logits)
         assert out.dtype == torch.int64
         assert out.tolist() == logits.argmax(dim=-1).tolist()
+
+
+def test_reads_rows_through_their_stride():
+    """Rows of a wider buffer (a row stride past the vocabulary), as a sliced batch arrives."""
+    wide = torch.randn(4, am.CHUNK + 300)
+    logits = wide[:, :am.CHUNK + 44]
+    wide[:, am.CHUNK + 44:] = 1e9  # past each row's end: must not be read as logits
+    assert logits.stride(0) != logits.shape[1]
+    assert am.vocab_argmax(logits).tolist() == logits.argmax(dim=-1).tolist()
 
 
 def test_nan_counts_as_the_maximum_and_stays_in_range():
