@@ -57,14 +57,17 @@ class TileConfig:
 def tile_configs(m: int) -> list[TileConfig]:
     """The configurations worth timing for a product of m rows: tiles no taller than m needs
     (tl.dot's smallest is 16 rows), wide and narrow, split 1, 2 or 4 ways, within an H100's
-    shared memory (stages x the tile's two operands in 16-bit)."""
+    shared memory (stages x the tile's two operands in 16-bit). At 16 rows or fewer, where the
+    product only streams the weight, also narrower and deeper tiles and deeper pipelines."""
+    few = m <= 16
     block_ms = sorted({min(b, max(16, triton.next_power_of_2(m))) for b in (64, 128)})
     out = []
     for bm in block_ms:
-        for bn in (64, 128, 256):
-            for bk in (64, 128):
+        for bn in (32, 64, 128, 256) if few else (64, 128, 256):
+            for bk in (64, 128, 256) if few else (64, 128):
                 for split in (1, 2, 4):
-                    for warps, stages in ((4, 4), (8, 3)):
+                    pipelines = ((4, 4), (8, 3), (4, 6), (8, 5)) if few else ((4, 4), (8, 3))
+                    for warps, stages in pipelines:
                         if stages * (bm * bk + bk * bn) * 2 <= 200 * 1024:
                             out.append(TileConfig(bm, bn, bk, split, warps, stages))
     return out
