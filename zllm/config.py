@@ -170,6 +170,14 @@ class DeviceConfig:
     # 25.9, 26.3 and 26.5 on the 1B shape (floor 22.5-22.7); the 8B shape's batch-1 token took
     # 6.10 ms against 6.19 with 0 (docs/benchmarks.md).
     gated_mlp_max_rows: int = 16
+    # CUDA, 16-bit column-major weights: the linear layers' other products run zllm's Triton
+    # matmul for inputs of at most this many rows (at most 16), with a tile picked by a rule
+    # from the shape and the SM count (gemm_tuning.py: few_rows_tile), where the rule gives one
+    # and the tuner chose nothing for that row count; 0: torch's call. On an H100 (2026-12-06)
+    # the rule's tiles took the 8B shape's qkv, o and down at one row in 19.3, 13.5 and 41.1 us
+    # against 21.0, 14.2 and 42.0 for cuBLAS (linear_shapes --few-rows), and its batch-1 token
+    # 5.79 ms against 5.94 without them (5.71 against 5.87 on another H100; docs/benchmarks.md).
+    few_rows_matmul_max_rows: int = 16
 
 
 @dataclass
@@ -314,6 +322,8 @@ class EngineConfig:
         for key in ("weight_prefetch_mb", "weight_prefetch_attention_mb"):
             check(key, getattr(d, key), 0 <= getattr(d, key) <= 256, "in [0, 256] (MB)")
         check("gated_mlp_max_rows", d.gated_mlp_max_rows, d.gated_mlp_max_rows >= 0, ">= 0")
+        check("few_rows_matmul_max_rows", d.few_rows_matmul_max_rows,
+              0 <= d.few_rows_matmul_max_rows <= 16, "in [0, 16]")
         srv = self.server
         check("port", srv.port, 0 <= srv.port <= 65535, "in [0, 65535]")
         check("max_request_bytes", srv.max_request_bytes, srv.max_request_bytes >= 1024, ">= 1024")

@@ -9,6 +9,7 @@ or up to gated_mlp_max_rows rows with the tile few_rows_gated_tile picks."""
 
 from __future__ import annotations
 
+import pytest
 import torch.nn.functional as F
 
 from zllm import LLM, SamplingParams
@@ -216,3 +217,77 @@ def test_a_choice_must_match_torch_in_every_element():
     wrong[:, -1] = 0
     assert (wrong - expected).norm() < REL_TOL * expected.norm()
     assert not matches_torch(wrong, expected)
+
+
+def test_few_rows_tile_fills_one_wave_on_an_h100():
+    """The rule's tiles at 132 SMs for the 8B and 1B shapes' products (those measured fastest,
+    or within 0.3 us of it, at one row): the most programs no more than the SMs; torch's call
+    under 0.7 x 132 programs (the 1B's o and down) and over one wave (the LM heads)."""
+    from zllm.worker.models.gemm_tuning import few_rows_tile
+
+    assert few_rows_tile(6144, 4096, 132) == TileConfig(16, 64, 256, 1, 4, 4)  # 8B qkv: 96
+    assert few_rows_tile(4096, 4096, 132) == TileConfig(16, 32, 256, 1, 4, 4)  # 8B o: 128
+    assert few_rows_tile(4096, 14336, 132) == TileConfig(16, 32, 256, 1, 4, 4)  # 8B down
+    assert few_rows_tile(3072, 2048, 132) == TileConfig(16, 32, 256, 1, 4, 4)  # 1B qkv: 96
+    assert few_rows_tile(2048, 2048, 132) is None  # 1B o: 64 programs at most
+    assert few_rows_tile(2048, 8192, 132) is None  # 1B down
+    assert few_rows_tile(128256, 4096, 132) is None  # LM head: 1002 programs of 128
+    assert few_rows_tile(16384, 4096, 132) == TileConfig(16, 128, 128, 1, 4, 4)  # 128
+    assert few_rows_tile(4096, 4000, 132) is None  # no block_k divides 4000
+    assert few_rows_tile(64, 256, 2) == TileConfig(16, 32, 256, 1, 4, 4)  # not wider than 64
+
+
+def test_few_rows_products_up_to_max_rows(gqa_model):
+    """give_few_rows (the model runner's call, few_rows_matmul_max_rows) hands the rule's tile
+    to the bias-free 16-bit column-major products that are not a gated MLP's gate_up; they then
+    run the Triton matmul (the interpreter here) for 1 to max rows, not above, and not at a
+    row count where the tuner chose something."""
+    import torch
+    from torch import nn
+
+    from zllm.worker.models.gemm_tuning import give_few_rows
+    from zllm.worker.models.linear import (ColumnParallelLinear, ParallelLMHead,
+                                           RowParallelLinear, column_major_linears)
+
+    with LLM(gqa_model, device="cpu", engine_process=False):  # model parallel initialised
+        def column(k, n, **kwargs):
+            return ColumnParallelLinear(k, [("q_proj", 0, n)], **kwargs)
+        layers = nn.ModuleDict({"qkv": column(256, 64), "o": RowParallelLinear(512, 64),
+                                "head": ParallelLMHead(256, 64),
+                                "biased": column(256, 64, bias=True),
+                                "row_major": column(256, 64), "float32": column(256, 64),
+                                "gate_up": column(256, 64), "wide": column(256, 1024)})
+        row_major = layers.pop("row_major")
+        column_major_linears(layers)
+        layers["row_major"] = row_major
+        for name, layer in layers.items():
+            layer.weight.data = layer.weight.data.to(
+                torch.float32 if name == "float32" else torch.float16)
+            layer.weight.data.copy_(torch.randn(layer.weight.shape) * 0.05)
+            if getattr(layer, "bias", None) is not None:
+                layer.bias.data = torch.zeros(layer.bias.shape, dtype=torch.float16)
+        layers["gate_up"].gated_act = torch.nn.functional.silu
+        assert layers["qkv"].weight.stride(0) == 1 and row_major.weight.stride(1) == 1
+
+        tiles = give_few_rows(layers, 4, sm_count=2)
+        two = TileConfig(16, 32, 256, 1, 4, 4)  # 64 columns: 2 programs of 32
+        assert tiles == {(64, 256): two, (64, 512): two, (1024, 256): None}
+        given = {name for name, layer in layers.items() if layer.few_rows is not None}
+        assert given == {"qkv", "o", "head"}
+        assert layers["head"].few_rows.out_dtype == torch.float32
+        for name in ("qkv", "o", "head"):
+            layer = layers[name]
+            for rows in (1, 4):
+                x = torch.randn(rows, layer.weight.shape[1], dtype=torch.float16)
+                out = layer.tuned_product(x)
+                expected = x.float() @ layer.weight.float().t()
+                assert out is not None and out.dtype == layer.few_rows.out_dtype
+                assert torch.allclose(out.float(), expected, atol=2e-2, rtol=2e-2), name
+            assert layer.tuned_product(torch.randn(5, layer.weight.shape[1],
+                                                   dtype=torch.float16)) is None
+        # The tuner's choice for an exact row count wins over the rule.
+        fixed = torch.full((2, 64), 7.0)
+        layers["qkv"].tuned_rows = {2: FixedChoice(fixed)}
+        assert torch.equal(layers["qkv"].tuned_product(torch.randn(2, 256).half()), fixed)
+        with pytest.raises(ValueError, match="1 to 16 rows, not 17"):
+            give_few_rows(layers, 17, sm_count=2)

@@ -101,6 +101,7 @@ def check_kernels(device: torch.device) -> dict:
     results.update(check_rope_store(device))
     results.update(check_gemm_algos(device))
     results.update(check_gated_matmul(device))
+    results.update(check_few_rows_matmul(device))
     results.update(check_argmax(device))
     return results
 
@@ -249,6 +250,33 @@ def check_gated_matmul(device: torch.device) -> dict:
                          "ok": bool(errs) and matched and max(errs) < REL_TOL}
         if tag:
             results[name]["tile"] = tiles[0].config["tile"]
+    return results
+
+
+def check_few_rows_matmul(device: torch.device) -> dict:
+    """The linear layers' products as the engine runs them up to few_rows_matmul_max_rows rows:
+    the Triton matmul with the tile few_rows_tile picks for this GPU's SMs, on column-major
+    weights of the 8B and 1B shapes' qkv, o and down (where it picks one), at 1, 5 and 16 rows,
+    against a float32 product, element by element as the tuner checks a choice."""
+    from zllm.worker.models.gemm_tuning import TritonChoice, few_rows_tile, matches_torch
+
+    torch.manual_seed(0)
+    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    results = {}
+    for k, n in ((4096, 6144), (4096, 4096), (14336, 4096), (2048, 3072), (2048, 2048),
+                 (8192, 2048)):
+        tile = few_rows_tile(n, k, sm_count)
+        if tile is None:  # the engine calls torch here
+            continue
+        w = (torch.randn(n, k, dtype=torch.bfloat16, device=device) * k ** -0.5).t()
+        w = w.contiguous().t()
+        for m in (1, 5, 16):
+            x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+            ref = x.float() @ w.float().t()
+            out = TritonChoice(tile, torch.bfloat16).run(x, w)
+            results[f"few_rows_{m}x{k}x{n}"] = {
+                "tile": tile.config["tile"], "rel_err": rel_err(out.float(), ref),
+                "ok": matches_torch(out, ref.bfloat16())}
     return results
 
 

@@ -13,6 +13,8 @@ in several forms:
              heuristic's N-th algorithm (algo0 is its first pick; zllm.worker.models.cublaslt)
   triN       with --triton: the column-major product through zllm's Triton kernel
              (zllm.worker.models.triton_matmul), with the N-th of its tile configurations
+  few        with --few-rows, at 16 rows or fewer: that kernel with the tile the engine's
+             rule picks for the shape on this GPU (gemm_tuning.few_rows_tile), where it picks
 and for gate_up with --triton, the product and the SiLU after it (the floor counts the product):
   linear_act F.linear, then flashinfer's silu_and_mul (the engine's unfused calls)
   gatedN     zllm's Triton kernel computing both at once (gated_matmul), N-th tile
@@ -127,6 +129,21 @@ def triton_forms(name: str, m: int, k: int, n: int) -> dict[str, tuple[Form, dic
     return {f"tri{i}": (form(c), c.config) for i, c in enumerate(configs)}
 
 
+def few_forms(name: str, m: int, k: int, n: int) -> dict[str, tuple[Form, dict]]:
+    """The Triton kernel on the column-major weight with few_rows_tile's tile for this GPU, as
+    the engine runs products of at most few_rows_matmul_max_rows rows; none above 16 rows or
+    where the rule picks torch's call."""
+    from zllm.worker.models import triton_matmul as tm
+    from zllm.worker.models.gemm_tuning import few_rows_tile
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    tile = few_rows_tile(n, k, sm_count) if m <= 16 else None
+    if tile is None:
+        return {}
+    out = torch.empty(m, n, dtype=torch.float32 if name == "lm_head" else torch.bfloat16,
+                      device="cuda")
+    return {"few": (lambda x, w, wt: tm.matmul(x, wt.t(), tile, out=out), tile.config)}
+
+
 def gated_forms(m: int, k: int, n: int) -> dict[str, tuple[Form, dict]]:
     """gate_up's product and SiLU: the engine's two calls, and zllm's fused kernel at each tile
     that fits (a gate and an up tile per program, in an H100's shared memory)."""
@@ -144,7 +161,8 @@ def gated_forms(m: int, k: int, n: int) -> dict[str, tuple[Form, dict]]:
 
 
 def run(shapes: list[str], rows_list: list[int], lt_algos: int = 0,
-        triton: bool = False, layers: Optional[list[str]] = None) -> dict[str, Any]:
+        triton: bool = False, layers: Optional[list[str]] = None,
+        few_rows: bool = False) -> dict[str, Any]:
     device = torch.device("cuda")
     hw = measure_hardware(device)
     results = []
@@ -171,6 +189,8 @@ def run(shapes: list[str], rows_list: list[int], lt_algos: int = 0,
                     every.update(lt_forms(name, m, k, n, lt_algos))
                 if triton:
                     every.update(triton_forms(name, m, k, n))
+                if few_rows and name != "gate_up":  # gate_up's few rows: gated_matmul's
+                    every.update(few_forms(name, m, k, n))
                 if triton and name == "gate_up":
                     every.update(gated_forms(m, k, n))
                 for form, (fn, config) in every.items():
@@ -190,7 +210,7 @@ def run(shapes: list[str], rows_list: list[int], lt_algos: int = 0,
                                     "floor_us": round(1e6 * floor, 2),
                                     "of_floor": round(floor / t, 3), "rel_err": round(err, 5),
                                     **config})
-                    if not form.startswith(("algo", "tri", "gated")):
+                    if not form.startswith(("algo", "tri", "gated", "few")):
                         print(json.dumps(results[-1]), flush=True)
             del weights, transposed
             torch.cuda.empty_cache()
@@ -209,7 +229,8 @@ def best_forms(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         us = {r["form"]: r["us"] for r in rs}
         best = min(rs, key=lambda r: r["us"])
         out.append({"shape": shape, "layer": name, "rows": m, "floor_us": rs[0]["floor_us"],
-                    **{f: us[f] for f in ("linear", "nn", "head", "head_nn", "algo0", "linear_act")
+                    **{f: us[f] for f in ("linear", "nn", "head", "head_nn", "algo0", "linear_act",
+                                          "few")
                        if f in us},
                     "best": best["form"], "best_us": best["us"],
                     **{c: best[c] for c in ("tile", "stages", "splitk", "swizzle", "warps") if c in best}})
@@ -226,17 +247,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--triton", action="store_true",
                         help="also time zllm's Triton kernel at each of its tile configurations "
                              "(and for gate_up, fused with SiLU)")
+    parser.add_argument("--few-rows", action="store_true",
+                        help="also time, at 16 rows or fewer, the tile the engine's rule picks "
+                             "(few_rows_tile)")
     parser.add_argument("--layers", default="", help="only these layers (e.g. gate_up,o)")
     add_report_args(parser, markdown="")
     args = parser.parse_args(argv)
     report = run(args.shapes.split(","), [int(r) for r in args.rows.split(",")], args.lt_algos,
-                 args.triton, [name for name in args.layers.split(",") if name])
+                 args.triton, [name for name in args.layers.split(",") if name], args.few_rows)
     report["best"] = best_forms(report["rows"])
     for b in report["best"]:
         print("best", json.dumps(b), flush=True)
     write_results("Linear layers' matmuls alone (python -m zllm.bench.linear_shapes)",
                   {"shapes": args.shapes, "rows": args.rows, "lt_algos": args.lt_algos,
-                   "triton": args.triton},
+                   "triton": args.triton, "few_rows": args.few_rows},
                   report.pop("rows"), args.out,
                   args.markdown, extra=report)
     return 0

@@ -41,7 +41,8 @@ from zllm.worker.attention.base import AttentionBatch, make_attention_backend
 from zllm.worker.cuda_graphs import DecodeGraphs, PiecewiseGraphs, graph_batch_sizes, piecewise_sizes
 from zllm.worker.grammar import GrammarMatchers
 from zllm.worker.input_batch import InputBatch, StepInputs
-from zllm.worker.models.gemm_tuning import TunedProduct, give_few_rows_gated, tune_model
+from zllm.worker.models.gemm_tuning import (TunedProduct, give_few_rows, give_few_rows_gated,
+                                            tune_model)
 from zllm.worker.models.registry import build_model
 from zllm.worker.models.weight_prefetch import WeightPrefetch, chain_linears
 from zllm.worker.models.weights import load_weights
@@ -150,7 +151,7 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = config.cache.block_size
         self.model = build_model(arch, dtype, device)
-        self._fuse_gated_few_rows()  # before any step or capture, so that both run it
+        self._few_rows_kernels()  # before any step or capture, so that both run them
         sched = config.scheduler
         max_num_tokens = max(sched.max_num_batched_tokens, graph_batch_sizes(sched.max_num_seqs)[-1])
         self.staging = PinnedStaging(device)
@@ -236,20 +237,29 @@ class ModelRunner:
                       d.weight_prefetch_attention_mb << 20)
         return prefetch
 
-    def _fuse_gated_few_rows(self) -> None:
-        """On CUDA, SiLU gated MLPs run gate_up and the activation as one Triton kernel for
-        inputs of at most gated_mlp_max_rows rows (zllm/worker/models/gemm_tuning.py:
-        few_rows_gated_tile). 16-bit weights only: in float32 the kernel's dots round their
-        inputs to TF32, where torch's product does not."""
-        max_rows = self.config.device.gated_mlp_max_rows
-        if (self.device.type != "cuda" or not max_rows
-                or self.dtype not in (torch.float16, torch.bfloat16)):
+    def _few_rows_kernels(self) -> None:
+        """On CUDA, inputs of few rows run zllm's Triton kernels, each with a tile that a rule
+        picks from the shape and the SM count (zllm/worker/models/gemm_tuning.py): SiLU gated
+        MLPs' gate_up and activation as one kernel up to gated_mlp_max_rows rows
+        (few_rows_gated_tile), the other linear layers' products up to few_rows_matmul_max_rows
+        (few_rows_tile). 16-bit weights only: in float32 the kernels' dots round their inputs to
+        TF32, where torch's product does not."""
+        d = self.config.device
+        if self.device.type != "cuda" or self.dtype not in (torch.float16, torch.bfloat16):
             return
         sm_count = torch.cuda.get_device_properties(self.device).multi_processor_count
-        for (i, k), tile in give_few_rows_gated(self.model, max_rows, sm_count).items():
-            logger.info("gate_up [%d, %d] and SiLU in one Triton kernel up to %d rows (%d SMs): %s",
-                        2 * i, k, max_rows, sm_count,
-                        tile.config if tile else f"none ({k} is no multiple of the tile's block_k)")
+        if d.gated_mlp_max_rows:
+            for (i, k), tile in give_few_rows_gated(self.model, d.gated_mlp_max_rows,
+                                                    sm_count).items():
+                logger.info("gate_up [%d, %d] and SiLU in one Triton kernel up to %d rows (%d "
+                            "SMs): %s", 2 * i, k, d.gated_mlp_max_rows, sm_count,
+                            tile.config if tile else f"none ({k} is no multiple of block_k)")
+        if d.few_rows_matmul_max_rows:  # not the gate_up projections: gated_matmul's at few rows
+            for (n, k), tile in give_few_rows(self.model, d.few_rows_matmul_max_rows,
+                                              sm_count).items():
+                logger.info("[%d, %d] products up to %d rows (%d SMs): %s", n, k,
+                            d.few_rows_matmul_max_rows, sm_count,
+                            tile.config if tile else "torch's call")
 
     def _tune_gemms(self, sizes: list[int]) -> None:
         t0 = time.perf_counter()

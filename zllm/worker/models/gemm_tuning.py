@@ -32,6 +32,14 @@ kernel. On an H100 (2026-12-06) at 1 and 4 rows the rule's tiles took 78.8 and 7
 8B shape (16 x 128 x 64; floor 79.1) against 83.3 and 83.5 for cuBLAS's product and
 flashinfer's activation, and 24.5 and 24.7 on the 1B shape (16 x 64 x 128; floor 22.6) against
 26.1 and 26.3.
+
+The other products of at most `few_rows_matmul_max_rows` rows (on by default) run the plain
+Triton matmul with the tile `few_rows_tile` picks from their shape and the SM count, where it
+picks one and the tuner chose nothing for that row count: at such rows a tile narrow enough to
+give every SM a program streams the weight faster than cuBLAS. On two H100s (2026-12-06,
+`zllm bench throughput`, base/new/new/base) the 8B shape's batch-1 token took 5.79 ms against
+5.94, and 5.71 against 5.87 (that run also gave the LM head a tile, since left out); the 1B
+shape's (only its qkv qualifies) 1.29-1.30 against 1.30.
 """
 
 from __future__ import annotations
@@ -61,6 +69,12 @@ GATED_TILES = [TileConfig(64, 64, 128, 1, 4, 4), TileConfig(64, 128, 64, 1, 4, 4
 # of up per stage, so 96 KiB of 16-bit weight tiles in flight per program at 3 stages, whichever
 # block_n.
 FEW_ROWS_GATED_ELEMENTS = 8192
+# Plain products at a few rows (few_rows_tile): for each block_n, widest first, the tile that
+# streamed the weight fastest at that width in linear_shapes' sweep at one row (H100,
+# 2026-12-06). Split 1: split-K's last-program reduction costs more than it gains there.
+FEW_ROWS_TILES = [TileConfig(16, 128, 128, 1, 4, 4), TileConfig(16, 64, 256, 1, 4, 4),
+                  TileConfig(16, 32, 256, 1, 4, 4)]
+FEW_ROWS_WAVE = 0.7  # the fewest programs, as a share of the SMs, worth leaving cuBLAS for
 
 TUNE_BYTES = 256 * 2**20  # weights a timing cycles through: several times any L2, as a forward
 REL_TOL = 1e-2  # an algorithm's result against torch's, both 16-bit, as a whole
@@ -86,7 +100,8 @@ class LtChoice:
 
 @dataclass
 class TritonChoice:
-    """The Triton tile chosen for one product at one row count."""
+    """The Triton tile chosen for one product at one row count (or, few_rows_tile's, up to a
+    row count)."""
     tile: TileConfig
     out_dtype: torch.dtype
 
@@ -132,6 +147,28 @@ def few_rows_gated_tile(intermediate: int, k: int, sm_count: int) -> Optional[Ti
     return tile if tile.fits(16, intermediate, k) else None
 
 
+def few_rows_tile(n: int, k: int, sm_count: int) -> Optional[TileConfig]:
+    """The Triton matmul tile for a product of at most 16 rows with a column-major [n, k]
+    weight on a GPU of `sm_count` SMs, or None (torch's call). At such rows the kernel only
+    streams the weight, and what counts is that its programs (one per block_n columns) fill
+    the SMs in one wave: the tile of FEW_ROWS_TILES (no wider than n) that gives the most
+    programs no more than the SMs, if at least FEW_ROWS_WAVE of them.
+
+    On an H100 (132 SMs, 2026-12-06, linear_shapes --few-rows, µs at 1, 4 and 16 rows; torch's
+    call on the same column-major weight in brackets) that gives the 8B shape's qkv 16 x 64 x
+    256 with 96 programs: 19.3, 19.6, 20.1 (21.0, 21.4, 21.0); its o 16 x 32 x 256 with 128:
+    13.5, 13.7, 13.7 (14.2, 14.4, 15.5) and down the same: 41.1, 41.2, 42.1 (42.0, 42.3, 43.4);
+    the 1B shape's qkv 16 x 32 x 256 with 96: 7.1, 7.1, 7.0 (7.4, 7.2, 7.3). The 1B's o and
+    down (64 programs of 32 columns) and the LM heads (many waves) keep torch's call: split-K
+    to fill the SMs and the LM head's tiles won some runs and lost others, by under 2%."""
+    best, best_programs = None, 0
+    for tile in FEW_ROWS_TILES:
+        programs = tile.tiles(16, n)
+        if tile.fits(16, n, k) and tile.block_n <= n and best_programs < programs <= sm_count:
+            best, best_programs = tile, programs
+    return best if best_programs >= FEW_ROWS_WAVE * sm_count else None
+
+
 class TunedProduct:
     """A linear layer whose matmul may run through a cuBLASLt algorithm or a Triton tile that
     timed faster than torch's own call on this GPU, at the row counts `tune_model` tuned it
@@ -150,6 +187,10 @@ class TunedProduct:
     # gated_mlp_max_rows, through give_few_rows_gated).
     few_rows_gated: Optional[GatedChoice] = None
     gated_max_rows: int = 0
+    # Any other product of 1 to few_max_rows rows at whose count the tuner chose nothing: the
+    # Triton matmul with few_rows_tile's tile (give_few_rows, from few_rows_matmul_max_rows).
+    few_rows: Optional[TritonChoice] = None
+    few_max_rows: int = 0
 
     def read_next_weight(self) -> None:
         """After this layer's product: start reading the next layer's weight into L2."""
@@ -157,10 +198,12 @@ class TunedProduct:
             self.next_weight.read()
 
     def tuned_product(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """x @ weight.T through the choice tuned for x's row count, or None (call torch)."""
-        if self.tuned_rows is None:
-            return None
-        choice = self.tuned_rows.get(x.shape[0])
+        """x @ weight.T through the choice tuned for x's row count, else through the few-rows
+        tile where x has at most few_max_rows rows; else None (call torch)."""
+        m = x.shape[0]
+        choice = None if self.tuned_rows is None else self.tuned_rows.get(m)
+        if choice is None and 0 < m <= self.few_max_rows:
+            choice = self.few_rows
         if choice is None or not x.is_contiguous():
             return None
         return choice.run(x, self.weight)
@@ -199,6 +242,30 @@ def give_few_rows_gated(model: torch.nn.Module, max_rows: int,
             tiles[shape] = few_rows_gated_tile(*shape, sm_count)
         if tiles[shape] is not None:
             layer.few_rows_gated, layer.gated_max_rows = GatedChoice(tiles[shape]), max_rows
+    return tiles
+
+
+def give_few_rows(model: torch.nn.Module, max_rows: int,
+                  sm_count: int) -> dict[tuple[int, int], Optional[TileConfig]]:
+    """Give each bias-free TunedProduct of `model` whose weight is column-major and 16-bit,
+    other than gated MLPs' gate_up projections (gated_matmul's at few rows), the Triton matmul
+    with few_rows_tile's tile for inputs of at most `max_rows` (at most 16) rows, where the rule
+    gives one. Returns the tile (or None) per (out, in features) met."""
+    if not 0 < max_rows <= 16:
+        raise ValueError(f"few-rows products take 1 to 16 rows, not {max_rows}")
+    tiles: dict[tuple[int, int], Optional[TileConfig]] = {}
+    for layer in model.modules():
+        w = getattr(layer, "weight", None)
+        if (not isinstance(layer, TunedProduct) or getattr(layer, "bias", None) is not None
+                or layer.gated_act is not None or w.stride(0) != 1
+                or w.dtype not in (torch.float16, torch.bfloat16)):
+            continue
+        shape = (w.shape[0], w.shape[1])
+        if shape not in tiles:
+            tiles[shape] = few_rows_tile(*shape, sm_count)
+        if tiles[shape] is not None:
+            layer.few_rows = TritonChoice(tiles[shape], layer.tuned_out_dtype or w.dtype)
+            layer.few_max_rows = max_rows
     return tiles
 
 
