@@ -269,7 +269,8 @@ def _sync() -> None:
 _KERNEL_KINDS = (("attention", ("BatchDecode", "BatchPrefill", "SinglePrefill", "PersistentKernel",
                                 "MergeStates", "gqa_decode")),
                  ("kv store", ("AppendPagedKV",)),
-                 ("gemm", ("gemm", "Gemm", "GEMM", "nvjet", "cutlass", "xmma", "splitK")),
+                 ("gemm", ("gemm", "Gemm", "GEMM", "nvjet", "cutlass", "xmma", "splitK",
+                           "_matmul_kernel")),  # the last: zllm's Triton matmul (and gate_up)
                  ("norm", ("Norm", "norm")), ("rope", ("Rope", "rope", "RoPE")),
                  ("activation", ("silu", "gelu", "Act")),
                  ("sampling", ("sort", "Sort", "softmax", "argmax", "topk", "TopK", "exponential",
