@@ -29,7 +29,11 @@
 #         linear-shapes (issue 11: each linear layer's matmul alone at 1, 256 and 8192 rows, F.linear
 #         against a transposed weight and split-K, against its floor; LT_ALGOS=N adds the first N
 #         algorithms of cuBLASLt's heuristic; EXTRA=--triton adds zllm's Triton kernel's tiles, and
-#         for gate_up the kernel fused with SiLU; "--layers gate_up" times only those).
+#         for gate_up the kernel fused with SiLU; "--layers gate_up" times only those;
+#         EXTRA=--few-rows, with ROWS=1,4,16, the tile the engine's few-rows rule picks).
+#         jit (flashinfer's norm, SiLU-and-mul, RoPE, page and head_dim 64 and 128 decode modules
+#         in one parallel ninja run: 37 s on a fresh H100 that had the prefill modules, which
+#         still compile on first use; with SAVE_FI_CACHE=1, the cache to carry).
 #         ab (this checkout's zllm against BASE's, ABBA, over RUNS="MODEL:WORKLOADS ...").
 #         worker-profile (issue 11: cProfile of the worker's host stages on the 1B shape at REQUESTS
 #         (default 1): which part of "plan" and "logits" is Python and which CUDA API time).
@@ -203,6 +207,24 @@ s.sort_stats('cumulative').print_callees(r'\((plan|_plan_graph|compute_logits|_s
     timeout 150 python3 -m zllm.bench.gpu_check --models '' --host-model '' --out "$OUT/gpu-check-kernels.json" \
       2>&1 | grep "gpu_check" | tee -a "$OUT/log.txt"
     key_runs triton-decode-split-max-batch "llama-3.2-1b:0 llama-3.2-1b:64 llama-3.1-8b:0 llama-3.1-8b:64" latency ;;
+  jit)
+    timeout 300 python3 - <<'PY' 2>&1 | tail -3 | tee -a "$OUT/log.txt"
+import time, torch
+from flashinfer.jit.activation import gen_act_and_mul_module
+from flashinfer.jit.attention.modules import gen_batch_decode_module
+from flashinfer.jit.core import build_jit_specs
+from flashinfer.jit.norm import gen_norm_module
+from flashinfer.jit.page import gen_page_module
+from flashinfer.jit.rope import gen_rope_module
+bf16 = torch.bfloat16
+specs = [gen_norm_module(), gen_act_and_mul_module("silu"), gen_rope_module(), gen_page_module()]
+specs += [gen_batch_decode_module(bf16, bf16, bf16, torch.int32, d, d, 0, False, False)
+          for d in (64, 128)]
+t = time.time()
+build_jit_specs(specs)
+print(f"jit: {len(specs)} modules built or found in {time.time() - t:.1f} s")
+PY
+    ;;
   graph-split)
     timeout 200 python3 -m zllm.bench.decode_attention --batches 1,8,32,64,128,256 --contexts 640,2048 \
       --layouts NHD --block-sizes 16 --modes graph,graph-nosplit --out "$OUT/graph-split.json" 2>&1 \
