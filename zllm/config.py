@@ -170,6 +170,18 @@ class DeviceConfig:
     # 25.9, 26.3 and 26.5 on the 1B shape (floor 22.5-22.7); the 8B shape's batch-1 token took
     # 6.10 ms against 6.19 with 0 (docs/benchmarks.md).
     gated_mlp_max_rows: int = 16
+    # CUDA, 16-bit weights, Hopper and later: from 128 rows up to this many, where the rows
+    # fill at least three quarters of their last 128-row tile (gemm_tuning.py:
+    # BATCH_GATED_MIN_ROWS, give_batch_gated), the same fused kernel in its TMA form
+    # (triton_matmul.gated_matmul_tma) with 128 x 128 x 64 tiles, where the tuner chose none;
+    # below 128: off. Other rows run cuBLAS's product and the
+    # activation, which was faster there. On an H100 (2026-12-06) at W1's 256 decode rows it
+    # took 100.8-102.6 us on the 8B shape and 30.9-31.1 on the 1B against 109.7-110.3 and
+    # 35.5-35.8 for cuBLAS's product and flashinfer's activation, and made W1's decode steps
+    # 1.3% (8B) and 1.0% (1B) faster; above 256 rows it lost on the 1B shape (1.15-1.22x at
+    # 288 and 384 rows), and at prompt steps' thousands of rows it was within a few percent
+    # either way (docs/benchmarks.md).
+    gated_mlp_tma_max_rows: int = 256
     # CUDA, 16-bit column-major weights: the linear layers' other products run zllm's Triton
     # matmul for inputs of at most this many rows (at most 16), with a tile picked by a rule
     # from the shape and the SM count (gemm_tuning.py: few_rows_tile), where the rule gives one
@@ -322,6 +334,8 @@ class EngineConfig:
         for key in ("weight_prefetch_mb", "weight_prefetch_attention_mb"):
             check(key, getattr(d, key), 0 <= getattr(d, key) <= 256, "in [0, 256] (MB)")
         check("gated_mlp_max_rows", d.gated_mlp_max_rows, d.gated_mlp_max_rows >= 0, ">= 0")
+        check("gated_mlp_tma_max_rows", d.gated_mlp_tma_max_rows, d.gated_mlp_tma_max_rows >= 0,
+              ">= 0 (below 128: off)")
         check("few_rows_matmul_max_rows", d.few_rows_matmul_max_rows,
               0 <= d.few_rows_matmul_max_rows <= 16, "in [0, 16]")
         srv = self.server

@@ -99,6 +99,39 @@ def test_few_rows_gated_tiles_match_f_linear(config, m, column_major, dtype):
                                  dtype)
 
 
+@pytest.mark.parametrize("m,i,k,column_major,config", [
+    (3, 40, 72, True, tm.TileConfig(16, 16, 32)),  # every edge ragged: rows, columns, depth
+    (33, 48, 64, False, tm.TileConfig(16, 32, 16)),
+    (64, 64, 128, True, tm.TileConfig(32, 32, 64)),
+    (20, 24, 40, False, tm.TileConfig(16, 16, 16)),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gated_matmul_tma_is_silu_of_gate_times_up(m, i, k, column_major, config, dtype):
+    """The descriptor form of the fused kernel against a float64 product, in both weight
+    layouts and at sizes no tile divides: the descriptors' zero reads and dropped stores past
+    each edge stand in for masks, and an edge tile's gate columns past i (which read the first
+    up columns) never reach the output."""
+    x, w = gated_operands(m, i, k, column_major, dtype)
+    assert_silu_of_gate_times_up(tm.gated_matmul_tma(x, w, config),
+                                 x.double() @ w.double().t(), dtype)
+
+
+def test_gated_matmul_tma_declines_what_a_descriptor_cannot_take():
+    """None (the caller runs the product and the activation) where a row pitch or a start is
+    not 16-byte aligned; errors for what no form could compute."""
+    x, w = gated_operands(8, 32, 64, True, torch.float16)
+    config = tm.TileConfig(16, 16, 16)
+    assert tm.gated_matmul_tma(x[:, 4:36], w[:, :32], config) is None  # start off 16 bytes
+    x3, w3 = gated_operands(8, 32, 36, True, torch.float16)  # 72-byte rows
+    assert tm.gated_matmul_tma(x3, w3, config) is None
+    xi, wi = gated_operands(8, 28, 64, False, torch.float16)  # out rows of 28 halves: 56 bytes
+    assert tm.gated_matmul_tma(xi, wi, config) is None
+    with pytest.raises(ValueError, match="an even number of weight rows"):
+        tm.gated_matmul_tma(x, w[:63], config)
+    with pytest.raises(ValueError, match="share the inner dimension and dtype"):
+        tm.gated_matmul_tma(x.float(), w, config)
+
+
 def test_gated_matmul_refuses_what_it_cannot_tile():
     x = torch.randn(4, 96)
     with pytest.raises(ValueError, match="an even number of weight rows"):

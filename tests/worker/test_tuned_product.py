@@ -203,6 +203,60 @@ def test_few_rows_gated_in_the_model_keeps_greedy_output(gqa_model, hf):
     assert choice.calls == len(layers) * 5  # five decode steps of three rows
 
 
+def test_batch_gated_runs_from_min_to_max_rows_where_they_fill_the_last_tile(gqa_model):
+    """give_batch_gated (the model runner's call on Hopper, up to gated_mlp_tma_max_rows) hands
+    every gate_up projection the fused kernel's descriptor form for inputs of min to max rows
+    whose last row tile is empty for at most max_padding rows, where the few-rows kernel does
+    not run them; a tuner's fused choice for an exact row count wins."""
+    import torch
+
+    from zllm.worker.models.gemm_tuning import give_batch_gated, give_few_rows_gated
+
+    with LLM(gqa_model, device="cpu", engine_process=False) as llm:
+        model = llm.engine.engine_core.executor.worker.model_runner.model
+        layer = model.model.layers[0].mlp.gate_up_proj  # [2 x 128, 64]
+        tile = TileConfig(16, 32, 16)  # 16-row tiles: at most 4 rows of padding by default
+        assert give_batch_gated(model, 40, min_rows=3, tile=tile) == len(model.model.layers)
+        given = [m for m in model.modules() if isinstance(m, TunedProduct) and m.batch_gated]
+        assert given == [decoder.mlp.gate_up_proj for decoder in model.model.layers]
+        assert all(m.batch_gated == GatedChoice(tile, tma=True) for m in given)
+
+        def fused(rows):
+            return layer.tuned_gated_product(torch.randn(rows, 64))
+        # 3 to 11 and 17 to 27 rows leave 5 or more of 16 empty; 41 is past the maximum.
+        assert [rows for rows in range(1, 42) if fused(rows) is not None] == [
+            12, 13, 14, 15, 16, 28, 29, 30, 31, 32]
+        for rows in (12, 30):
+            x = torch.randn(rows, 64)
+            expected = layer.gated_act(F.linear(x, layer.weight))
+            assert torch.allclose(layer.tuned_gated_product(x), expected, atol=1e-5)
+        give_few_rows_gated(model, 2, sm_count=1)  # 16 x 128 x 64 fits: 1 and 2 rows fused too
+        assert fused(1) is not None and fused(2) is not None and fused(3) is None
+        fixed = torch.full((20, 128), 7.0)
+        layer.tuned_gated_rows = {20: FixedChoice(fixed)}
+        assert torch.equal(fused(20), fixed)
+
+
+def test_batch_gated_in_the_model_keeps_greedy_output(gqa_model, hf):
+    """The descriptor form through give_batch_gated at every row count (no minimum, padding
+    allowed): the prompts' step and the decode steps' three rows run it, and the tokens are
+    Hugging Face's greedy ones."""
+    from zllm.worker.models.gemm_tuning import give_batch_gated
+
+    params = SamplingParams(temperature=0, max_tokens=6)
+    choice = CountingGated(TileConfig(16, 32, 16), tma=True)
+    with LLM(gqa_model, device="cpu", engine_process=False, async_scheduling=False) as llm:
+        model = llm.engine.engine_core.executor.worker.model_runner.model
+        give_batch_gated(model, 4096, min_rows=1, max_padding=16)
+        layers = [m for m in model.modules() if isinstance(m, TunedProduct) and m.batch_gated]
+        for layer in layers:
+            layer.batch_gated = choice
+        outputs = llm.generate(PROMPTS[:3], params, use_tqdm=False)
+    for out in outputs:
+        assert out.outputs[0].token_ids == hf.greedy(gqa_model, out.prompt_token_ids, 6)
+    assert choice.calls == len(layers) * 6  # the prompts' step and five decode steps
+
+
 def test_a_choice_must_match_torch_in_every_element():
     """The tuner's check on a choice's result: bf16 rounding passes; one wrong column of many
     (a bad edge tile) fails, though it moves the whole result's error by under 1%."""

@@ -215,23 +215,30 @@ def check_gated_matmul(device: torch.device) -> dict:
     """The fused gate_up + SiLU kernel (gated_matmul) against silu(gate) * up from a float32
     product rounded to bf16: the tuner's tiles (GATED_TILES) at 64 and 128 rows of the 8B
     shape's gate_up (column-major, as the engine keeps it) and on a row-major one whose width
-    no tile divides; and the tile few_rows_gated_tile picks for this GPU's SMs, as the engine
-    runs it up to gated_mlp_max_rows rows, at 1, 8 and 16 rows of the 8B and 1B shapes in both
-    weight layouts."""
-    from zllm.worker.models.gemm_tuning import (GATED_TILES, GatedChoice, few_rows_gated_tile,
-                                                matches_torch)
-    from zllm.worker.models.triton_matmul import gated_matmul
+    no tile divides; the tile few_rows_gated_tile picks for this GPU's SMs, as the engine runs
+    it up to gated_mlp_max_rows rows, at 1, 8 and 16 rows of the 8B and 1B shapes in both
+    weight layouts; and on Hopper and later the TMA form with BATCH_GATED_TILE, as the engine
+    runs it from BATCH_GATED_MIN_ROWS rows up to gated_mlp_tma_max_rows, at 17, 100, 256 and
+    512 rows of both shapes (column-major; ragged row tiles too) and on a row-major weight of
+    sizes no tile divides."""
+    from zllm.worker.models.gemm_tuning import (BATCH_GATED_TILE, GATED_TILES, TMA_CAPABILITY,
+                                                GatedChoice, few_rows_gated_tile, matches_torch)
 
     torch.manual_seed(0)
     results = {}
-    cases = [("", 64, 4096, 14336, True, GATED_TILES), ("", 128, 4096, 14336, True, GATED_TILES),
-             ("", 100, 1024, 1000, False, GATED_TILES)]
+    cases = [("", 64, 4096, 14336, True, GATED_TILES, False),
+             ("", 128, 4096, 14336, True, GATED_TILES, False),
+             ("", 100, 1024, 1000, False, GATED_TILES, False)]
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count
     for k, i in ((4096, 14336), (2048, 8192)):  # the 8B and 1B shapes
         tile = few_rows_gated_tile(i, k, sm_count)
-        cases += [("few_rows_", m, k, i, column_major, [tile])
+        cases += [("few_rows_", m, k, i, column_major, [tile], False)
                   for m in (1, 8, 16) for column_major in (True, False)]
-    for tag, m, k, i, column_major, tiles in cases:
+    if torch.cuda.get_device_capability(device) >= TMA_CAPABILITY:
+        cases += [("batch_", m, k, i, True, [BATCH_GATED_TILE], True)
+                  for k, i in ((4096, 14336), (2048, 8192)) for m in (17, 100, 256, 512)]
+        cases.append(("batch_", 300, 1000, 1000, False, [BATCH_GATED_TILE], True))
+    for tag, m, k, i, column_major, tiles, tma in cases:
         x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
         w = torch.randn(2 * i, k, dtype=torch.bfloat16, device=device) * k ** -0.5
         if column_major:
@@ -240,9 +247,9 @@ def check_gated_matmul(device: torch.device) -> dict:
         ref = torch.nn.functional.silu(gate) * up
         errs, matched = [], True
         for tile in tiles:
-            if GatedChoice(tile).run(x, w) is None:
+            out = GatedChoice(tile, tma).run(x, w)
+            if out is None:
                 continue
-            out = gated_matmul(x, w, tile)
             errs.append(rel_err(out.float(), ref))
             matched = matched and matches_torch(out, ref)
         name = f"gated_{tag}{m}x{k}x{i}_{'col' if column_major else 'row'}"

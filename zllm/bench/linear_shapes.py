@@ -15,9 +15,16 @@ in several forms:
              (zllm.worker.models.triton_matmul), with the N-th of its tile configurations
   few        with --few-rows, at 16 rows or fewer: that kernel with the tile the engine's
              rule picks for the shape on this GPU (gemm_tuning.few_rows_tile), where it picks
-and for gate_up with --triton, the product and the SiLU after it (the floor counts the product):
+and for gate_up with --triton (or --few-rows), the product and the SiLU after it (the floor
+counts the product):
   linear_act F.linear, then flashinfer's silu_and_mul (the engine's unfused calls)
   gatedN     zllm's Triton kernel computing both at once (gated_matmul), N-th tile
+  gated_tma  its TMA form (gated_matmul_tma) with the tile the engine gives it
+             (gemm_tuning.BATCH_GATED_TILE; Hopper and later), at any row count above 16: the
+             engine takes it from 128 rows where they fill three quarters of the last tile
+  gated_tmaN with --triton, the TMA form at the N-th of TMA_GATED_TILES
+  gated_few  with --few-rows (without --triton: then only the engine's forms), at 16 rows or
+             fewer, gated_matmul with the tile few_rows_gated_tile picks
 and for the LM head, whose logits are float32:
   head       torch.mm(x, W.t(), out_dtype=float32) (the engine's call)
   head_nn    the same on the transposed weight
@@ -44,6 +51,13 @@ from zllm.bench.roofline import measure_hardware
 from zllm.bench.throughput import model_dir_for
 
 ROTATE_BYTES = 512 * 2**20  # weight copies cycled per timing: several times any L2
+# Tiles for the TMA form of the gated kernel with --triton, (block_m, block_n, block_k, warps,
+# stages), within an H100's shared memory (a gate and an up tile per stage) and registers.
+TMA_GATED_TILES = [(64, 128, 64, 4, 4), (64, 128, 64, 4, 6), (64, 128, 128, 4, 3),
+                   (64, 64, 128, 4, 4), (64, 64, 64, 4, 6), (128, 128, 64, 8, 4),
+                   (128, 64, 64, 4, 4), (128, 64, 128, 8, 3), (128, 64, 128, 4, 4),
+                   (256, 64, 64, 8, 3), (256, 64, 64, 8, 4), (256, 32, 128, 8, 3),
+                   (128, 128, 64, 8, 3)]
 
 
 def layer_shapes(arch: ModelArchitecture) -> list[tuple[str, int, int]]:
@@ -144,20 +158,40 @@ def few_forms(name: str, m: int, k: int, n: int) -> dict[str, tuple[Form, dict]]
     return {"few": (lambda x, w, wt: tm.matmul(x, wt.t(), tile, out=out), tile.config)}
 
 
-def gated_forms(m: int, k: int, n: int) -> dict[str, tuple[Form, dict]]:
+def gated_forms(m: int, k: int, n: int, rules_only: bool = False) -> dict[str, tuple[Form, dict]]:
     """gate_up's product and SiLU: the engine's two calls, and zllm's fused kernel at each tile
-    that fits (a gate and an up tile per program, in an H100's shared memory)."""
+    that fits (a gate and an up tile per program, in an H100's shared memory); with
+    `rules_only`, only the tile the engine gives it (few_rows_gated_tile up to 16 rows, the TMA
+    form's BATCH_GATED_TILE above, timed at rows the engine's rule may not take it)."""
     from flashinfer.activation import silu_and_mul
 
     from zllm.worker.models import triton_matmul as tm
+    from zllm.worker.models.gemm_tuning import (BATCH_GATED_TILE, TMA_CAPABILITY,
+                                                few_rows_gated_tile)
+    out = {"linear_act": (lambda x, w, wt: silu_and_mul(F.linear(x, wt.t())), {})}
+    if rules_only and m <= 16:
+        sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+        tile = few_rows_gated_tile(n // 2, k, sm_count)
+        if tile is not None:
+            out["gated_few"] = (lambda x, w, wt: tm.gated_matmul(x, wt.t(), tile), tile.config)
+        return out
+    if torch.cuda.get_device_capability() >= TMA_CAPABILITY:
+        out["gated_tma"] = (lambda x, w, wt: tm.gated_matmul_tma(x, wt.t(), BATCH_GATED_TILE),
+                            BATCH_GATED_TILE.config)
+    if rules_only:
+        return out
     configs = [c for c in tm.tile_configs(m) if c.split_k == 1 and c.fits(m, n // 2, k)
                and c.num_stages * (c.block_m * c.block_k + 2 * c.block_k * c.block_n) * 2
                <= 200 * 1024]
 
-    def form(config):
-        return lambda x, w, wt: tm.gated_matmul(x, wt.t(), config)
-    return {"linear_act": (lambda x, w, wt: silu_and_mul(F.linear(x, wt.t())), {}),
-            **{f"gated{i}": (form(c), c.config) for i, c in enumerate(configs)}}
+    def form(config, tma=False):
+        fn = tm.gated_matmul_tma if tma else tm.gated_matmul
+        return lambda x, w, wt: fn(x, wt.t(), config)
+    out.update({f"gated{i}": (form(c), c.config) for i, c in enumerate(configs)})
+    if "gated_tma" in out:  # the TMA form's other tiles (the sweep BATCH_GATED_TILE came from)
+        tiles = [tm.TileConfig(bm, bn, bk, 1, w, st) for bm, bn, bk, w, st in TMA_GATED_TILES]
+        out.update({f"gated_tma{i}": (form(c, tma=True), c.config) for i, c in enumerate(tiles)})
+    return out
 
 
 def run(shapes: list[str], rows_list: list[int], lt_algos: int = 0,
@@ -178,7 +212,7 @@ def run(shapes: list[str], rows_list: list[int], lt_algos: int = 0,
             for m in rows_list:
                 x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
                 ref = x.float() @ weights[0].float().t()
-                if name == "gate_up" and triton:
+                if name == "gate_up" and (triton or few_rows):
                     gate, up = ref.to(x.dtype).float().chunk(2, dim=-1)
                     act_ref = F.silu(gate) * up
                 out_bytes = m * n * (4 if name == "lm_head" else 2)
@@ -189,10 +223,10 @@ def run(shapes: list[str], rows_list: list[int], lt_algos: int = 0,
                     every.update(lt_forms(name, m, k, n, lt_algos))
                 if triton:
                     every.update(triton_forms(name, m, k, n))
-                if few_rows and name != "gate_up":  # gate_up's few rows: gated_matmul's
+                if few_rows and name != "gate_up":  # gate_up's: the fused kernel's (below)
                     every.update(few_forms(name, m, k, n))
-                if triton and name == "gate_up":
-                    every.update(gated_forms(m, k, n))
+                if (triton or few_rows) and name == "gate_up":
+                    every.update(gated_forms(m, k, n, rules_only=not triton))
                 for form, (fn, config) in every.items():
                     if form.startswith("splitk") and k % int(form[-1]):
                         continue
@@ -230,7 +264,7 @@ def best_forms(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         best = min(rs, key=lambda r: r["us"])
         out.append({"shape": shape, "layer": name, "rows": m, "floor_us": rs[0]["floor_us"],
                     **{f: us[f] for f in ("linear", "nn", "head", "head_nn", "algo0", "linear_act",
-                                          "few")
+                                          "gated_tma", "gated_few", "few")
                        if f in us},
                     "best": best["form"], "best_us": best["us"],
                     **{c: best[c] for c in ("tile", "stages", "splitk", "swizzle", "warps") if c in best}})
@@ -248,8 +282,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="also time zllm's Triton kernel at each of its tile configurations "
                              "(and for gate_up, fused with SiLU)")
     parser.add_argument("--few-rows", action="store_true",
-                        help="also time, at 16 rows or fewer, the tile the engine's rule picks "
-                             "(few_rows_tile)")
+                        help="also time the tiles the engine's rules pick: at 16 rows or fewer "
+                             "few_rows_tile's and few_rows_gated_tile's, above that for gate_up "
+                             "the TMA form's")
     parser.add_argument("--layers", default="", help="only these layers (e.g. gate_up,o)")
     add_report_args(parser, markdown="")
     args = parser.parse_args(argv)

@@ -41,7 +41,8 @@ from zllm.worker.attention.base import AttentionBatch, make_attention_backend
 from zllm.worker.cuda_graphs import DecodeGraphs, PiecewiseGraphs, graph_batch_sizes, piecewise_sizes
 from zllm.worker.grammar import GrammarMatchers
 from zllm.worker.input_batch import InputBatch, StepInputs
-from zllm.worker.models.gemm_tuning import (TunedProduct, give_few_rows, give_few_rows_gated,
+from zllm.worker.models.gemm_tuning import (BATCH_GATED_MIN_ROWS, TMA_CAPABILITY, TunedProduct,
+                                            give_batch_gated, give_few_rows, give_few_rows_gated,
                                             tune_model)
 from zllm.worker.models.registry import build_model
 from zllm.worker.models.weight_prefetch import WeightPrefetch, chain_linears
@@ -241,9 +242,11 @@ class ModelRunner:
         """On CUDA, inputs of few rows run zllm's Triton kernels, each with a tile that a rule
         picks from the shape and the SM count (zllm/worker/models/gemm_tuning.py): SiLU gated
         MLPs' gate_up and activation as one kernel up to gated_mlp_max_rows rows
-        (few_rows_gated_tile), the other linear layers' products up to few_rows_matmul_max_rows
-        (few_rows_tile). 16-bit weights only: in float32 the kernels' dots round their inputs to
-        TF32, where torch's product does not."""
+        (few_rows_gated_tile) and, on Hopper and later, from BATCH_GATED_MIN_ROWS rows up to
+        gated_mlp_tma_max_rows where they fill the last row tile (BATCH_GATED_TILE, operands
+        through TMA), the other products up to few_rows_matmul_max_rows (few_rows_tile).
+        16-bit weights only: in float32 the kernels' dots round their inputs to TF32, where
+        torch's product does not."""
         d = self.config.device
         if self.device.type != "cuda" or self.dtype not in (torch.float16, torch.bfloat16):
             return
@@ -254,6 +257,12 @@ class ModelRunner:
                 logger.info("gate_up [%d, %d] and SiLU in one Triton kernel up to %d rows (%d "
                             "SMs): %s", 2 * i, k, d.gated_mlp_max_rows, sm_count,
                             tile.config if tile else f"none ({k} is no multiple of block_k)")
+        tma = torch.cuda.get_device_capability(self.device) >= TMA_CAPABILITY
+        if d.gated_mlp_tma_max_rows >= BATCH_GATED_MIN_ROWS and tma:
+            given = give_batch_gated(self.model, d.gated_mlp_tma_max_rows)
+            logger.info("gate_up and SiLU in one Triton kernel (TMA) from %d to %d rows, last "
+                        "row tile three quarters full: %d projections", BATCH_GATED_MIN_ROWS,
+                        d.gated_mlp_tma_max_rows, given)
         if d.few_rows_matmul_max_rows:  # not the gate_up projections: gated_matmul's at few rows
             for (n, k), tile in give_few_rows(self.model, d.few_rows_matmul_max_rows,
                                               sm_count).items():

@@ -33,6 +33,12 @@ kernel. On an H100 (2026-12-06) at 1 and 4 rows the rule's tiles took 78.8 and 7
 flashinfer's activation, and 24.5 and 24.7 on the 1B shape (16 x 64 x 128; floor 22.6) against
 26.1 and 26.3.
 
+On Hopper and later, from 128 rows up to `gated_mlp_tma_max_rows` (on by default), where the
+rows fill at least three quarters of the last 128-row tile, the same fused kernel runs in its
+TMA form (`gated_matmul_tma`, BATCH_GATED_TILE): at W1's 256 decode rows on an H100
+(2026-12-06) 100.8-102.6 µs on the 8B shape against 109.7-110.3 for cuBLAS's product and the
+activation, and W1's decode steps took 1.3% less time (1.0% on the 1B shape).
+
 The other products of at most `few_rows_matmul_max_rows` rows (on by default) run the plain
 Triton matmul with the tile `few_rows_tile` picks from their shape and the SM count, where it
 picks one and the tuner chose nothing for that row count: at such rows a tile narrow enough to
@@ -50,7 +56,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from zllm.worker.models.cublaslt import ALIGNMENT, LtAlgo, LtMatmul
-from zllm.worker.models.triton_matmul import TileConfig, gated_matmul, matmul
+from zllm.worker.models.triton_matmul import TileConfig, gated_matmul, gated_matmul_tma, matmul
 
 if TYPE_CHECKING:
     from zllm.worker.models.weight_prefetch import NextWeight
@@ -69,6 +75,18 @@ GATED_TILES = [TileConfig(64, 64, 128, 1, 4, 4), TileConfig(64, 128, 64, 1, 4, 4
 # of up per stage, so 96 KiB of 16-bit weight tiles in flight per program at 3 stages, whichever
 # block_n.
 FEW_ROWS_GATED_ELEMENTS = 8192
+# gate_up and SiLU at the decode batch, from BATCH_GATED_MIN_ROWS rows up to
+# gated_mlp_tma_max_rows where the last row tile is at least three quarters full (at most a
+# quarter of its rows padding): gated_matmul_tma's tile, the fastest of 16 timed on
+# both shapes at 128 and 256 rows (H100, 2026-12-06). Against cuBLAS's product plus the
+# activation (linear_shapes --few-rows) it took 0.96x at 128 rows on the 8B shape, 0.96x,
+# 0.92x and 0.91-0.93x at 224, 248 and 256; but 1.01-1.12x below 128 rows and 1.42x, 1.30x
+# and 1.05x at 136, 160 and 192, where padding rows fill much of the last tile (the 1B shape
+# likewise: 0.86-0.98x in the rule's rows, 1.04-1.11x below 128 and 1.06x at 136). Its
+# operands come through TMA descriptors: Hopper (compute capability 9) and later.
+BATCH_GATED_TILE = TileConfig(128, 128, 64, 1, 8, 4)
+BATCH_GATED_MIN_ROWS = 128
+TMA_CAPABILITY = (9, 0)
 # Plain products at a few rows (few_rows_tile): for each block_n, widest first, the tile that
 # streamed the weight fastest at that width in linear_shapes' sweep at one row (H100,
 # 2026-12-06). Split 1: split-K's last-program reduction costs more than it gains there.
@@ -118,19 +136,24 @@ class TritonChoice:
 
 @dataclass
 class GatedChoice:
-    """The Triton tile chosen for a gated MLP's gate_up product fused with its SiLU."""
+    """The Triton tile chosen for a gated MLP's gate_up product fused with its SiLU, in
+    gated_matmul's pointer form or (tma) gated_matmul_tma's descriptor form."""
     tile: TileConfig
+    tma: bool = False
 
     def run(self, x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
         """silu(x @ gate.T) * (x @ up.T), or None where x is not as the tile was timed on."""
-        if x.dtype != weight.dtype or not self.tile.fits(x.shape[0], weight.shape[0] // 2,
-                                                          x.shape[1]):
+        if x.dtype != weight.dtype:
+            return None
+        if self.tma:  # any shape; None where x is not as a descriptor takes it
+            return gated_matmul_tma(x, weight, self.tile)
+        if not self.tile.fits(x.shape[0], weight.shape[0] // 2, x.shape[1]):
             return None
         return gated_matmul(x, weight, self.tile)
 
     @property
     def config(self) -> dict:
-        return {"kernel": "triton_gated", **self.tile.config}
+        return {"kernel": "triton_gated_tma" if self.tma else "triton_gated", **self.tile.config}
 
 
 def few_rows_gated_tile(intermediate: int, k: int, sm_count: int) -> Optional[TileConfig]:
@@ -187,6 +210,14 @@ class TunedProduct:
     # gated_mlp_max_rows, through give_few_rows_gated).
     few_rows_gated: Optional[GatedChoice] = None
     gated_max_rows: int = 0
+    # For inputs of batch_gated_min_rows to batch_gated_max_rows rows that leave at most
+    # batch_gated_max_padding rows of the last row tile empty, where the tuner chose no fused
+    # kernel: gated_matmul_tma with BATCH_GATED_TILE (give_batch_gated, from
+    # BATCH_GATED_MIN_ROWS and gated_mlp_tma_max_rows).
+    batch_gated: Optional[GatedChoice] = None
+    batch_gated_min_rows: int = 0
+    batch_gated_max_rows: int = 0
+    batch_gated_max_padding: int = 0
     # Any other product of 1 to few_max_rows rows at whose count the tuner chose nothing: the
     # Triton matmul with few_rows_tile's tile (give_few_rows, from few_rows_matmul_max_rows).
     few_rows: Optional[TritonChoice] = None
@@ -211,14 +242,20 @@ class TunedProduct:
     def tuned_gated_product(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """gated_act(x @ weight.T) in one kernel where the tuner chose one for x's row count,
         else where x has at most gated_max_rows rows (the rule's tile: at such rows it beat
-        every product plus the activation that was timed); else None (the caller runs the
-        product, then the activation)."""
+        every product plus the activation that was timed), else where it has batch_gated_min_rows
+        to batch_gated_max_rows rows and fills the descriptor form's last row tile but for
+        batch_gated_max_padding rows (likewise); else None (the caller runs the product, then
+        the activation)."""
         if getattr(self, "bias", None) is not None or not x.is_contiguous():
             return None
         m = x.shape[0]
         choice = None if self.tuned_gated_rows is None else self.tuned_gated_rows.get(m)
         if choice is None and 0 < m <= self.gated_max_rows:
             choice = self.few_rows_gated
+        if (choice is None and self.batch_gated is not None
+                and self.batch_gated_min_rows <= m <= self.batch_gated_max_rows
+                and -m % self.batch_gated.tile.block_m <= self.batch_gated_max_padding):
+            choice = self.batch_gated
         if choice is None:
             return None
         out = choice.run(x, self.weight)
@@ -227,22 +264,42 @@ class TunedProduct:
         return out
 
 
+def _gated_projections(model: torch.nn.Module) -> list[TunedProduct]:
+    """The bias-free gated MLP gate_up projections of `model` (`gated_act` set)."""
+    return [layer for layer in model.modules() if isinstance(layer, TunedProduct)
+            and layer.gated_act is not None and getattr(layer, "bias", None) is None]
+
+
 def give_few_rows_gated(model: torch.nn.Module, max_rows: int,
                         sm_count: int) -> dict[tuple[int, int], Optional[TileConfig]]:
     """Give each bias-free gated MLP gate_up projection of `model` (`gated_act` set) the fused
     kernel with few_rows_gated_tile's tile for inputs of at most `max_rows` rows, where the
     tile fits its shape. Returns the tile (or None) per (intermediate, in features) met."""
     tiles: dict[tuple[int, int], Optional[TileConfig]] = {}
-    for layer in model.modules():
-        if (not isinstance(layer, TunedProduct) or layer.gated_act is None
-                or getattr(layer, "bias", None) is not None):
-            continue
+    for layer in _gated_projections(model):
         shape = (layer.weight.shape[0] // 2, layer.weight.shape[1])
         if shape not in tiles:
             tiles[shape] = few_rows_gated_tile(*shape, sm_count)
         if tiles[shape] is not None:
             layer.few_rows_gated, layer.gated_max_rows = GatedChoice(tiles[shape]), max_rows
     return tiles
+
+
+def give_batch_gated(model: torch.nn.Module, max_rows: int, min_rows: int = BATCH_GATED_MIN_ROWS,
+                     tile: TileConfig = BATCH_GATED_TILE,
+                     max_padding: Optional[int] = None) -> int:
+    """Give each bias-free gated MLP gate_up projection of `model` the fused kernel in its
+    descriptor form (gated_matmul_tma) with `tile`, for inputs of `min_rows` to `max_rows` rows
+    that leave at most `max_padding` rows of their last row tile empty (default: a quarter of
+    the tile's). Returns how many projections got it."""
+    if max_padding is None:
+        max_padding = tile.block_m // 4
+    layers = _gated_projections(model)
+    for layer in layers:
+        layer.batch_gated = GatedChoice(tile, tma=True)
+        layer.batch_gated_min_rows, layer.batch_gated_max_rows = min_rows, max_rows
+        layer.batch_gated_max_padding = max_padding
+    return len(layers)
 
 
 def give_few_rows(model: torch.nn.Module, max_rows: int,
