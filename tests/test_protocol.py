@@ -6,9 +6,9 @@ import pytest
 
 from zllm.codec import decode, encode
 from zllm.protocol import (CORE_INPUTS, CORE_OUTPUTS, WORKER_REPLIES, ContinuingRequestData,
-                           EngineCoreOutputs, EngineCoreRequest, FinishedRequest, Logprobs,
-                           LogprobsRows, ModelRunnerOutput, NewRequestData, PromptLogprobs,
-                           SchedulerOutput, WorkerError)
+                           EngineCoreOutputs, EngineCoreRequest, EngineCoreRequests,
+                           FinishedRequest, Logprobs, LogprobsRows, ModelRunnerOutput,
+                           NewRequestData, PromptLogprobs, SchedulerOutput, WorkerError)
 from zllm.sampling_params import SamplingParams
 
 
@@ -64,6 +64,15 @@ def test_engine_core_messages_round_trip():
     back = decode(encode(outs), *CORE_OUTPUTS)
     assert back.request_ids == ["r", "s"] and back.new_token_ids.tolist() == [4, 5]
     assert back.finished == outs.finished and back.logprobs.sampled.tolist() == [-0.5]
+
+
+def test_a_batch_of_requests_round_trips():
+    reqs = [EngineCoreRequest(f"r{i}", ints(*range(i + 1)), SamplingParams(max_tokens=i + 1),
+                              ints(2), 1.0 + i) for i in range(3)]
+    back = decode(encode(EngineCoreRequests(reqs)), *CORE_INPUTS)
+    assert isinstance(back, EngineCoreRequests)
+    assert [(r.request_id, r.prompt_token_ids.tolist(), r.sampling_params.max_tokens)
+            for r in back.requests] == [("r0", [0], 1), ("r1", [0, 1], 2), ("r2", [0, 1, 2], 3)]
 
 
 def floats(*values):

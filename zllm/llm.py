@@ -63,8 +63,10 @@ class LLM:
         checked = [self.engine.check_request(p, sp, prio)
                    for p, sp, prio in zip(prompts, sampling_params, priorities)]
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
-        for req_id, (text, prompt_ids), params, prio in zip(ids, checked, sampling_params, priorities):
-            self.engine.add_checked_request(req_id, text, prompt_ids, params, priority=prio)
+        self.engine.add_checked_requests([
+            (req_id, text, prompt_ids, params, prio)
+            for req_id, (text, prompt_ids), params, prio in zip(ids, checked, sampling_params,
+                                                                  priorities)])
         return self._run(ids, use_tqdm)
 
     def chat(self, messages: Union[list[dict[str, Any]], list[list[dict[str, Any]]]],

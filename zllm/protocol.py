@@ -194,6 +194,15 @@ class EngineCoreRequest:
 
 
 @dataclass
+class EngineCoreRequests:
+    """Several requests in one message (an offline batch, or one request's n samples): the
+    engine core admits them all before its next step. Sent one by one, a batch's first step
+    would hold only those that had arrived, and every later step shift by that much."""
+
+    requests: list[EngineCoreRequest]
+
+
+@dataclass
 class EngineCoreAbort:
     request_ids: list[str]
 
@@ -358,6 +367,6 @@ class EngineCoreState:
 
 
 # The messages each end accepts.
-CORE_INPUTS = (EngineCoreRequest, EngineCoreAbort, EngineCoreCall)
+CORE_INPUTS = (EngineCoreRequest, EngineCoreRequests, EngineCoreAbort, EngineCoreCall)
 CORE_OUTPUTS = (EngineCoreOutputs, EngineCoreReply, EngineCoreDead, EngineCoreState)
 WORKER_REPLIES = (ModelRunnerOutput, WorkerError)

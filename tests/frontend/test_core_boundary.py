@@ -17,7 +17,7 @@ from zllm.codec import decode, encode
 from zllm.frontend.core_client import CoreHandle, read_line, start_engine_core
 from zllm.frontend.llm_engine import LLMEngine
 from zllm.protocol import (CORE_INPUTS, CORE_OUTPUTS, EngineCoreAbort, EngineCoreCall,
-                           EngineCoreRequest)
+                           EngineCoreRequest, EngineCoreRequests)
 
 PROMPT_MARK, STOP_MARK = "Zebrafish", "Quokka"
 
@@ -66,6 +66,8 @@ def test_the_engine_core_receives_only_token_ids(gqa_model, tmp_path):
         message = decode(frame, *CORE_INPUTS, *CORE_OUTPUTS)  # every frame is a typed message
         if isinstance(message, EngineCoreRequest):
             requests.append(message)
+        elif isinstance(message, EngineCoreRequests):  # "a"'s two samples travel together
+            requests += message.requests
     assert sorted(r.request_id for r in requests) == ["a#0", "a#1", "b"]
     tokenizer = engine.tokenizer
     for r in requests:
@@ -73,6 +75,29 @@ def test_the_engine_core_receives_only_token_ids(gqa_model, tmp_path):
         if r.request_id != "b":
             assert r.prompt_token_ids.tolist() == tokenizer.encode(prompt)
     assert [r.sampling_params.seed for r in requests if r.request_id != "b"] == [1, 2]
+
+
+def test_an_offline_batch_fills_every_prompt_step_from_the_first(gqa_model, hf):
+    """LLM.generate hands the engine core process its whole batch in one message, so the core
+    admits every prompt before its first step: the steps spend the whole token budget until
+    the prompts run out, and none after a short step does (sent one by one, the first step
+    held only the prompts that had arrived, and the batch took a step more). Greedy tokens stay
+    Hugging Face's."""
+    prompts = [[(7 * i + j) % 50 + 3 for j in range(8 + i % 5)] for i in range(12)]
+    budget = 24
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with LLM(gqa_model, device="cpu", max_num_batched_tokens=budget, max_num_seqs=16,
+             record_steps=True) as llm:
+        llm.engine.call("step_log")  # start afresh
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        steps = llm.engine.call("step_log")
+    for prompt, out in zip(prompts, outputs):
+        assert out.outputs[0].token_ids == hf.greedy(gqa_model, prompt, 4)
+    tokens = [sum(new) for _, _, _, new, _ in steps]  # per step, in order
+    assert tokens[0] == budget and steps[0][2] == [0] * len(steps[0][2])  # prompts only
+    first_short = next(i for i, n in enumerate(tokens) if n < budget)
+    assert sum(tokens[:first_short]) >= sum(len(p) for p in prompts) - budget
+    assert all(n < budget for n in tokens[first_short:]), tokens
 
 
 def test_hostile_frames_on_the_core_socket_are_dropped_and_the_core_serves_on(gqa_model):

@@ -35,8 +35,8 @@ from zllm.codec import decode, encode
 from zllm.config import EngineConfig
 from zllm.executor.data_plane import RejectLog
 from zllm.protocol import (CORE_INPUTS, EngineCoreAbort, EngineCoreCall, EngineCoreDead,
-                           EngineCoreOutputs, EngineCoreReply, EngineCoreRequest, EngineCoreState,
-                           FinishedRequest)
+                           EngineCoreOutputs, EngineCoreReply, EngineCoreRequest,
+                           EngineCoreRequests, EngineCoreState, FinishedRequest)
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,9 @@ class EngineCoreProc:
             return self._reject(str(e))
         if isinstance(message, EngineCoreRequest):
             self._add(frontend, message)
+        elif isinstance(message, EngineCoreRequests):
+            for request in message.requests:
+                self._add(frontend, request)
         elif isinstance(message, EngineCoreAbort):
             self.core.abort(message.request_ids)
             for req_id in message.request_ids:

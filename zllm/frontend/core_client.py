@@ -35,13 +35,16 @@ from zllm.codec import decode, encode
 from zllm.config import EngineConfig
 from zllm.errors import EngineDeadError
 from zllm.protocol import (CORE_OUTPUTS, EngineCoreAbort, EngineCoreCall, EngineCoreDead,
-                           EngineCoreOutputs, EngineCoreReply, EngineCoreRequest, EngineCoreState,
-                           FinishedRequest)
+                           EngineCoreOutputs, EngineCoreReply, EngineCoreRequest,
+                           EngineCoreRequests, EngineCoreState, FinishedRequest)
 
 logger = logging.getLogger(__name__)
 
 # How long a shut-down core gets to stop its workers before it is killed.
 SHUTDOWN_TIMEOUT_S = 30.0
+# The most prompt tokens one EngineCoreRequests message carries (4 bytes each): a huge offline
+# batch goes in several, each far more than a step's budget.
+BATCH_MESSAGE_TOKENS = 1 << 22
 
 
 @dataclass
@@ -194,8 +197,20 @@ class MPClient:
         self.state = EngineCoreState("running", "")
 
     def add_requests(self, requests: list[EngineCoreRequest]) -> None:
+        """Send the requests as one message (several for a batch of more than
+        BATCH_MESSAGE_TOKENS prompt tokens), so the core admits them before its next step."""
+        if len(requests) == 1:
+            self._send(requests[0])
+            return
+        batch, tokens = [], 0
         for request in requests:
-            self._send(request)
+            batch.append(request)
+            tokens += len(request.prompt_token_ids)
+            if tokens >= BATCH_MESSAGE_TOKENS:
+                self._send(EngineCoreRequests(batch))
+                batch, tokens = [], 0
+        if batch:
+            self._send(EngineCoreRequests(batch))
 
     def abort(self, request_ids: list[str]) -> None:
         if request_ids and self.dead is None:

@@ -88,11 +88,25 @@ class LLMEngine:
     def add_checked_request(self, request_id: str, text: Optional[str], prompt_ids: list[int],
                             params: SamplingParams, stream: bool = False, priority: int = 0) -> None:
         """Queue a request that check_request has passed."""
-        if request_id in self.output_processor.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        requests = self.processor.make_requests(request_id, prompt_ids, params, priority)
-        self.output_processor.add_request(request_id, text, prompt_ids, params,
-                                          [r.request_id for r in requests], stream)
+        self.add_checked_requests([(request_id, text, prompt_ids, params, priority)], stream)
+
+    def add_checked_requests(self, batch: list[tuple[str, Optional[str], list[int],
+                                                     SamplingParams, int]],
+                             stream: bool = False) -> None:
+        """Queue requests that check_request has passed, (id, text, prompt ids, params,
+        priority) each, in one message to the engine core: it admits them all before its next
+        step, so an offline batch's first step is as full as the token budget allows."""
+        seen: set[str] = set()
+        for request_id, *_ in batch:  # before any is queued: nothing half-submitted
+            if request_id in self.output_processor.requests or request_id in seen:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            seen.add(request_id)
+        requests = []
+        for request_id, text, prompt_ids, params, priority in batch:
+            mine = self.processor.make_requests(request_id, prompt_ids, params, priority)
+            self.output_processor.add_request(request_id, text, prompt_ids, params,
+                                              [r.request_id for r in mine], stream)
+            requests += mine
         self.client.add_requests(requests)
 
     def abort_request(self, request_id: str) -> None:
