@@ -257,7 +257,32 @@ def check_gated_matmul(device: torch.device) -> dict:
                          "ok": bool(errs) and matched and max(errs) < REL_TOL}
         if tag:
             results[name]["tile"] = tiles[0].config["tile"]
+    if torch.cuda.get_device_capability(device) >= TMA_CAPABILITY:
+        results["gated_batch_graph_replay"] = _check_tma_graph_replay(device)
     return results
+
+
+def _check_tma_graph_replay(device: torch.device) -> dict:
+    """The TMA form as a decode graph runs it: captured on a static input (its descriptors,
+    built at capture, hold that input's and the weight's addresses), then replayed after new
+    rows are copied in: the output must equal an eager call on the new rows, bit for bit."""
+    from zllm.worker.models.gemm_tuning import BATCH_GATED_TILE, GatedChoice
+
+    choice = GatedChoice(BATCH_GATED_TILE, tma=True)
+    k, i = 4096, 14336
+    w = (torch.randn(2 * i, k, dtype=torch.bfloat16, device=device) * k ** -0.5).t()
+    w = w.contiguous().t()
+    x = torch.randn(256, k, dtype=torch.bfloat16, device=device)
+    choice.run(x, w)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = choice.run(x, w)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    expected = choice.run(x.clone(), w)
+    torch.cuda.synchronize()
+    return {"equal": bool(torch.equal(out, expected)), "ok": bool(torch.equal(out, expected))}
 
 
 def check_few_rows_matmul(device: torch.device) -> dict:
