@@ -45,10 +45,12 @@ def test_the_engine_core_receives_only_token_ids(gqa_model, tmp_path):
         prompt = f"Hello {PROMPT_MARK}, how are you?"
         engine.add_request("a", prompt, SamplingParams(max_tokens=8, stop=[STOP_MARK], n=2, seed=1))
         engine.add_request("b", [5, 6, 7], SamplingParams(max_tokens=4, temperature=0))
+        greedy = SamplingParams(max_tokens=2, temperature=0)
+        engine.add_checked_requests([(rid, None, [5, 6, 7], greedy, 0) for rid in ("c", "d")])
         outputs = []
         while engine.has_unfinished_requests():
             outputs += engine.step()
-        assert sorted(o.request_id for o in outputs) == ["a", "b"]
+        assert sorted(o.request_id for o in outputs) == ["a", "b", "c", "d"]
         frames = []
         while captured.poll(100):
             frames.append(captured.recv())
@@ -60,14 +62,18 @@ def test_the_engine_core_receives_only_token_ids(gqa_model, tmp_path):
             s.close()
         context.term()
         core.stop()
-    requests = []
+    requests, batches = [], []
     for frame in frames:
         assert PROMPT_MARK.encode() not in frame and STOP_MARK.encode() not in frame
         message = decode(frame, *CORE_INPUTS, *CORE_OUTPUTS)  # every frame is a typed message
         if isinstance(message, EngineCoreRequest):
             requests.append(message)
-        elif isinstance(message, EngineCoreRequests):  # "a"'s two samples travel together
+        elif isinstance(message, EngineCoreRequests):
             requests += message.requests
+            batches.append(sorted(r.request_id for r in message.requests))
+    # "a"'s two samples travel together, and so do "c" and "d", queued together.
+    assert sorted(batches) == [["a#0", "a#1"], ["c", "d"]]
+    requests = [r for r in requests if r.request_id not in ("c", "d")]
     assert sorted(r.request_id for r in requests) == ["a#0", "a#1", "b"]
     tokenizer = engine.tokenizer
     for r in requests:
@@ -98,6 +104,25 @@ def test_an_offline_batch_fills_every_prompt_step_from_the_first(gqa_model, hf):
     first_short = next(i for i, n in enumerate(tokens) if n < budget)
     assert sum(tokens[:first_short]) >= sum(len(p) for p in prompts) - budget
     assert all(n < budget for n in tokens[first_short:]), tokens
+
+
+def test_a_batch_that_fails_midway_leaves_nothing_waiting(gqa_model):
+    """If queuing a batch raises partway (here a malformed third prompt), the requests already
+    registered are forgotten, none is left waiting for outputs that never come, and the next
+    generate() runs."""
+    params = SamplingParams(temperature=0, max_tokens=2)
+    with LLM(gqa_model, device="cpu") as llm:
+        batch = [("x", None, [5, 6, 7], params, 0), ("y", None, [8, 9], params, 0),
+                 ("z", None, [[1, 2], [3]], params, 0)]
+        try:
+            llm.engine.add_checked_requests(batch)
+        except (ValueError, TypeError):
+            pass
+        else:
+            raise AssertionError("a ragged prompt was queued")
+        assert not llm.engine.has_unfinished_requests()
+        out = llm.generate([[5, 6, 7]], params, use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 2
 
 
 def test_hostile_frames_on_the_core_socket_are_dropped_and_the_core_serves_on(gqa_model):

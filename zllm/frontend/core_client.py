@@ -42,9 +42,10 @@ logger = logging.getLogger(__name__)
 
 # How long a shut-down core gets to stop its workers before it is killed.
 SHUTDOWN_TIMEOUT_S = 30.0
-# The most prompt tokens one EngineCoreRequests message carries (4 bytes each): a huge offline
-# batch goes in several, each far more than a step's budget.
+# The most prompt tokens (4 bytes each) and requests one EngineCoreRequests message carries: a
+# huge offline batch goes in several, each far more than a step's budget.
 BATCH_MESSAGE_TOKENS = 1 << 22
+BATCH_MESSAGE_REQUESTS = 4096
 
 
 @dataclass
@@ -198,7 +199,8 @@ class MPClient:
 
     def add_requests(self, requests: list[EngineCoreRequest]) -> None:
         """Send the requests as one message (several for a batch of more than
-        BATCH_MESSAGE_TOKENS prompt tokens), so the core admits them before its next step."""
+        BATCH_MESSAGE_TOKENS prompt tokens or BATCH_MESSAGE_REQUESTS requests), so the core
+        admits them before its next step."""
         if len(requests) == 1:
             self._send(requests[0])
             return
@@ -206,7 +208,7 @@ class MPClient:
         for request in requests:
             batch.append(request)
             tokens += len(request.prompt_token_ids)
-            if tokens >= BATCH_MESSAGE_TOKENS:
+            if tokens >= BATCH_MESSAGE_TOKENS or len(batch) >= BATCH_MESSAGE_REQUESTS:
                 self._send(EngineCoreRequests(batch))
                 batch, tokens = [], 0
         if batch:

@@ -101,13 +101,23 @@ class LLMEngine:
             if request_id in self.output_processor.requests or request_id in seen:
                 raise ValueError(f"request id {request_id!r} is already in use")
             seen.add(request_id)
-        requests = []
-        for request_id, text, prompt_ids, params, priority in batch:
-            mine = self.processor.make_requests(request_id, prompt_ids, params, priority)
-            self.output_processor.add_request(request_id, text, prompt_ids, params,
-                                              [r.request_id for r in mine], stream)
-            requests += mine
-        self.client.add_requests(requests)
+        requests, queued = [], []
+        try:
+            for request_id, text, prompt_ids, params, priority in batch:
+                mine = self.processor.make_requests(request_id, prompt_ids, params, priority)
+                self.output_processor.add_request(request_id, text, prompt_ids, params,
+                                                  [r.request_id for r in mine], stream)
+                queued.append(request_id)
+                requests += mine
+            self.client.add_requests(requests)
+        except BaseException:  # none left waiting for outputs that never come
+            core_ids = [cid for request_id in queued
+                        for cid in self.output_processor.abort_request(request_id)]
+            try:  # what did reach the core (the core ignores ids it never saw)
+                self.client.abort(core_ids)
+            except Exception:  # a dead core: the caller hears of it from what it raised
+                pass
+            raise
 
     def abort_request(self, request_id: str) -> None:
         self.client.abort(self.output_processor.abort_request(request_id))
