@@ -125,6 +125,8 @@ def test_unknown_yaml_key_is_rejected(tmp_path):
     ({"async_steps_ahead": 2}, "'async_steps_ahead' = 2 is not allowed: must be 1 without "
                                "async_scheduling"),
     ({"gated_mlp_max_rows": -1}, "'gated_mlp_max_rows' = -1 is not allowed: must be >= 0"),
+    ({"gated_mlp_tma_max_rows": 64}, "'gated_mlp_tma_max_rows' = 64 is not allowed: must be 0 "
+     "(off) or >= 128"),
 ])
 def test_bad_config_values_name_key_value_and_limit(values, message):
     with pytest.raises(ValueError) as err:

@@ -173,8 +173,8 @@ class DeviceConfig:
     # CUDA, 16-bit weights, Hopper and later: from 128 rows up to this many, where the rows
     # fill at least three quarters of their last 128-row tile (gemm_tuning.py:
     # BATCH_GATED_MIN_ROWS, give_batch_gated), the same fused kernel in its TMA form
-    # (triton_matmul.gated_matmul_tma) with 128 x 128 x 64 tiles, where the tuner chose none;
-    # below 128: off. Other rows run cuBLAS's product and the
+    # (triton_matmul.gated_matmul_tma) with 128 x 128 x 64 tiles, where the tuner chose
+    # nothing for that row count; 0: off. Other rows run cuBLAS's product and the
     # activation, which was faster there. On an H100 (2026-12-06) at W1's 256 decode rows it
     # took 100.8-102.6 us on the 8B shape and 30.9-31.1 on the 1B against 109.7-110.3 and
     # 35.5-35.8 for cuBLAS's product and flashinfer's activation, and made W1's decode steps
@@ -334,8 +334,9 @@ class EngineConfig:
         for key in ("weight_prefetch_mb", "weight_prefetch_attention_mb"):
             check(key, getattr(d, key), 0 <= getattr(d, key) <= 256, "in [0, 256] (MB)")
         check("gated_mlp_max_rows", d.gated_mlp_max_rows, d.gated_mlp_max_rows >= 0, ">= 0")
-        check("gated_mlp_tma_max_rows", d.gated_mlp_tma_max_rows, d.gated_mlp_tma_max_rows >= 0,
-              ">= 0 (below 128: off)")
+        check("gated_mlp_tma_max_rows", d.gated_mlp_tma_max_rows,
+              d.gated_mlp_tma_max_rows == 0 or d.gated_mlp_tma_max_rows >= 128,
+              "0 (off) or >= 128 (the kernel's first row count)")
         check("few_rows_matmul_max_rows", d.few_rows_matmul_max_rows,
               0 <= d.few_rows_matmul_max_rows <= 16, "in [0, 16]")
         srv = self.server

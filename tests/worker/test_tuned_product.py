@@ -235,6 +235,12 @@ def test_batch_gated_runs_from_min_to_max_rows_where_they_fill_the_last_tile(gqa
         fixed = torch.full((20, 128), 7.0)
         layer.tuned_gated_rows = {20: FixedChoice(fixed)}
         assert torch.equal(fused(20), fixed)
+        # Where the tuner chose a product, the layer runs it and the activation: the form was
+        # timed against torch's product, not that one.
+        layer.tuned_rows = {28: FixedChoice(torch.zeros(28, 256))}
+        assert fused(28) is None and fused(29) is not None
+        give_batch_gated(model, 40, min_rows=0, tile=tile)
+        assert fused(0) is None  # no rows: no descriptor to build
 
 
 def test_batch_gated_in_the_model_keeps_greedy_output(gqa_model, hf):

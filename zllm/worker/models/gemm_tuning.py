@@ -244,8 +244,9 @@ class TunedProduct:
         else where x has at most gated_max_rows rows (the rule's tile: at such rows it beat
         every product plus the activation that was timed), else where it has batch_gated_min_rows
         to batch_gated_max_rows rows and fills the descriptor form's last row tile but for
-        batch_gated_max_padding rows (likewise); else None (the caller runs the product, then
-        the activation)."""
+        batch_gated_max_padding rows, unless the tuner chose a product for that count (the
+        form was timed against torch's product, not a tuned one); else None (the caller runs
+        the product, then the activation)."""
         if getattr(self, "bias", None) is not None or not x.is_contiguous():
             return None
         m = x.shape[0]
@@ -253,8 +254,9 @@ class TunedProduct:
         if choice is None and 0 < m <= self.gated_max_rows:
             choice = self.few_rows_gated
         if (choice is None and self.batch_gated is not None
-                and self.batch_gated_min_rows <= m <= self.batch_gated_max_rows
-                and -m % self.batch_gated.tile.block_m <= self.batch_gated_max_padding):
+                and max(1, self.batch_gated_min_rows) <= m <= self.batch_gated_max_rows
+                and -m % self.batch_gated.tile.block_m <= self.batch_gated_max_padding
+                and (self.tuned_rows is None or m not in self.tuned_rows)):
             choice = self.batch_gated
         if choice is None:
             return None

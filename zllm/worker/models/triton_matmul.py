@@ -239,11 +239,13 @@ def gated_matmul_tma(x: torch.Tensor, weight: torch.Tensor, config: TileConfig,
     if x.dtype != weight.dtype or weight.shape[1] != k:
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} and weight {tuple(weight.shape)} "
                          f"{weight.dtype} must share the inner dimension and dtype")
-    column_major = weight.stride(0) == 1
+    column_major = weight.stride(1) != 1  # else row-major (either, where k is 1)
     w = weight.t() if column_major else weight  # the view with unit stride along its rows
+    if not (_describable(x) and _describable(w) and (n * x.element_size()) % 16 == 0):
+        return None
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if not all(_describable(t) for t in (x, w, out)):
+    elif not _describable(out) or out.shape != (m, n):
         return None
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     _gated_tma_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
@@ -259,7 +261,8 @@ def _describable(t: torch.Tensor) -> bool:
     """Whether a 2-D tensor meets a tensor descriptor's layout: rows of unit stride, the row
     pitch and the start 16-byte aligned."""
     size = t.element_size()
-    return (t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0)
+    return (t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0
+            and t.data_ptr() % 16 == 0)
 
 
 @triton.jit
