@@ -60,3 +60,34 @@ def test_staging_counts_only_the_waits_for_unfinished_events():
     pending = _Event(done=False)
     staging.wait(pending)
     assert pending.synced and staging.waited_s > 0.0
+
+
+def test_profile_phases_split_kernels_at_the_last_prefill_kernel():
+    from types import SimpleNamespace
+
+    from zllm.bench.throughput import _phase_kinds
+
+    def kernel(start, end, name):  # µs, as torch.profiler's events
+        return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end), name=name,
+                               device_type="DeviceType.CUDA")
+    host = SimpleNamespace(time_range=SimpleNamespace(start=0, end=900), name="aten::mm",
+                           device_type="DeviceType.CPU")
+    events = [kernel(0, 600, "nvjet_gemm"), kernel(600, 700, "BatchPrefillWithPagedKVCache"),
+              kernel(700, 720, "FusedAddRMSNormKernel"), host,
+              kernel(800, 1000, "nvjet_gemm"), kernel(1000, 1100, "_gqa_decode_kernel"),
+              kernel(1200, 1400, "nvjet_gemm"), kernel(1400, 1500, "_gqa_decode_kernel")]
+    res = {"gpu": {"prefill": {"steps": 1, "busy_s": 0.0008},
+                   "decode": {"steps": 2, "busy_s": 0.0007}},
+           "steps": {"prefill": {"floor_s": 0.0005}, "decode": {"floor_s": 0.0004}}}
+    phases = _phase_kinds(SimpleNamespace(events=lambda: events), res)
+    prompt, decode = phases["prompt"], phases["decode"]
+    assert prompt["ms_by_kind_per_step"] == {"gemm": 0.6, "attention": 0.1}
+    assert prompt["kernels_per_step"] == 2
+    assert prompt["span_ms_per_step"] == pytest.approx(0.8)
+    # The rest of the last prompt step's layer (the norm) counts as decode.
+    assert decode["ms_by_kind_per_step"] == {"gemm": 0.2, "attention": 0.1, "norm": 0.01}
+    assert decode["kernel_ms_per_step"] == pytest.approx(0.31)
+    assert decode["floor_ms_per_step"] == pytest.approx(0.2)
+    assert decode["top_kernels_ms_per_step"][0] == ("nvjet_gemm", 0.2)
+    # No prefill kernel (a profile of decode steps only): no split.
+    assert _phase_kinds(SimpleNamespace(events=lambda: events[4:]), res) == {}

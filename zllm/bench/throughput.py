@@ -270,7 +270,7 @@ _KERNEL_KINDS = (("attention", ("BatchDecode", "BatchPrefill", "SinglePrefill", 
                                 "MergeStates", "gqa_decode")),
                  ("kv store", ("AppendPagedKV",)),
                  ("gemm", ("gemm", "Gemm", "GEMM", "nvjet", "cutlass", "xmma", "splitK",
-                           "_matmul_kernel")),  # the last: zllm's Triton matmul (and gate_up)
+                           "_matmul_kernel", "_gated_tma_kernel")),  # zllm's Triton matmuls
                  ("norm", ("Norm", "norm")), ("rope", ("Rope", "rope", "RoPE")),
                  ("activation", ("silu", "gelu", "Act")),
                  ("sampling", ("sort", "Sort", "softmax", "argmax", "topk", "TopK", "exponential",
@@ -283,8 +283,7 @@ def _kernel_summary(prof, steps: int) -> dict[str, Any]:
                and str(getattr(e, "device_type", "")).endswith("CUDA")]
     kinds: dict[str, float] = {}
     for e in kernels:
-        kind = next((k for k, marks in _KERNEL_KINDS if any(m in e.key for m in marks)), "other")
-        kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / steps / 1e3
+        kinds[_kind(e.key)] = kinds.get(_kind(e.key), 0.0) + e.self_device_time_total / steps / 1e3
     top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]
     return {"gpu_busy_ms_per_step": sum(e.self_device_time_total for e in kernels) / steps / 1e3,
             "kernels_per_step": sum(e.count for e in kernels) / steps, **_gaps(prof, steps),
@@ -420,7 +419,43 @@ def profile_workload(llm, cost: ModelCost, hw: Hardware, wl: Workload) -> dict[s
     return {"workload": wl.name, "steps": num_steps, "wall_ms_per_step": per_step(res["elapsed_s"]),
             "span_ms_per_step": per_step(res["gpu"]["all"]["busy_s"]) if "gpu" in res else None,
             "gpu": res.get("gpu"), "floor_ms_per_step": per_step(steps["floor_s"]),
-            "op_floor_ms_per_step": per_step(steps["op_floor_s"]), **_kernel_summary(prof, num_steps)}
+            "op_floor_ms_per_step": per_step(steps["op_floor_s"]), **_kernel_summary(prof, num_steps),
+            "phases": _phase_kinds(prof, res)}
+
+
+def _kind(name: str) -> str:
+    return next((k for k, marks in _KERNEL_KINDS if any(m in name for m in marks)), "other")
+
+
+def _phase_kinds(prof, res: dict[str, Any]) -> dict[str, Any]:
+    """Kernel time by kind in the workload's prompt phase and in its decode phase, per step of
+    each, beside the phase's GPU span and floor. All prompts arrive at once, so the steps that
+    carry prompt tokens come first; the phase ends with the last prefill attention kernel (the
+    rest of that step's last layer, a thirty-second of a step or less, counts as decode)."""
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                     if str(getattr(e, "device_type", "")).endswith("CUDA"))
+    end = max((stop for _, stop, name in kernels if "Prefill" in name), default=None)
+    if end is None or "gpu" not in res:
+        return {}
+    out = {}
+    for phase, label in (("prompt", "prefill"), ("decode", "decode")):
+        steps = max(1, res["gpu"][label]["steps"])
+        kinds: dict[str, float] = {}
+        names: dict[str, float] = {}
+        picked = [k for k in kernels if (k[1] <= end) == (phase == "prompt")]
+        for start, stop, name in picked:  # µs -> ms per step
+            kinds[_kind(name)] = kinds.get(_kind(name), 0.0) + (stop - start) / 1e3 / steps
+            names[name[:80]] = names.get(name[:80], 0.0) + (stop - start) / 1e3 / steps
+        by_time = lambda d: sorted(((k, round(v, 3)) for k, v in d.items()),  # noqa: E731
+                                   key=lambda kv: -kv[1])
+        out[phase] = {"steps": res["gpu"][label]["steps"],
+                      "kernels_per_step": len(picked) / steps,
+                      "span_ms_per_step": 1e3 * res["gpu"][label]["busy_s"] / steps,
+                      "floor_ms_per_step": 1e3 * res["steps"][label]["floor_s"] / steps,
+                      "kernel_ms_per_step": sum(kinds.values()),
+                      "ms_by_kind_per_step": dict(by_time(kinds)),
+                      "top_kernels_ms_per_step": by_time(names)[:12]}
+    return out
 
 
 def run_hf_peer(model_dir: str, wl: Workload, dtype: torch.dtype) -> dict[str, Any]:
