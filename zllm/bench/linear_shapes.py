@@ -15,6 +15,7 @@ in several forms:
              (zllm.worker.models.triton_matmul), with the N-th of its tile configurations
   few        with --few-rows, at 16 rows or fewer: that kernel with the tile the engine's
              rule picks for the shape on this GPU (gemm_tuning.few_rows_tile), where it picks
+  few_rm     the same tile on the row-major weight
 and for gate_up with --triton (or --few-rows), the product and the SiLU after it (the floor
 counts the product):
   linear_act F.linear, then flashinfer's silu_and_mul (the engine's unfused calls)
@@ -155,7 +156,8 @@ def few_forms(name: str, m: int, k: int, n: int) -> dict[str, tuple[Form, dict]]
         return {}
     out = torch.empty(m, n, dtype=torch.float32 if name == "lm_head" else torch.bfloat16,
                       device="cuda")
-    return {"few": (lambda x, w, wt: tm.matmul(x, wt.t(), tile, out=out), tile.config)}
+    return {"few": (lambda x, w, wt: tm.matmul(x, wt.t(), tile, out=out), tile.config),
+            "few_rm": (lambda x, w, wt: tm.matmul(x, w, tile, out=out), tile.config)}
 
 
 def gated_forms(m: int, k: int, n: int, rules_only: bool = False) -> dict[str, tuple[Form, dict]]:
@@ -264,7 +266,7 @@ def best_forms(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         best = min(rs, key=lambda r: r["us"])
         out.append({"shape": shape, "layer": name, "rows": m, "floor_us": rs[0]["floor_us"],
                     **{f: us[f] for f in ("linear", "nn", "head", "head_nn", "algo0", "linear_act",
-                                          "gated_tma", "gated_few", "few")
+                                          "gated_tma", "gated_few", "few", "few_rm")
                        if f in us},
                     "best": best["form"], "best_us": best["us"],
                     **{c: best[c] for c in ("tile", "stages", "splitk", "swizzle", "warps") if c in best}})
