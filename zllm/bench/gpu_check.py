@@ -234,7 +234,8 @@ def check_gated_matmul(device: torch.device) -> dict:
         tile = few_rows_gated_tile(i, k, sm_count)
         cases += [("few_rows_", m, k, i, column_major, [tile], False)
                   for m in (1, 8, 16) for column_major in (True, False)]
-    if torch.cuda.get_device_capability(device) >= TMA_CAPABILITY:
+    tma_capable = torch.cuda.get_device_capability(device) >= TMA_CAPABILITY
+    if tma_capable:
         cases += [("batch_", m, k, i, True, [BATCH_GATED_TILE], True)
                   for k, i in ((4096, 14336), (2048, 8192)) for m in (17, 100, 256, 512)]
         cases.append(("batch_", 300, 1000, 1000, False, [BATCH_GATED_TILE], True))
@@ -257,7 +258,7 @@ def check_gated_matmul(device: torch.device) -> dict:
                          "ok": bool(errs) and matched and max(errs) < REL_TOL}
         if tag:
             results[name]["tile"] = tiles[0].config["tile"]
-    if torch.cuda.get_device_capability(device) >= TMA_CAPABILITY:
+    if tma_capable:
         results["gated_batch_graph_replay"] = _check_tma_graph_replay(device)
     return results
 
