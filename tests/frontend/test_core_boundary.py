@@ -3,6 +3,8 @@ what the core does with frames that are not a well-formed message."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
 import stat
@@ -14,18 +16,20 @@ import zmq
 
 from zllm import LLM, EngineConfig, SamplingParams
 from zllm.codec import decode, encode
-from zllm.frontend.core_client import CoreHandle, read_line, start_engine_core
+from zllm.frontend.async_llm import AsyncLLM
+from zllm.frontend.core_client import AsyncMPClient, CoreHandle, read_line, start_engine_core
 from zllm.frontend.llm_engine import LLMEngine
 from zllm.protocol import (CORE_INPUTS, CORE_OUTPUTS, EngineCoreAbort, EngineCoreCall,
-                           EngineCoreRequest, EngineCoreRequests)
+                           EngineCoreOutputs, EngineCoreRequest, EngineCoreRequests)
 
 PROMPT_MARK, STOP_MARK = "Zebrafish", "Quokka"
 
 
-def test_the_engine_core_receives_only_token_ids(gqa_model, tmp_path):
-    config = EngineConfig.from_dict({}, model=gqa_model, device="cpu", num_kv_blocks=128)
+@contextlib.contextmanager
+def _spied_core(config, tmp_path):
+    """An engine core behind a ZeroMQ proxy that copies every frame: yields the handle that
+    frontends connect to and a function returning the frames copied so far."""
     core = start_engine_core(config)
-    # A ZeroMQ proxy between the frontend and the core that copies every frame to us.
     context = zmq.Context()
     front, back = context.socket(zmq.DEALER), context.socket(zmq.DEALER)
     front.bind(f"ipc://{tmp_path}/spy")
@@ -39,30 +43,50 @@ def test_the_engine_core_receives_only_token_ids(gqa_model, tmp_path):
     steer.connect("inproc://control")
     proxy = threading.Thread(target=zmq.proxy_steerable, args=(front, back, capture, control))
     proxy.start()
-    engine = LLMEngine(config, core=CoreHandle(f"ipc://{tmp_path}/spy", core.status_fd, None,
-                                               core.ready))
-    try:
-        prompt = f"Hello {PROMPT_MARK}, how are you?"
-        engine.add_request("a", prompt, SamplingParams(max_tokens=8, stop=[STOP_MARK], n=2, seed=1))
-        engine.add_request("b", [5, 6, 7], SamplingParams(max_tokens=4, temperature=0))
-        greedy = SamplingParams(max_tokens=2, temperature=0)
-        engine.add_checked_requests([(rid, None, [5, 6, 7], greedy, 0) for rid in ("c", "d")])
-        outputs = []
-        while engine.has_unfinished_requests():
-            outputs += engine.step()
-        assert sorted(o.request_id for o in outputs) == ["a", "b", "c", "d"]
-        frames = []
+
+    def frames() -> list[bytes]:
+        out = []
         while captured.poll(100):
-            frames.append(captured.recv())
+            out.append(captured.recv())
+        return out
+
+    try:
+        yield CoreHandle(f"ipc://{tmp_path}/spy", core.status_fd, None, core.ready), frames
     finally:
         steer.send(b"TERMINATE")
         proxy.join(10)
-        engine.client.socket.close()
         for s in (front, back, capture, control, captured, steer):
             s.close()
         context.term()
         core.stop()
-    requests, batches = [], []
+
+
+def _batches(frames: list[bytes]) -> list[list[str]]:
+    """The request ids of each EngineCoreRequests message among the frames."""
+    messages = [decode(f, *CORE_INPUTS, *CORE_OUTPUTS) for f in frames]
+    return [sorted(r.request_id for r in m.requests) for m in messages
+            if isinstance(m, EngineCoreRequests)]
+
+
+def test_the_engine_core_receives_only_token_ids(gqa_model, tmp_path):
+    config = EngineConfig.from_dict({}, model=gqa_model, device="cpu", num_kv_blocks=128)
+    with _spied_core(config, tmp_path) as (handle, copied):
+        engine = LLMEngine(config, core=handle)
+        try:
+            prompt = f"Hello {PROMPT_MARK}, how are you?"
+            engine.add_request("a", prompt, SamplingParams(max_tokens=8, stop=[STOP_MARK], n=2,
+                                                           seed=1))
+            engine.add_request("b", [5, 6, 7], SamplingParams(max_tokens=4, temperature=0))
+            greedy = SamplingParams(max_tokens=2, temperature=0)
+            engine.add_checked_requests([(rid, None, [5, 6, 7], greedy, 0) for rid in ("c", "d")])
+            outputs = []
+            while engine.has_unfinished_requests():
+                outputs += engine.step()
+            assert sorted(o.request_id for o in outputs) == ["a", "b", "c", "d"]
+            frames = copied()
+        finally:
+            engine.client.socket.close()
+    requests = []
     for frame in frames:
         assert PROMPT_MARK.encode() not in frame and STOP_MARK.encode() not in frame
         message = decode(frame, *CORE_INPUTS, *CORE_OUTPUTS)  # every frame is a typed message
@@ -70,9 +94,8 @@ def test_the_engine_core_receives_only_token_ids(gqa_model, tmp_path):
             requests.append(message)
         elif isinstance(message, EngineCoreRequests):
             requests += message.requests
-            batches.append(sorted(r.request_id for r in message.requests))
     # "a"'s two samples travel together, and so do "c" and "d", queued together.
-    assert sorted(batches) == [["a#0", "a#1"], ["c", "d"]]
+    assert sorted(_batches(frames)) == [["a#0", "a#1"], ["c", "d"]]
     requests = [r for r in requests if r.request_id not in ("c", "d")]
     assert sorted(r.request_id for r in requests) == ["a#0", "a#1", "b"]
     tokenizer = engine.tokenizer
@@ -81,6 +104,32 @@ def test_the_engine_core_receives_only_token_ids(gqa_model, tmp_path):
         if r.request_id != "b":
             assert r.prompt_token_ids.tolist() == tokenizer.encode(prompt)
     assert [r.sampling_params.seed for r in requests if r.request_id != "b"] == [1, 2]
+
+
+def test_the_servers_n_samples_reach_the_core_in_one_message(gqa_model, tmp_path):
+    """AsyncLLM (the server's frontend) sends a request's n samples as one message, as LLM
+    does, so the core admits them before the same step; a single sample goes alone."""
+    config = EngineConfig.from_dict({}, model=gqa_model, device="cpu", num_kv_blocks=128)
+    with _spied_core(config, tmp_path) as (handle, copied):
+        llm = AsyncLLM(config, core=handle)
+
+        async def run():
+            llm.start()
+            params = SamplingParams(max_tokens=3, n=3, seed=5)
+            outs = [o async for o in llm.generate("x", [5, 6, 7], params)]
+            outs += [o async for o in llm.generate("y", [5, 6], SamplingParams(max_tokens=2))]
+            return outs
+
+        try:
+            outputs = asyncio.run(run())
+        finally:
+            llm.shutdown()
+        frames = copied()
+    assert [len(o.outputs) for o in outputs if o.finished] == [3, 1]
+    assert _batches(frames) == [["x#0", "x#1", "x#2"]]
+    singles = [m.request_id for m in (decode(f, *CORE_INPUTS, *CORE_OUTPUTS) for f in frames)
+               if isinstance(m, EngineCoreRequest)]
+    assert singles == ["y"]
 
 
 def test_an_offline_batch_fills_every_prompt_step_from_the_first(gqa_model, hf):
@@ -168,11 +217,6 @@ def test_the_frontend_drops_bad_frames_and_fails_requests_if_handling_raises(tmp
     """The test plays the engine core's ROUTER: a frame that does not decode is dropped and the
     next outputs still arrive; if handling outputs raises, the frontend declares the core lost
     (its requests then fail) rather than leaving them waiting forever."""
-    import asyncio
-
-    from zllm.frontend.core_client import AsyncMPClient
-    from zllm.protocol import EngineCoreOutputs
-
     address = f"ipc://{tmp_path}/core.sock"
     context = zmq.Context()
     router = context.socket(zmq.ROUTER)

@@ -29,7 +29,7 @@ from zllm.frontend.output_processor import OutputProcessor
 from zllm.frontend.processor import Processor, Prompt
 from zllm.model_files import resolve_model
 from zllm.outputs import CompletionOutput, RequestOutput
-from zllm.protocol import EngineCoreAbort, EngineCoreOutputs
+from zllm.protocol import EngineCoreAbort, EngineCoreOutputs, EngineCoreRequests
 from zllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -158,8 +158,8 @@ class AsyncLLM:
                                           [r.request_id for r in requests], stream)
         finished = False
         try:
-            for request in requests:
-                self.client.send(request)
+            # n samples travel in one message, so the core admits them in the same step.
+            self.client.send(requests[0] if len(requests) == 1 else EngineCoreRequests(requests))
             while not finished:
                 output = await collector.get()
                 finished = output.finished
