@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from zllm import LLM, SamplingParams
+from zllm import LLM, EngineConfig, SamplingParams
+from zllm.config import OFFLINE_MAX_NUM_BATCHED_TOKENS
 
 
 def test_chat_uses_the_chat_template(gqa_model, hf):
@@ -33,7 +34,41 @@ def test_from_config_reads_yaml_with_overrides(gqa_model, tmp_path):
     with LLM.from_config(str(path), max_num_seqs=3) as llm:
         assert llm.engine.config.cache.block_size == 8
         assert llm.engine.config.scheduler.max_num_seqs == 3
+        # The file sets no token budget: the offline one applies.
+        assert llm.engine.config.scheduler.max_num_batched_tokens == OFFLINE_MAX_NUM_BATCHED_TOKENS
         assert llm.generate("Hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_the_offline_token_budget_is_a_default_that_any_setting_overrides(tmp_path):
+    """LLM and zllm generate take OFFLINE_MAX_NUM_BATCHED_TOKENS where nothing sets the budget;
+    a config file, a flag or a keyword that sets it wins; the server keeps 8192."""
+    from zllm.cli import build_parser, config_from_args, serve_config
+    from zllm.llm import OFFLINE_DEFAULTS
+
+    assert OFFLINE_MAX_NUM_BATCHED_TOKENS != 8192
+    assert EngineConfig.from_dict({}).scheduler.max_num_batched_tokens == 8192
+    offline = EngineConfig.from_dict({}, OFFLINE_DEFAULTS)
+    assert offline.scheduler.max_num_batched_tokens == OFFLINE_MAX_NUM_BATCHED_TOKENS
+    assert EngineConfig.from_dict({"scheduler": {"max_num_batched_tokens": 512}}, OFFLINE_DEFAULTS,
+                                  ).scheduler.max_num_batched_tokens == 512
+    assert EngineConfig.from_dict({}, OFFLINE_DEFAULTS, max_num_batched_tokens=1024,
+                                  ).scheduler.max_num_batched_tokens == 1024
+    path = tmp_path / "c.yaml"
+    path.write_text("scheduler:\n  max_num_batched_tokens: 4096\n")
+    assert EngineConfig.from_yaml(str(path), OFFLINE_DEFAULTS).scheduler.max_num_batched_tokens == 4096
+
+    def budget(*argv: str, defaults=None) -> int:
+        args = build_parser().parse_args(list(argv))
+        config = serve_config(args) if argv[0] == "serve" else config_from_args(args, defaults)
+        return config.scheduler.max_num_batched_tokens
+
+    assert budget("generate", "Hi", defaults=OFFLINE_DEFAULTS) == OFFLINE_MAX_NUM_BATCHED_TOKENS
+    assert budget("generate", "Hi", "--max-num-batched-tokens", "2048",
+                  defaults=OFFLINE_DEFAULTS) == 2048
+    assert budget("generate", "Hi", "--config", "configs/tp1-gpu.yaml",
+                  defaults=OFFLINE_DEFAULTS) == OFFLINE_MAX_NUM_BATCHED_TOKENS
+    assert budget("serve") == 8192
+    assert budget("serve", "configs/serve-gpu-llama.yaml") == 8192
 
 
 def test_tiny_random_model_runs_from_the_command_line_with_and_without_chat():

@@ -45,20 +45,22 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in config_keys() if getattr(args, k, None) is not None}
 
 
-def config_from_args(args: argparse.Namespace) -> EngineConfig:
+def config_from_args(args: argparse.Namespace,
+                     defaults: Optional[dict[str, Any]] = None) -> EngineConfig:
+    """The config file's keys (if any), then the flags', over `defaults`."""
     overrides = config_overrides(args)
     if args.config:
-        return EngineConfig.from_yaml(args.config, **overrides)
-    return EngineConfig.from_dict({}, **overrides)
+        return EngineConfig.from_yaml(args.config, defaults, **overrides)
+    return EngineConfig.from_dict({}, defaults, **overrides)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Each prompt as a user turn of a chat when the tokenizer has a chat template (an instruct
     model, like the default), else as plain text; --raw always sends plain text."""
-    from zllm.llm import LLM
+    from zllm.llm import LLM, OFFLINE_DEFAULTS
     from zllm.sampling_params import SamplingParams
 
-    llm = LLM(engine_config=config_from_args(args))
+    llm = LLM(engine_config=config_from_args(args, OFFLINE_DEFAULTS))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.sample_seed)
     chat = not args.raw and bool(getattr(llm.tokenizer, "chat_template", None))

@@ -540,10 +540,11 @@ def run_executor(model_dir: str, arch: ModelArchitecture, hw: Hardware, config: 
     warm = make_workload("W1", arch.vocab_size, 8)
     run_zllm(llm, cost, hw, Workload("warmup", warm.prompts, [16] * 8))
     results: dict[str, Any] = {"ready_s": ready_s}
+    report_budget = llm.engine.config.scheduler.max_num_batched_tokens
     for name in workloads:
         wl = make_workload(name, arch.vocab_size, num_requests)
         run = run_latency_steps if name == "latency" else run_zllm
-        results[name] = run(llm, cost, hw, wl)
+        results[name] = dict(run(llm, cost, hw, wl), max_num_batched_tokens=report_budget)
         print(config.get("distributed_executor_backend"), name,
               json.dumps({k: v for k, v in results[name].items() if k != "steps"}), flush=True)
     for spec in profile_steps:  # "B" (B decodes), "B+N" (and an N-token prompt per step), "W1"
