@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
+import pytest
+
 from zllm import LLM, EngineConfig, SamplingParams
-from zllm.config import OFFLINE_MAX_NUM_BATCHED_TOKENS
+from zllm.config import (OFFLINE_BUDGET_MIN_GPU_GIB, OFFLINE_MAX_NUM_BATCHED_TOKENS, gpu_memory_gib,
+                         offline_config)
 
 
 def test_chat_uses_the_chat_template(gqa_model, hf):
@@ -34,41 +38,55 @@ def test_from_config_reads_yaml_with_overrides(gqa_model, tmp_path):
     with LLM.from_config(str(path), max_num_seqs=3) as llm:
         assert llm.engine.config.cache.block_size == 8
         assert llm.engine.config.scheduler.max_num_seqs == 3
-        # The file sets no token budget: the offline one applies.
-        assert llm.engine.config.scheduler.max_num_batched_tokens == OFFLINE_MAX_NUM_BATCHED_TOKENS
+        # The file sets no token budget, but the device is the CPU: the server's default.
+        assert llm.engine.config.scheduler.max_num_batched_tokens == 8192
         assert llm.generate("Hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
 
 
-def test_the_offline_token_budget_is_a_default_that_any_setting_overrides(tmp_path):
-    """LLM and zllm generate take OFFLINE_MAX_NUM_BATCHED_TOKENS where nothing sets the budget;
-    a config file, a flag or a keyword that sets it wins; the server keeps 8192."""
-    from zllm.cli import build_parser, config_from_args, serve_config
-    from zllm.llm import OFFLINE_DEFAULTS
+def _fake_nvidia_smi(directory, mib: str) -> str:
+    """A PATH whose nvidia-smi reports GPUs of `mib` MiB each ("" for a failing one)."""
+    tool = directory / "nvidia-smi"
+    tool.write_text(f"#!/bin/sh\nprintf '{mib}'\n" if mib else "#!/bin/sh\nexit 9\n")
+    tool.chmod(0o755)
+    return f"{directory}{os.pathsep}{os.environ.get('PATH', '')}"
 
+
+@pytest.mark.parametrize("gpus, gib", [("81559\n81559\n", 81559 / 1024),
+                                       ("81559\n24564\n", 24564 / 1024), ("", 0.0)],
+                         ids=["two-80GB", "one-24GB", "no-gpu"])
+def test_the_offline_token_budget_needs_a_large_gpu_and_yields_to_any_setting(
+        tmp_path, monkeypatch, gpus, gib):
+    """LLM and zllm generate take OFFLINE_MAX_NUM_BATCHED_TOKENS where nothing sets the budget,
+    the device may be a GPU and every GPU has at least OFFLINE_BUDGET_MIN_GPU_GIB; a file, a
+    flag or a keyword that sets it wins; device cpu and the server keep 8192."""
+    from zllm.cli import build_parser, generate_config, serve_config
+
+    monkeypatch.setenv("PATH", _fake_nvidia_smi(tmp_path, gpus))
+    assert gpu_memory_gib() == gib
+    big = OFFLINE_MAX_NUM_BATCHED_TOKENS if gib >= OFFLINE_BUDGET_MIN_GPU_GIB else 8192
     assert OFFLINE_MAX_NUM_BATCHED_TOKENS != 8192
-    assert EngineConfig.from_dict({}).scheduler.max_num_batched_tokens == 8192
-    offline = EngineConfig.from_dict({}, OFFLINE_DEFAULTS)
-    assert offline.scheduler.max_num_batched_tokens == OFFLINE_MAX_NUM_BATCHED_TOKENS
-    assert EngineConfig.from_dict({"scheduler": {"max_num_batched_tokens": 512}}, OFFLINE_DEFAULTS,
-                                  ).scheduler.max_num_batched_tokens == 512
-    assert EngineConfig.from_dict({}, OFFLINE_DEFAULTS, max_num_batched_tokens=1024,
-                                  ).scheduler.max_num_batched_tokens == 1024
+
+    def kwargs(**kw) -> int:
+        return offline_config(lambda d: EngineConfig.from_dict({}, d, **kw)).scheduler.max_num_batched_tokens
+
+    assert kwargs() == big and kwargs(device="cuda") == big
+    assert kwargs(device="cpu") == 8192 and kwargs(max_num_batched_tokens=1024) == 1024
     path = tmp_path / "c.yaml"
     path.write_text("scheduler:\n  max_num_batched_tokens: 4096\n")
-    assert EngineConfig.from_yaml(str(path), OFFLINE_DEFAULTS).scheduler.max_num_batched_tokens == 4096
+    assert offline_config(lambda d: EngineConfig.from_yaml(str(path), d)
+                          ).scheduler.max_num_batched_tokens == 4096
 
-    def budget(*argv: str, defaults=None) -> int:
+    def budget(*argv: str) -> int:
         args = build_parser().parse_args(list(argv))
-        config = serve_config(args) if argv[0] == "serve" else config_from_args(args, defaults)
+        config = serve_config(args) if argv[0] == "serve" else generate_config(args)
         return config.scheduler.max_num_batched_tokens
 
-    assert budget("generate", "Hi", defaults=OFFLINE_DEFAULTS) == OFFLINE_MAX_NUM_BATCHED_TOKENS
-    assert budget("generate", "Hi", "--max-num-batched-tokens", "2048",
-                  defaults=OFFLINE_DEFAULTS) == 2048
-    assert budget("generate", "Hi", "--config", "configs/tp1-gpu.yaml",
-                  defaults=OFFLINE_DEFAULTS) == OFFLINE_MAX_NUM_BATCHED_TOKENS
+    assert budget("generate", "Hi") == big
+    assert budget("generate", "Hi", "--max-num-batched-tokens", "2048") == 2048
+    assert budget("generate", "Hi", "--device", "cpu") == 8192
+    assert budget("generate", "Hi", "--config", "configs/tp1-gpu.yaml") == big  # sets no budget
     assert budget("serve") == 8192
-    assert budget("serve", "configs/serve-gpu-llama.yaml") == 8192
+    assert budget("serve", "configs/tp1-gpu.yaml") == 8192
 
 
 def test_tiny_random_model_runs_from_the_command_line_with_and_without_chat():

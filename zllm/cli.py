@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Any, Optional
 
-from zllm.config import SECTIONS, EngineConfig, field_types
+from zllm.config import SECTIONS, EngineConfig, field_types, offline_config
 
 # `zllm bench NAME ARGS...` runs the main(argv) of these modules.
 BENCHMARKS = {
@@ -54,13 +54,18 @@ def config_from_args(args: argparse.Namespace,
     return EngineConfig.from_dict({}, defaults, **overrides)
 
 
+def generate_config(args: argparse.Namespace) -> EngineConfig:
+    """`zllm generate`'s config: the offline defaults where nothing sets them (offline_config)."""
+    return offline_config(lambda defaults: config_from_args(args, defaults))
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Each prompt as a user turn of a chat when the tokenizer has a chat template (an instruct
     model, like the default), else as plain text; --raw always sends plain text."""
-    from zllm.llm import LLM, OFFLINE_DEFAULTS
+    from zllm.llm import LLM
     from zllm.sampling_params import SamplingParams
 
-    llm = LLM(engine_config=config_from_args(args, OFFLINE_DEFAULTS))
+    llm = LLM(engine_config=generate_config(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.sample_seed)
     chat = not args.raw and bool(getattr(llm.tokenizer, "chat_template", None))

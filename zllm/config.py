@@ -18,11 +18,15 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "meta", "gguf", "dummy")
 PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json")
-# The offline LLM's token budget per step where its config sets none (the server keeps 8192,
-# so that a prompt step holds up running streams less). Larger prompt steps run their matmuls
-# closer to the GPU's rate: on an H100 (2026-12-06), W1 on the 8B shape in 5 prompt steps
-# instead of 17 ran 0.7% faster (prompt phase 2.99 against 3.09 s); 16384 gained nothing.
+# The offline LLM's token budget per step where its config sets none, on GPUs of at least
+# OFFLINE_BUDGET_MIN_GPU_GIB (offline_defaults). Larger prompt steps run their matmuls closer to
+# the GPU's rate: on an H100 (2026-12-06), W1 on the 8B shape in 5 prompt steps instead of 17
+# ran 0.4-0.7% faster (prompt phase 2.99-3.04 against 3.09-3.11 s); 16384 gained nothing. The
+# price is activation memory (5.9 GB of KV cache there), hence the memory floor; the server
+# keeps 8192, so that a prompt step holds up running streams less. On CPU the torch backend
+# pads a step's prompts to the longest, so larger mixed steps cost time and memory there.
 OFFLINE_MAX_NUM_BATCHED_TOKENS = 32768
+OFFLINE_BUDGET_MIN_GPU_GIB = 70.0
 
 
 @dataclass
@@ -59,8 +63,7 @@ class SchedulerConfig:
     """How many requests and tokens one step may carry."""
 
     max_num_seqs: int = 256
-    # Tokens one step may carry. The offline LLM's default is OFFLINE_MAX_NUM_BATCHED_TOKENS:
-    # with no streams waiting on each step, fewer and larger prompt steps pay.
+    # Tokens one step may carry (the offline LLM on a large GPU: OFFLINE_MAX_NUM_BATCHED_TOKENS).
     max_num_batched_tokens: int = 8192
     max_n: int = 128  # samples one request may ask for (its n), as vLLM's default cap
     enable_chunked_prefill: bool = True  # off: a prompt must fit in one step's budget
@@ -424,3 +427,30 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
     else:
         return value
     raise ValueError(f"config key '{key}' = {value!r} must be of type {base.__name__}")
+
+
+def gpu_memory_gib() -> float:
+    """The smallest total memory among this machine's NVIDIA GPUs in GiB, as nvidia-smi reports
+    it without creating a CUDA context; 0 where there is no nvidia-smi or it fails."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total",
+                              "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20)
+        mib = [float(line) for line in out.stdout.split()] if out.returncode == 0 else []
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return 0.0
+    return min(mib) / 1024 if mib else 0.0
+
+
+def offline_config(build: "typing.Callable[[Optional[dict[str, Any]]], EngineConfig]",
+                   ) -> EngineConfig:
+    """The offline frontends' config: `build(defaults)` is built without defaults, then, where
+    its device may be a GPU (cuda, or auto) and this machine's GPUs have at least
+    OFFLINE_BUDGET_MIN_GPU_GIB, rebuilt over the offline defaults (a budget that the file, the
+    flags or the keywords set still wins)."""
+    config = build(None)
+    if config.device.device != "cpu" and gpu_memory_gib() >= OFFLINE_BUDGET_MIN_GPU_GIB:
+        return build({"max_num_batched_tokens": OFFLINE_MAX_NUM_BATCHED_TOKENS})
+    return config

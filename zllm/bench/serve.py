@@ -80,9 +80,11 @@ def _flags(config: dict[str, Any]) -> list[str]:
 def offline(model_dir: str, config: dict[str, Any], workloads: dict[str, list[Request]]) -> dict:
     """Each workload through LLM.generate (same config): output tok/s, and the median decode step
     (ms) with every request running, from the engine core's step log."""
-    from zllm import LLM, SamplingParams
+    from zllm import LLM, EngineConfig, SamplingParams
 
     results = {}
+    # The server's budget too: LLM's offline default may be larger (zllm.config.offline_config).
+    config = {"max_num_batched_tokens": EngineConfig().scheduler.max_num_batched_tokens, **config}
     llm = LLM(model=model_dir, **config, record_steps=True)
     try:
         warm = [r[0] for r in next(iter(workloads.values()))[:8]]

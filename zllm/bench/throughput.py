@@ -366,7 +366,7 @@ def profile_decode(llm, arch: ModelArchitecture, hw: Hardware, batch: int, steps
 def profile_prefill(llm, arch: ModelArchitecture, hw: Hardware, num_prompts: int = 16,
                     steps: int = 4) -> dict[str, Any]:
     """Where a prefill step's time goes: `num_prompts` of W1's 512-token prompts in one step
-    (16 fill the default 8192-token budget), nothing else running. Each step takes prompts no
+    (16 fill the server's default 8192-token budget), nothing else running. Each step takes prompts no
     earlier step saw, so the prefix cache holds none of them."""
     from torch.profiler import ProfilerActivity, profile
 

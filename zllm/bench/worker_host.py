@@ -33,7 +33,7 @@ from zllm.sampling_params import SamplingParams
 
 PREP_STAGES = ("update", "prepare", "stage", "plan", "sampling_metadata")
 BLOCK_SIZE = 16
-PREFILL_TOKENS = 8192  # per prefill step (the default max_num_batched_tokens)
+PREFILL_TOKENS = 8192  # per prefill step (the server's default max_num_batched_tokens)
 
 
 class DecodeWorkload:
