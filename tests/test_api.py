@@ -89,6 +89,17 @@ def test_the_offline_token_budget_needs_a_large_gpu_and_yields_to_any_setting(
     assert budget("serve", "configs/tp1-gpu.yaml") == 8192
 
 
+def test_generate_help_names_the_offline_budget_and_serve_help_does_not():
+    def help_text(command: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "zllm", command, "--help"],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0
+        return " ".join(result.stdout.split())
+
+    note = f"offline {OFFLINE_MAX_NUM_BATCHED_TOKENS} on GPUs of at least 70 GiB"
+    assert note in help_text("generate") and note not in help_text("serve")
+
+
 def test_tiny_random_model_runs_from_the_command_line_with_and_without_chat():
     for flags, label in (([], "--- user: 'Hello'"), (["--raw"], "--- prompt: 'Hello'")):
         result = subprocess.run([sys.executable, "-m", "zllm", "generate", "Hello", "--max-tokens",

@@ -10,7 +10,8 @@ import os
 import sys
 from typing import Any, Optional
 
-from zllm.config import SECTIONS, EngineConfig, field_types, offline_config
+from zllm.config import (OFFLINE_DEFAULTS_HELP, SECTIONS, EngineConfig, field_types,
+                         offline_config)
 
 # `zllm bench NAME ARGS...` runs the main(argv) of these modules.
 BENCHMARKS = {
@@ -23,8 +24,9 @@ BENCHMARKS = {
 }
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One --flag per config key (block_size -> --block-size), all defaulting to 'unset'."""
+def add_config_flags(parser: argparse.ArgumentParser, offline: bool = False) -> None:
+    """One --flag per config key (block_size -> --block-size), all defaulting to 'unset'. With
+    `offline`, the help names the defaults that offline_config changes."""
     parser.add_argument("--config", help="a YAML config file; flags override its keys")
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(f"{section} config", (cls.__doc__ or "").strip())
@@ -33,7 +35,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         for key, hint in field_types(cls).items():
             kind = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
             group.add_argument("--" + key.replace("_", "-"), dest=key, default=None,
-                               metavar=key.upper(), help=f"{kind}, default {defaults[key]!r}")
+                               metavar=key.upper(), help=f"{kind}, default {defaults[key]!r}"
+                               + (f" ({OFFLINE_DEFAULTS_HELP[key]})"
+                                  if offline and key in OFFLINE_DEFAULTS_HELP else ""))
 
 
 def config_keys() -> list[str]:
@@ -114,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sample-seed", type=int, default=None, help="sampling seed")
     gen.add_argument("--raw", action="store_true",
                      help="send prompts as plain text, without the model's chat template")
-    add_config_flags(gen)
+    add_config_flags(gen, offline=True)
     srv = verbs.add_parser("serve", help="serve an OpenAI-compatible HTTP API",
                            description="Serve an OpenAI-compatible HTTP API. Every config key can be "
                            "set in the YAML file and overridden by its flag; the API key can also "

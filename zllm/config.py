@@ -27,6 +27,8 @@ TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json")
 # pads a step's prompts to the longest, so larger mixed steps cost time and memory there.
 OFFLINE_MAX_NUM_BATCHED_TOKENS = 32768
 OFFLINE_BUDGET_MIN_GPU_GIB = 70.0
+OFFLINE_DEFAULTS_HELP = {"max_num_batched_tokens": f"offline {OFFLINE_MAX_NUM_BATCHED_TOKENS} on "
+                         f"GPUs of at least {OFFLINE_BUDGET_MIN_GPU_GIB:g} GiB"}
 
 
 @dataclass

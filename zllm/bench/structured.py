@@ -206,7 +206,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--w1", action="store_true", help="also run W1 plain vs json_object (GPU)")
     parser.add_argument("--num-requests", type=int, default=None, help="W1's 256")
     add_report_args(parser, markdown="")
-    add_config_flags(parser)
+    add_config_flags(parser, offline=True)
     args = parser.parse_args(argv)
     overrides = config_overrides(args)
     model = overrides.pop("model", None) or "llama-3.1-8b"

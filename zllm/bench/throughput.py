@@ -657,7 +657,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="zllm bench throughput", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_bench_args(parser)
-    add_config_flags(parser)
+    add_config_flags(parser, offline=True)
     args = parser.parse_args(argv)
     overrides = config_overrides(args)
     run_bench(args, overrides)
