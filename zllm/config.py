@@ -19,7 +19,7 @@ LOAD_FORMATS = ("auto", "safetensors", "meta", "gguf", "dummy")
 PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json")
 # The offline LLM's token budget per step where its config sets none, on GPUs of at least
-# OFFLINE_BUDGET_MIN_GPU_GIB (offline_defaults). Larger prompt steps run their matmuls closer to
+# OFFLINE_BUDGET_MIN_GPU_GIB (offline_config). Larger prompt steps run their matmuls closer to
 # the GPU's rate: on an H100 (2026-12-06), W1 on the 8B shape in 5 prompt steps instead of 17
 # ran 0.4-0.7% faster (prompt phase 2.99-3.04 against 3.09-3.11 s); 16384 gained nothing. The
 # price is activation memory (5.9 GB of KV cache there), hence the memory floor; the server

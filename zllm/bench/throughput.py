@@ -283,7 +283,8 @@ def _kernel_summary(prof, steps: int) -> dict[str, Any]:
                and str(getattr(e, "device_type", "")).endswith("CUDA")]
     kinds: dict[str, float] = {}
     for e in kernels:
-        kinds[_kind(e.key)] = kinds.get(_kind(e.key), 0.0) + e.self_device_time_total / steps / 1e3
+        kind = _kind(e.key)
+        kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / steps / 1e3
     top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]
     return {"gpu_busy_ms_per_step": sum(e.self_device_time_total for e in kernels) / steps / 1e3,
             "kernels_per_step": sum(e.count for e in kernels) / steps, **_gaps(prof, steps),
@@ -443,9 +444,11 @@ def _phase_kinds(prof, res: dict[str, Any]) -> dict[str, Any]:
         kinds: dict[str, float] = {}
         names: dict[str, float] = {}
         picked = [k for k in kernels if (k[1] <= end) == (phase == "prompt")]
-        for start, stop, name in picked:  # µs -> ms per step
-            kinds[_kind(name)] = kinds.get(_kind(name), 0.0) + (stop - start) / 1e3 / steps
-            names[name[:80]] = names.get(name[:80], 0.0) + (stop - start) / 1e3 / steps
+        for start, stop, name in picked:
+            ms = (stop - start) / 1e3 / steps  # µs -> ms per step
+            kind = _kind(name)
+            kinds[kind] = kinds.get(kind, 0.0) + ms
+            names[name[:80]] = names.get(name[:80], 0.0) + ms
         by_time = lambda d: sorted(((k, round(v, 3)) for k, v in d.items()),  # noqa: E731
                                    key=lambda kv: -kv[1])
         out[phase] = {"steps": res["gpu"][label]["steps"],
