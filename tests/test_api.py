@@ -89,6 +89,22 @@ def test_the_offline_token_budget_needs_a_large_gpu_and_yields_to_any_setting(
     assert budget("serve", "configs/tp1-gpu.yaml") == 8192
 
 
+def test_llm_and_from_config_take_the_offline_budget_on_a_large_gpu(gqa_model, tmp_path,
+                                                                    monkeypatch):
+    """LLM's own construction, from keywords and from a file (no device set: auto), on a
+    machine whose nvidia-smi reports an 80 GB GPU (the engine itself runs on this CPU)."""
+    monkeypatch.setenv("PATH", _fake_nvidia_smi(tmp_path, "81559\n"))
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model:\n  model: {gqa_model}\n")
+    for make in (lambda: LLM(gqa_model, num_kv_blocks=64, engine_process=False),
+                 lambda: LLM.from_config(str(path), num_kv_blocks=64, engine_process=False)):
+        with make() as llm:
+            budget = llm.engine.config.scheduler.max_num_batched_tokens
+            assert budget == OFFLINE_MAX_NUM_BATCHED_TOKENS
+            out = llm.generate("Hi", SamplingParams(max_tokens=2), use_tqdm=False)
+            assert len(out[0].outputs[0].token_ids) == 2
+
+
 def test_generate_help_names_the_offline_budget_and_serve_help_does_not():
     def help_text(command: str) -> str:
         result = subprocess.run([sys.executable, "-m", "zllm", command, "--help"],
